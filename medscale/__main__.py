@@ -1,0 +1,5 @@
+import sys
+
+from medscale.cli import main
+
+sys.exit(main())

@@ -1,0 +1,58 @@
+"""The ``medscale`` entry point: parse, call the library, print.
+
+Subcommands live in ``medscale/commands/<name>.py`` (see that package's docstring). This module owns the
+error convention for every command: a :class:`medscale.errors.UserError` (or an argparse usage error)
+prints one line ``error: ...`` to stderr and exits with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from medscale import __version__
+from medscale.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors follow the project's one-line convention."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise UserError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="medscale", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"medscale {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    import medscale.commands as commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"medscale.commands.{info.name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        code = args.func(args)
+        return int(code or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

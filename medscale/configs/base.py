@@ -1,0 +1,84 @@
+"""Base training config: every field a run reads, with defaults. Other configs start from this one.
+
+Run:  medscale train --config medscale/configs/base.py --set model.size=xs --workdir /tmp/run
+"""
+
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.size = "tiny"  # a ladder name (medscale/configs/ladder.py); explicit fields below override it
+    c.model.d_model = ml_collections.FieldReference(None, field_type=int)
+    c.model.enc_layers = ml_collections.FieldReference(None, field_type=int)
+    c.model.dec_layers = ml_collections.FieldReference(None, field_type=int)
+    c.model.num_heads = ml_collections.FieldReference(None, field_type=int)
+    c.model.d_ff = ml_collections.FieldReference(None, field_type=int)
+    c.model.mlp = ml_collections.FieldReference(None, field_type=str)
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    c.model.remat = "none"  # none | full | save_dots
+    c.model.attention = "dense"  # dense | xla | cudnn | blockwise | local
+    c.model.attention_block = 512  # key/value block for blockwise attention
+    c.model.attention_window = 128  # encoder window for local attention
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "synthetic_med"  # synthetic_med | roco | rocov2 | medmnist
+    c.data.data_dir = ""  # TFDS data_dir; empty: ~/.cache/medscale/tfds
+    c.data.manual_dir = ""  # for real datasets the user downloaded
+    c.data.num_train = 10_000
+    c.data.num_eval = 512
+    c.data.image_size = 64
+    c.data.patch_size = 8
+    c.data.modalities = ("image", "caption", "boxes", "segmentation")
+    c.data.text_vocab = 2048
+    c.data.image_vocab = 512
+    c.data.seg_vocab = 256
+    c.data.caption_tokens = 64
+    c.data.box_tokens = 32
+    c.data.enc_len = 128
+    c.data.dec_len = 64
+    c.data.dirichlet_alpha = 0.5
+    c.data.mixture = "all2all:0.5,image2all:0.5"
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 16
+    c.train.tokens = 2_000_000  # the run's token budget (encoder + decoder tokens); sets steps and schedule
+    c.train.steps = ml_collections.FieldReference(None, field_type=int)  # explicit steps override tokens
+    c.train.lr = 3e-3
+    c.train.warmup_steps = 50
+    c.train.final_lr_ratio = 0.1
+    c.train.weight_decay = 0.05
+    c.train.b1 = 0.9
+    c.train.b2 = 0.95
+    c.train.clip_norm = 1.0
+    c.train.eval_every = 100
+    c.train.eval_batches = 4
+    c.train.ckpt_every = 200
+    c.train.log_every = 10
+    c.train.spike_factor = 5.0  # loss above spike_factor x its running minimum (after warmup) = diverged
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (-1, 1, 1)  # ('data', 'fsdp', 'tensor'); one axis may be -1
+    c.mesh.axes = ("data", "fsdp", "tensor")
+    # logical axis -> mesh axis (or None); changing parallelism is a config change, never a model edit
+    c.mesh.rules = (
+        ("activation_batch", ("data", "fsdp")),
+        ("activation_length", None),
+        ("activation_embed", None),
+        ("activation_heads", "tensor"),
+        ("activation_mlp", "tensor"),
+        ("activation_vocab", "tensor"),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("kv", None),
+        ("vocab", "tensor"),
+        ("modality", None),
+        ("norm", None),
+    )
+
+    c.hardware = "auto"  # hardware table key for MFU; auto: from jax.devices()
+    return c
