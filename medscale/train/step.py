@@ -117,6 +117,10 @@ class Program:
 def build(spec: ModelSpec, opt: OptConfig, *, mesh: Mesh | None = None, rules=DEFAULT_RULES,
           dtype="float32", remat="none", attention="dense", batch_size: int | None = None,
           donate: bool = True) -> Program:
+    if jax.default_backend() == "cpu":
+        from medscale.train.malloc import tune_malloc
+
+        tune_malloc()
     mesh = mesh if mesh is not None else make_mesh((1, 1, 1), jax.devices()[:1])
     rules = rules_dict(rules)
     abstract = abstract_model(spec, dtype, remat, attention)
