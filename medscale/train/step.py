@@ -72,14 +72,25 @@ def abstract_model(spec: ModelSpec, dtype="float32", remat="none", attention="de
 def param_axes(abstract) -> Any:
     """Pure dict (same structure as the params) of each weight's logical axis names."""
     _, state = nnx.split(abstract)
-    return jax.tree.map(lambda v: v.get_metadata()["axes"], state,
-                        is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
+    return nnx.to_pure_dict(jax.tree.map(lambda v: v.get_metadata()["axes"], state,
+                                         is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def init_params(spec: ModelSpec, seed: int = 0, **model_kw):
+    """(graphdef, params pure dict) with the parameters created by one jit-ed call (fast, unsharded)."""
+    graphdef, _ = nnx.split(abstract_model(spec, **model_kw))
+
+    @jax.jit
+    def make(key):
+        return nnx.to_pure_dict(nnx.split(EncoderDecoder(spec, rngs=nnx.Rngs(params=key), **model_kw))[1])
+
+    return graphdef, make(jax.random.key(seed))
 
 
 def count_params(spec: ModelSpec) -> int:
     """Exact parameter count of the model a spec builds (via eval_shape)."""
     _, state = nnx.split(abstract_model(spec))
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.to_pure_dict())))
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.to_pure_dict(state))))
 
 
 def batch_shapes(spec: ModelSpec, batch_size: int) -> dict:
@@ -125,7 +136,7 @@ def build(spec: ModelSpec, opt: OptConfig, *, mesh: Mesh | None = None, rules=DE
     rules = rules_dict(rules)
     abstract = abstract_model(spec, dtype, remat, attention)
     graphdef, abs_state = nnx.split(abstract)
-    abs_params = abs_state.to_pure_dict()
+    abs_params = nnx.to_pure_dict(abs_state)
     axes = param_axes(abstract)
     param_sh = jax.tree.map(lambda a, x: NamedSharding(mesh, logical_to_spec(a, rules, mesh, x.shape)),
                             axes, abs_params, is_leaf=lambda a: isinstance(a, tuple))
@@ -140,7 +151,7 @@ def build(spec: ModelSpec, opt: OptConfig, *, mesh: Mesh | None = None, rules=DE
         key = jax.random.key(seed)
         pkey, rkey = jax.random.split(key)
         model = EncoderDecoder(spec, rngs=nnx.Rngs(params=pkey), dtype=dtype, remat=remat, attention=attention)
-        params = nnx.split(model)[1].to_pure_dict()
+        params = nnx.to_pure_dict(nnx.split(model)[1])
         return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
                 "rng": jax.random.key_data(rkey)}
 
