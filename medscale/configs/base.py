@@ -28,6 +28,7 @@ def get_config():
     c.data.dataset = "synthetic_med"  # synthetic_med | roco | rocov2 | medmnist
     c.data.data_dir = ""  # TFDS data_dir; empty: ~/.cache/medscale/tfds
     c.data.manual_dir = ""  # for real datasets the user downloaded
+    c.data.subset = ""  # medmnist: FLAG or FLAG_SIZE (the .npz name); may be empty when manual_dir holds one
     c.data.num_train = 10_000
     c.data.num_eval = 512
     c.data.image_size = 64

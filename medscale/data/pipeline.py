@@ -183,6 +183,10 @@ class Data:
         self.image_size = int(self.dcfg.image_size)
         self._sources, self._tokens = {}, {}
         self.stats: dict = {}
+        skipped = self.builder.info.metadata.get("skipped") if self.builder.info.metadata else None
+        if skipped:
+            self.stats["skipped"] = dict(skipped)
+            log.warning("dataset %s skipped examples when it was built: %s", self.key, skipped)
         self.tokenizers = self._tokenizers()
         self.registry = build_registry(spec, self.tokenizers)
         self.masker = Masker([(m.name, m.kind, m.max_tokens) for m in self.registry], spec.enc_len, spec.dec_len,
