@@ -120,6 +120,7 @@ def test_examples_and_detokenize_match_the_generator(data):
 
 def test_cache_reused_and_keyed_by_tokenizer_hash(data):
     root = data.root
+    data.tokens("train")
     files = glob.glob(os.path.join(root, "tokens", "*", "train-*.npz"))
     assert len(files) == 1 and data.tokenizers.hash in os.path.basename(files[0])
     again = build_data(data.cfg, data.spec)

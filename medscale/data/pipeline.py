@@ -130,7 +130,7 @@ class DataIterator:
     """Endless deterministic batches; ``get_state()`` / ``set_state()`` (JSON-serialisable)."""
 
     def __init__(self, data: Data, split: str, batch_size: int, seed: int, shard_index: int,
-                 shard_count: int):
+                 shard_count: int, num_threads: int = 1, prefetch: int = 4):
         import grain
 
         tokens = data.tokens(split)
@@ -150,7 +150,11 @@ class DataIterator:
 
         ds = grain.MapDataset.source(TokenSource(tokens))[shard_index::shard_count]
         ds = ds.shuffle(seed=int(seed)).repeat(None).batch(batch_size, drop_remainder=True)
-        self._it = iter(ds.map_with_index(mask).to_iter_dataset())
+        # one background thread keeps a few batches ready (masking is Python; the trainer's device work
+        # releases the GIL); grain's default (16 threads, 500 elements ahead) would mask hundreds of batches
+        # up front and compete with the trainer for the CPU
+        opts = grain.ReadOptions(num_threads=int(num_threads), prefetch_buffer_size=int(prefetch))
+        self._it = iter(ds.map_with_index(mask).to_iter_dataset(opts))
 
     def __iter__(self):
         return self
@@ -328,12 +332,15 @@ class Data:
 
     # ------------------------------------------------------------------ batches
     def iterator(self, split: str = "train", batch_size: int = 16, seed: int = 0, shard_index: int | None = None,
-                 shard_count: int | None = None) -> DataIterator:
+                 shard_count: int | None = None, num_threads: int = 1, prefetch: int = 4) -> DataIterator:
+        """Endless batches of ``split`` in a seeded order, masked per batch with a seeded generator.
+        ``shard_index``/``shard_count`` default to ``jax.process_index()``/``jax.process_count()``;
+        ``num_threads``/``prefetch``: grain's background reading (0 threads: synchronous)."""
         if shard_index is None or shard_count is None:
             import jax
 
             shard_index, shard_count = jax.process_index(), jax.process_count()
-        return DataIterator(self, split, batch_size, seed, shard_index, shard_count)
+        return DataIterator(self, split, batch_size, seed, shard_index, shard_count, num_threads, prefetch)
 
     def eval_batches(self, split: str = "validation", batch_size: int = 16, num_batches: int = 4,
                      seed: int = EVAL_MASK_SEED) -> list[dict]:
