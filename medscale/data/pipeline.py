@@ -95,7 +95,10 @@ def prepare_builder(builder, root: str, progress: bool = False):
                 builder.download_and_prepare(file_format="array_record")
             finally:
                 tfds.display_progress_bar(True)
-    return builder
+    # a fresh builder reads the finished dataset's info (this one may predate another process's build)
+    with _quiet_absl():
+        return type(builder)(config=builder.builder_config, data_dir=os.path.dirname(os.path.dirname(
+            os.path.dirname(str(builder.data_path)))), file_format="array_record")
 
 
 def _decode_example(rec: dict) -> dict:
