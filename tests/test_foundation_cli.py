@@ -77,7 +77,7 @@ def test_xla_without_model_is_an_error_or_a_ratio(capsys):
         _one_line_error(capsys, ["flops", "--size", "tiny", "--xla"], "--xla needs the model")
     else:  # the model exists: XLA's count must be close to the analytic hardware count
         out = json.loads(_run_json(capsys, ["flops", "--size", "tiny", "--batch", "2", "--xla"]))
-        assert 0.8 < out["xla_ratio"] < 1.5
+        assert 0.9 < out["xla_ratio"] < 1.3  # elementwise and optimizer work: measured 1.08 for tiny
 
 
 def _run_json(capsys, argv):
@@ -199,3 +199,11 @@ def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
 
 def test_default_modalities_vocab_is_base_config():
     assert [m.vocab_size for m in default_modalities()] == [512, 2048, 2048, 256]
+
+
+def test_jax_devices_map_to_a_table_key():
+    import jax
+
+    key = hardware.hardware_for_jax_devices()
+    assert key == hardware.hardware_for_device_kind(jax.devices()[0].device_kind)
+    assert key in hardware.HARDWARE
