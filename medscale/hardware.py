@@ -62,7 +62,7 @@ HARDWARE: dict[str, dict] = {
 }
 
 # name -> (device key, default device count)
-SYSTEMS = {"dgx-1": ("v100-sxm2-32gb", 8)}
+SYSTEMS = {"dgx-1": ("v100-sxm2-32gb", 8), "dgx1": ("v100-sxm2-32gb", 8)}
 
 
 def known_names() -> list[str]:
@@ -91,6 +91,24 @@ def default_precision(name: str) -> str:
         if p in ok:
             return p
     return ok[0]
+
+
+def precision_for_dtype(name: str, dtype: str) -> str:
+    """The peak that applies to a training run's compute dtype on ``name``.
+
+    ``float32``: ``tf32`` where the device has it (JAX's default matmul precision computes float32 dots in
+    TF32 on Ampere and later GPUs; docs.jax.dev "Matmul precision"), else ``fp32``. ``bfloat16``: ``bf16``,
+    or ``fp16`` on devices whose tensor cores lack bf16 (V100). ``float16``: ``fp16``."""
+    ok = supported_precisions(name)
+    want = {"float32": ("tf32", "fp32"), "fp32": ("fp32",), "tf32": ("tf32",),
+            "bfloat16": ("bf16", "fp16"), "bf16": ("bf16", "fp16"),
+            "float16": ("fp16",), "fp16": ("fp16",)}.get(str(dtype).lower())
+    if want is None:
+        raise UserError(f"unknown compute dtype {dtype!r}; use float32, bfloat16 or float16")
+    for p in want:
+        if p in ok:
+            return p
+    raise UserError(f"{resolve(name)[0]} has no peak for {dtype}; it has {', '.join(ok)}")
 
 
 def peak_flops(name: str, precision: str = "fp32") -> float:

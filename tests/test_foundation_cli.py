@@ -148,6 +148,13 @@ def test_datasheet_peaks():
     assert hardware.peak_flops("h200", "tf32") == hardware.peak_flops("h100-sxm", "tf32")
     assert hardware.memory_bytes("h200") == 141e9
     assert hardware.resolve("dgx-1") == ("v100-sxm2-32gb", 8)
+    assert hardware.precision_for_dtype("a100-80gb", "float32") == "tf32"
+    assert hardware.precision_for_dtype("v100-sxm2-32gb", "float32") == "fp32"
+    assert hardware.precision_for_dtype("v100-sxm2-32gb", "bfloat16") == "fp16"
+    assert hardware.precision_for_dtype("h200", "bfloat16") == "bf16"
+    assert hardware.precision_for_dtype("cpu", "float32") == "fp32"
+    with pytest.raises(UserError, match="cpu has no peak"):
+        hardware.precision_for_dtype("cpu", "bfloat16")
     assert hardware.PF_DAY == 8.64e19
     from medscale.analysis import laws
 
