@@ -253,8 +253,8 @@ def budget_plan(law: str = "chinchilla", *, flops=None, pf_days=None, hardware=N
         gpus = int(gpus)
         precision = precision or hw.default_precision(device)
         peak = hw.peak_flops(device, precision)
-    elif gpus is not None and gpus <= 0:
-        raise UserError(f"--gpus must be a positive whole number, got {gpus}")
+    elif gpus is not None or precision is not None:
+        raise UserError("--gpus and --precision need --hardware NAME")
 
     law_obj, conv = load_law_with_convention(law)
     if days is not None:

@@ -43,6 +43,7 @@ def _one_line_error(capsys, argv, match):
     (["budget"], "exactly one budget"),
     (["budget", "--flops", "1e20", "--pf-days", "3"], "exactly one budget"),
     (["budget", "--days", "3"], "--hardware"),
+    (["budget", "--flops", "1e20", "--gpus", "8"], "--hardware"),
     (["budget", "--hardware", "v100-sxm2-32gb", "--days", "7", "--precision", "bf16"], "fp16"),
     (["budget", "--hardware", "cpu", "--days", "1", "--precision", "fp16"], "fp32"),
     (["flops", "--d-model", "100", "--enc-layers", "1", "--dec-layers", "1", "--heads", "3"], "divisible"),
