@@ -198,7 +198,7 @@ def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
 
     monkeypatch.setattr(hardware, "measure_cpu_flops", small)
     first = hardware.peak_flops("cpu", "fp32")
-    assert first > 1e8 and calls == [1024]
+    assert first > 1e6 and calls == [1024]  # a real measurement (small matmul: far below the peak)
     cached = json.loads((tmp_path / "medscale" / "cpu_peak.json").read_text())
     assert cached[hardware.cpu_cache_key()]["fp32"] == first
     assert hardware.peak_flops("cpu", "fp32") == first and len(calls) == 1  # from the cache
