@@ -184,3 +184,24 @@ def test_site_implementation():
     assert site_implementation("xla", "cross") == "xla"
     with pytest.raises(ValueError):
         site_implementation("dense", "middle")
+
+
+def test_attention_options_set_defaults_at_trace_time():
+    from medscale.model.attention import attention_options
+
+    qkv, _, vectors = _inputs("encoder")
+    fn = lambda q, k, v: attend(q, k, v, implementation="local", **vectors)
+    with attention_options(window=9, block=4):
+        narrow = jax.jit(fn)(*qkv)
+        explicit = jax.jit(lambda q, k, v: attend(q, k, v, implementation="local", window=200, **vectors))(*qkv)
+    want = jax.jit(_dense_reference(vectors, window=9))(*qkv)
+    np.testing.assert_allclose(narrow, want, atol=2e-5)
+    np.testing.assert_allclose(explicit, jax.jit(_dense_reference(vectors))(*qkv), atol=2e-5)  # explicit wins
+    with pytest.raises(TypeError), attention_options(blocks=3):
+        pass
+
+
+def test_local_refuses_cross_attention():
+    qkv, _, vectors = _inputs("cross")
+    with pytest.raises(ValueError, match="site_implementation"):
+        attend(*qkv, implementation="local", **vectors)

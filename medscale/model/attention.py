@@ -39,11 +39,15 @@ Implementations (``implementation=``; all compute the rule above except ``local`
 Options (keyword arguments after ``implementation``; others are an error): ``block`` (key/value block, and
 query block unless ``block_q`` is given; default 512; ``blockwise`` and ``local``), ``block_q``, ``window``
 (``local``; default 128). Options that an implementation does not use are ignored, so a model may pass
-``block=cfg.model.attention_block, window=cfg.model.attention_window`` at every call site.
+``block=cfg.model.attention_block, window=cfg.model.attention_window`` at every call site. Defaults for
+calls that do not pass an option can also be set around tracing with :func:`attention_options` (used by
+``medscale bench seqlen`` to tune blocks without threading them through the model).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from typing import NamedTuple
 
@@ -56,6 +60,25 @@ IMPLEMENTATIONS = ("dense", "xla", "cudnn", "blockwise", "local")
 OPTIONS = ("block", "block_q", "window")
 DEFAULT_BLOCK = 512
 DEFAULT_WINDOW = 128
+_DEFAULT_OPTIONS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("medscale_attention_options",
+                                                                              default=None)
+
+
+@contextlib.contextmanager
+def attention_options(**options):
+    """Defaults for the options of :func:`attend` calls *traced* inside the block (explicit options win).
+
+    The options are read when a function is traced: wrap the ``jit(...).lower(...)`` (or first call) of a
+    freshly built function, not the later calls of an already compiled one.
+    """
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise TypeError(f"attention_options() got unknown option(s) {unknown}; known: {OPTIONS}")
+    token = _DEFAULT_OPTIONS.set({**(_DEFAULT_OPTIONS.get() or {}), **{k: v for k, v in options.items() if v is not None}})
+    try:
+        yield
+    finally:
+        _DEFAULT_OPTIONS.reset(token)
 
 
 def allowed_mask(q_segment, kv_segment, q_causal=None, same_segment=False, window=None):
@@ -337,6 +360,7 @@ def attend(q, k, v, *, q_segment, kv_segment, q_causal=None, same_segment=False,
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise TypeError(f"attend() got unknown option(s) {unknown}; known: {OPTIONS}")
+    options = {**(_DEFAULT_OPTIONS.get() or {}), **{k: v for k, v in options.items() if v is not None}}
     if implementation == "dense":
         return _dense(q, k, v, allowed_mask(q_segment, kv_segment, q_causal, same_segment))
     if implementation == "xla":
@@ -345,15 +369,18 @@ def attend(q, k, v, *, q_segment, kv_segment, q_causal=None, same_segment=False,
         _check_cudnn(q)
         return _jax_nn(q, k, v, allowed_mask(q_segment, kv_segment, q_causal, same_segment), "cudnn")
     if implementation in ("blockwise", "local"):
-        block = _positive_int("block", options.get("block") or DEFAULT_BLOCK)
-        block_q = _positive_int("block_q", options.get("block_q") or block)
+        block = _positive_int("block", options.get("block", DEFAULT_BLOCK))
+        block_q = _positive_int("block_q", options.get("block_q", block))
         window = None
         if implementation == "local":
-            window = _positive_int("window", options.get("window") or DEFAULT_WINDOW)
+            if q.shape[1] != k.shape[1]:
+                raise ValueError("attention 'local' is self-attention (query and key lengths differ here): use "
+                                 "site_implementation(attention, 'cross') for cross-attention")
+            window = _positive_int("window", options.get("window", DEFAULT_WINDOW))
             # blocks no larger than the window: the visited key span stays ~ block + window
             block, block_q = min(block, window), min(block_q, window)
         return _blockwise(q, k, v, q_segment, kv_segment, q_causal, same_segment, block, block_q, window)
     raise UserError(f"unknown attention implementation {implementation!r}; known: {', '.join(IMPLEMENTATIONS)}")
 
 
-__all__ = ["IMPLEMENTATIONS", "OPTIONS", "allowed_mask", "attend", "site_implementation"]
+__all__ = ["IMPLEMENTATIONS", "OPTIONS", "allowed_mask", "attend", "attention_options", "site_implementation"]
