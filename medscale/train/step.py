@@ -173,7 +173,7 @@ def build(spec: ModelSpec, opt: OptConfig, *, mesh: Mesh | None = None, rules=DE
         (loss, aux), grads = jax.value_and_grad(_loss, has_aux=True)(state["params"], batch)
         updates, new_opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"]),
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
                    "sum": aux["sum"], "count": aux["count"]}
         rng = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), 1))
         return {"params": params, "opt": new_opt, "step": state["step"] + 1, "rng": rng}, metrics
