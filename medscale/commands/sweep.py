@@ -111,8 +111,8 @@ def _status(args):
     for r in df.to_dict("records"):
         wall = _fmt(r["wall_s"], ".0f")
         mfu = _fmt(r["mfu"] * 100 if _finite(r["mfu"]) else None, ".1f")
-        print(f"{r['run_id']:40s} {r['status']:11s} {_fmt(r['loss'], '7.4f')} {_fmt(r['flops'], '9.3g')} "
-              f"{_fmt(r['pf_days'], '9.2g')} {wall + ('s' if wall != '-' else ''):>8s} "
+        print(f"{r['run_id']:40s} {r['status']:11s} {_fmt(r['loss'], '.4f'):>7s} {_fmt(r['flops'], '.3g'):>9s} "
+              f"{_fmt(r['pf_days'], '.2g'):>9s} {wall + ('s' if wall != '-' else ''):>8s} "
               f"{mfu + ('%' if mfu != '-' else ''):>6s}")
     print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f" ({len(df)} runs)")
     for r in df.to_dict("records"):

@@ -18,6 +18,8 @@ A sweep definition is an ml_collections Python file whose ``get_config()`` retur
   (published law for the expected optimum, ``medscale.analysis.laws``), ``center_factor`` (multiplies it),
   ``min_steps`` (sizes that would train fewer steps are dropped).
 - ``lr``: a float, or a dict from size name to lr with an optional ``"default"``.
+- ``per_size``: optional dict from size name to extra overrides for that size's runs (e.g. a smaller batch or
+  ``model.remat=full`` for the largest sizes); they are part of the run id.
 - ``seeds``: one run per seed. ``evals_per_run`` / ``checkpoints_per_run`` / ``warmup_frac``: schedule of
   evaluations, checkpoints and warmup relative to each run's own steps (None keeps the base config's).
 
@@ -46,7 +48,7 @@ DEFAULTS = {
     "set": (), "design": "grid", "sizes": (), "enc_lens": (), "dec_len": None, "batch_size": None,
     "tokens": (), "budgets": (), "per_budget": 4, "spread": 8.0, "law": "chinchilla", "center_factor": 1.0,
     "min_steps": 10, "lr": None, "seeds": (0,), "evals_per_run": None, "checkpoints_per_run": None,
-    "warmup_frac": None, "params": "non_embedding",
+    "warmup_frac": None, "params": "non_embedding", "per_size": None,
 }
 
 
@@ -97,6 +99,8 @@ def shape_of(size: str) -> dict | None:
         return None
     d_model, layers = int(m.group(1)), int(m.group(2))
     heads = int(m.group(3)) if m.group(3) else max(1, d_model // 32)
+    if m.group(3) and (heads <= 0 or d_model % heads):
+        raise UserError(f"size {size!r}: {heads} heads do not divide d_model {d_model}")
     while d_model % heads:
         heads -= 1
     d_ff = int(m.group(4)) if m.group(4) else 4 * d_model
@@ -177,6 +181,12 @@ def normalize(cfg, source: str = "sweep"):
     for key in ("tokens", "budgets"):
         if any((not isinstance(v, (int, float))) or v <= 0 for v in out[key]):
             raise UserError(f"{source}: {key} must be positive numbers")
+    if out["per_size"] is not None:
+        if not isinstance(out["per_size"], dict):
+            raise UserError(f"{source}: per_size must be a dict from size name to a list of overrides")
+        stray = sorted(set(out["per_size"]) - {str(x) for x in out["sizes"]})
+        if stray:
+            raise UserError(f"{source}: per_size names sizes not in 'sizes': {', '.join(stray)}")
     if out["params"] not in ("non_embedding", "total"):
         raise UserError(f"{source}: params must be 'non_embedding' or 'total'")
     for size in out["sizes"]:
@@ -221,6 +231,9 @@ class _Accountant:
     def common_overrides(self, size: str, enc_len: int) -> list[str]:
         s = self.sweep
         out = list(s.set) + size_overrides(size) + [f"data.enc_len={int(enc_len)}"]
+        if s.per_size is not None and size in s.per_size:
+            extra = s.per_size[size]
+            out += [extra] if isinstance(extra, str) else list(extra)
         if s.dec_len is not None:
             out.append(f"data.dec_len={int(s.dec_len)}")
         if s.batch_size is not None:

@@ -1,6 +1,7 @@
 """The local sweep launcher: every run of a sweep in its own ``python -m medscale train`` process.
 
-Order: cheapest (accounted model FLOPs) first. Done, failed and diverged runs are skipped (``retry_failed``
+Order: cheapest (accounted model FLOPs) first; the first run trains alone until one run is done (shared
+caches are then built once), then up to ``workers`` at a time. Done, failed and diverged runs are skipped (``retry_failed``
 reruns failed ones); interrupted runs are relaunched in their own directory, where training resumes from its
 checkpoints; runs another launcher holds (live ``run.lock``) are left to it. Up to ``workers`` runs at once.
 
@@ -112,12 +113,16 @@ class Launcher:
 
     def __init__(self, runs: list[Run], results: str, workers: int = 1, progress: bool = True,
                  retry_failed: bool = False, env: dict | None = None, poll_s: float = 0.5,
-                 train_args: tuple[str, ...] = ()):
+                 train_args: tuple[str, ...] = (), first_alone: bool = True, compile_cache: str | None = None):
         if workers < 1:
             raise UserError(f"--workers must be at least 1, got {workers}")
         self.runs, self.results, self.workers = list(runs), results, workers
         self.progress, self.retry_failed, self.poll_s = progress, retry_failed, poll_s
         self.env, self.train_args = env or {}, tuple(train_args)
+        self.first_alone = first_alone
+        if compile_cache:  # runs of one shape at several budgets share their compiled steps
+            self.env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(compile_cache))
+            self.env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
         self.outcome: dict[str, str] = {}
         self.errors: dict[str, str] = {}
 
@@ -192,7 +197,10 @@ class Launcher:
         finished_flops = done_flops
         try:
             while queue or active:
-                while queue and len(active) < self.workers:
+                # the first run trains alone until one finishes, so shared caches (dataset, tokenizers,
+                # compiled steps) are built once rather than by every worker at the same time
+                alone = self.first_alone and not any(v == "done" for v in self.outcome.values())
+                while queue and len(active) < (1 if alone else self.workers):
                     act = self._spawn(queue.pop(0))
                     if act is not None:
                         active.append(act)
@@ -228,7 +236,7 @@ class Launcher:
         import tqdm
 
         return tqdm.tqdm(total=total, initial=initial, unit="FLOP", unit_scale=True, file=sys.stderr,
-                         bar_format="{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} FLOPs {postfix}",
+                         bar_format="{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} FLOPs{postfix}",
                          desc="sweep ")
 
     def _show(self, bar, now_flops, total, start, base, active):
@@ -245,9 +253,14 @@ class Launcher:
             parts.append(f"failed {counts['failed']}")
         parts.append(f"{rate:.3g} FLOP/s")
         parts.append("ETA " + (_fmt_s(eta) if eta is not None else "?"))
-        bar.n = min(now_flops, total)
-        bar.set_postfix_str(", ".join(parts), refresh=False)
-        bar.refresh()
+        text = ", ".join(parts)
+        key = (round(now_flops), parts[:-2])
+        now = time.time()
+        if key != getattr(self, "_last_key", None) or now - getattr(self, "_last_show", 0.0) > 10.0:
+            self._last_key, self._last_show = key, now
+            bar.n = min(now_flops, total)
+            bar.set_postfix_str(text, refresh=False)
+            bar.refresh()
 
 
 def _fmt_s(s: float) -> str:
@@ -273,14 +286,17 @@ def _terminate(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
 
 
 def run_sweep(path: str, results: str = "results", workers: int = 1, only: str | None = None,
-              progress: bool = True, retry_failed: bool = False, env: dict | None = None) -> dict:
+              progress: bool = True, retry_failed: bool = False, env: dict | None = None,
+              compile_cache: str | None = "") -> dict:
     """Load a sweep definition, plan it, and launch it locally; returns the launcher's report."""
     from medscale.sweep.design import expand, filter_runs, load_definition
 
     sweep = load_definition(path)
     runs = filter_runs(expand(sweep), only)
+    if compile_cache == "":
+        compile_cache = os.path.join(results, ".cache", "jax")
     report = Launcher(runs, results, workers=workers, progress=progress, retry_failed=retry_failed,
-                      env=env).launch()
+                      env=env, compile_cache=compile_cache).launch()
     report["sweep"] = sweep.name
     report["results"] = os.path.join(results, sweep.name)
     return report
