@@ -6,7 +6,7 @@ Layout (docs/interfaces.md): ``<results>/<sweep>/<run_id>/`` holds ``config.json
 ``run.lock`` while a launcher holds it. ``train.log`` holds the training process's output.
 
 A run's state is derived from disk only: summary.json -> its status (done | diverged | failed); else a live
-lock -> running; else checkpoints or metrics -> interrupted (resumable); else pending.
+lock (the launcher's ``run.lock`` or training's own ``lock``) -> running; else checkpoints or metrics -> interrupted (resumable); else pending.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from medscale.errors import UserError
 from medscale.sweep.lock import LOCK_NAME, lock_live
 
 PF_DAY = 1e15 * 86_400
+TRAIN_LOCK_NAME = "lock"  # written by medscale train itself (pid, host) while it runs
 STATES = ("pending", "running", "interrupted", "done", "failed", "diverged")
 COLUMNS = ["run_id", "sweep", "status", "size", "params", "params_total", "params_embedding", "tokens", "flops",
            "hardware_flops", "pf_days", "enc_len", "dec_len", "batch_size", "steps", "loss", "train_loss",
@@ -65,7 +66,7 @@ def run_state(run_dir: str) -> str:
     if summary is not None:
         status = summary.get("status", "done")
         return status if status in ("done", "failed", "diverged") else "failed"
-    if lock_live(os.path.join(run_dir, LOCK_NAME)):
+    if lock_live(os.path.join(run_dir, LOCK_NAME)) or lock_live(os.path.join(run_dir, TRAIN_LOCK_NAME)):
         return "running"
     ckpt = os.path.join(run_dir, "checkpoints")
     if (os.path.isdir(ckpt) and os.listdir(ckpt)) or _nonempty(os.path.join(run_dir, "metrics.jsonl")):
