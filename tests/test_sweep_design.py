@@ -1,6 +1,7 @@
 """Sweep designs: run ids, IsoFLOP budgets through the accounting, grid products, validation."""
 
 import json
+import os
 import textwrap
 
 import pytest
@@ -9,6 +10,8 @@ from medscale import accounting
 from medscale.configs import load_config, spec_from_config
 from medscale.errors import UserError
 from medscale.sweep import design
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_sweep(tmp_path, body, name="s.py"):
@@ -121,3 +124,23 @@ def test_cli_dry_run_json(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["sweep"] == "iso" and len(out["runs"]) == 12
     assert main(["sweep", "run", str(tmp_path / "missing.py")]) == 2
+
+
+def test_quickstart_design_is_an_isoflop_sweep_over_two_lengths_and_several_budgets():
+    from medscale.sweep.quickstart import quickstart_sweep
+
+    sweep = quickstart_sweep()
+    runs = design.expand(sweep)
+    assert sweep.design == "isoflop" and len({r.enc_len for r in runs}) == 2
+    budgets = sorted({r.budget for r in runs})
+    assert len(budgets) >= 3
+    for b in budgets:
+        for enc in {r.enc_len for r in runs}:
+            group = [r for r in runs if r.budget == b and r.enc_len == enc]
+            assert len(group) >= 3 and len({r.size for r in group}) == len(group)
+            assert all(r.steps >= sweep.min_steps for r in group)
+    # the sweeps/ files name the same design
+    same = design.expand(design.load_definition(os.path.join(REPO, "sweeps", "quickstart.py")))
+    assert [r.run_id for r in same] == [r.run_id for r in runs]
+    ref = design.expand(design.load_definition(os.path.join(REPO, "sweeps", "reference.py")))
+    assert {r.sweep for r in ref} == {"reference"} and len(ref) == len(runs)

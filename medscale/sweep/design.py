@@ -299,7 +299,7 @@ def isoflop_sizes(sweep, budget: float, acc: _Accountant, enc_len: int) -> list[
             break
         chosen.append(min(free, key=lambda p: abs(math.log(p[1]) - math.log(t)))[0])
     if len(chosen) < k:
-        log.warning("budget %s at enc_len %s: only %d of %d sizes fit (min_steps %s)", _fmt_num(budget),
+        log.info("budget %s at enc_len %s: only %d of %d sizes fit (min_steps %s)", _fmt_num(budget),
                     enc_len, len(chosen), k, sweep.min_steps)
     order = {str(s): i for i, s in enumerate(sweep.sizes)}
     return sorted(chosen, key=lambda s: order[s])

@@ -133,7 +133,7 @@ class Launcher:
         if not lock.acquire():
             self.outcome[run.run_id] = "running elsewhere"
             return None
-        state = registry.run_state(workdir)
+        state = registry.run_state(workdir, locks=False)
         if state in ("done", "diverged") or (state == "failed" and not self.retry_failed):
             lock.release()  # finished meanwhile by another launcher
             self.outcome[run.run_id] = state

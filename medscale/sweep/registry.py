@@ -57,8 +57,9 @@ def read_json(path: str):
         raise UserError(f"{path} is not valid JSON ({exc}); delete it to let the run be redone") from None
 
 
-def run_state(run_dir: str) -> str:
-    """The state of one run directory (see the module docstring)."""
+def run_state(run_dir: str, locks: bool = True) -> str:
+    """The state of one run directory (see the module docstring); ``locks=False`` ignores locks (for the
+    launcher that holds one)."""
     try:
         summary = read_json(os.path.join(run_dir, "summary.json"))
     except UserError:
@@ -66,7 +67,7 @@ def run_state(run_dir: str) -> str:
     if summary is not None:
         status = summary.get("status", "done")
         return status if status in ("done", "failed", "diverged") else "failed"
-    if lock_live(os.path.join(run_dir, LOCK_NAME)) or lock_live(os.path.join(run_dir, TRAIN_LOCK_NAME)):
+    if locks and (lock_live(os.path.join(run_dir, LOCK_NAME)) or lock_live(os.path.join(run_dir, TRAIN_LOCK_NAME))):
         return "running"
     ckpt = os.path.join(run_dir, "checkpoints")
     if (os.path.isdir(ckpt) and os.listdir(ckpt)) or _nonempty(os.path.join(run_dir, "metrics.jsonl")):
