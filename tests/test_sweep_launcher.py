@@ -30,7 +30,7 @@ def get_config():
     c.set = ["train.batch_size=4", "data.num_train=128", "data.num_eval=16", "train.eval_batches=1",
              "train.log_every=5", "train.warmup_steps=5"]
     c.design = "grid"
-    c.sizes = ["d16l1", "d24l1", "d16l1h2"]
+    c.sizes = ["d16l1", "d16l1h2"]
     c.enc_lens = [32]
     c.tokens = [4 * 80 * 30]  # 30 steps of 4 x (32 + 48) tokens
     c.seeds = [0, 1]
@@ -73,17 +73,17 @@ def test_kill_and_relaunch_matches_the_uninterrupted_sweep_and_failures_are_reco
     straight_wall = time.time() - t0
     assert proc.returncode == 1, err  # one run failed, the sweep still finished the others
     report = json.loads(out)
-    assert report["counts"] == {"done": 4, "failed": 2}, report
+    assert report["counts"] == {"done": 2, "failed": 2}, report
     ref = _summaries(results / "straight")
     failed = {k: v for k, v in ref.items() if v["status"] == "failed"}
     assert len(failed) == 2 and all("float8" in v["error"] for v in failed.values())
     df = registry.load_sweep(str(results / "straight"))
-    assert sorted(df.status) == ["done"] * 4 + ["failed"] * 2
+    assert sorted(df.status) == ["done"] * 2 + ["failed"] * 2
     assert df[df.status == "failed"].error.str.contains("dtype").all()
 
     # the same runs under another sweep name: kill the launcher at a seeded random moment, then relaunch
     sweep = _write(tmp_path, "killed")
-    delay = random.Random(1234).uniform(0.25, 0.85) * straight_wall
+    delay = random.Random(1234).uniform(0.15, 0.6) * straight_wall
     proc = _launch(sweep, results)
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
@@ -112,11 +112,11 @@ def test_kill_and_relaunch_matches_the_uninterrupted_sweep_and_failures_are_reco
             assert again[run_id]["final_eval_loss"] == summary["final_eval_loss"], run_id
             assert again[run_id]["final_train_loss"] == summary["final_train_loss"], run_id
     status = registry.load_sweep(str(killed_dir)).status.tolist()
-    assert sorted(status) == ["done"] * 4 + ["failed"] * 2
+    assert sorted(status) == ["done"] * 2 + ["failed"] * 2
     assert not any(os.path.exists(os.path.join(killed_dir, r, "run.lock")) for r in again)
 
     # a third launch trains nothing: everything is done or failed
     proc = _launch(sweep, results)
     out, _ = proc.communicate(timeout=300)
     report = json.loads(out)
-    assert report["counts"] == {"done": 4, "failed": 2} and report["wall_s"] < 30
+    assert report["counts"] == {"done": 2, "failed": 2} and report["wall_s"] < 30
