@@ -81,8 +81,8 @@ def _run(args):
         print(json.dumps(report))
     else:
         counts = ", ".join(f"{v} {k}" for k, v in sorted(report["counts"].items()))
-        print(f"sweep {report['sweep']}: {report['runs']} runs ({counts}) in {report['wall_s']:.0f} s; "
-              f"results in {report['results']}")
+        print(f"sweep {report['sweep']}: {report['runs']} runs ({counts}) in {report['wall_s']:.0f} s "
+              f"(training processes: {report['train_cpu_s']:.0f} CPU-s); results in {report['results']}")
         for run_id, err in report["errors"].items():
             print(f"  {run_id}: {err}")
     return 1 if report["counts"].get("failed") else 0

@@ -181,7 +181,10 @@ class Launcher:
 
     # -- the sweep -----------------------------------------------------------------------------------
     def launch(self) -> dict:
+        import resource
+
         start = time.time()
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         queue, done_flops = [], 0.0
         for run in self.runs:
             workdir = write_plan(run, self.results)
@@ -227,8 +230,10 @@ class Launcher:
         counts = {}
         for status in self.outcome.values():
             counts[status] = counts.get(status, 0) + 1
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu_s = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
         return {"runs": len(self.runs), "counts": counts, "outcome": dict(self.outcome),
-                "errors": dict(self.errors), "wall_s": time.time() - start}
+                "errors": dict(self.errors), "wall_s": time.time() - start, "train_cpu_s": cpu_s}
 
     def _bar(self, total, initial):
         if not self.progress:
