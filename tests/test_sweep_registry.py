@@ -157,3 +157,19 @@ def test_two_processes_racing_for_one_lock(tmp_path):
              for _ in range(8)]
     wins = sum(int(p.communicate()[0].strip()) for p in procs)
     assert wins == 1
+
+
+def test_error_from_log_names_the_cause(tmp_path):
+    from medscale.sweep.launcher import error_from_log
+
+    log = tmp_path / "train.log"
+    log.write_text("# launch 1\nerror: old failure\n")
+    offset = log.stat().st_size
+    with open(log, "a") as fh:
+        fh.write("# launch 2\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
+                 "FloatingPointError: nan in step 7\n")
+    assert error_from_log(str(log), offset, 1) == "FloatingPointError: nan in step 7"  # this attempt's only
+    assert error_from_log(str(log), 0, 2) == "old failure"  # a one-line user error wins over a traceback
+    with open(log, "a") as fh:
+        fh.write("# launch 3\n")
+    assert error_from_log(str(log), log.stat().st_size - 11, -9) == "killed by signal 9"
