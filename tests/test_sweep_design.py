@@ -107,6 +107,16 @@ def test_bad_definitions_are_user_errors(tmp_path, body, match):
         design.load_definition(write_sweep(tmp_path, body))
 
 
+def test_budgets_per_encoder_length(tmp_path):
+    body = ISO.replace("c.budgets = [1e11, 1e12]", 'c.budgets = {"32": [1e11], "64": [3e11, 1e12]}')
+    sweep = design.load_definition(write_sweep(tmp_path, body))
+    runs = design.expand(design.normalize(sweep))  # normalizing twice keeps the per-length budgets
+    assert {(r.enc_len, r.budget) for r in runs} == {(32, 1e11), (64, 3e11), (64, 1e12)}
+    with pytest.raises(UserError, match="enc_lens"):
+        design.load_definition(write_sweep(tmp_path, ISO.replace("c.budgets = [1e11, 1e12]",
+                                                                 'c.budgets = {"32": [1e11]}'), "u.py"))
+
+
 def test_missing_file_and_only_filter(tmp_path):
     with pytest.raises(UserError, match="not found"):
         design.load_definition(str(tmp_path / "nope.py"))
@@ -132,11 +142,12 @@ def test_quickstart_design_is_an_isoflop_sweep_over_two_lengths_and_several_budg
     sweep = quickstart_sweep()
     runs = design.expand(sweep)
     assert sweep.design == "isoflop" and len({r.enc_len for r in runs}) == 2
-    budgets = sorted({r.budget for r in runs})
-    assert len(budgets) >= 3
-    for b in budgets:
-        for enc in {r.enc_len for r in runs}:
-            group = [r for r in runs if r.budget == b and r.enc_len == enc]
+    for enc in {r.enc_len for r in runs}:
+        budgets = sorted({r.budget for r in runs if r.enc_len == enc})
+        assert len(budgets) >= 3
+        for b in budgets:
+            group = [r for r in runs if r.budget == b]
+            assert {r.enc_len for r in group} == {enc}  # an IsoFLOP group holds one encoder length
             assert len(group) >= 3 and len({r.size for r in group}) == len(group)
             assert all(r.steps >= sweep.min_steps for r in group)
     # the sweeps/ files name the same design

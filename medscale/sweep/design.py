@@ -13,7 +13,8 @@ A sweep definition is an ml_collections Python file whose ``get_config()`` retur
   ``"d48l2"``: d_model 48, 2 encoder + 2 decoder layers, d_ff 4 x d_model). For ``isoflop`` these are the
   candidates the design picks from.
 - ``enc_lens`` (required), ``dec_len``, ``batch_size`` (optional: None keeps the base config's).
-- grid: ``tokens`` (token budgets, encoder + decoder tokens). isoflop: ``budgets`` (model FLOPs per run),
+- grid: ``tokens`` (token budgets, encoder + decoder tokens). isoflop: ``budgets`` (model FLOPs per run; or a
+  dict from encoder length, as a string, to its own budgets, so that no IsoFLOP group mixes lengths),
   ``per_budget`` (sizes per budget), ``spread`` (ratio of the largest to the smallest target size), ``law``
   (published law for the expected optimum, ``medscale.analysis.laws``), ``center_factor`` (multiplies it),
   ``min_steps`` (sizes that would train fewer steps are dropped).
@@ -151,7 +152,7 @@ def normalize(cfg, source: str = "sweep"):
     import ml_collections
 
     data = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-    unknown = sorted(set(data) - set(DEFAULTS) - {"name", "base"})
+    unknown = sorted(set(data) - set(DEFAULTS) - {"name", "base", "budgets_by_enc"})
     if unknown:
         raise UserError(f"{source}: unknown sweep field(s) {', '.join(unknown)}; known: "
                         + ", ".join(["name", "base", *DEFAULTS]))
@@ -162,6 +163,16 @@ def normalize(cfg, source: str = "sweep"):
         raise UserError(f"{source}: sweep name {data['name']!r} must be letters, digits, '_', '-', '.'")
     out = dict(DEFAULTS)
     out.update(data)
+    by_enc = None
+    if data.get("budgets_by_enc"):  # an already normalized definition
+        out["budgets"] = data["budgets_by_enc"]
+    if isinstance(out["budgets"], dict):
+        by_enc = {str(k): tuple(v) if isinstance(v, (list, tuple)) else (v,) for k, v in out["budgets"].items()}
+        missing = sorted({str(e) for e in out["enc_lens"]} ^ set(by_enc))
+        if missing:
+            raise UserError(f"{source}: budgets per encoder length must name exactly the enc_lens "
+                            f"(mismatch: {', '.join(missing)})")
+        out["budgets"] = tuple(b for v in by_enc.values() for b in v)
     for key in ("set", "sizes", "enc_lens", "tokens", "budgets", "seeds"):
         value = out[key]
         out[key] = tuple(value) if isinstance(value, (list, tuple)) else (value,)
@@ -187,6 +198,7 @@ def normalize(cfg, source: str = "sweep"):
         stray = sorted(set(out["per_size"]) - {str(x) for x in out["sizes"]})
         if stray:
             raise UserError(f"{source}: per_size names sizes not in 'sizes': {', '.join(stray)}")
+    out["budgets_by_enc"] = by_enc
     if out["params"] not in ("non_embedding", "total"):
         raise UserError(f"{source}: params must be 'non_embedding' or 'total'")
     for size in out["sizes"]:
@@ -317,7 +329,8 @@ def expand(sweep) -> list[Run]:
                 for tok in sweep.tokens:
                     plan.append((str(size), enc_len, None, int(tok)))
         else:
-            for budget in sweep.budgets:
+            by_enc = sweep.get("budgets_by_enc")
+            for budget in (by_enc[str(enc_len)] if by_enc else sweep.budgets):
                 for size in isoflop_sizes(sweep, float(budget), acc, enc_len):
                     plan.append((size, enc_len, float(budget), None))
     for size, enc_len, budget, token_budget in plan:

@@ -1,10 +1,11 @@
 """``medscale quickstart``: the whole loop on CPU — an IsoFLOP sweep on the built-in synthetic data, the fit, the
 report and the recommendation for one DGX-1 — in minutes.
 
-The design (``quickstart_sweep()``, also ``sweeps/quickstart.py``): models from d_model 16 to 128 (explicit
-shapes between and below the ladder's sizes: the ladder's smallest is too big for a CPU minute), two encoder
-lengths, four FLOP budgets; per budget four sizes spread log-uniformly around Chinchilla's expected optimum, each
-run's steps set by the accounted model FLOPs. ``docs/sweep.md`` gives its measured wall time.
+The design (``quickstart_sweep()``, also ``sweeps/quickstart.py``): models from d_model 8 to 128 (explicit
+shapes below the ladder's sizes: the ladder's smallest is too big for a CPU minute), two encoder lengths with
+their own FLOP budgets (four for 64, three interleaved for 32, so each IsoFLOP curve holds one length); per
+budget four sizes spread log-uniformly around Chinchilla's expected optimum, each run's steps set by the
+accounted model FLOPs. ``docs/sweep.md`` gives its measured wall time.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ def quickstart_sweep(name: str = "quickstart"):
     c.name = name
     c.base = "tiny"
     c.design = "isoflop"
-    c.sizes = ["d12l1", "d16l1", "d24l1", "d32l1", "d48l1", "d64l1", "d64l2", "d96l2", "d128l2"]
+    c.sizes = ["d8l1", "d12l1", "d16l1", "d24l1", "d32l1", "d48l1", "d64l1", "d64l2", "d96l2", "d128l2"]
     c.enc_lens = [32, 64]
-    c.budgets = [1e10, 3e10, 1e11, 3e11]  # model FLOPs per run
+    # model FLOPs per run; the two lengths get interleaved budgets, so no IsoFLOP group mixes lengths
+    c.budgets = {"64": [1e10, 3e10, 1e11, 3e11], "32": [2e10, 6e10, 2e11]}
     c.per_budget = 4
     c.spread = 16.0
     c.law = "chinchilla"
@@ -67,12 +69,31 @@ def run_quickstart(results: str = "results", workers: int = 2, progress: bool = 
     return {"sweep": definition.name, "results": sweep_dir, "launch": launch, "report": report}
 
 
+def supported_fit(df, approaches=(1, 2, 3), bootstrap: int = 200, seed: int = 0, curves=None):
+    """``medscale.analysis`` ``fit_all`` over every approach the runs support: all requested ones if they fit,
+    else without Approach 1 (needs curves), else Approach 3 alone."""
+    from medscale.analysis.fitting import fit_all
+
+    wanted = [str(a) for a in approaches]
+    last = None
+    for subset in (wanted, [a for a in wanted if a != "1"], [a for a in wanted if a == "3"]):
+        if not subset:
+            continue
+        try:
+            return fit_all(df, approaches=tuple(subset), bootstrap=bootstrap, seed=seed,
+                           curves=curves if "1" in subset else None)
+        except UserError as exc:
+            log.info("fit with approaches %s failed (%s); trying fewer", ",".join(subset), exc)
+            last = exc
+    raise last
+
+
 def build(sweep_dir: str, mfu: float = DEFAULT_MFU, bootstrap: int = 200, seed: int = 0, progress=None) -> dict:
     """Fit and report a finished sweep folder into itself (``report.md``, ``report.json``, ``figures/``)."""
     from medscale.analysis.report import build_report
 
     return build_report(sweep_dir, sweep_dir, hardware=REFERENCE_BUDGET["hardware"], days=REFERENCE_BUDGET["days"],
-                        mfu=mfu, bootstrap=bootstrap, seed=seed, progress=progress)
+                        mfu=mfu, bootstrap=bootstrap, seed=seed, progress=progress, fit_fn=supported_fit)
 
 
 def _value_ci(d):
