@@ -117,10 +117,16 @@ class RunLock:
         self.info = info
         return True
 
-    def acquire(self) -> bool:
+    def acquire(self, orphan_wait_s: float = 5.0) -> bool:
         os.makedirs(self.run_dir, exist_ok=True)
         if self._create():
             return True
+        info = read_lock(self.path) or {}
+        if info.get("host") == socket.gethostname() and not pid_alive(info.get("pid"), info.get("start")):
+            # a dead launcher's training process gets SIGKILL from the kernel (PDEATHSIG): give it a moment
+            deadline = time.time() + orphan_wait_s
+            while time.time() < deadline and pid_alive(info.get("child_pid"), info.get("child_start")):
+                time.sleep(0.1)
         with _mutex(self.run_dir):
             if lock_live(self.path, self.stale_after_s):
                 return False
