@@ -128,7 +128,7 @@ def emit_kubernetes(runs: list[Run], out: str, *, image: str = "medscale:latest"
                            {"name": "tmp", "emptyDir": {}}]}
         docs.append({"apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
                      "spec": {"backoffLimit": backoff_limit, "ttlSecondsAfterFinished": 7 * 86400,
-                              "template": {"metadata": {"labels": labels}, "spec": pod}}})
+                              "template": {"metadata": {"labels": dict(labels)}, "spec": pod}}})
     jobs = os.path.join(out, "jobs.yaml")
     _write(jobs, "# medscale sweep " + sweep + f": {len(docs)} Jobs, one per run. kubectl apply -f jobs.yaml\n"
            + yaml.safe_dump_all(docs, sort_keys=False, width=1000))
