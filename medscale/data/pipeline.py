@@ -132,18 +132,17 @@ class Examples:
             yield self[i]
 
 
-class TokenSource:
-    """grain random-access source over cached token arrays (one dict of small arrays per example)."""
+def _count(arrays: dict) -> int:
+    return len(next(iter(arrays.values())))
 
-    def __init__(self, arrays: dict):
-        self.arrays = arrays
-        self.n = len(next(iter(arrays.values())))
 
-    def __len__(self):
-        return self.n
+def index_dataset(n: int, batch_size: int, seed: int, shard_index: int, shard_count: int):
+    """grain: this shard's example indices (``shard_index::shard_count``), shuffled per epoch with ``seed``,
+    endless, in batches of ``batch_size`` index arrays (the token arrays are gathered per batch, vectorised)."""
+    import grain
 
-    def __getitem__(self, i):
-        return {k: v[i] for k, v in self.arrays.items()}
+    ds = grain.MapDataset.range(n)[shard_index::shard_count]
+    return ds.shuffle(seed=int(seed)).repeat(None).batch(batch_size, drop_remainder=True)
 
 
 class DataIterator:
@@ -154,7 +153,7 @@ class DataIterator:
         import grain
 
         tokens = data.tokens(split)
-        n = len(TokenSource(tokens))
+        n = _count(tokens)
         if not 0 <= shard_index < shard_count:
             raise UserError(f"shard_index {shard_index} must be in [0, shard_count={shard_count})")
         if n // shard_count == 0:
@@ -165,16 +164,17 @@ class DataIterator:
                           "shard_count": int(shard_count), "tokens": data.tokenizers.hash}
         masker = data.masker
 
-        def mask(i, b):
-            return masker(b, np.random.default_rng([int(seed), int(shard_index), int(i), 0x3D]))
+        def gather_and_mask(i, idx):
+            return masker({k: v[idx] for k, v in tokens.items()},
+                          np.random.default_rng([int(seed), int(shard_index), int(i), 0x3D]))
 
-        ds = grain.MapDataset.source(TokenSource(tokens))[shard_index::shard_count]
-        ds = ds.shuffle(seed=int(seed)).repeat(None).batch(batch_size, drop_remainder=True)
+        ds = index_dataset(n, batch_size, seed, shard_index, shard_count)
+        ds = ds.map_with_index(gather_and_mask)
         # one background thread keeps a few batches ready (masking is Python; the trainer's device work
         # releases the GIL); grain's default (16 threads, 500 elements ahead) would mask hundreds of batches
         # up front and compete with the trainer for the CPU
         opts = grain.ReadOptions(num_threads=int(num_threads), prefetch_buffer_size=int(prefetch))
-        self._it = iter(ds.map_with_index(mask).to_iter_dataset(opts))
+        self._it = iter(ds.to_iter_dataset(opts))
 
     def __iter__(self):
         return self
@@ -366,7 +366,7 @@ class Data:
                      seed: int = EVAL_MASK_SEED) -> list[dict]:
         """The first ``num_batches * batch_size`` examples (wrapping around), masked with a fixed seed."""
         arrays = self.tokens(split)
-        n = len(TokenSource(arrays))
+        n = _count(arrays)
         out = []
         for b in range(num_batches):
             idx = np.arange(b * batch_size, (b + 1) * batch_size) % n
