@@ -58,7 +58,9 @@ def parse_mixture(text: str, names: tuple[str, ...]) -> list[tuple[str | None, f
 
 
 class Masker:
-    """Builds batches from tokenised examples.
+    """Builds batches from tokenised examples. Every position is below its modality's ``max_tokens``
+    (a sequence target that would not fit is cut; the token caches keep sequences to ``max_tokens - 1`` tokens
+    so that a whole sequence and its ``</s>`` fit).
 
     ``modalities``: list of ``(name, kind, max_tokens)`` in the model's modality order. Examples come as a dict
     of batched arrays: for an image-like modality ``name`` -> int [B, max_tokens] and ``name + "_len"`` -> [B]
@@ -156,12 +158,12 @@ class Masker:
     def _one(self, ex, i, lens, in_c, out_c, w_in, w_out, a_all, b_all, orders, rng, out):
         enc_parts, dec_parts = {}, {}
         used_in = used_out = 0
-        for m, (name, kind, _) in enumerate(self.mods):
+        for m, (name, kind, maxt) in enumerate(self.mods):
             if kind != "sequence" or lens[m] == 0:
                 continue
-            x = ex[name][i][: lens[m]]
-            a = min(a_all[m], lens[m]) if in_c[m] else 0
-            b = b_all[m] if out_c[m] else 0
+            x = ex[name][i][: min(lens[m], maxt)]
+            a = min(a_all[m], len(x)) if in_c[m] else 0
+            b = min(b_all[m], maxt) if out_c[m] else 0  # positions stay below max_tokens
             inp, tgt = self._sequence(rng, x, a, b)
             if len(inp):
                 enc_parts[m] = (np.asarray(inp, np.int32), np.arange(len(inp)))
@@ -235,12 +237,13 @@ class Masker:
         out = self._empty(B)
         for i in range(B):
             enc_parts, dec_parts = {}, {}
-            for m, (name, kind, _) in enumerate(self.mods):
-                n = int(np.asarray(ex[name + "_len"])[i])
+            for m, (name, kind, maxt) in enumerate(self.mods):
+                n = min(int(np.asarray(ex[name + "_len"])[i]), maxt)
                 toks = np.asarray(ex[name][i][:n], np.int32)
                 if name in inputs and n:
                     enc_parts[m] = (toks, np.arange(n))
                 if name in targets and (n or kind == "sequence"):
-                    dec_parts[m] = (toks, np.arange(n)) if kind == "image" else np.concatenate([toks, [EOS]])
+                    dec_parts[m] = (toks, np.arange(n)) if kind == "image" else \
+                        np.concatenate([toks, [EOS]]).astype(np.int32)[:maxt]
             self._write(out, i, enc_parts, dec_parts)
         return out

@@ -216,6 +216,11 @@ class Data:
         self.masker = Masker([(m.name, m.kind, m.max_tokens) for m in self.registry], spec.enc_len, spec.dec_len,
                              alpha=float(self.dcfg.dirichlet_alpha), mixture=self.dcfg.mixture,
                              num_sentinels=int(self.dcfg.get("num_sentinels", 16)), sentinel_base=4)
+        grid = (self.image_size // int(self.dcfg.patch_size)) ** 2
+        for m in self.registry:
+            if m.kind == "image" and m.max_tokens != grid:
+                raise UserError(f"modality {m.name!r} has {m.max_tokens} tokens but data.image_size "
+                                f"{self.image_size} / data.patch_size {self.dcfg.patch_size} gives {grid} patches")
         capacity = sum(m.max_tokens + (1 if m.kind == "sequence" else 0) for m in self.registry)
         for side, L in (("enc_len", spec.enc_len), ("dec_len", spec.dec_len)):
             if L > capacity:
@@ -287,7 +292,7 @@ class Data:
             return self._tokens[split]
         sizes = {m: int(getattr(self.dcfg, k)) for m, k in (("caption", "caption_tokens"),
                                                               ("boxes", "box_tokens"))}
-        key = f"{self.tokenizers.hash}-c{sizes['caption']}-b{sizes['boxes']}"
+        key = f"{self.tokenizers.hash}-c{sizes['caption']}-b{sizes['boxes']}-v2"
         path = os.path.join(self.root, "tokens", self.key.replace("/", "_"), f"{split}-{key}.npz")
         with file_lock(path + ".lock"):
             if not os.path.exists(path):
@@ -334,18 +339,18 @@ class Data:
                 cap = " ".join(r["caption"].split())
                 if cap:
                     ids = tok.text.encode(cap)
-                    if len(ids) > sizes["caption"]:
+                    if len(ids) > sizes["caption"] - 1:  # room for </s> within max_tokens
                         stats["truncated_caption"] += 1
-                    ids = ids[: sizes["caption"]]
+                    ids = ids[: sizes["caption"] - 1]
                     out["caption"][i, :len(ids)] = ids
                     out["caption_len"][i] = len(ids)
                 else:
                     stats["empty_caption"] += 1
                 if r["mask"] is not None or r["boxes"]:  # boxes are known (possibly none) where masks are
                     ids = tok.text.encode(tok.text.boxes_to_text(r["boxes"], self.image_size))
-                    if len(ids) > sizes["boxes"]:
+                    if len(ids) > sizes["boxes"] - 1:  # room for </s> within max_tokens
                         stats["truncated_boxes"] += 1
-                    ids = ids[: sizes["boxes"]]
+                    ids = ids[: sizes["boxes"] - 1]
                     out["boxes"][i, :len(ids)] = ids
                     out["boxes_len"][i] = len(ids)
         return out, stats
