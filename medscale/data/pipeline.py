@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import os
+import sys
 
 import numpy as np
 
@@ -91,10 +92,16 @@ def prepare_builder(builder, root: str, progress: bool = False):
         if not os.path.exists(os.path.join(str(builder.data_path), "dataset_info.json")):
             log.info("preparing %s/%s in %s", builder.name, builder.builder_config.name, builder.data_dir)
             tfds.display_progress_bar(bool(progress))
+            # TFDS prints its banners on stdout; stdout belongs to the CLI's results (--json), so send them to
+            # stderr with the progress bars, or nowhere when quiet
+            sink = sys.stderr if progress else open(os.devnull, "w")  # noqa: SIM115
             try:
-                builder.download_and_prepare(file_format="array_record")
+                with contextlib.redirect_stdout(sink):
+                    builder.download_and_prepare(file_format="array_record")
             finally:
                 tfds.display_progress_bar(True)
+                if sink is not sys.stderr:
+                    sink.close()
     # a fresh builder reads the finished dataset's info (this one may predate another process's build)
     with _quiet_absl():
         return type(builder)(config=builder.builder_config, data_dir=os.path.dirname(os.path.dirname(
