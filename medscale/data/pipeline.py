@@ -116,12 +116,13 @@ def _decode_example(rec: dict) -> dict:
     boxes = [(lab, *map(float, b)) for lab, b in zip(labels, np.asarray(rec["boxes"]).reshape(-1, 4))]
     return {"image": np.asarray(rec["image"])[..., 0], "mask": np.asarray(rec["mask"])[..., 0]
                 if bool(rec["has_mask"]) else None, "caption": s(rec["caption"]), "boxes": boxes,
-                "facts": json.loads(s(rec["facts"]) or "{}"), "id": s(rec["id"]), "index": int(rec["index"])}
+                "facts": json.loads(s(rec["facts"]) or "{}"), "id": s(rec["id"]), "index": int(rec["index"]),
+                "meta": json.loads(s(rec["meta"]) or "{}") if "meta" in rec else {}}
 
 
 class Examples:
     """Raw random access to a split: ``examples[i]`` -> dict(image uint8 HxW, mask uint8 HxW | None, caption,
-    boxes [(cls, x0, y0, x1, y1)] pixels, facts, id, index)."""
+    boxes [(cls, x0, y0, x1, y1)] pixels, facts (synthetic findings, else {}), meta (source info), id, index)."""
 
     def __init__(self, source):
         self.source = source

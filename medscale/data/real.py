@@ -212,7 +212,7 @@ class Roco(tfds.core.GeneratorBasedBuilder):
                 except ValueError:
                     self._skips.add(split, "corrupt_image", ident)
                     continue
-                yield ident, make_example(index, img, cap, ident=ident)
+                yield ident, make_example(index, img, cap, ident=ident, meta={"subset": sub})
                 index += 1
         _record_skips(self, self._skips, split, index)
 
@@ -303,8 +303,8 @@ class Rocov2(tfds.core.GeneratorBasedBuilder):
             except ValueError:
                 self._skips.add(split, "corrupt_image", ident)
                 continue
-            facts = {"cuis": concepts[ident]} if ident in concepts else {}
-            yield ident, make_example(index, img, " ".join((row["Caption"] or "").split()), facts=facts,
+            meta = {"cuis": concepts[ident]} if ident in concepts else {}
+            yield ident, make_example(index, img, " ".join((row["Caption"] or "").split()), meta=meta,
                                       ident=ident)
             index += 1
         _record_skips(self, self._skips, split, index)
@@ -365,7 +365,7 @@ class Medmnist(tfds.core.GeneratorBasedBuilder):
                 self._skips.add(split, "corrupt_image", ident)
                 continue
             yield ident, make_example(i, img, medmnist_caption(c.subset, labels[i]),
-                                      facts={"label": np.asarray(labels[i]).reshape(-1).tolist()}, ident=ident)
+                                      meta={"label": np.asarray(labels[i]).reshape(-1).tolist()}, ident=ident)
             count += 1
         _record_skips(self, self._skips, split, count)
 
