@@ -209,6 +209,7 @@ class Data:
         from medscale.data.registry import build_registry
 
         self.cfg, self.spec, self.dcfg = cfg, spec, cfg.data
+        self.progress = bool(progress)
         self.root = cache_root(self.dcfg)
         self.builder = prepare_builder(make_builder(self.dcfg, self.root), self.root, progress)
         self.key = f"{self.builder.name}/{self.builder.builder_config.name}/{self.builder.version}"
@@ -331,7 +332,11 @@ class Data:
                "boxes": np.zeros((n, sizes["boxes"]), np.int32), "boxes_len": np.zeros(n, np.int32)}
         stats = {"examples": n, "empty_caption": 0, "truncated_caption": 0, "truncated_boxes": 0, "no_mask": 0}
         chunk = 1024
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, desc=f"tokenizing {split}", unit="ex", disable=not self.progress, file=sys.stderr)
         for s in range(0, n, chunk):
+            bar.update(min(chunk, n - s))
             recs = [ex[i] for i in range(s, min(n, s + chunk))]
             imgs = np.stack([r["image"] for r in recs])
             out["image"][s:s + len(recs)] = tok.image.encode(imgs)
@@ -361,6 +366,7 @@ class Data:
                     ids = ids[: sizes["boxes"] - 1]
                     out["boxes"][i, :len(ids)] = ids
                     out["boxes_len"][i] = len(ids)
+        bar.close()
         return out, stats
 
     # ------------------------------------------------------------------ batches

@@ -87,6 +87,8 @@ def to_grey(data_or_array, size: int) -> np.ndarray:
     try:
         if isinstance(data_or_array, (bytes, bytearray)):
             im = PIL.Image.open(io.BytesIO(data_or_array))
+            if im.format == "JPEG":  # decode at a reduced scale still >= size: much faster for big figures
+                im.draft("L", (size, size))
             im.load()
         else:
             im = PIL.Image.fromarray(np.asarray(data_or_array, np.uint8))
