@@ -168,8 +168,9 @@ class DataIterator:
             raise UserError(f"split {split!r} has {n} examples: too few for {shard_count} shards")
         if batch_size <= 0:
             raise UserError(f"batch_size must be positive, got {batch_size}")
-        self.ident = {"split": split, "batch_size": int(batch_size), "seed": int(seed), "shard_index": int(shard_index),
-                          "shard_count": int(shard_count), "tokens": data.tokenizers.hash}
+        self.ident = {"split": split, "batch_size": int(batch_size), "seed": int(seed),
+                      "shard_index": int(shard_index), "shard_count": int(shard_count),
+                      "tokens": data.tokenizers.hash}
         masker = data.masker
 
         def gather_and_mask(i, idx):
@@ -230,7 +231,7 @@ class Data:
             if m.kind == "image" and m.max_tokens != grid:
                 raise UserError(f"modality {m.name!r} has {m.max_tokens} tokens but data.image_size "
                                 f"{self.image_size} / data.patch_size {self.dcfg.patch_size} gives {grid} patches")
-        capacity = sum(m.max_tokens + (1 if m.kind == "sequence" else 0) for m in self.registry)
+        capacity = sum(m.max_tokens for m in self.registry)  # positions stay below max_tokens
         for side, L in (("enc_len", spec.enc_len), ("dec_len", spec.dec_len)):
             if L > capacity:
                 raise UserError(f"data.{side} {L} exceeds the {capacity} tokens an example of modalities "
