@@ -173,3 +173,14 @@ def test_error_from_log_names_the_cause(tmp_path):
     with open(log, "a") as fh:
         fh.write("# launch 3\n")
     assert error_from_log(str(log), log.stat().st_size - 11, -9) == "killed by signal 9"
+
+
+def test_eta_models_overhead_and_flops():
+    from medscale.sweep.launcher import eta_seconds
+
+    assert eta_seconds([], [1e9], [], 2) is None
+    # runs took 10 s + 1 s per GFLOP: two more of 4 GFLOP on one worker -> 28 s; one running for 5 s of 14 -> +9
+    finished = [(1e9, 11.0), (2e9, 12.0), (6e9, 16.0)]
+    assert eta_seconds(finished, [4e9, 4e9], [], 1) == pytest.approx(28.0)
+    assert eta_seconds(finished, [4e9, 4e9], [(4e9, 5.0)], 1) == pytest.approx(37.0)
+    assert eta_seconds(finished, [4e9, 4e9], [], 2) == pytest.approx(14.0)  # two workers share it

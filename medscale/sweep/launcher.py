@@ -97,6 +97,27 @@ def failed_summary(run: Run, error: str, workdir: str) -> dict:
     }
 
 
+def eta_seconds(finished, remaining, active, workers: int) -> float | None:
+    """Seconds left for the sweep: each run's time modelled as ``overhead + flops x seconds_per_flop``, the two
+    fitted (least squares) to the runs finished in this launch (``finished``: [(model FLOPs, wall s)]);
+    ``remaining``: FLOPs of runs not started; ``active``: [(FLOPs, seconds elapsed)] of running ones; the work
+    is shared by ``workers``. None until a run has finished."""
+    import numpy as np
+
+    if not finished:
+        return None
+    f = np.array([x[0] for x in finished], float)
+    t = np.array([x[1] for x in finished], float)
+    overhead, per_flop = 0.0, float(t.sum() / f.sum())
+    if len(f) >= 2 and np.ptp(f) > 0:
+        slope, intercept = np.polyfit(f, t, 1)
+        if slope > 0 and intercept >= 0:
+            overhead, per_flop = float(intercept), float(slope)
+    work = sum(overhead + fl * per_flop for fl in remaining)
+    work += sum(max(0.0, overhead + fl * per_flop - el) for fl, el in active)
+    return work / max(1, min(workers, len(remaining) + len(active)) or 1)
+
+
 class _Active:
     def __init__(self, run, proc, lock, workdir, log_offset, started):
         self.run, self.proc, self.lock, self.workdir = run, proc, lock, workdir
@@ -125,6 +146,7 @@ class Launcher:
             self.env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
         self.outcome: dict[str, str] = {}
         self.errors: dict[str, str] = {}
+        self.timings: list[tuple[float, float]] = []  # (model FLOPs, wall s) of runs done in this launch
 
     # -- one run -------------------------------------------------------------------------------------
     def _spawn(self, run: Run) -> _Active | None:
@@ -175,6 +197,8 @@ class Launcher:
             error = summary.get("error")
         if error and status != "done":
             self.errors[act.run.run_id] = str(error)
+        if status == "done":
+            self.timings.append((act.run.model_flops, time.time() - act.started))
         self.outcome[act.run.run_id] = status
         act.lock.release()
         log.info("%s: %s", act.run.run_id, status)
@@ -216,7 +240,7 @@ class Launcher:
                     active.remove(act)
                     finished_flops += act.run.model_flops
                 now_flops = finished_flops + sum(min(a.flops(), a.run.model_flops) for a in active)
-                self._show(bar, now_flops, total, start, done_flops, active)
+                self._show(bar, now_flops, total, start, done_flops, active, queue)
                 if queue or active:
                     time.sleep(self.poll_s)
         except BaseException:
@@ -244,12 +268,14 @@ class Launcher:
                          bar_format="{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} FLOPs{postfix}",
                          desc="sweep ")
 
-    def _show(self, bar, now_flops, total, start, base, active):
+    def _show(self, bar, now_flops, total, start, base, active, queue):
         if bar is None:
             return
-        elapsed = time.time() - start
+        now = time.time()
+        elapsed = now - start
         rate = (now_flops - base) / elapsed if elapsed > 0 else 0.0
-        eta = (total - now_flops) / rate if rate > 0 else None
+        eta = eta_seconds(self.timings, [r.model_flops for r in queue],
+                          [(a.run.model_flops, now - a.started) for a in active], self.workers)
         counts = {}
         for status in self.outcome.values():
             counts[status] = counts.get(status, 0) + 1
@@ -260,7 +286,6 @@ class Launcher:
         parts.append("ETA " + (_fmt_s(eta) if eta is not None else "?"))
         text = ", ".join(parts)
         key = (round(now_flops), parts[:-2])
-        now = time.time()
         if key != getattr(self, "_last_key", None) or now - getattr(self, "_last_show", 0.0) > 10.0:
             self._last_key, self._last_show = key, now
             bar.n = min(now_flops, total)
