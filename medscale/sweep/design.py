@@ -79,6 +79,13 @@ class Run:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def plan(self) -> dict:
+        """What ``sweep.json`` holds: the run's fields and its train command, with ``RUN_DIR`` standing for the
+        folder holding the file (so the record does not depend on where the results root is)."""
+        out = self.to_dict()
+        out["command"] = ["medscale", *self.train_argv("RUN_DIR"), "--quiet"]
+        return out
+
     def workdir(self, results: str) -> str:
         return os.path.join(results, self.sweep, self.run_id)
 

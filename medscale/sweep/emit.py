@@ -24,10 +24,8 @@ from medscale.sweep.design import Run
 TARGETS = ("slurm", "kubernetes")
 
 
-def _plan_json(run: Run, workdir: str) -> str:
-    plan = run.to_dict()
-    plan["command"] = ["medscale", *run.train_argv(workdir), "--quiet"]
-    return json.dumps(plan, sort_keys=True)
+def _plan_json(run: Run) -> str:
+    return json.dumps(run.plan(), sort_keys=True)
 
 
 def _train_args(run: Run, workdir_expr: str, extra_sets: tuple[str, ...]) -> str:
@@ -40,8 +38,7 @@ def _train_args(run: Run, workdir_expr: str, extra_sets: tuple[str, ...]) -> str
 
 def _run_script(run: Run, results: str, extra_sets: tuple[str, ...], python: str) -> str:
     """The shell lines that train one run (shared by both targets)."""
-    workdir = f"{results}/{run.sweep}/{run.run_id}"
-    plan = _plan_json(run, workdir)
+    plan = _plan_json(run)
     return "\n".join([
         f'DIR="${{MEDSCALE_RESULTS:-{results}}}/{run.sweep}/{run.run_id}"',
         f'if [ -f "$DIR/summary.json" ]; then echo "{run.run_id}: already finished"; exit 0; fi',

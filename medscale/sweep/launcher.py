@@ -41,8 +41,7 @@ def write_plan(run: Run, results: str) -> str:
     """Create the run's directory and its ``sweep.json`` (rewritten only when the plan changed)."""
     d = run.workdir(results)
     os.makedirs(d, exist_ok=True)
-    plan = run.to_dict()
-    plan["command"] = ["medscale", *run.train_argv(d), "--quiet"]
+    plan = run.plan()
     path = os.path.join(d, PLAN_NAME)
     try:
         current = registry.read_json(path)
