@@ -49,7 +49,8 @@ def _at_budgets(point_fn, draws_fn, budgets, have_draws):
 
 
 def fit_approach3(points, bootstrap=0, seed=0, budgets=(), starts=None, delta=approach3.DELTA,
-                  max_iter=300) -> dict:
+                  max_iter=300, accounting="6nd", n_convention="non_embedding", enc_len=None,
+                  dec_len=None) -> dict:
     P = len(points)
     if P <= N_PARAMS:
         raise UserError(f"approach 3 fits {N_PARAMS} parameters and needs at least {N_PARAMS + 1} runs; "
@@ -65,7 +66,7 @@ def fit_approach3(points, bootstrap=0, seed=0, budgets=(), starts=None, delta=ap
     draws = None
     if bootstrap:
         groups = points["run_id"].to_numpy() if "run_id" in points.columns else None
-        th, obj, conv = approach3.bootstrap(n, d, loss, f, bootstrap, seed=seed, groups=groups, delta=delta,
+        th, _obj, conv = approach3.bootstrap(n, d, loss, f, bootstrap, seed=seed, groups=groups, delta=delta,
                                                 max_iter=max_iter)
         E, A, B, al, be = np.exp(th[:, 2]), np.exp(th[:, 0]), np.exp(th[:, 1]), th[:, 3], th[:, 4]
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
@@ -84,6 +85,26 @@ def fit_approach3(points, bootstrap=0, seed=0, budgets=(), starts=None, delta=ap
 
     res["allocation"] = _at_budgets(lambda c: (law.n_opt(c), law.d_opt(c)), draws_fn, budgets, draws is not None)
     res["allocation_convention"] = "C = 6 N D (closed form)"
+    if accounting == "encdec":
+        from medscale.analysis import allocation
+
+        fam = allocation.ladder_family(n_convention, enc_len, dec_len)
+        rows = []
+        for c in budgets:
+            n_, d_ = allocation.n_opt_encdec(f.E, f.A, f.B, f.alpha, f.beta, c, fam)
+            row = {"C": c, "n_opt": float(np.ravel(n_)[0]), "d_opt": float(np.ravel(d_)[0])}
+            if draws is not None:
+                nd, dd = allocation.n_opt_encdec(draws["E"], draws["A"], draws["B"], draws["alpha"],
+                                                 draws["beta"], c, fam)
+                row["ci"], row["percentiles"] = _summary({"n_opt": nd, "d_opt": dd})
+            rows.append(row)
+        res["allocation_encdec"] = rows
+        res["allocation_encdec_convention"] = (
+            f"C = D * flops_per_token(N), ladder shape family (medscale.accounting), N {n_convention}, "
+            f"D encoder+decoder tokens")
+    elif accounting != "6nd":
+        raise UserError(f"accounting must be 6nd or encdec, not {accounting!r}")
+    res["n_convention"] = n_convention
     return res
 
 
@@ -160,7 +181,8 @@ def warnings_of(result: dict) -> list[str]:
 
 
 def fit_all(points, approaches=("3", "2"), bootstrap=0, seed=0, budgets=(), curves=None, source=None,
-            starts=None, delta=approach3.DELTA, bin_dex=0.1, max_iter=300) -> dict:
+            starts=None, delta=approach3.DELTA, bin_dex=0.1, max_iter=300, accounting="6nd",
+            n_convention="non_embedding", enc_len=None, dec_len=None) -> dict:
     """Fit the requested approaches ("1", "2", "3") to ``points`` (one row per run, canonical columns; see
     ``inputs.read_table``) and ``curves`` (Approach 1). Returns the ``--json`` object."""
     budgets = [float(c) for c in budgets]
@@ -172,7 +194,8 @@ def fit_all(points, approaches=("3", "2"), bootstrap=0, seed=0, budgets=(), curv
         result["source"] = source
     if "3" in approaches:
         result["approach3"] = fit_approach3(points, bootstrap, seed, budgets, starts=starts, delta=delta,
-                                             max_iter=max_iter)
+                                             max_iter=max_iter, accounting=accounting,
+                                             n_convention=n_convention, enc_len=enc_len, dec_len=dec_len)
     if "2" in approaches:
         result["approach2"] = fit_approach2(points, bootstrap, seed, budgets, bin_dex=bin_dex)
     if "1" in approaches:
@@ -205,6 +228,7 @@ def write_fit_file(path: str, result: dict, points=None) -> None:
     src = result.get("source", {}).get("path", "")
     doc = {
         "law": {"form": "chinchilla", "name": os.path.splitext(os.path.basename(path))[0],
+                "n_convention": a3.get("n_convention", "non_embedding"),
                 "E": a3["E"], "A": a3["A"], "B": a3["B"], "alpha": a3["alpha"], "beta": a3["beta"],
                 "citation": f"medscale fit, Approach 3 (Hoffmann et al. 2022) on {src or 'a table of runs'}"},
         "converged": a3["converged"], "objective": a3["objective"],

@@ -26,6 +26,10 @@ def register(sub):
                    help="Approach 2 without a budget column: a new IsoFLOP group where log10 C jumps by more")
     p.add_argument("--accounting", choices=["6nd", "encdec"], default="6nd",
                    help="compute convention of the allocation printed for --budget-flops (encdec: see docs/fit.md)")
+    p.add_argument("--n-convention", choices=["non_embedding", "total"], default="non_embedding",
+                   help="which parameter count the params column is (written to the fit file; encdec allocation)")
+    p.add_argument("--enc-len", type=int, default=None, help="encdec allocation: encoder length (default: base config)")
+    p.add_argument("--dec-len", type=int, default=None, help="encdec allocation: decoder length (default: base config)")
     p.add_argument("--out", metavar="FILE", help="write the fit file (the law, intervals, data) for budget --law")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--quiet", action="store_true")
@@ -82,11 +86,9 @@ def run(args):
               + (f" with {args.bootstrap} bootstrap draws" if args.bootstrap else ""), file=sys.stderr)
     result = fitting.fit_all(points, approaches, bootstrap=args.bootstrap, seed=args.seed,
                              budgets=args.budget_flops, curves=curves, source=source, delta=args.delta,
-                             bin_dex=args.bin_dex, max_iter=args.max_iter, starts=_starts(args.starts))
-    if args.accounting == "encdec" and "approach3" in result and args.budget_flops:
-        from medscale.analysis import allocation
-
-        result["approach3"]["allocation_encdec"] = allocation.encdec_table(result["approach3"], args.budget_flops)
+                             bin_dex=args.bin_dex, max_iter=args.max_iter, starts=_starts(args.starts),
+                             accounting=args.accounting, n_convention=args.n_convention, enc_len=args.enc_len,
+                             dec_len=args.dec_len)
     if args.out:
         fitting.write_fit_file(args.out, result, points)
     if args.json:
@@ -121,9 +123,8 @@ def format_result(result) -> str:
             bs = a3["bootstrap"]
             lines.append(f"  bootstrap: {bs['n']} draws, {bs['converged_fraction']:.1%} converged")
         _alloc(lines, a3, "under " + a3["allocation_convention"])
-        for row in a3.get("allocation_encdec", []):
-            lines.append(f"  C={row['C']:.3g} (encoder-decoder accounting, {row['family']}): N_opt {row['n_opt']:.4g}"
-                         f"  D_opt {row['d_opt']:.4g}")
+        if a3.get("allocation_encdec"):
+            _alloc(lines, {"allocation": a3["allocation_encdec"]}, "under C = D flops_per_token(N) (encdec)")
     a2 = result.get("approach2")
     if a2:
         lines.append(f"Approach 2  IsoFLOP minima ({a2['n_groups']} groups, {a2['groups_from']})")
