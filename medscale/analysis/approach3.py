@@ -324,7 +324,8 @@ def _distinct(theta, obj, k, rtol=1e-4):
 
 def fit(n, d, loss, starts=None, delta=DELTA, max_iter=300, polish=32, n_optima=3) -> Approach3Fit:
     """Approach 3 on points (N, D, L): every start of ``starts`` (default the paper's 4,500-start grid) at
-    once with a loose stopping test, then the ``polish`` best distinct results again with the strict one."""
+    once with a loose stopping test (``max_iter`` iterations at most), then the ``polish`` best distinct
+    results again with the strict one (``3 * max_iter`` at most: only these few starts are still computed)."""
     t0 = time.perf_counter()
     n, d, loss = (np.asarray(x, np.float64) for x in (n, d, loss))
     starts = start_grid() if starts is None else np.atleast_2d(np.asarray(starts, np.float64))
@@ -332,7 +333,7 @@ def fit(n, d, loss, starts=None, delta=DELTA, max_iter=300, polish=32, n_optima=
     top = _distinct(first.theta, first.objective, polish, rtol=1e-6)
     if not top:
         raise UserError("approach 3: no start gave a finite objective; check the data (loss, params, tokens)")
-    second = minimize_batch(n, d, loss, first.theta[top], delta=delta, max_iter=max_iter)
+    second = minimize_batch(n, d, loss, first.theta[top], delta=delta, max_iter=3 * max_iter)
     # the distinct optima: the polished ones, then other local optima of the first pass (bootstrap starts)
     pool_th = np.concatenate([second.theta, first.theta[first.converged]])
     pool_obj = np.concatenate([second.objective, first.objective[first.converged]])
@@ -361,7 +362,8 @@ def bootstrap(n, d, loss, base: Approach3Fit, n_boot: int, seed: int = 0, groups
               max_iter=300):
     """Refit ``n_boot`` resamples of the runs (with replacement) at once: each draw's counts become point
     weights, and each draw starts from the distinct optima of the full fit (warm starts; the full grid per
-    draw would cost 4,500x more for the same answers). ``groups``: the run of each point (default: each point
+    draw would cost 4,500x more for the same answers), with the IRLS curvature (``3 * max_iter`` iterations at
+    most; it converges in fewer iterations along the ridges of resampled data). ``groups``: the run of each point (default: each point
     is one run). Returns (theta (B, 5), objective (B,), converged (B,))."""
     rng = np.random.default_rng(seed)
     n, d, loss = (np.asarray(x, np.float64) for x in (n, d, loss))
@@ -376,7 +378,7 @@ def bootstrap(n, d, loss, base: Approach3Fit, n_boot: int, seed: int = 0, groups
     K = len(starts)
     th0 = np.tile(starts, (n_boot, 1))
     W = np.repeat(counts, K, axis=0)
-    res = minimize_batch(n, d, loss, th0, W=W, delta=delta, max_iter=max_iter)
+    res = minimize_batch(n, d, loss, th0, W=W, delta=delta, max_iter=3 * max_iter, hessian="irls")
     obj = np.where(np.isfinite(res.objective), res.objective, np.inf).reshape(n_boot, K)
     pick = obj.argmin(1)
     rows = np.arange(n_boot) * K + pick
