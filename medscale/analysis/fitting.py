@@ -180,15 +180,38 @@ def warnings_of(result: dict) -> list[str]:
     return out
 
 
+def check(points, approaches, curves=None, bin_dex=0.1) -> None:
+    """Raise UserError when the data cannot support a requested approach (before any work is done)."""
+    for a in approaches:
+        if a not in ("1", "2", "3"):
+            raise UserError(f"unknown approach {a!r}: use 1, 2 or 3")
+    if "3" in approaches and len(points) <= N_PARAMS:
+        raise UserError(f"approach 3 fits {N_PARAMS} parameters and needs at least {N_PARAMS + 1} runs; "
+                        f"the data have {len(points)}")
+    if "2" in approaches:
+        _, C, how = isoflop.assign_groups(points, bin_dex)
+        if len(C) < 2:
+            raise UserError(f"approach 2 needs IsoFLOP groups at 2 or more compute budgets; the data form one "
+                            f"({how}); add runs at other budgets or pass --approach 3")
+    if "1" in approaches and curves is None:
+        raise UserError("approach 1 needs loss curves (several rows per run with a step column, or a results "
+                        "folder); this input has one row per run")
+
+
 def fit_all(points, approaches=("3", "2"), bootstrap=0, seed=0, budgets=(), curves=None, source=None,
             starts=None, delta=approach3.DELTA, bin_dex=0.1, max_iter=300, accounting="6nd",
-            n_convention="non_embedding", enc_len=None, dec_len=None) -> dict:
+            n_convention="non_embedding", enc_len=None, dec_len=None, progress=None) -> dict:
     """Fit the requested approaches ("1", "2", "3") to ``points`` (one row per run, canonical columns; see
-    ``inputs.read_table``) and ``curves`` (Approach 1). Returns the ``--json`` object."""
+    ``inputs.read_table``) and ``curves`` (Approach 1). Returns the ``--json`` object. The input is checked
+    for every requested approach before any fitting starts; then ``progress(message)`` is called, if given."""
     budgets = [float(c) for c in budgets]
     for c in budgets:
         if not (math.isfinite(c) and c > 0):
             raise UserError(f"budget {c} FLOPs must be positive")
+    check(points, approaches, curves, bin_dex)
+    if progress is not None:
+        progress(f"fitting approach(es) {', '.join(approaches)} to {len(points)} runs"
+                 + (f" with {bootstrap} bootstrap draws" if bootstrap else ""))
     result = {"n_points": len(points)}
     if source is not None:
         result["source"] = source

@@ -79,16 +79,20 @@ def run(args):
         raise UserError("--max-iter must be >= 1")
     if not args.delta > 0:
         raise UserError("--delta must be positive")
+    if args.out:
+        import os
+
+        folder = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(folder):
+            raise UserError(f"--out {args.out}: folder {folder} does not exist")
     points, curves, source = inputs.read_table(args.input, inputs.parse_col_args(args.col))
     approaches = _approaches(args, points, curves)
-    if not args.quiet:
-        print(f"fitting approach(es) {', '.join(approaches)} to {len(points)} runs"
-              + (f" with {args.bootstrap} bootstrap draws" if args.bootstrap else ""), file=sys.stderr)
     result = fitting.fit_all(points, approaches, bootstrap=args.bootstrap, seed=args.seed,
                              budgets=args.budget_flops, curves=curves, source=source, delta=args.delta,
                              bin_dex=args.bin_dex, max_iter=args.max_iter, starts=_starts(args.starts),
                              accounting=args.accounting, n_convention=args.n_convention, enc_len=args.enc_len,
-                             dec_len=args.dec_len)
+                             dec_len=args.dec_len,
+                             progress=None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
     if args.out:
         fitting.write_fit_file(args.out, result, points)
     if args.json:
