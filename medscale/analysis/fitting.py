@@ -169,6 +169,11 @@ def warnings_of(result: dict) -> list[str]:
         ex = [g for g in a2["groups"] if g["excluded"]]
         if ex:
             out.append("approach 2 left out group(s) " + "; ".join(f"C={g['C']:.3g}: {g['excluded']}" for g in ex))
+        wide = [g for g in a2["groups"] if g["spread_dex"] > 0.2]
+        if wide:
+            out.append(f"approach 2: {len(wide)} group(s) span more than 0.2 decades of compute (up to "
+                       f"{max(g['spread_dex'] for g in wide):.2f}); the runs are not an IsoFLOP design and the "
+                       "profiles mix budgets")
         diff = a2.get("parabola_minus_spline_a")
         if diff is not None and abs(diff) > 0.02:
             out.append(f"approach 2: parabola and spline minima disagree on a by {diff:+.3f} (parabola bias on "

@@ -169,10 +169,11 @@ def fit(points, bin_dex: float = 0.1) -> dict:
     mins, reasons = _minima(points, gid, W)
     logc = np.log(C)
     res = {"groups_from": how, "n_groups": len(C), "groups": []}
+    lf = np.log10(points["flops"].to_numpy(np.float64))
     for g in range(len(C)):
         sel = gid == g
         res["groups"].append({
-            "C": float(C[g]), "n_runs": int(sel.sum()),
+            "C": float(C[g]), "n_runs": int(sel.sum()), "spread_dex": float(lf[sel].max() - lf[sel].min()),
             "n_opt_parabola": _exp(mins["parabola"]["logn"][0, g]),
             "d_opt_parabola": _exp(mins["parabola"]["logd"][0, g]),
             "n_opt_spline": _exp(mins["spline"]["logn"][0, g]),
