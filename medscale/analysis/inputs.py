@@ -65,6 +65,8 @@ def read_table(path: str, columns: dict | None = None):
     source["conventions"] = df.attrs.get("conventions", {})
     if curves is not None:
         curves = canonicalise(curves, {}, where=f"{path} (curves)")
+        if curves.groupby(_run_key(curves)).size().max() < 2:
+            curves = None
     elif "step" in df.columns and df.groupby(_run_key(df)).size().max() > 1:
         curves = df
         df = last_rows(df)
@@ -83,6 +85,8 @@ def last_rows(curves):
 
 
 def _read_registry(path):
+    import pandas as pd
+
     try:
         from medscale.sweep.registry import load_curves, load_sweep
     except ImportError:
@@ -101,6 +105,13 @@ def _read_registry(path):
     if curves is not None and len(curves):
         curves = curves[curves["run_id"].isin(set(runs["run_id"]))]
         curves = curves[[c for c in CANONICAL if c in curves.columns]]
+        # eval rows before any training (step 0: no tokens, no FLOPs yet) are not points of a curve
+        ok = np.ones(len(curves), bool)
+        for c in ("params", "tokens", "flops", "loss"):
+            if c in curves.columns:
+                v = pd.to_numeric(curves[c], errors="coerce").to_numpy(np.float64)
+                ok &= np.isfinite(v) & (v > 0)
+        curves = curves[ok] if ok.any() else None
     else:
         curves = None
     return runs[keep], curves
