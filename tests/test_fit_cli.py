@@ -74,6 +74,14 @@ def test_tokens_from_flops_and_remap(tmp_path, capsys):
     assert res["source"]["conventions"]["tokens"] == "flops / (6 params)"
     assert res["approach2"]["n_groups"] == 4
     assert abs(res["approach2"]["a"] - LAW_Y.a) < 0.05
+    # the same table as Parquet (no budget column in either: groups come from clustering the FLOPs)
+    pq = tmp_path / "pub.parquet"
+    df.to_parquet(pq)
+    assert main(["fit", str(pq), "--col", "params=Model Size", "--col", "flops=Training FLOP", "--approach",
+                 "2", "--json", "--quiet"]) == 0
+    res2 = json.loads(capsys.readouterr().out)
+    assert res2["approach2"]["groups_from"].startswith("flops clustered")
+    assert res2["approach2"]["a"] == pytest.approx(res["approach2"]["a"])
 
 
 def test_errors_are_one_line(tmp_path, capsys):

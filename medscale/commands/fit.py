@@ -144,7 +144,7 @@ def format_result(result) -> str:
     if a1:
         lines.append(f"Approach 1  training-curve envelope ({a1['n_runs']} runs, {a1['winners']} on the envelope)")
         lines.append(f"  a {a1['a']:.4f} {_ci(a1, 'a', '{:.4f}')}   b {a1['b']:.4f} {_ci(a1, 'b', '{:.4f}')}")
-        _alloc(lines, a1, "")
+        _alloc(lines, a1, "(envelope)")
     for w in result.get("warnings", []):
         lines.append(f"warning: {w}")
     return "\n".join(lines)
