@@ -350,8 +350,9 @@ def fit(n, d, loss, starts=None, delta=DELTA, max_iter=300, polish=32, n_optima=
         if all(abs(pool_obj[i] - pool_obj[j]) > 1e-3 * pool_obj[j] for j in kept):
             kept.append(i)
     order = kept[:n_optima]
-    best = int(np.argmin(second.objective))
-    assert order[0] == best or pool_obj[order[0]] >= second.objective[best]
+    best = int(np.argmin(np.where(np.isfinite(second.objective), second.objective, np.inf)))
+    fbest = second.objective[best]
+    order = ([best] + [i for i in order if pool_obj[i] > fbest + 1e-3 * abs(fbest)])[:n_optima]
     law = theta_to_law(second.theta[best])
     counts = np.bincount(first.status, minlength=3)
     return Approach3Fit(
