@@ -64,15 +64,16 @@ def test_bleu_empty_and_short_hypotheses():
 
 
 # ------------------------------------------------------------------------------------------------ findings
-def _f(style, *lesions):
-    return {"style": style, "lesions": [{"location": loc, "size": s} for loc, s in lesions]}
+def _f(style, *lesions, region="chest"):
+    return {"style": style, "region": region, "n_lesions": len(lesions),
+            "lesions": [{"location": loc, "organ": "liver", "size": s} for loc, s in lesions]}
 
 
 def test_findings_perfect_and_partial():
     truth = [_f("ct", ("left", "small"), ("right", "large")), _f("mri"), _f("xray", ("upper", "small"))]
     perfect = M.finding_scores(truth, truth)
-    assert all(perfect[k] == 1.0 for k in ("style_acc", "count_acc", "location_f1", "location_size_f1",
-                                            "all_correct"))
+    assert all(perfect[k] == 1.0 for k in ("style_acc", "region_acc", "count_acc", "location_f1",
+                                            "location_size_f1", "all_correct"))
     pred = [
         _f("ct", ("left", "small"), ("right", "small")),  # style ok, count ok, locs F1 1, loc+size F1 1/2
         _f("ct"),                                          # style wrong, count ok (0), F1 of empties = 1
@@ -87,6 +88,15 @@ def test_findings_perfect_and_partial():
     # one extra lesion: locations F1 = 2*1/(2+1) = 2/3, count wrong
     out = M.finding_scores([_f("ct", ("left", "small"), ("left", "small"))], [_f("ct", ("left", "small"))])
     assert out["location_f1"] == pytest.approx(2 / 3) and out["count_acc"] == 0.0
+    # order does not matter; the organ is part of the place; a stated count overrides the phrases found
+    a = _f("ct", ("left", "small"), ("right", "large"))
+    b = _f("ct", ("right", "large"), ("left", "small"))
+    assert M.finding_scores([b], [a])["all_correct"] == 1.0
+    b["lesions"][0]["organ"] = "spleen"
+    assert M.finding_scores([b], [a])["location_f1"] == pytest.approx(0.5)
+    b = dict(a, n_lesions=3, region="head")
+    out = M.finding_scores([b], [a])
+    assert out["count_acc"] == 0.0 and out["region_acc"] == 0.0 and out["location_size_f1"] == 1.0
 
 
 # ------------------------------------------------------------------------------------------------ boxes
@@ -107,6 +117,17 @@ def test_matched_iou_perfect_and_hungarian_beats_greedy():
     pred = [[("lesion", (2, 0, 12, 1)), ("lesion", (0, 0, 6, 1))]]
     out = M.box_matched_iou(pred, gt)
     assert out["mean_iou"] == pytest.approx((1 / 9 + 3 / 5) / 2) and out["num_gt"] == 2
+
+
+def test_box_forms_are_interchangeable():
+    # the data package writes boxes as (class, x0, y0, x1, y1)
+    flat = [[("lesion", 0, 0, 10, 5)]]
+    nested = [[("lesion", (0, 0, 10, 5))]]
+    gt = [[("lesion", 0, 0, 10, 10)]]
+    assert M.box_matched_iou(flat, gt)["mean_iou"] == M.box_matched_iou(nested, gt)["mean_iou"] == 0.5
+    assert M.average_precision(flat, gt)["map"] == 1.0
+    with pytest.raises(ValueError):
+        M.average_precision(flat, gt, scores=[[0.1, 0.2]])
 
 
 def test_matched_iou_classes_missing_and_empty():

@@ -15,11 +15,13 @@ Captions
   ``smooth="add1"``: add 1 to matches and to candidates for orders n >= 2 (Lin & Och, 2004, "ORANGE",
   COLING; NIST-style "+1" smoothing), which keeps a score for tiny corpora where no 4-gram matches.
 - ``finding_scores``: on synthetic data, where the generator knows the truth, the findings a caption states
-  (parsed by the data package's ``parse_caption``) are compared with the true findings. A findings dict is
-  ``{"style": str | None, "lesions": [{"location": str, "size": str}, ...]}`` (a ``"count"`` key, if present,
-  overrides ``len(lesions)``). Per example: style correct, count correct, location F1 (multiset of locations),
-  location+size F1 (multiset of (location, size) pairs), and "all correct" (style, count and the multiset of
-  (location, size) pairs all equal). F1 of two empty multisets is 1. Reported as means over examples.
+  (parsed by ``medscale.data.synthetic.parse_caption``) are compared with the true findings. A findings dict
+  is ``{"style", "region", "n_lesions", "lesions": [{"location", "organ", "size", ...}, ...]}`` (``n_lesions``
+  None: ``len(lesions)``; a lesion's place is "location organ", e.g. "right upper liver"). Per example: style
+  correct, region correct, count correct, location F1 (multiset of places), location+size F1 (multiset of
+  (place, size) pairs), and "all correct" (style, region, count and the multiset of (place, size) all equal).
+  Multisets rather than reading order, so a model listing the right lesions in another order is not
+  penalised. F1 of two empty multisets is 1. Reported as means over examples.
 
 Boxes (pixel coordinates ``(x0, y0, x1, y1)``, x1 > x0, y1 > y0; area = (x1-x0)(y1-y0), no "+1")
 - ``box_matched_iou``: per image, ground-truth and predicted boxes are matched one-to-one by the Hungarian
@@ -119,10 +121,16 @@ def _multiset_f1(pred: Iterable, true: Iterable) -> float:
     return 2.0 * hit / denom
 
 
-def _count(findings: dict) -> int:
-    if findings.get("count") is not None:
-        return int(findings["count"])
+def _count(findings: dict) -> int | None:
+    for key in ("n_lesions", "count"):
+        if findings.get(key) is not None:
+            return int(findings[key])
     return len(findings.get("lesions") or ())
+
+
+def _where(lesion: dict) -> str | None:
+    loc, organ = lesion.get("location"), lesion.get("organ")
+    return loc if organ is None else f"{loc} {organ}"
 
 
 def finding_scores(predicted: Sequence[dict | None], truth: Sequence[dict]) -> dict:
@@ -130,23 +138,24 @@ def finding_scores(predicted: Sequence[dict | None], truth: Sequence[dict]) -> d
     ``None`` (caption that does not parse) scores 0 on every item."""
     if len(predicted) != len(truth):
         raise ValueError(f"{len(predicted)} predictions but {len(truth)} truths")
-    keys = ("style_acc", "count_acc", "location_f1", "location_size_f1", "all_correct")
+    keys = ("style_acc", "region_acc", "count_acc", "location_f1", "location_size_f1", "all_correct")
     rows = []
     for p, t in zip(predicted, truth):
         if p is None:
             rows.append(dict.fromkeys(keys, 0.0))
             continue
-        pl = [(x.get("location"), x.get("size")) for x in (p.get("lesions") or ())]
-        tl = [(x.get("location"), x.get("size")) for x in (t.get("lesions") or ())]
+        pl = [(_where(x), x.get("size")) for x in (p.get("lesions") or ())]
+        tl = [(_where(x), x.get("size")) for x in (t.get("lesions") or ())]
         style = float(p.get("style") == t.get("style"))
+        region = float(p.get("region") == t.get("region"))
         count = float(_count(p) == _count(t))
-        loc_size = _multiset_f1(pl, tl)
         rows.append({
             "style_acc": style,
+            "region_acc": region,
             "count_acc": count,
             "location_f1": _multiset_f1([a for a, _ in pl], [a for a, _ in tl]),
-            "location_size_f1": loc_size,
-            "all_correct": float(style == 1.0 and count == 1.0
+            "location_size_f1": _multiset_f1(pl, tl),
+            "all_correct": float(style == 1.0 and region == 1.0 and count == 1.0
                                  and collections.Counter(pl) == collections.Counter(tl)),
         })
     if not rows:
@@ -170,12 +179,17 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
+def _box(item) -> tuple[object, list[float]]:
+    """``(class, x0, y0, x1, y1)`` (the data package's form) or ``(class, (x0, y0, x1, y1))``."""
+    if len(item) == 5:
+        return item[0], [float(v) for v in item[1:]]
+    return item[0], [float(v) for v in item[1]]
+
+
 def _split(boxes) -> tuple[list, np.ndarray]:
-    """``[(class, (x0, y0, x1, y1)), ...]`` -> (classes, array [n, 4])."""
-    boxes = list(boxes or ())
-    classes = [c for c, _ in boxes]
-    arr = np.array([list(map(float, b)) for _, b in boxes], np.float64).reshape(-1, 4)
-    return classes, arr
+    """A list of boxes (see :func:`_box`) -> (classes, array [n, 4])."""
+    items = [_box(b) for b in (boxes or ())]
+    return [c for c, _ in items], np.array([b for _, b in items], np.float64).reshape(-1, 4)
 
 
 def _class_aware_iou(pred, true) -> np.ndarray:
@@ -231,10 +245,14 @@ def average_precision(predicted: Sequence, truth: Sequence, scores: Sequence | N
         raise ValueError(f"{len(predicted)} predictions but {len(truth)} truths")
     if scores is None:
         scores = [[-j for j in range(len(p or ()))] for p in predicted]
-    gt_count = collections.Counter(c for true in truth for c, _ in (true or ()))
+    if len(scores) != len(predicted) or any(len(s) != len(p or ()) for s, p in zip(scores, predicted)):
+        raise ValueError("scores must give one confidence per predicted box")
+    predicted = [_split(p) for p in predicted]
+    truth = [_split(t) for t in truth]
+    gt_count = collections.Counter(c for classes, _ in truth for c in classes)
     dets = collections.defaultdict(list)  # class -> [(score, image, pred index)]
-    for i, pred in enumerate(predicted):
-        for j, (c, _) in enumerate(pred or ()):
+    for i, (classes, _) in enumerate(predicted):
+        for j, c in enumerate(classes):
             dets[c].append((float(scores[i][j]), i, j))
     per_class = {}
     for c in sorted(gt_count, key=str):
@@ -242,10 +260,10 @@ def average_precision(predicted: Sequence, truth: Sequence, scores: Sequence | N
         used = collections.defaultdict(set)
         tp = np.zeros(len(ranked))
         for k, (_, i, j) in enumerate(ranked):
-            tb = [(n, b) for n, (cc, b) in enumerate(truth[i] or ()) if cc == c]
+            tb = [(n, truth[i][1][n]) for n, cc in enumerate(truth[i][0]) if cc == c]
             if not tb:
                 continue
-            ious = box_iou(np.array([predicted[i][j][1]], np.float64), np.array([b for _, b in tb]))[0]
+            ious = box_iou(predicted[i][1][j:j + 1], np.array([b for _, b in tb]))[0]
             best, best_n = -1.0, None
             for (n, _), v in zip(tb, ious):
                 if n not in used[i] and v > best:
