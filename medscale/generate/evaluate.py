@@ -57,24 +57,31 @@ def task_metrics(decoder, tokenizers: dict, examples: list[dict], image_size: in
         if progress is not None:
             progress(real)
     res: dict = {"num_examples": len(examples)}
-    if "caption" in targets and all("caption" in e for e in examples):
-        hyp = [p["caption"] for p in preds]
-        ref = [e["caption"] for e in examples]
-        res["caption/bleu4"] = M.corpus_bleu(hyp, ref)["bleu"]
-        res["caption/bleu4_add1"] = M.corpus_bleu(hyp, ref, smooth="add1")["bleu"]
-        if all(e.get("facts") is not None for e in examples):
+    if "caption" in targets:
+        idx = [i for i, e in enumerate(examples) if e.get("caption")]
+        if idx:
+            hyp = [preds[i]["caption"] for i in idx]
+            ref = [examples[i]["caption"] for i in idx]
+            res["caption/bleu4"] = M.corpus_bleu(hyp, ref)["bleu"]
+            res["caption/bleu4_add1"] = M.corpus_bleu(hyp, ref, smooth="add1")["bleu"]
+        idx = [i for i, e in enumerate(examples) if e.get("facts")]
+        if idx:
             from medscale.data.synthetic import parse_caption
 
-            found = M.finding_scores([parse_caption(h) for h in hyp], [e["facts"] for e in examples])
+            found = M.finding_scores([parse_caption(preds[i]["caption"]) for i in idx],
+                                     [examples[i]["facts"] for i in idx])
             res.update({f"caption/{k}": v for k, v in found.items() if k != "n"})
-    if "boxes" in targets and all("boxes" in e for e in examples):
-        pb = [p["boxes"] for p in preds]
-        tb = [list(e["boxes"]) for e in examples]
+    # boxes and masks are known together (the data package: boxes, possibly none, where a mask is)
+    known = [i for i, e in enumerate(examples) if e.get("mask") is not None]
+    if "boxes" in targets and known:
+        pb = [preds[i]["boxes"] for i in known]
+        tb = [list(examples[i].get("boxes") or ()) for i in known]
         res["boxes/mean_iou"] = M.box_matched_iou(pb, tb)["mean_iou"]
-        res["boxes/ap50"] = M.average_precision(pb, tb, [p["box_scores"] for p in preds])["map"]
+        res["boxes/ap50"] = M.average_precision(pb, tb, [preds[i]["box_scores"] for i in known])["map"]
         res["boxes/num_pred_per_image"] = float(np.mean([len(b) for b in pb]))
-    if "segmentation" in targets and all("mask" in e for e in examples):
-        seg = M.segmentation_iou([p["segmentation"] for p in preds], [e["mask"] for e in examples])
+        res["boxes/num_true_per_image"] = float(np.mean([len(b) for b in tb]))
+    if "segmentation" in targets and known:
+        seg = M.segmentation_iou([preds[i]["segmentation"] for i in known], [examples[i]["mask"] for i in known])
         res["segmentation/miou"] = seg["miou"]
         res["segmentation/pixel_acc"] = seg["pixel_acc"]
         res.update({f"segmentation/iou_{k}": v for k, v in seg["per_class"].items()})

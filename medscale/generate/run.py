@@ -114,7 +114,15 @@ def load_run(workdir: str, checkpoint: int | None = None, data=None) -> LoadedRu
 
         data = build_data(cfg, spec)
     return LoadedRun(workdir=workdir, cfg=cfg, spec=spec, model=model, decoder=Decoder(model), data=data,
-                     tokenizers=dict(data.tokenizers), image_size=int(cfg.data.image_size), step=step)
+                     tokenizers=tokenizer_dict(data.tokenizers), image_size=int(cfg.data.image_size), step=step)
+
+
+def tokenizer_dict(tokenizers) -> dict:
+    """The data package's ``Tokenizers`` (attributes text, image, segmentation) as a dict, absent ones left out."""
+    if isinstance(tokenizers, dict):
+        return {k: v for k, v in tokenizers.items() if v is not None}
+    return {k: getattr(tokenizers, k) for k in ("text", "image", "segmentation")
+            if getattr(tokenizers, k, None) is not None}
 
 
 def heldout_examples(run: LoadedRun, num: int, split: str = HELDOUT_SPLIT) -> list[dict]:
@@ -124,11 +132,12 @@ def heldout_examples(run: LoadedRun, num: int, split: str = HELDOUT_SPLIT) -> li
 
 
 def num_examples(run: LoadedRun, split: str) -> int:
-    return int(run.data.num_examples(split))
+    return len(run.data.examples(split))
 
 
 def example(run: LoadedRun, split: str, index: int) -> dict:
+    """Raw example ``index`` of ``split`` (``medscale.data.pipeline.Examples``)."""
     n = num_examples(run, split)
     if not 0 <= index < n:
         raise UserError(f"--example {split}:{index}: index out of range (the split has {n} examples)")
-    return dict(run.data.raw_example(split, index))
+    return dict(run.data.examples(split)[index])
