@@ -103,6 +103,11 @@ def test_sampling_rules(decoder):
     np.testing.assert_array_equal(a.tokens, a2.tokens)  # seeded
     assert (a.tokens != b.tokens).any()  # and random (96 ids, 36 draws at temperature 2)
     assert ((a.tokens >= 0) & (a.tokens < 96)).all()
+    # constrained decoding: banned ids never appear, whatever the temperature
+    banned = sorted(set(greedy.tokens.ravel().tolist()))
+    for kw in ({}, {"temperature": 3.0, "seed": 5}):
+        c = decoder.generate_sequence(enc, "caption", start_id=2, eos_id=None, banned_ids=banned, **kw)
+        assert not np.isin(c.tokens, banned).any()
     # top-k: every sampled token is among the k best of its step's logits
     from medscale.generate.decode import _sample
 

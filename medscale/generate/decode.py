@@ -125,8 +125,9 @@ class Decoder:
         shape, dtype = (nl, b, length, h, k), ctx["cross_k"].dtype
         return {"self_k": jnp.zeros(shape, dtype), "self_v": jnp.zeros(shape, dtype), **ctx}
 
-    def _step(self, state, cache, tok_B, t, temperature, top_k, key, *, target: int):
-        """Decode position ``t`` of sequence modality ``target`` given the previous token ``tok_B``.
+    def _step(self, state, cache, tok_B, t, temperature, top_k, allowed_V, key, *, target: int):
+        """Decode position ``t`` of sequence modality ``target`` given the previous token ``tok_B``; ids where
+        ``allowed_V`` is False are never produced (their logits are -inf).
 
         Returns ``(next token [B], its log-probability [B], logits [B, V_target], cache)``."""
         model = nnx.merge(self.graphdef, state)
@@ -154,6 +155,7 @@ class Decoder:
             y_B1D = y_B1D + lyr.mlp(lyr.ln3(y_B1D, dtype), dtype)
         off, size = spec.vocab_offsets[target], spec.vocab_sizes[target]
         logits = model._logits(model.dec_norm(y_B1D, dtype))[:, 0, off:off + size]
+        logits = jnp.where(allowed_V[None, :], logits, -jnp.inf)
         nxt = _sample(logits, key, temperature, top_k)
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), nxt[:, None], axis=-1)[:, 0]
         cache = {**cache, "self_k": sk, "self_v": sv}
@@ -187,9 +189,10 @@ class Decoder:
     # ------------------------------------------------------------------------------------------ loops
     def generate_sequence(self, enc: dict, target: str, *, start_id: int, eos_id: int | None,
                           max_len: int | None = None, temperature: float = 0.0, top_k: int = 0,
-                          seed: int = 0) -> SequenceResult:
+                          seed: int = 0, banned_ids=()) -> SequenceResult:
         """Autoregressive decoding of sequence modality ``target`` (host loop over the jitted step; stops
-        early when every row has produced ``eos_id``)."""
+        early when every row has produced ``eos_id``). ``banned_ids``: local ids never produced (constrained
+        decoding, e.g. padding, the start id, span sentinels when the target is not also an input)."""
         spec = self.spec
         m = spec.modality_index(target)
         mod = spec.modalities[m]
@@ -207,9 +210,16 @@ class Decoder:
         done = np.zeros(b, bool)
         lengths = np.full(b, steps, np.int64)
         temp, k = jnp.float32(temperature), jnp.int32(top_k)
+        allowed = np.ones(mod.vocab_size, bool)
+        banned = np.asarray([i for i in banned_ids if 0 <= i < mod.vocab_size], np.int64)
+        allowed[banned] = False
+        if eos_id is not None and 0 <= eos_id < mod.vocab_size:
+            allowed[eos_id] = True
+        allowed = jnp.asarray(allowed)
         for t in range(steps):
             key, sub = jax.random.split(key)
-            tok, logp, _, cache = self.step(self.state, cache, tok, jnp.int32(t), temp, k, sub, target=m)
+            tok, logp, _, cache = self.step(self.state, cache, tok, jnp.int32(t), temp, k, allowed, sub,
+                                              target=m)
             tok_np, logp_np = np.asarray(tok), np.asarray(logp)
             live = ~done
             hit_eos = live & (tok_np == eos_id) if eos_id is not None else np.zeros(b, bool)

@@ -60,6 +60,19 @@ def tokenize_inputs(spec, tokenizers: dict, raw: dict[str, list], image_size: in
     return out
 
 
+def banned_text_ids(text_tok, target: str, given: set) -> list[int]:
+    """Local ids a text target may not produce: padding, unknown and start always; when ``target`` is not
+    also an input, the span sentinels (they only mark infilling); for captions the box-coordinate ids; and
+    ids above the trained sentencepiece vocabulary (unused rows of ``text_vocab``)."""
+    ids = [text_tok.pad_id, text_tok.unk_id, text_tok.start_id]
+    if target not in given:
+        ids += [int(i) for i in text_tok.sentinel_ids]
+    if target == "caption":
+        ids += list(range(text_tok.coord_id(0, 0), text_tok.coord_id(3, text_tok.box_bins - 1) + 1))
+    ids += list(range(text_tok.trained_size, text_tok.vocab_size))
+    return ids
+
+
 def boxes_from_ids(text_tok, ids, logprobs, image_size: int) -> tuple[list, list]:
     """Generated box-text ids (EOS already cut) -> ([(class, x0, y0, x1, y1)], [confidence]).
 
@@ -93,7 +106,8 @@ def predict(decoder, tokenizers: dict, raw_inputs: dict[str, list], targets: lis
             text = _tok(tokenizers, "text")
             seq = decoder.generate_sequence(enc, target, start_id=text.start_id, eos_id=text.eos_id,
                                             temperature=options.temperature, top_k=options.top_k,
-                                            seed=options.seed)
+                                            seed=options.seed,
+                                            banned_ids=banned_text_ids(text, target, set(raw_inputs)))
             for i in range(n):
                 ids = seq.tokens[i, :seq.lengths[i]]
                 results[i].setdefault("tokens", {})[target] = ids.tolist()
