@@ -77,14 +77,35 @@ def test_eos_stops_rows_and_pads(decoder):
     assert res.lengths[0] <= 2
 
 
+def test_joint_decoding_equals_separate(decoder):
+    # caption and boxes decoded as rows of one batch give what each gives alone
+    enc = _enc(decoder, 7)
+    both = decoder.generate_sequences(enc, ["caption", "boxes"], start_id=2, eos_id=5)
+    for t in ("caption", "boxes"):
+        alone = decoder.generate_sequence(enc, t, start_id=2, eos_id=5)
+        np.testing.assert_array_equal(both[t].tokens, alone.tokens)
+        np.testing.assert_array_equal(both[t].lengths, alone.lengths)
+        np.testing.assert_allclose(both[t].logprobs, alone.logprobs, atol=1e-5)
+    assert both["boxes"].tokens.shape == (B, 8) and (both["boxes"].lengths <= 8).all()
+
+
 def test_step_compiles_once_across_calls_and_options(decoder):
+    from flax import nnx
+
     enc = _enc(decoder, 2)
     decoder.generate_sequence(enc, "caption", start_id=2, eos_id=None, max_len=4)
     n_step = decoder.step._cache_size()
     n_prefill = decoder.prefill._cache_size()
     for kw in ({"temperature": 1.0, "top_k": 5, "seed": 3}, {"temperature": 0.7, "top_k": 0, "seed": 4}, {}):
         decoder.generate_sequence(_enc(decoder, 5), "caption", start_id=2, eos_id=3, **kw)
+        decoder.generate_sequence(_enc(decoder, 5), "caption", start_id=2, eos_id=3, banned_ids=[7, 8], **kw)
     assert decoder.step._cache_size() == n_step
+    # a second Decoder of the same architecture (another checkpoint) reuses the compiled functions
+    from medscale.generate.decode import Decoder
+
+    other = Decoder(nnx.merge(decoder.graphdef, jax.tree.map(lambda x: x * 0.5, decoder.state)))
+    other.generate_sequence(enc, "caption", start_id=2, eos_id=None, max_len=4)
+    assert other.step is decoder.step and decoder.step._cache_size() == n_step
     assert decoder.prefill._cache_size() == n_prefill
     decoder.generate_grid(enc, "segmentation", steps=1)
     n_par = decoder.parallel._cache_size()

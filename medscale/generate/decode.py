@@ -13,10 +13,14 @@ arguments, not constants, and a new checkpoint does not recompile anything.
   other: decoding them one at a time is exactly decoding them together.
 - Sequence targets (caption, boxes-as-text): autoregressive. ``prefill`` runs the encoder once and computes
   every decoder layer's cross-attention keys and values from its output; ``step`` decodes one position with a
-  self-attention key/value cache of fixed length (the modality's ``max_tokens``), so every call has the same
-  shapes and the step compiles once per (batch size, target modality, encoder length). Sampling inside the
-  step: greedy (temperature 0), temperature, top-k (k = 0: no truncation); temperature and k are traced
-  values, so changing them does not recompile either.
+  self-attention key/value cache of fixed length (the longest target's ``max_tokens``). Several sequence
+  targets of one vocabulary size are decoded together as extra rows of one batch (row r decodes target
+  ``target_B[r]``, a traced value), so caption and boxes share one compiled step and one host loop. Every
+  call has the same shapes: the step compiles once per (rows, cache length, encoder length). Sampling inside
+  the step: greedy (temperature 0), temperature, top-k (k = 0: no truncation), and a per-row mask of allowed
+  ids; all are traced values, so changing them does not recompile either.
+- Compiled functions are cached per (graph definition, spec), so a second ``Decoder`` of the same
+  architecture (another checkpoint, another CLI call in the same process) reuses them.
 - Image-like targets (segmentation, image tokens): all positions predicted in parallel from the learned mask
   vector. With ``steps > 1`` the MaskGIT schedule (Chang et al., 2022, "MaskGIT: Masked Generative Image
   Transformer", CVPR) is used: at step s of S the most confident predictions are kept so that
@@ -73,15 +77,93 @@ def _sample(logits_BV, key, temperature, top_k):
     return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
+def _make_fns(graphdef, spec):
+    """The three jitted device functions of one architecture (see the module docstring)."""
+
+    def prefill(state, enc):
+        """Encoder once, and every decoder layer's cross-attention K/V: ``[layers, B, E, H, K]``."""
+        model = nnx.merge(graphdef, state)
+        dtype = model.dtype
+        enc_BED, eseg_BE = model.encode(enc)
+        ck = jnp.stack([_proj(enc_BED, lyr.cross_attn.k, dtype) for lyr in model.decoder])
+        cv = jnp.stack([_proj(enc_BED, lyr.cross_attn.v, dtype) for lyr in model.decoder])
+        return {"cross_k": ck, "cross_v": cv, "eseg": eseg_BE}
+
+    def step(state, cache, tok_B, t, target_B, temperature, top_k, allowed_BV, key, *, size: int):
+        """Decode position ``t`` of row b's sequence modality ``target_B[b]`` given its previous token;
+        ids where ``allowed_BV`` is False are never produced. All targets share the vocabulary ``size``.
+
+        Returns ``(next token [B], its log-probability [B], logits [B, size], cache)``."""
+        model = nnx.merge(graphdef, state)
+        dtype = model.dtype
+        b = tok_B.shape[0]
+        length = cache["self_k"].shape[2]
+        pos = jnp.full((b, 1), t, jnp.int32)
+        tok, rest = model._embed(tok_B[:, None].astype(jnp.int32), target_B[:, None], pos, model.dec_modality)
+        y_B1D = (tok + rest).astype(dtype)
+        q_seg = jnp.zeros((b, 1), jnp.int32)
+        self_seg = jnp.broadcast_to(jnp.where(jnp.arange(length) <= t, 0, -1).astype(jnp.int32), (b, length))
+        sk, sv = cache["self_k"], cache["self_v"]
+        for i, lyr in enumerate(model.decoder):
+            h = lyr.ln1(y_B1D, dtype)
+            q = _proj(h, lyr.self_attn.q, dtype)
+            sk = jax.lax.dynamic_update_slice(sk, _proj(h, lyr.self_attn.k, dtype)[None], (i, 0, t, 0, 0))
+            sv = jax.lax.dynamic_update_slice(sv, _proj(h, lyr.self_attn.v, dtype)[None], (i, 0, t, 0, 0))
+            a = attend(q, sk[i], sv[i], q_segment=q_seg, kv_segment=self_seg)
+            y_B1D = y_B1D + _out(a, lyr.self_attn.o, dtype)
+            h = lyr.ln2(y_B1D, dtype)
+            a = attend(_proj(h, lyr.cross_attn.q, dtype), cache["cross_k"][i], cache["cross_v"][i],
+                       q_segment=q_seg, kv_segment=cache["eseg"])
+            y_B1D = y_B1D + _out(a, lyr.cross_attn.o, dtype)
+            y_B1D = y_B1D + lyr.mlp(lyr.ln3(y_B1D, dtype), dtype)
+        full = model._logits(model.dec_norm(y_B1D, dtype))[:, 0]  # [B, V_total]
+        offs = jnp.asarray(spec.vocab_offsets, jnp.int32)[target_B]
+        logits = jnp.take_along_axis(full, offs[:, None] + jnp.arange(size, dtype=jnp.int32)[None], axis=1)
+        logits = jnp.where(allowed_BV, logits, -jnp.inf)
+        nxt = _sample(logits, key, temperature, top_k)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), nxt[:, None], axis=-1)[:, 0]
+        return nxt, logp, logits, {**cache, "self_k": sk, "self_v": sv}
+
+    def parallel(state, enc, fixed_tok, fixed, temperature, key, *, target: int):
+        """One parallel pass over image-like modality ``target``: tokens in ``fixed`` are encoder inputs, the
+        others decoder queries. Returns (sampled tokens [B, n], their probability [B, n], logits)."""
+        model = nnx.merge(graphdef, state)
+        b, n = fixed_tok.shape
+        pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+        mod = jnp.full((b, n), target, jnp.int32)
+        full = {
+            "enc_tokens": jnp.concatenate([enc["enc_tokens"], jnp.where(fixed, fixed_tok, 0)], 1),
+            "enc_modality": jnp.concatenate([enc["enc_modality"], mod], 1),
+            "enc_pos": jnp.concatenate([enc["enc_pos"], pos], 1),
+            "enc_valid": jnp.concatenate([enc["enc_valid"], fixed], 1),
+        }
+        enc_BED, eseg = model.encode(full)
+        dec = {"dec_input": jnp.zeros((b, n), jnp.int32), "dec_modality": mod, "dec_pos": pos,
+               "dec_valid": ~fixed, "dec_causal": jnp.zeros((b, n), bool)}
+        y = model.decode(dec, enc_BED, eseg)
+        off, size = spec.vocab_offsets[target], spec.vocab_sizes[target]
+        logits = model._logits(y)[..., off:off + size]
+        tok = _sample(logits.reshape(b * n, size), key, temperature, jnp.int32(0)).reshape(b, n)
+        prob = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), tok[..., None], axis=-1)[..., 0]
+        return tok, prob, logits
+
+    return (jax.jit(prefill), jax.jit(step, static_argnames=("size",), donate_argnums=(1,)),
+            jax.jit(parallel, static_argnames=("target",)))
+
+
+_FNS: dict = {}
+
+
 class Decoder:
     """Cached autoregressive and parallel decoding of one model (see the module docstring)."""
 
     def __init__(self, model):
         self.spec = model.spec
         self.graphdef, self.state = nnx.split(model)
-        self.prefill = jax.jit(self._prefill)
-        self.step = jax.jit(self._step, static_argnames=("target",), donate_argnums=(1,))
-        self.parallel = jax.jit(self._parallel, static_argnames=("target",))
+        key = (self.graphdef, self.spec)
+        if key not in _FNS:
+            _FNS[key] = _make_fns(self.graphdef, self.spec)
+        self.prefill, self.step, self.parallel = _FNS[key]
 
     # ------------------------------------------------------------------------------------------ host side
     def encoder_inputs(self, inputs: dict) -> dict:
@@ -109,128 +191,73 @@ class Decoder:
         keys = ("enc_tokens", "enc_modality", "enc_pos", "enc_valid")
         return {k: np.ascontiguousarray(a) for k, a in zip(keys, cat)}
 
-    # ------------------------------------------------------------------------------------------ device side
-    def _prefill(self, state, enc):
-        """Encoder once, and every decoder layer's cross-attention K/V: ``[layers, B, E, H, K]``."""
-        model = nnx.merge(self.graphdef, state)
-        dtype = model.dtype
-        enc_BED, eseg_BE = model.encode(enc)
-        ck = jnp.stack([_proj(enc_BED, lyr.cross_attn.k, dtype) for lyr in model.decoder])
-        cv = jnp.stack([_proj(enc_BED, lyr.cross_attn.v, dtype) for lyr in model.decoder])
-        return {"cross_k": ck, "cross_v": cv, "eseg": eseg_BE}
-
-    def new_cache(self, ctx, length: int):
-        """Empty self-attention cache of ``length`` positions for a prefill context."""
-        nl, b, _, h, k = ctx["cross_k"].shape
-        shape, dtype = (nl, b, length, h, k), ctx["cross_k"].dtype
-        return {"self_k": jnp.zeros(shape, dtype), "self_v": jnp.zeros(shape, dtype), **ctx}
-
-    def _step(self, state, cache, tok_B, t, temperature, top_k, allowed_V, key, *, target: int):
-        """Decode position ``t`` of sequence modality ``target`` given the previous token ``tok_B``; ids where
-        ``allowed_V`` is False are never produced (their logits are -inf).
-
-        Returns ``(next token [B], its log-probability [B], logits [B, V_target], cache)``."""
-        model = nnx.merge(self.graphdef, state)
-        spec, dtype = self.spec, model.dtype
-        b = tok_B.shape[0]
-        length = cache["self_k"].shape[2]
-        mod = jnp.full((b, 1), target, jnp.int32)
-        pos = jnp.full((b, 1), t, jnp.int32)
-        tok, rest = model._embed(tok_B[:, None].astype(jnp.int32), mod, pos, model.dec_modality)
-        y_B1D = (tok + rest).astype(dtype)
-        q_seg = jnp.zeros((b, 1), jnp.int32)
-        self_seg = jnp.broadcast_to(jnp.where(jnp.arange(length) <= t, 0, -1).astype(jnp.int32), (b, length))
-        sk, sv = cache["self_k"], cache["self_v"]
-        for i, lyr in enumerate(model.decoder):
-            h = lyr.ln1(y_B1D, dtype)
-            q = _proj(h, lyr.self_attn.q, dtype)
-            sk = jax.lax.dynamic_update_slice(sk, _proj(h, lyr.self_attn.k, dtype)[None], (i, 0, t, 0, 0))
-            sv = jax.lax.dynamic_update_slice(sv, _proj(h, lyr.self_attn.v, dtype)[None], (i, 0, t, 0, 0))
-            a = attend(q, sk[i], sv[i], q_segment=q_seg, kv_segment=self_seg)
-            y_B1D = y_B1D + _out(a, lyr.self_attn.o, dtype)
-            h = lyr.ln2(y_B1D, dtype)
-            a = attend(_proj(h, lyr.cross_attn.q, dtype), cache["cross_k"][i], cache["cross_v"][i],
-                       q_segment=q_seg, kv_segment=cache["eseg"])
-            y_B1D = y_B1D + _out(a, lyr.cross_attn.o, dtype)
-            y_B1D = y_B1D + lyr.mlp(lyr.ln3(y_B1D, dtype), dtype)
-        off, size = spec.vocab_offsets[target], spec.vocab_sizes[target]
-        logits = model._logits(model.dec_norm(y_B1D, dtype))[:, 0, off:off + size]
-        logits = jnp.where(allowed_V[None, :], logits, -jnp.inf)
-        nxt = _sample(logits, key, temperature, top_k)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), nxt[:, None], axis=-1)[:, 0]
-        cache = {**cache, "self_k": sk, "self_v": sv}
-        return nxt, logp, logits, cache
-
-    def _parallel(self, state, enc, fixed_tok, fixed, temperature, key, *, target: int):
-        """One parallel pass over image-like modality ``target``: tokens in ``fixed`` are encoder inputs, the
-        others decoder queries. Returns (sampled tokens [B, n], their probability [B, n], logits)."""
-        model = nnx.merge(self.graphdef, state)
-        spec = self.spec
-        b, n = fixed_tok.shape
-        pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-        mod = jnp.full((b, n), target, jnp.int32)
-        full = {
-            "enc_tokens": jnp.concatenate([enc["enc_tokens"], jnp.where(fixed, fixed_tok, 0)], 1),
-            "enc_modality": jnp.concatenate([enc["enc_modality"], mod], 1),
-            "enc_pos": jnp.concatenate([enc["enc_pos"], pos], 1),
-            "enc_valid": jnp.concatenate([enc["enc_valid"], fixed], 1),
-        }
-        enc_BED, eseg = model.encode(full)
-        dec = {"dec_input": jnp.zeros((b, n), jnp.int32), "dec_modality": mod, "dec_pos": pos,
-               "dec_valid": ~fixed, "dec_causal": jnp.zeros((b, n), bool)}
-        y = model.decode(dec, enc_BED, eseg)
-        off, size = spec.vocab_offsets[target], spec.vocab_sizes[target]
-        logits = model._logits(y)[..., off:off + size]
-        flat = logits.reshape(b * n, size)
-        tok = _sample(flat, key, temperature, jnp.int32(0)).reshape(b, n)
-        prob = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), tok[..., None], axis=-1)[..., 0]
-        return tok, prob, logits
-
     # ------------------------------------------------------------------------------------------ loops
-    def generate_sequence(self, enc: dict, target: str, *, start_id: int, eos_id: int | None,
-                          max_len: int | None = None, temperature: float = 0.0, top_k: int = 0,
-                          seed: int = 0, banned_ids=()) -> SequenceResult:
-        """Autoregressive decoding of sequence modality ``target`` (host loop over the jitted step; stops
-        early when every row has produced ``eos_id``). ``banned_ids``: local ids never produced (constrained
-        decoding, e.g. padding, the start id, span sentinels when the target is not also an input)."""
+    def generate_sequences(self, enc: dict, targets, *, start_id: int, eos_id: int | None,
+                           max_len: int | None = None, temperature: float = 0.0, top_k: int = 0,
+                           seed: int = 0, banned_ids=None) -> dict:
+        """Autoregressive decoding of sequence modalities ``targets`` (same vocabulary size), together as rows
+        of one batch; a host loop over the jitted step stops when every row has produced ``eos_id`` or
+        reached its modality's ``max_tokens`` (or ``max_len``). ``banned_ids``: ids never produced, one list
+        for all targets or ``{target: ids}`` (constrained decoding: padding, the start id, sentinels when the
+        target is not also an input). Returns ``{target: SequenceResult}``."""
         spec = self.spec
-        m = spec.modality_index(target)
-        mod = spec.modalities[m]
-        if mod.kind != "sequence":
-            raise ValueError(f"{target!r} is image-like; use generate_grid")
-        length = mod.max_tokens
-        steps = length if max_len is None else min(max_len, length)
-        enc = {k: jnp.asarray(v) for k, v in enc.items()}
-        b = enc["enc_tokens"].shape[0]
-        cache = self.new_cache(self.prefill(self.state, enc), length)
+        targets = list(targets)
+        mods = [spec.modalities[spec.modality_index(t)] for t in targets]
+        for t, mod in zip(targets, mods):
+            if mod.kind != "sequence":
+                raise ValueError(f"{t!r} is image-like; use generate_grid")
+        sizes = {mod.vocab_size for mod in mods}
+        if len(sizes) != 1:
+            raise ValueError(f"targets {targets} have different vocabulary sizes; decode them separately")
+        size = sizes.pop()
+        b = np.asarray(enc["enc_tokens"]).shape[0]
+        r = len(targets)
+        limits = [mod.max_tokens if max_len is None else min(max_len, mod.max_tokens) for mod in mods]
+        length = max(mod.max_tokens for mod in mods)
+        ctx = self.prefill(self.state, {k: jnp.asarray(v) for k, v in enc.items()})
+        if r > 1:  # one copy of the encoder context per target
+            ctx = {"cross_k": jnp.concatenate([ctx["cross_k"]] * r, axis=1),
+                   "cross_v": jnp.concatenate([ctx["cross_v"]] * r, axis=1),
+                   "eseg": jnp.concatenate([ctx["eseg"]] * r, axis=0)}
+        nl, rows, _, h, k = ctx["cross_k"].shape
+        shape, dtype = (nl, rows, length, h, k), ctx["cross_k"].dtype
+        cache = {"self_k": jnp.zeros(shape, dtype), "self_v": jnp.zeros(shape, dtype), **ctx}
+        allowed = np.ones((rows, size), bool)
+        for j, t in enumerate(targets):
+            ban = banned_ids.get(t, ()) if isinstance(banned_ids, dict) else (banned_ids or ())
+            ban = np.asarray([i for i in ban if 0 <= i < size and i != eos_id], np.int64)
+            allowed[j * b:(j + 1) * b, ban] = False
+        target_rows = np.repeat(np.asarray([spec.modality_index(t) for t in targets], np.int32), b)
+        limit_rows = np.repeat(np.asarray(limits), b)
         key = jax.random.key(seed)
-        tok = jnp.full((b,), start_id, jnp.int32)
-        out = np.full((b, length), -1, np.int32)
-        logps = np.zeros((b, length), np.float32)
-        done = np.zeros(b, bool)
-        lengths = np.full(b, steps, np.int64)
-        temp, k = jnp.float32(temperature), jnp.int32(top_k)
-        allowed = np.ones(mod.vocab_size, bool)
-        banned = np.asarray([i for i in banned_ids if 0 <= i < mod.vocab_size], np.int64)
-        allowed[banned] = False
-        if eos_id is not None and 0 <= eos_id < mod.vocab_size:
-            allowed[eos_id] = True
-        allowed = jnp.asarray(allowed)
-        for t in range(steps):
+        tok = jnp.full((rows,), start_id, jnp.int32)
+        out = np.full((rows, length), -1, np.int32)
+        logps = np.zeros((rows, length), np.float32)
+        done = limit_rows <= 0
+        lengths = limit_rows.astype(np.int64).copy()
+        args = (jnp.asarray(target_rows), jnp.float32(temperature), jnp.int32(top_k), jnp.asarray(allowed))
+        for t in range(max(limits)):
             key, sub = jax.random.split(key)
-            tok, logp, _, cache = self.step(self.state, cache, tok, jnp.int32(t), temp, k, allowed, sub,
-                                              target=m)
+            tok, logp, _, cache = self.step(self.state, cache, tok, jnp.int32(t), *args, sub, size=size)
             tok_np, logp_np = np.asarray(tok), np.asarray(logp)
             live = ~done
-            hit_eos = live & (tok_np == eos_id) if eos_id is not None else np.zeros(b, bool)
+            hit_eos = live & (tok_np == eos_id) if eos_id is not None else np.zeros(rows, bool)
             keep = live & ~hit_eos
             out[keep, t] = tok_np[keep]
             logps[live, t] = logp_np[live]
             lengths[hit_eos] = t
-            done |= hit_eos
+            done |= hit_eos | (t + 1 >= limit_rows)
             if done.all():
                 break
-        return SequenceResult(out, lengths, logps)
+        res = {}
+        for j, (t, mod) in enumerate(zip(targets, mods)):
+            sl = slice(j * b, (j + 1) * b)
+            res[t] = SequenceResult(out[sl, :mod.max_tokens], lengths[sl], logps[sl, :mod.max_tokens])
+        return res
+
+    def generate_sequence(self, enc: dict, target: str, **kw) -> SequenceResult:
+        """One sequence target (see :meth:`generate_sequences`)."""
+        return self.generate_sequences(enc, [target], **kw)[target]
 
     def generate_grid(self, enc: dict, target: str, *, steps: int = 1, temperature: float = 0.0,
                       seed: int = 0) -> GridResult:

@@ -107,9 +107,10 @@ def write_task_metrics(workdir: str, metrics: dict) -> dict:
 
 
 def evaluate_run(workdir: str, num_examples: int = 64, *, checkpoint: int | None = None, write: bool = True,
-                 batch_size: int = 16, progress: bool = False) -> dict:
+                 batch_size: int = 16, progress: bool = False, data=None) -> dict:
     """Task metrics of run ``workdir`` on ``num_examples`` held-out examples; stored in its summary.json
-    under ``task_metrics`` when ``write`` (see the module docstring). Returns the metrics."""
+    under ``task_metrics`` when ``write`` (see the module docstring). Returns the metrics. ``data``: the
+    run's ``medscale.data.pipeline.Data`` when the caller (the training loop) already has it."""
     from medscale.generate.run import heldout_examples, load_run
 
     if num_examples < 1:
@@ -117,7 +118,7 @@ def evaluate_run(workdir: str, num_examples: int = 64, *, checkpoint: int | None
     if write and not os.path.exists(os.path.join(workdir, "summary.json")) and os.path.isdir(workdir):
         raise UserError(f"{workdir} has no summary.json: the run has not finished; evaluate it when it has "
                         "(or pass --no-write)")
-    run = load_run(workdir, checkpoint)
+    run = load_run(workdir, checkpoint, data=data)
     examples = heldout_examples(run, num_examples)
     bar = None
     if progress:

@@ -100,30 +100,31 @@ def predict(decoder, tokenizers: dict, raw_inputs: dict[str, list], targets: lis
     n = len(next(iter(raw_inputs.values())))
     enc = decoder.encoder_inputs(tokenize_inputs(spec, tokenizers, raw_inputs, image_size))
     results = [{} for _ in range(n)]
-    for target in targets:
-        mod = spec.modalities[spec.modality_index(target)]
-        if mod.kind == "sequence":
-            text = _tok(tokenizers, "text")
-            seq = decoder.generate_sequence(enc, target, start_id=text.start_id, eos_id=text.eos_id,
-                                            temperature=options.temperature, top_k=options.top_k,
-                                            seed=options.seed,
-                                            banned_ids=banned_text_ids(text, target, set(raw_inputs)))
+    seq_targets = [t for t in targets if spec.modalities[spec.modality_index(t)].kind == "sequence"]
+    if seq_targets:  # all text targets share one vocabulary: decoded together, one compiled step
+        text = _tok(tokenizers, "text")
+        given = set(raw_inputs)
+        seqs = decoder.generate_sequences(enc, seq_targets, start_id=text.start_id, eos_id=text.eos_id,
+                                          temperature=options.temperature, top_k=options.top_k,
+                                          seed=options.seed,
+                                          banned_ids={t: banned_text_ids(text, t, given) for t in seq_targets})
+        for target, seq in seqs.items():
             for i in range(n):
                 ids = seq.tokens[i, :seq.lengths[i]]
                 results[i].setdefault("tokens", {})[target] = ids.tolist()
-                if target == "caption":
-                    results[i]["caption"] = text.decode(ids)
-                elif target == "boxes":
+                if target == "boxes":
                     boxes, scores = boxes_from_ids(text, ids, seq.logprobs[i, :seq.lengths[i]], image_size)
                     results[i]["boxes"], results[i]["box_scores"] = boxes, scores
                 else:
                     results[i][target] = text.decode(ids)
-        else:
-            grid = decoder.generate_grid(enc, target, steps=options.refine_steps,
-                                         temperature=options.temperature, seed=options.seed)
-            key = "segmentation" if target == "segmentation" else "image"
-            arrays = _tok(tokenizers, key).decode(grid.tokens, image_size)
-            for i in range(n):
-                results[i].setdefault("tokens", {})[target] = grid.tokens[i].tolist()
-                results[i][target] = np.asarray(arrays[i])
+    for target in targets:
+        if target in seq_targets:
+            continue
+        grid = decoder.generate_grid(enc, target, steps=options.refine_steps,
+                                     temperature=options.temperature, seed=options.seed)
+        key = "segmentation" if target == "segmentation" else "image"
+        arrays = _tok(tokenizers, key).decode(grid.tokens, image_size)
+        for i in range(n):
+            results[i].setdefault("tokens", {})[target] = grid.tokens[i].tolist()
+            results[i][target] = np.asarray(arrays[i])
     return results
