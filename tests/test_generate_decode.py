@@ -124,13 +124,19 @@ def test_sampling_rules(decoder):
     np.testing.assert_array_equal(a.tokens, a2.tokens)  # seeded
     assert (a.tokens != b.tokens).any()  # and random (96 ids, 36 draws at temperature 2)
     assert ((a.tokens >= 0) & (a.tokens < 96)).all()
+    from medscale.generate.decode import _sample
+
     # constrained decoding: banned ids never appear, whatever the temperature
     banned = sorted(set(greedy.tokens.ravel().tolist()))
     for kw in ({}, {"temperature": 3.0, "seed": 5}):
         c = decoder.generate_sequence(enc, "caption", start_id=2, eos_id=None, banned_ids=banned, **kw)
         assert not np.isin(c.tokens, banned).any()
+    # grouped greedy: singleton groups are argmax; a group of many small ids beats one larger id
+    logits = jnp.log(jnp.asarray([[0.3, 0.2, 0.2, 0.2, 0.1]]))
+    assert int(_sample(logits, jax.random.key(0), jnp.float32(0), jnp.int32(0))[0]) == 0
+    group = jnp.asarray([[0, 1, 1, 1, 4]])  # ids 1-3 together hold 0.6 > 0.3
+    assert int(_sample(logits, jax.random.key(0), jnp.float32(0), jnp.int32(0), group)[0]) == 1
     # top-k: every sampled token is among the k best of its step's logits
-    from medscale.generate.decode import _sample
 
     logits = jax.random.normal(jax.random.key(0), (64, 50))
     s = np.asarray(_sample(logits, jax.random.key(1), jnp.float32(1.0), jnp.int32(3)))

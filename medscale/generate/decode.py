@@ -17,8 +17,11 @@ arguments, not constants, and a new checkpoint does not recompile anything.
   targets of one vocabulary size are decoded together as extra rows of one batch (row r decodes target
   ``target_B[r]``, a traced value), so caption and boxes share one compiled step and one host loop. Every
   call has the same shapes: the step compiles once per (rows, cache length, encoder length). Sampling inside
-  the step: greedy (temperature 0), temperature, top-k (k = 0: no truncation), and a per-row mask of allowed
-  ids; all are traced values, so changing them does not recompile either.
+  the step: greedy (temperature 0), temperature, top-k (k = 0: no truncation), a per-row mask of allowed
+  ids, and per-row id groups for "grouped greedy" (the choice between sets of ids is made on their total
+  probability: for boxes, "a new box starts" -- any of the 32 first-corner bins -- against "</s>"; plain
+  argmax would let "none"/"</s>" win whenever no single bin beats it although a box is the more likely
+  continuation); all are traced values, so changing them does not recompile either.
 - Compiled functions are cached per (graph definition, spec), so a second ``Decoder`` of the same
   architecture (another checkpoint, another CLI call in the same process) reuses them.
 - Image-like targets (segmentation, image tokens): all positions predicted in parallel from the learned mask
@@ -64,8 +67,12 @@ def _out(a_BLHK, w, dtype):
                       preferred_element_type=jnp.float32).astype(dtype)
 
 
-def _sample(logits_BV, key, temperature, top_k):
-    """Greedy when temperature <= 0, else softmax(logits / T) truncated to the top-k (k <= 0: all)."""
+def _sample(logits_BV, key, temperature, top_k, group_BV=None):
+    """Greedy when temperature <= 0, else softmax(logits / T) truncated to the top-k (k <= 0: all).
+
+    ``group_BV`` (ids in ``[0, V)``; None: every id its own group): greedy first picks the group of largest
+    total probability, then its most likely id ("grouped greedy"; with singleton groups it is plain argmax).
+    """
     v = logits_BV.shape[-1]
     k_eff = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
     scaled = logits_BV / jnp.maximum(temperature, 1e-6)
@@ -73,7 +80,13 @@ def _sample(logits_BV, key, temperature, top_k):
                               jnp.broadcast_to(v - k_eff, scaled.shape[:-1] + (1,)).astype(jnp.int32), axis=-1)
     scaled = jnp.where(scaled >= kth, scaled, -jnp.inf)
     sampled = jax.random.categorical(key, scaled, axis=-1)
-    greedy = jnp.argmax(logits_BV, axis=-1)
+    if group_BV is None:
+        greedy = jnp.argmax(logits_BV, axis=-1)
+    else:
+        probs = jax.nn.softmax(logits_BV, axis=-1)
+        mass = jax.vmap(lambda p, g: jax.ops.segment_sum(p, g, num_segments=v))(probs, group_BV)
+        best = jnp.argmax(mass, axis=-1)
+        greedy = jnp.argmax(jnp.where(group_BV == best[:, None], logits_BV, -jnp.inf), axis=-1)
     return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
@@ -89,9 +102,10 @@ def _make_fns(graphdef, spec):
         cv = jnp.stack([_proj(enc_BED, lyr.cross_attn.v, dtype) for lyr in model.decoder])
         return {"cross_k": ck, "cross_v": cv, "eseg": eseg_BE}
 
-    def step(state, cache, tok_B, t, target_B, temperature, top_k, allowed_BV, key, *, size: int):
+    def step(state, cache, tok_B, t, target_B, temperature, top_k, allowed_BV, group_BV, key, *, size: int):
         """Decode position ``t`` of row b's sequence modality ``target_B[b]`` given its previous token;
-        ids where ``allowed_BV`` is False are never produced. All targets share the vocabulary ``size``.
+        ids where ``allowed_BV`` is False are never produced; ``group_BV``: greedy's id groups (``_sample``).
+        All targets share the vocabulary ``size``.
 
         Returns ``(next token [B], its log-probability [B], logits [B, size], cache)``."""
         model = nnx.merge(graphdef, state)
@@ -120,7 +134,7 @@ def _make_fns(graphdef, spec):
         offs = jnp.asarray(spec.vocab_offsets, jnp.int32)[target_B]
         logits = jnp.take_along_axis(full, offs[:, None] + jnp.arange(size, dtype=jnp.int32)[None], axis=1)
         logits = jnp.where(allowed_BV, logits, -jnp.inf)
-        nxt = _sample(logits, key, temperature, top_k)
+        nxt = _sample(logits, key, temperature, top_k, group_BV)
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), nxt[:, None], axis=-1)[:, 0]
         return nxt, logp, logits, {**cache, "self_k": sk, "self_v": sv}
 
@@ -194,12 +208,14 @@ class Decoder:
     # ------------------------------------------------------------------------------------------ loops
     def generate_sequences(self, enc: dict, targets, *, start_id: int, eos_id: int | None,
                            max_len: int | None = None, temperature: float = 0.0, top_k: int = 0,
-                           seed: int = 0, banned_ids=None) -> dict:
+                           seed: int = 0, banned_ids=None, groups=None) -> dict:
         """Autoregressive decoding of sequence modalities ``targets`` (same vocabulary size), together as rows
         of one batch; a host loop over the jitted step stops when every row has produced ``eos_id`` or
         reached its modality's ``max_tokens`` (or ``max_len``). ``banned_ids``: ids never produced, one list
         for all targets or ``{target: ids}`` (constrained decoding: padding, the start id, sentinels when the
-        target is not also an input). Returns ``{target: SequenceResult}``."""
+        target is not also an input). ``groups``: ``{target: [[ids], ...]}`` sets of ids that greedy decoding
+        weighs as one choice (e.g. every first-corner coordinate of a new box against end-of-sequence), then
+        the best id inside the chosen set. Returns ``{target: SequenceResult}``."""
         spec = self.spec
         targets = list(targets)
         mods = [spec.modalities[spec.modality_index(t)] for t in targets]
@@ -227,6 +243,12 @@ class Decoder:
             ban = banned_ids.get(t, ()) if isinstance(banned_ids, dict) else (banned_ids or ())
             ban = np.asarray([i for i in ban if 0 <= i < size and i != eos_id], np.int64)
             allowed[j * b:(j + 1) * b, ban] = False
+        group = np.broadcast_to(np.arange(size, dtype=np.int32), (rows, size)).copy()
+        for j, t in enumerate(targets):
+            for ids in (groups or {}).get(t, ()):
+                ids = [i for i in ids if 0 <= i < size]
+                if ids:
+                    group[j * b:(j + 1) * b, ids] = ids[0]
         target_rows = np.repeat(np.asarray([spec.modality_index(t) for t in targets], np.int32), b)
         limit_rows = np.repeat(np.asarray(limits), b)
         key = jax.random.key(seed)
@@ -235,7 +257,8 @@ class Decoder:
         logps = np.zeros((rows, length), np.float32)
         done = limit_rows <= 0
         lengths = limit_rows.astype(np.int64).copy()
-        args = (jnp.asarray(target_rows), jnp.float32(temperature), jnp.int32(top_k), jnp.asarray(allowed))
+        args = (jnp.asarray(target_rows), jnp.float32(temperature), jnp.int32(top_k), jnp.asarray(allowed),
+                jnp.asarray(group))
         for t in range(max(limits)):
             key, sub = jax.random.split(key)
             tok, logp, _, cache = self.step(self.state, cache, tok, jnp.int32(t), *args, sub, size=size)

@@ -73,6 +73,11 @@ def banned_text_ids(text_tok, target: str, given: set) -> list[int]:
     return ids
 
 
+def box_start_ids(text_tok) -> list[int]:
+    """The ids that start a box (``v0=0 .. v0={bins-1}``): one choice for grouped greedy decoding."""
+    return [text_tok.coord_id(0, i) for i in range(text_tok.box_bins)]
+
+
 def boxes_from_ids(text_tok, ids, logprobs, image_size: int) -> tuple[list, list]:
     """Generated box-text ids (EOS already cut) -> ([(class, x0, y0, x1, y1)], [confidence]).
 
@@ -107,7 +112,8 @@ def predict(decoder, tokenizers: dict, raw_inputs: dict[str, list], targets: lis
         seqs = decoder.generate_sequences(enc, seq_targets, start_id=text.start_id, eos_id=text.eos_id,
                                           temperature=options.temperature, top_k=options.top_k,
                                           seed=options.seed,
-                                          banned_ids={t: banned_text_ids(text, t, given) for t in seq_targets})
+                                          banned_ids={t: banned_text_ids(text, t, given) for t in seq_targets},
+                                          groups={"boxes": [box_start_ids(text)]})
         for target, seq in seqs.items():
             for i in range(n):
                 ids = seq.tokens[i, :seq.lengths[i]]
