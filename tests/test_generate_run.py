@@ -9,6 +9,8 @@ import pytest
 
 from medscale.cli import main
 
+pytestmark = pytest.mark.slow  # trains a tiny run through the real loop (module fixture)
+
 SIZE = 64
 
 

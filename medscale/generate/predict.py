@@ -82,14 +82,14 @@ def boxes_from_ids(text_tok, ids, logprobs, image_size: int) -> tuple[list, list
     """Generated box-text ids (EOS already cut) -> ([(class, x0, y0, x1, y1)], [confidence]).
 
     A box starts at each ``v0=`` coordinate token and runs to the next one; a span that does not parse as
-    ``v0 v1 v2 v3 class`` is dropped."""
+    ``v0 v1 v2 v3 class``, or whose far corner is not below and right of its near corner, is dropped."""
     ids = [int(i) for i in ids]
     v0_lo, v0_hi = text_tok.coord_id(0, 0), text_tok.coord_id(0, text_tok.box_bins - 1)
     starts = [k for k, i in enumerate(ids) if v0_lo <= i <= v0_hi] + [len(ids)]
     boxes, scores = [], []
     for a, b in itertools.pairwise(starts):
         parsed = text_tok.text_to_boxes(text_tok.decode(ids[a:b]), image_size)
-        if len(parsed) == 1:
+        if len(parsed) == 1 and parsed[0][3] > parsed[0][1] and parsed[0][4] > parsed[0][2]:
             boxes.append(parsed[0])
             scores.append(float(np.mean(logprobs[a:b])))
     return boxes, scores
