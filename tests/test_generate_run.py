@@ -107,14 +107,16 @@ def test_load_image_any_size_and_mode(tmp_path):
 
 
 def test_evaluate_stores_task_metrics(run_dir, capsys):
-    res = _json(capsys, ["evaluate", "--workdir", run_dir, "--num", "5", "--batch-size", "4", "--json"])
-    assert res["num_examples"] == 5 and res["checkpoint_step"] == 3
+    out = _json(capsys, ["evaluate", "--workdir", run_dir, "--num", "5", "--batch-size", "4", "--json"])
+    res, meta = out["task_metrics"], out["task_eval"]
+    assert meta["num_examples"] == 5 and meta["checkpoint_step"] == 3 and meta["split"] == "validation"
     for key in ("caption/bleu4", "caption/style_acc", "caption/count_acc", "boxes/mean_iou", "boxes/ap50",
                 "segmentation/miou", "segmentation/iou_background"):
         assert key in res and (res[key] is None or 0.0 <= res[key] <= 1.0), key
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
-    assert summary["task_metrics"] == res and summary["status"] == "done"
+    assert summary["task_metrics"] == res and summary["task_eval"] == meta and summary["status"] == "done"
+    assert all(isinstance(v, float) or v is None for v in res.values())  # only metrics: plotted vs compute
     assert not [f for f in os.listdir(run_dir) if ".tmp" in f]
 
 

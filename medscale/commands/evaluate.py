@@ -18,17 +18,19 @@ def run(args):
     import json
 
     from medscale.errors import UserError
-    from medscale.generate.evaluate import evaluate_run
+    from medscale.generate.evaluate import evaluate_run_with_meta
 
     if args.num < 1:
         raise UserError(f"--num must be at least 1, got {args.num}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    res = evaluate_run(args.workdir, args.num, checkpoint=args.checkpoint, write=not args.no_write,
-                       batch_size=args.batch_size, progress=not args.quiet and not args.json)
+    res, meta = evaluate_run_with_meta(args.workdir, args.num, checkpoint=args.checkpoint,
+                                       write=not args.no_write, batch_size=args.batch_size,
+                                       progress=not args.quiet and not args.json)
     if args.json:
-        print(json.dumps(res))
+        print(json.dumps({"task_metrics": res, "task_eval": meta}))
         return 0
+    print(f"{meta['num_examples']} {meta['split']} examples, checkpoint step {meta['checkpoint_step']}")
     for k, v in res.items():
         print(f"{k:34s} {v:.4f}" if isinstance(v, float) else f"{k:34s} {v}")
     if not args.no_write:

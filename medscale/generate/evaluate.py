@@ -10,12 +10,14 @@ dict of scalars (``None`` where undefined), keys named ``<target>/<metric>``:
   ``caption/location_size_f1``, ``caption/all_correct`` (finding accuracy; only when examples carry ``facts``);
 - ``boxes/mean_iou`` (Hungarian-matched IoU per ground-truth box), ``boxes/ap50`` (class-aware AP@0.5, ranked by
   each box's mean token log-probability), ``boxes/num_pred_per_image``;
-- ``segmentation/miou``, ``segmentation/pixel_acc``, ``segmentation/iou_<class>``;
-- ``num_examples``.
+- ``segmentation/miou``, ``segmentation/pixel_acc``, ``segmentation/iou_<class>``.
+
+Only metrics go into that dict (the report plots each of its keys against compute); what was evaluated goes
+into ``task_eval``: ``num_examples``, ``checkpoint_step``, ``split``, ``boxes_true_per_image``, ``decoding``.
 
 ``evaluate_run(workdir, num_examples)`` does this for a run directory (its latest checkpoint, its held-out
-split), adds ``checkpoint_step`` and writes the dict into ``summary.json`` under ``task_metrics`` (atomic
-rewrite: temp file + ``os.replace``).
+split) and writes ``task_metrics`` and ``task_eval`` into its ``summary.json`` (atomic rewrite: temp file +
+``os.replace``).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def task_metrics(decoder, tokenizers: dict, examples: list[dict], image_size: in
         preds.extend(out[:real])
         if progress is not None:
             progress(real)
-    res: dict = {"num_examples": len(examples)}
+    res: dict = {}
     if "caption" in targets:
         idx = [i for i, e in enumerate(examples) if e.get("caption")]
         if idx:
@@ -79,7 +81,6 @@ def task_metrics(decoder, tokenizers: dict, examples: list[dict], image_size: in
         res["boxes/mean_iou"] = M.box_matched_iou(pb, tb)["mean_iou"]
         res["boxes/ap50"] = M.average_precision(pb, tb, [preds[i]["box_scores"] for i in known])["map"]
         res["boxes/num_pred_per_image"] = float(np.mean([len(b) for b in pb]))
-        res["boxes/num_true_per_image"] = float(np.mean([len(b) for b in tb]))
     if "segmentation" in targets and known:
         seg = M.segmentation_iou([preds[i]["segmentation"] for i in known], [examples[i]["mask"] for i in known])
         res["segmentation/miou"] = seg["miou"]
@@ -88,8 +89,9 @@ def task_metrics(decoder, tokenizers: dict, examples: list[dict], image_size: in
     return res
 
 
-def write_task_metrics(workdir: str, metrics: dict) -> dict:
-    """Merge ``metrics`` into ``workdir/summary.json`` under ``task_metrics`` (atomic); returns the summary."""
+def write_task_metrics(workdir: str, metrics: dict, meta: dict | None = None) -> dict:
+    """Set ``task_metrics`` (and ``task_eval`` when given) in ``workdir/summary.json`` (atomic); returns the
+    summary."""
     path = os.path.join(workdir, "summary.json")
     if not os.path.exists(path):
         raise UserError(f"{workdir} has no summary.json: the run has not finished; evaluate it when it has")
@@ -99,6 +101,8 @@ def write_task_metrics(workdir: str, metrics: dict) -> dict:
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"{path} is unreadable ({exc}); re-run the training to rewrite it") from None
     summary["task_metrics"] = metrics
+    if meta is not None:
+        summary["task_eval"] = meta
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(summary, f, indent=1, sort_keys=True)
@@ -111,6 +115,14 @@ def evaluate_run(workdir: str, num_examples: int = 64, *, checkpoint: int | None
     """Task metrics of run ``workdir`` on ``num_examples`` held-out examples; stored in its summary.json
     under ``task_metrics`` when ``write`` (see the module docstring). Returns the metrics. ``data``: the
     run's ``medscale.data.pipeline.Data`` when the caller (the training loop) already has it."""
+    return evaluate_run_with_meta(workdir, num_examples, checkpoint=checkpoint, write=write,
+                                  batch_size=batch_size, progress=progress, data=data)[0]
+
+
+def evaluate_run_with_meta(workdir: str, num_examples: int = 64, *, checkpoint: int | None = None,
+                           write: bool = True, batch_size: int = 16, progress: bool = False,
+                           data=None) -> tuple[dict, dict]:
+    """:func:`evaluate_run`, also returning what was evaluated (``task_eval``)."""
     from medscale.generate.run import heldout_examples, load_run
 
     if num_examples < 1:
@@ -131,8 +143,10 @@ def evaluate_run(workdir: str, num_examples: int = 64, *, checkpoint: int | None
     finally:
         if bar is not None:
             bar.close()
-    res["checkpoint_step"] = run.step
-    res["split"] = run.split
+    known = [e for e in examples if e.get("mask") is not None]
+    meta = {"num_examples": len(examples), "checkpoint_step": run.step, "split": run.split,
+            "boxes_true_per_image": float(np.mean([len(e.get("boxes") or ()) for e in known])) if known else None,
+            "decoding": "greedy (boxes: grouped greedy), segmentation one parallel pass"}
     if write:
-        write_task_metrics(workdir, res)
-    return res
+        write_task_metrics(workdir, res, meta)
+    return res, meta
