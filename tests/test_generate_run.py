@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -139,3 +140,10 @@ def test_user_errors(run_dir, tmp_path, capsys):
     assert "out of range" in _error(capsys, ["generate", "--workdir", run_dir, "--example", "validation:999",
                                              "--out", str(tmp_path)])
     assert not (tmp_path / "validation-999.png").exists()
+    # a run directory whose checkpoint is not one
+    fake = tmp_path / "fake"
+    (fake / "checkpoints" / "5").mkdir(parents=True)
+    shutil.copy(os.path.join(run_dir, "config.json"), fake / "config.json")
+    assert "does not restore" in _error(capsys, ["generate", "--workdir", str(fake), "--example",
+                                                 "validation:0"])
+    assert "no summary.json" in _error(capsys, ["evaluate", "--workdir", str(fake)])

@@ -60,14 +60,24 @@ def checkpoint_steps(workdir: str) -> list[int]:
     return sorted(int(n) for n in os.listdir(d) if n.isdigit())
 
 
-def restore_params(workdir: str, cfg, spec, step: int | None):
-    """(params pure dict, step) of a checkpoint of the training loop."""
+def _abstract_train_state(cfg, spec):
+    """The training loop's abstract state on one device (a target for checkpoints saved under a mesh)."""
     import jax
-    import orbax.checkpoint as ocp
 
     from medscale.model.sharding import make_mesh
     from medscale.train.loop import opt_config, run_length
     from medscale.train.step import build
+
+    prog = build(spec, opt_config(cfg, run_length(cfg)), mesh=make_mesh((1, 1, 1), jax.devices()[:1]),
+                 dtype=cfg.model.dtype, remat="none", attention=cfg.model.attention, donate=False)
+    return prog.abstract_state
+
+
+def restore_params(workdir: str, cfg, spec, step: int | None):
+    """(params pure dict, step) of a checkpoint of the training loop (``{"state": {"params", "opt", ...},
+    "data": ...}`` under ``workdir/checkpoints/<step>``). Restored as saved when that works (no dependence on
+    the optimiser's structure), else against the training loop's abstract state on one device."""
+    import orbax.checkpoint as ocp
 
     steps = checkpoint_steps(workdir)
     if not steps:
@@ -76,18 +86,26 @@ def restore_params(workdir: str, cfg, spec, step: int | None):
         step = steps[-1]
     elif step not in steps:
         raise UserError(f"--checkpoint {step}: not in {workdir}; available steps: {', '.join(map(str, steps))}")
-    prog = build(spec, opt_config(cfg, run_length(cfg)), mesh=make_mesh((1, 1, 1), jax.devices()[:1]),
-                 dtype=cfg.model.dtype, remat="none", attention=cfg.model.attention, donate=False)
     mgr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CKPT_DIR)),
                                 options=ocp.CheckpointManagerOptions(create=False))
     try:
-        restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(prog.abstract_state)))
+        try:
+            restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        except Exception:  # noqa: BLE001 - e.g. saved under a mesh this host does not have: use a target
+            target = _abstract_train_state(cfg, spec)
+            restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     except Exception as exc:  # noqa: BLE001 - a corrupt or foreign checkpoint is the user's to fix
         raise UserError(f"checkpoint {step} of {workdir} does not restore ({type(exc).__name__}: {exc}); "
                         "delete it or give another --checkpoint") from None
     finally:
         mgr.close()
-    return restored["state"]["params"], int(step)
+    state = restored["state"]
+    if not isinstance(state, dict) or "params" not in state:
+        raise UserError(f"checkpoint {step} of {workdir} holds no parameters; is it a medscale run?")
+    return state["params"], int(step)
+
+
+INFERENCE_ATTENTION = {"cudnn": "dense", "xla": "dense", "blockwise": "dense"}  # exact full attention on any device
 
 
 def build_model(spec, cfg, params):
@@ -95,7 +113,8 @@ def build_model(spec, cfg, params):
 
     from medscale.train.step import abstract_model
 
-    abstract = abstract_model(spec, cfg.model.dtype, "none", cfg.model.attention)
+    attention = INFERENCE_ATTENTION.get(cfg.model.attention, cfg.model.attention)
+    abstract = abstract_model(spec, cfg.model.dtype, "none", attention)
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
