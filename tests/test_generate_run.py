@@ -88,6 +88,11 @@ def test_generate_any_image_and_any_subset(run_dir, tmp_path, capsys):
     out = _json(capsys, ["generate", "--workdir", run_dir, "--example", "validation:0", "--inputs", "caption",
                          "--targets", "segmentation", "--out", str(tmp_path / "o"), "--json"])
     assert out["inputs"] == ["caption"] and out["segmentation"]["shape"] == [SIZE, SIZE]
+    # mask -> image tokens (VQ-decoded) and caption
+    out = _json(capsys, ["generate", "--workdir", run_dir, "--example", "validation:2", "--inputs", "segmentation",
+                         "--targets", "image,caption", "--out", str(tmp_path / "o"), "--json", "--refine-steps", "2"])
+    img = np.asarray(Image.open(out["image"]["path"]))
+    assert img.shape == (SIZE, SIZE) and img.dtype == np.uint8 and isinstance(out["caption"], str)
 
 
 def test_load_image_any_size_and_mode(tmp_path):

@@ -75,10 +75,13 @@ def generate(workdir: str, *, checkpoint=None, image_path=None, example=None, in
     os.makedirs(out_dir, exist_ok=True)
     picture = os.path.join(out_dir, f"{stem}.png")
     base = image if image is not None else np.zeros((size, size), np.uint8)
-    draw(picture, base, caption=pred.get("caption"), boxes=pred.get("boxes"), mask=pred.get("segmentation"),
+    generated = pred.get("image")  # image tokens decoded: the prediction panel shows the generated image
+    draw(picture, generated if generated is not None else base, caption=pred.get("caption"),
+         boxes=pred.get("boxes"), mask=pred.get("segmentation"),
          true_caption=truth.get("caption") if truth else None,
          true_boxes=truth.get("boxes") if truth else None,
          true_mask=truth.get("mask") if truth is not None and "segmentation" in targets else None,
+         true_image=base if generated is not None and truth is not None else None,
          title=f"{os.path.basename(os.path.abspath(workdir))} step {run.step}: "
                f"{'+'.join(inputs)} -> {'+'.join(targets)}")
     out = {"workdir": workdir, "checkpoint_step": run.step, "inputs": list(inputs), "targets": list(targets),

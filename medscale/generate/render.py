@@ -60,21 +60,25 @@ def _boxes(ax, boxes, colour, style):
 
 
 def draw(path: str, image: np.ndarray, *, caption: str | None = None, boxes=None, mask=None,
-         true_caption: str | None = None, true_boxes=None, true_mask=None, title: str = "") -> None:
-    """Write the picture described in the module docstring to ``path`` (PNG, atomically)."""
+         true_caption: str | None = None, true_boxes=None, true_mask=None, true_image=None,
+         title: str = "") -> None:
+    """Write the picture described in the module docstring to ``path`` (PNG, atomically). ``image``: the
+    prediction panel's background (the input image, or the generated one); ``true_image``: the ground-truth
+    panel's (default ``image``)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    show_truth = true_mask is not None
+    show_truth = true_mask is not None or true_image is not None
     ncols = 2 if show_truth else 1
     fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 5.4), squeeze=False)
-    panels = [(axes[0, 0], mask, boxes, "prediction")]
+    panels = [(axes[0, 0], image, mask, boxes, "prediction")]
     if show_truth:
-        panels.append((axes[0, 1], true_mask, true_boxes, "ground truth"))
-    for ax, m, bx, name in panels:
-        ax.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        panels.append((axes[0, 1], image if true_image is None else true_image, true_mask, true_boxes,
+                       "ground truth"))
+    for ax, img, m, bx, name in panels:
+        ax.imshow(img, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         if m is not None:
             rgba = np.asarray(MASK_COLOURS, np.float32)[np.clip(np.asarray(m, np.int64), 0, 3)]
             ax.imshow(rgba, interpolation="nearest")
