@@ -17,19 +17,21 @@ SIZE = 64
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from medscale.train.loop import train
-
     from medscale.configs import load_config
+    from medscale.train.loop import train
 
     root = tmp_path_factory.mktemp("gen")
     cfg = load_config("tiny", [f"data.data_dir={root / 'data'}", "data.num_train=48", "data.num_eval=8",
                                "train.steps=3", "train.batch_size=4", "train.eval_every=3", "train.ckpt_every=3",
-                               "train.eval_batches=1", "train.warmup_steps=1"])
-    if "task_eval_examples" in cfg.train:
-        cfg.train.task_eval_examples = 0  # this test calls evaluation itself
+                               "train.eval_batches=1", "train.warmup_steps=1", "train.task_eval_examples=4"])
     workdir = str(root / "run")
     summary = train(cfg, workdir, progress=False)
     assert summary["status"] == "done"
+    # the training loop's end-of-run hook stored the task metrics
+    assert summary["task_eval"]["num_examples"] == 4 and summary["task_eval"]["checkpoint_step"] == 3
+    assert {"caption/bleu4", "boxes/mean_iou", "boxes/ap50", "segmentation/miou"} <= set(summary["task_metrics"])
+    with open(os.path.join(workdir, "summary.json")) as f:
+        assert json.load(f)["task_metrics"] == summary["task_metrics"]
     return workdir
 
 
