@@ -8,6 +8,8 @@ def register(sub):
     p.add_argument("--num", type=int, default=64, help="held-out examples to decode (default 64)")
     p.add_argument("--checkpoint", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--batch-size", type=int, default=16, help="examples decoded together (default 16)")
+    p.add_argument("--refine-steps", type=int, default=1,
+                   help="segmentation: MaskGIT refinement passes (default 1: one parallel pass)")
     p.add_argument("--no-write", action="store_true", help="print only; leave summary.json as it is")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", action="store_true")
@@ -26,6 +28,7 @@ def run(args):
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     res, meta = evaluate_run_with_meta(args.workdir, args.num, checkpoint=args.checkpoint,
                                        write=not args.no_write, batch_size=args.batch_size,
+                                       refine_steps=args.refine_steps,
                                        progress=not args.quiet and not args.json)
     if args.json:
         print(json.dumps({"task_metrics": res, "task_eval": meta}))

@@ -1,7 +1,7 @@
 """Task metrics of a model on held-out examples, and of a finished run (stored in its ``summary.json``).
 
 ``task_metrics(decoder, tokenizers, examples, image_size)`` decodes caption, boxes and segmentation from the
-image alone (greedy, one parallel pass for the mask) in fixed-size batches (the last one padded by repeating
+image alone (greedy; one parallel pass for the mask unless ``refine_steps`` > 1) in fixed-size batches (the last one padded by repeating
 examples, so nothing recompiles) and scores them with :mod:`medscale.generate.metrics`. The result is a flat
 dict of scalars (``None`` where undefined), keys named ``<target>/<metric>``:
 
@@ -111,22 +111,25 @@ def write_task_metrics(workdir: str, metrics: dict, meta: dict | None = None) ->
 
 
 def evaluate_run(workdir: str, num_examples: int = 64, *, checkpoint: int | None = None, write: bool = True,
-                 batch_size: int = 16, progress: bool = False, data=None) -> dict:
+                 batch_size: int = 16, progress: bool = False, data=None, refine_steps: int = 1) -> dict:
     """Task metrics of run ``workdir`` on ``num_examples`` held-out examples; stored in its summary.json
     under ``task_metrics`` when ``write`` (see the module docstring). Returns the metrics. ``data``: the
     run's ``medscale.data.pipeline.Data`` when the caller (the training loop) already has it."""
     return evaluate_run_with_meta(workdir, num_examples, checkpoint=checkpoint, write=write,
-                                  batch_size=batch_size, progress=progress, data=data)[0]
+                                  batch_size=batch_size, progress=progress, data=data,
+                                  refine_steps=refine_steps)[0]
 
 
 def evaluate_run_with_meta(workdir: str, num_examples: int = 64, *, checkpoint: int | None = None,
                            write: bool = True, batch_size: int = 16, progress: bool = False,
-                           data=None) -> tuple[dict, dict]:
+                           data=None, refine_steps: int = 1) -> tuple[dict, dict]:
     """:func:`evaluate_run`, also returning what was evaluated (``task_eval``)."""
     from medscale.generate.run import heldout_examples, load_run
 
     if num_examples < 1:
         raise UserError(f"--num must be at least 1, got {num_examples}")
+    if refine_steps < 1:
+        raise UserError(f"--refine-steps must be at least 1, got {refine_steps}")
     if write and not os.path.exists(os.path.join(workdir, "summary.json")) and os.path.isdir(workdir):
         raise UserError(f"{workdir} has no summary.json: the run has not finished; evaluate it when it has "
                         "(or pass --no-write)")
@@ -139,6 +142,7 @@ def evaluate_run_with_meta(workdir: str, num_examples: int = 64, *, checkpoint: 
         bar = tqdm(total=len(examples), desc="evaluate", unit="ex", leave=False)
     try:
         res = task_metrics(run.decoder, run.tokenizers, examples, run.image_size, batch_size=batch_size,
+                           options=DecodeOptions(refine_steps=refine_steps),
                            progress=bar.update if bar is not None else None)
     finally:
         if bar is not None:
@@ -146,7 +150,8 @@ def evaluate_run_with_meta(workdir: str, num_examples: int = 64, *, checkpoint: 
     known = [e for e in examples if e.get("mask") is not None]
     meta = {"num_examples": len(examples), "checkpoint_step": run.step, "split": run.split,
             "boxes_true_per_image": float(np.mean([len(e.get("boxes") or ()) for e in known])) if known else None,
-            "decoding": "greedy (boxes: grouped greedy), segmentation one parallel pass"}
+            "decoding": "greedy (boxes: grouped greedy), segmentation "
+                        + ("one parallel pass" if refine_steps == 1 else f"{refine_steps} MaskGIT passes")}
     if write:
         write_task_metrics(workdir, res, meta)
     return res, meta
