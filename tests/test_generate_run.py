@@ -142,6 +142,10 @@ def test_user_errors(run_dir, tmp_path, capsys):
                                                      "validation:0"])
     assert "--refine-steps" in _error(capsys, ["generate", "--workdir", run_dir, "--example", "validation:0",
                                                "--refine-steps", "0"])
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert "--out" in _error(capsys, ["generate", "--workdir", run_dir, "--example", "validation:0",
+                                      "--out", str(afile)])
     assert "--num" in _error(capsys, ["evaluate", "--workdir", run_dir, "--num", "0"])
     assert "available steps: 3" in _error(capsys, ["evaluate", "--workdir", run_dir, "--checkpoint", "7"])
     assert "out of range" in _error(capsys, ["generate", "--workdir", run_dir, "--example", "validation:999",

@@ -21,7 +21,7 @@ def register(sub):
                    help="image-like targets: MaskGIT refinement passes (1 = one parallel pass)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors (with --json: the object)")
     p.set_defaults(func=run)
 
 
@@ -61,9 +61,11 @@ def run(args):
     out = generate(args.workdir, checkpoint=args.checkpoint, image_path=args.image, example=example,
                    inputs=inputs, targets=targets, out_dir=args.out or os.path.join(args.workdir, "generate"),
                    temperature=args.temperature, top_k=args.top_k, refine_steps=args.refine_steps,
-                   seed=args.seed, progress=not args.quiet and not args.json)
+                   seed=args.seed)
     if args.json:
         print(json.dumps(out))
+        return 0
+    if args.quiet:
         return 0
     if "caption" in out:
         print(f"caption: {out['caption']}")

@@ -31,7 +31,7 @@ def _save_mask(path: str, mask: np.ndarray) -> None:
 
 def generate(workdir: str, *, checkpoint=None, image_path=None, example=None, inputs=("image",),
              targets=("caption", "boxes", "segmentation"), out_dir: str, temperature=0.0, top_k=0,
-             refine_steps=1, seed=0, progress=False) -> dict:
+             refine_steps=1, seed=0) -> dict:
     from medscale.generate.predict import DecodeOptions, predict
     from medscale.generate.render import draw, load_image
     from medscale.generate.run import example as get_example
@@ -50,6 +50,12 @@ def generate(workdir: str, *, checkpoint=None, image_path=None, example=None, in
     if both:
         raise UserError(f"--targets and --inputs both name {both[0]!r}; a modality is either given or decoded")
     image = load_image(image_path, size) if image_path is not None else None
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {out_dir}: cannot create the folder ({exc.strerror}); give another --out") from None
+    if not os.access(out_dir, os.W_OK):
+        raise UserError(f"--out {out_dir}: not writable; give another --out")
 
     run = load_run(workdir, checkpoint)
     truth = None
@@ -72,7 +78,6 @@ def generate(workdir: str, *, checkpoint=None, image_path=None, example=None, in
                          seed=int(seed))
     pred = predict(run.decoder, run.tokenizers, raw, list(targets), size, opts)[0]
 
-    os.makedirs(out_dir, exist_ok=True)
     picture = os.path.join(out_dir, f"{stem}.png")
     base = image if image is not None else np.zeros((size, size), np.uint8)
     generated = pred.get("image")  # image tokens decoded: the prediction panel shows the generated image
