@@ -102,6 +102,13 @@ def test_roco_round_trip_both_naming_schemes(tmp_path):
     assert (toks["caption_len"] > 0).sum() == 6 and len(toks["caption_len"]) == 8
     b = next(data.iterator("train", 4, 0, 0, 1))
     check_batch(b, 4, data.spec.enc_len, data.spec.dec_len)
+    full = build(tmp_path, "roco", manual, "data.modalities=('image','caption','boxes','segmentation')")
+    assert full.tokenizers.segmentation is None  # real data has no masks: segmentation is absent, not an error
+    b = next(full.iterator("train", 4, 0, 0, 1))
+    assert not np.isin(b["enc_modality"][b["enc_valid"]], [2, 3]).any()
+    assert not np.isin(b["dec_modality"][b["dec_valid"]], [2, 3]).any()
+    with pytest.raises(UserError, match="no segmentation tokenizer"):
+        full.detokenize("segmentation", np.zeros(64, int))
 
 
 # ----------------------------------------------------------------------------------------------- ROCOv2

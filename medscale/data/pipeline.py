@@ -410,6 +410,8 @@ class Data:
         """Local ids of one modality -> a caption (str), boxes ([(cls, x0, y0, x1, y1)] pixels), an image or a
         mask (uint8 HxW; image-like ids must cover the whole grid in position order)."""
         m = self.modality(name)
+        if m.tokenizer is None:
+            raise UserError(f"dataset {self.key} has no {name} tokenizer (its examples carry no {m.field})")
         if name == "caption":
             return m.tokenizer.decode(ids)
         if name == "boxes":
