@@ -180,8 +180,9 @@ RACE = """
 import sys, json
 from medscale.configs import load_config, spec_from_config
 from medscale.data.pipeline import build_data
-cfg = load_config("tiny", ["data.data_dir=" + sys.argv[1], "data.num_train=64", "data.num_eval=8",
-                           "data.tokenizer_examples=64", "data.vq_iters=2"])
+cfg = load_config("tiny", ["data.data_dir=" + sys.argv[1], "data.num_train=48", "data.num_eval=8",
+                           "data.tokenizer_examples=48", "data.vq_iters=1", "data.image_vocab=16",
+                           "data.seg_vocab=16"])
 d = build_data(cfg, spec_from_config(cfg))
 b = next(d.iterator("train", 4, 0, 0, 1))
 print(json.dumps([d.tokenizers.hash, int(b["enc_tokens"].sum())]))
