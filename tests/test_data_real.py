@@ -73,7 +73,8 @@ def write_roco(root):
                 truth[ident] = (" ".join(cap.split()), img, split)
             (d / "captions.txt").write_text("\n".join(caps) + "\n")
             (d / "dlinks.txt").write_text("\n".join(links) + "\n")
-            (d / "keywords.txt").write_text("")
+            (d / "keywords.txt").write_text("".join(f"{c.split(chr(9))[0]}\t\tchest\tnodule\n" for c in caps))
+            (d / "cuis.txt").write_text("".join(f"{c.split(chr(9))[0]}\tC0817096\n" for c in caps))
             (d / "licences.txt").write_text("ROCO_ID,PMC_ID,LICENCE\n")
     return truth
 
@@ -90,6 +91,7 @@ def test_roco_round_trip_both_naming_schemes(tmp_path):
         e, s = got[ident]
         assert s == split and e["caption"] == cap and e["mask"] is None and e["boxes"] == []
         assert e["meta"]["subset"] in ("radiology", "non-radiology") and e["facts"] == {}
+        assert e["meta"]["keywords"] == ["chest", "nodule"] and e["meta"]["cuis"] == ["C0817096"]
         want = to_grey(img, 64)
         tol = 8 if int(ident[5:]) % 2 == 0 else 0  # JPEG (newer scheme) is lossy
         assert np.abs(e["image"].astype(int) - want.astype(int)).mean() <= tol
