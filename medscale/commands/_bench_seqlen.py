@@ -355,12 +355,17 @@ def plot(rows, info, path: str) -> None:
         label = key[0] if key[1] == "none" else f"{key[0]} / remat {key[1]}"
         line, = ax_mem.plot([r["length"] for r in sel], [r["peak_bytes"] / 2**30 for r in sel], "o-", label=label)
         ran = [r for r in sel if r["step_s"] is not None]
-        ax_time.plot([r["length"] for r in ran], [r["step_s"] for r in ran], "o-", color=line.get_color(),
-                     label=label)
+        if ran:
+            ax_time.plot([r["length"] for r in ran], [r["step_s"] for r in ran], "o-", color=line.get_color(),
+                         label=label)
     ax_mem.axhline(info["memory_limit"] / 2**30, color="grey", ls="--", lw=1, label="memory limit")
+    timed = any(r["step_s"] for r in rows)
+    if not timed:
+        ax_time.text(0.5, 0.5, "no cell fits the memory limit", ha="center", transform=ax_time.transAxes)
     for ax, title in ((ax_mem, "compiled peak memory (GiB)"), (ax_time, "train step (s, median)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        if ax is ax_mem or timed:
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
         ax.set_xlabel("encoder length (tokens)")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
