@@ -200,6 +200,7 @@ def compile_cell(spec, batch_size: int, *, attention: str, remat: str, dtype: st
     import time
 
     from medscale import accounting
+    from medscale.errors import UserError
     from medscale.model.attention import attention_options
     from medscale.train.step import OptConfig, abstract_batch, build
 
@@ -208,7 +209,15 @@ def compile_cell(spec, batch_size: int, *, attention: str, remat: str, dtype: st
         prog = build(spec, OptConfig(total_steps=1000, warmup_steps=10), dtype=dtype, remat=remat,
                      attention=attention)
         t = time.perf_counter()
-        compiled = prog.step.lower(prog.abstract_state, abstract_batch(prog, batch_size)).compile()
+        try:
+            lowered = prog.step.lower(prog.abstract_state, abstract_batch(prog, batch_size))
+        except ValueError as exc:
+            if "site_implementation" not in str(exc):
+                raise
+            raise UserError("this model passes attention 'local' to its cross-attention; it must choose each "
+                            "call site's implementation with medscale.model.attention.site_implementation "
+                            "(local for the encoder only)") from None
+        compiled = lowered.compile()
         row["compile_s"] = time.perf_counter() - t
     mem = compiled.memory_analysis()
     parts = {"argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
