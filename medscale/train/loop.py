@@ -117,18 +117,13 @@ def opt_config(cfg, steps: int):
 # ---------------------------------------------------------------------------------------------- accounting
 def _accounting(spec, cfg):
     """(params dict, model_flops/step, hardware_flops/step) from medscale.accounting (None when absent)."""
-    try:
-        from medscale import accounting
-    except ImportError:
-        return None, None, None
+    from medscale import accounting
+
     params = accounting.param_counts(spec)
     opts = {"remat": cfg.model.remat, "attention": cfg.model.attention}
     if cfg.model.attention == "local":
         opts["window"] = int(cfg.model.attention_window)
-    try:
-        f = accounting.step_flops(spec, int(cfg.train.batch_size), **opts)
-    except TypeError:
-        f = accounting.step_flops(spec, int(cfg.train.batch_size))
+    f = accounting.step_flops(spec, int(cfg.train.batch_size), **opts)
     return params, float(f["model_flops"]), float(f["hardware_flops"])
 
 
@@ -136,21 +131,17 @@ def _peak(cfg):
     """(hardware name, peak FLOP/s per device) from medscale.hardware; (name, None) when unknown."""
     import jax
 
-    kind = jax.devices()[0].device_kind
+    from medscale import hardware
+
     name = cfg.get("hardware", "auto") or "auto"
-    precision = "bf16" if cfg.model.dtype == "bfloat16" else "fp32"
-    try:
-        from medscale import hardware
-    except ImportError:
-        return (kind if name == "auto" else name), None
     try:
         if name == "auto":
-            name = hardware.detect() if hasattr(hardware, "detect") else kind
-        return name, float(hardware.peak_flops(name, precision))
-    except UserError:
-        raise
-    except Exception as exc:  # an unknown device: MFU is null, the run goes on
-        log.warning("no peak FLOP/s for %s (%s): MFU will be null", name, exc)
+            name = hardware.hardware_for_jax_devices()
+        return name, float(hardware.peak_flops(name, hardware.precision_for_dtype(name, cfg.model.dtype)))
+    except UserError as exc:
+        if cfg.get("hardware", "auto") not in ("auto", None, ""):
+            raise  # the user named hardware the table does not know
+        log.warning("no peak FLOP/s for %s (%s): MFU will be null", jax.devices()[0].device_kind, exc)
         return name, None
 
 
@@ -294,7 +285,8 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
 
     mesh = make_mesh(mesh_shape)
     prog = build(spec, opt_config(cfg, steps), mesh=mesh, rules=tuple(tuple(r) for r in cfg.mesh.rules),
-                 dtype=cfg.model.dtype, remat=cfg.model.remat, attention=cfg.model.attention)
+                 dtype=cfg.model.dtype, remat=cfg.model.remat, attention=cfg.model.attention,
+                 attention_block=int(cfg.model.attention_block), attention_window=int(cfg.model.attention_window))
     bs = int(cfg.train.batch_size)
     tokens_per_step = bs * (spec.enc_len + spec.dec_len)
     params, model_flops, hw_flops = _accounting(spec, cfg)
