@@ -53,6 +53,12 @@ def run_quickstart(results: str = "results", workers: int = 2, progress: bool = 
     from medscale.sweep.design import expand, load_definition
     from medscale.sweep.launcher import Launcher
 
+    import importlib.util
+
+    for module in ("medscale.analysis.fitting", "medscale.analysis.report"):  # fail before training, not after
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"this installation lacks {module}, which the quickstart's fit and report need; "
+                            "install the full medscale package")
     stage = stage or (lambda msg: None)
     definition = load_definition(sweep) if sweep else quickstart_sweep()
     runs = expand(definition)
