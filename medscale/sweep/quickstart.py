@@ -50,10 +50,10 @@ def run_quickstart(results: str = "results", workers: int = 2, progress: bool = 
                    mfu: float = DEFAULT_MFU, bootstrap: int = 200, seed: int = 0, stage=None) -> dict:
     """Train the sweep (resuming whatever is already there), fit, write ``<results>/<sweep>/report.md`` with its
     figures, and return ``{"sweep", "launch", "report"}``."""
+    import importlib.util
+
     from medscale.sweep.design import expand, load_definition
     from medscale.sweep.launcher import Launcher
-
-    import importlib.util
 
     for module in ("medscale.analysis.fitting", "medscale.analysis.report"):  # fail before training, not after
         if importlib.util.find_spec(module) is None:
