@@ -184,3 +184,18 @@ def test_eta_models_overhead_and_flops():
     assert eta_seconds(finished, [4e9, 4e9], [], 1) == pytest.approx(28.0)
     assert eta_seconds(finished, [4e9, 4e9], [(4e9, 5.0)], 1) == pytest.approx(37.0)
     assert eta_seconds(finished, [4e9, 4e9], [], 2) == pytest.approx(14.0)  # two workers share it
+
+
+def test_status_cli(results, capsys):
+    from medscale.cli import main
+
+    assert main(["sweep", "status", str(results / "sw"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["counts"]["done"] == 1 and len(out["runs"]) == 7
+    done = next(r for r in out["runs"] if r["run_id"] == "a-done")
+    assert done["loss"] == 2.5 and done["pf_days"] == pytest.approx(2e12 / 8.64e19)
+    assert main(["sweep", "status", str(results / "sw")]) == 0
+    text = capsys.readouterr()
+    line = next(ln for ln in text.out.splitlines() if ln.startswith("a-done"))
+    assert "done" in line and "2.5000" in line and "12s" in line and "10.0%" in line
+    assert "b-failed: ValueError: boom" in text.err
