@@ -94,6 +94,14 @@ def _fmt(x, spec):
     return format(x, spec)
 
 
+def _plain(x):
+    """numpy scalars -> Python numbers for JSON (full precision: pandas' to_json rounds to 10 decimals)."""
+    if hasattr(x, "item"):
+        x = x.item()
+        return None if isinstance(x, float) and not math.isfinite(x) else x
+    return str(x)
+
+
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
@@ -104,8 +112,9 @@ def _status(args):
     df = registry.load_sweep(args.path, results=args.results)
     counts = df["status"].value_counts().to_dict()
     if args.json:
-        records = json.loads(df.to_json(orient="records"))
-        print(json.dumps({"path": args.path, "counts": counts, "runs": records}))
+        records = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
+                   for r in df.astype(object).to_dict("records")]
+        print(json.dumps({"path": args.path, "counts": counts, "runs": records}, default=_plain))
         return 0
     print(f"{'run_id':40s} {'state':11s} {'loss':>7s} {'FLOPs':>9s} {'PF-days':>9s} {'wall':>8s} {'MFU':>6s}")
     for r in df.to_dict("records"):
