@@ -73,7 +73,8 @@ def write_roco(root):
                 truth[ident] = (" ".join(cap.split()), img, split)
             (d / "captions.txt").write_text("\n".join(caps) + "\n")
             (d / "dlinks.txt").write_text("\n".join(links) + "\n")
-            (d / "keywords.txt").write_text("")
+            (d / "keywords.txt").write_text("".join(f"{c.split(chr(9))[0]}\t\tchest\tnodule\n" for c in caps))
+            (d / "cuis.txt").write_text("".join(f"{c.split(chr(9))[0]}\tC0817096\n" for c in caps))
             (d / "licences.txt").write_text("ROCO_ID,PMC_ID,LICENCE\n")
     return truth
 
@@ -89,6 +90,8 @@ def test_roco_round_trip_both_naming_schemes(tmp_path):
     for ident, (cap, img, split) in truth.items():
         e, s = got[ident]
         assert s == split and e["caption"] == cap and e["mask"] is None and e["boxes"] == []
+        assert e["meta"]["subset"] in ("radiology", "non-radiology") and e["facts"] == {}
+        assert e["meta"]["keywords"] == ["chest", "nodule"] and e["meta"]["cuis"] == ["C0817096"]
         want = to_grey(img, 64)
         tol = 8 if int(ident[5:]) % 2 == 0 else 0  # JPEG (newer scheme) is lossy
         assert np.abs(e["image"].astype(int) - want.astype(int)).mean() <= tol
@@ -101,6 +104,13 @@ def test_roco_round_trip_both_naming_schemes(tmp_path):
     assert (toks["caption_len"] > 0).sum() == 6 and len(toks["caption_len"]) == 8
     b = next(data.iterator("train", 4, 0, 0, 1))
     check_batch(b, 4, data.spec.enc_len, data.spec.dec_len)
+    full = build(tmp_path, "roco", manual, "data.modalities=('image','caption','boxes','segmentation')")
+    assert full.tokenizers.segmentation is None  # real data has no masks: segmentation is absent, not an error
+    b = next(full.iterator("train", 4, 0, 0, 1))
+    assert not np.isin(b["enc_modality"][b["enc_valid"]], [2, 3]).any()
+    assert not np.isin(b["dec_modality"][b["dec_valid"]], [2, 3]).any()
+    with pytest.raises(UserError, match="no segmentation tokenizer"):
+        full.detokenize("segmentation", np.zeros(64, int))
 
 
 # ----------------------------------------------------------------------------------------------- ROCOv2
@@ -145,7 +155,7 @@ def test_rocov2_round_trip_zip_and_folder(tmp_path):
     data = build(tmp_path, "rocov2", manual)
     for (split, ident), (cap, img, cuis) in truth.items():
         e = by_id(data, split)[ident]
-        assert e["caption"] == cap and e["facts"] == {"cuis": cuis}
+        assert e["caption"] == cap and e["meta"] == {"cuis": cuis} and e["facts"] == {}
         assert np.array_equal(e["image"], to_grey(img, 64))
     assert len(data.examples("train")) == 4
     assert data.builder.info.metadata["skipped"]["validation"] == {"missing_image": 1}
@@ -167,7 +177,8 @@ def test_medmnist_round_trip_and_label_captions(tmp_path):
     for e in ex:
         i = e["index"]
         lab = int(arrays["val_labels"][i, 0])
-        assert e["caption"] == f"chest x-ray: {('normal', 'pneumonia')[lab]}." and e["facts"] == {"label": [lab]}
+        assert e["caption"] == f"chest x-ray: {('normal', 'pneumonia')[lab]}." and e["meta"] == {"label": [lab]}
+        assert e["facts"] == {}  # finding accuracy is for synthetic data only
         assert np.abs(e["image"].astype(int) - to_grey(arrays["val_images"][i], 64).astype(int)).max() == 0
     assert medmnist_caption("chestmnist_64", np.array([0, 1, 0, 0, 0, 1] + [0] * 8)) == \
         "chest x-ray: cardiomegaly, nodule."
