@@ -169,6 +169,7 @@ def test_loss_is_log_softmax_over_own_modality_slice_and_grads_match_autodiff(f3
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_loss_and_grads(f32):
     batch = _batch()
     l0, g0 = f32.grad(f32.params, batch)

@@ -15,7 +15,8 @@ from medscale.cli import main
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "medscale", "configs", "tiny.py")
 # a smaller tiny: fewer training examples to prepare, short runs
-FAST = ["data.num_train=256", "data.num_eval=32", "train.eval_batches=2", "train.warmup_steps=5"]
+FAST = ["data.num_train=256", "data.num_eval=32", "train.eval_batches=2", "train.warmup_steps=5",
+        "train.task_eval_examples=0"]
 
 
 def _cmd(workdir, *sets):
