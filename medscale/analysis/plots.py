@@ -1,0 +1,546 @@
+"""Figures of a scaling study, as reusable matplotlib (Agg) functions over the run table and fitted laws.
+
+Inputs are the registry's run table (``medscale.sweep.registry.load_sweep``: one row per run with ``params``
+(non-embedding), ``tokens``, ``flops`` (model FLOPs), ``loss``, ``loss/<modality>``, ``enc_len``, ``dec_len``,
+``budget`` (IsoFLOP budget or NaN), ``size``, optional ``task/<metric>`` columns or a ``task_metrics`` dict
+column), the training curves (``load_curves``: run_id, params, step, tokens, flops, loss) and laws
+(:class:`medscale.analysis.laws.ChinchillaLaw` or ``KaplanLaw``).
+
+Conventions, stated on every figure that depends on them:
+- compute is the run's model FLOPs (``docs/interfaces.md``), with a PF-day axis on top (1 PF-day = 8.64e19 FLOPs);
+- the fitted law is L(N, D) with N non-embedding parameters and D tokens seen (encoder + decoder); to place it on a
+  compute axis we use C = k N D with k the median of flops / (N D) over the runs (``compute_factor``), because the
+  encoder-decoder's FLOPs per parameter-token is not 6 (DESIGN.md, accounting);
+- published laws are drawn in their own convention (C = 6 N D, Chinchilla/Epoch N all parameters, Kaplan N
+  non-embedding) and labelled so.
+
+Each ``plot_*`` returns a Figure; :func:`save_figure` writes it as PNG and SVG atomically. :func:`write_all` writes
+every figure the data allows and returns ``{name: [png, svg]}``. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+
+import numpy as np
+
+from medscale.analysis.laws import PF_DAY, PUBLISHED
+
+log = logging.getLogger(__name__)
+
+FIGURES = ("loss_vs_compute", "isoflop", "allocation", "loss_vs_seqlen", "loss_by_modality", "residuals",
+           "task_metrics")
+PUBLISHED_OVERLAY = ("kaplan2020", "chinchilla", "epoch2024")
+_PUB_STYLE = {"kaplan2020": ":", "chinchilla": "--", "epoch2024": "-."}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 200, "font.size": 9, "axes.titlesize": 10,
+                         "legend.fontsize": 7.5, "axes.grid": True, "grid.alpha": 0.3, "svg.hashsalt": "medscale"})
+    return plt
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def done_runs(df):
+    """Rows usable for fitting/plotting: status done (when a status column exists) with finite loss, N, D, C."""
+    out = df
+    if "status" in out.columns:
+        out = out[out["status"].fillna("done") == "done"]
+    for col in ("params", "tokens", "flops", "loss"):
+        if col in out.columns:
+            out = out[np.isfinite(out[col].astype(float)) & (out[col].astype(float) > 0)]
+    return out
+
+
+def compute_factor(df) -> float:
+    """k in C = k N D for this sweep: the median of flops / (params x tokens) over the runs (6 for a decoder LM
+    counted the Kaplan way; different for an encoder-decoder whose weights see only their own side's tokens)."""
+    d = done_runs(df)
+    if len(d) == 0:
+        return 6.0
+    ratio = d["flops"].astype(float) / (d["params"].astype(float) * d["tokens"].astype(float))
+    return float(np.median(ratio))
+
+
+def law_n_opt(law, c, k: float):
+    """N_opt(C) of a Chinchilla-form law for compute counted as C = k N D (the law's own closed form uses 6)."""
+    return law.n_opt(6.0 * np.asarray(c, dtype=float) / k)
+
+
+def law_d_opt(law, c, k: float):
+    return law.d_opt(6.0 * np.asarray(c, dtype=float) / k)
+
+
+def law_frontier(law, c, k: float):
+    """Loss along the compute-optimal allocation: L(N_opt(C), D_opt(C))."""
+    return law.loss(law_n_opt(law, c, k), law_d_opt(law, c, k))
+
+
+def _quiet_minor(axis):
+    from matplotlib.ticker import NullFormatter
+
+    axis.set_minor_formatter(NullFormatter())
+
+
+def loss_axis(ax, which: str = "y"):
+    """A log loss axis labelled with plain numbers (loss spans less than a decade)."""
+    from matplotlib.ticker import FuncFormatter
+
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    fmt = FuncFormatter(lambda v, _: f"{v:.3g}")
+    axis.set_major_formatter(fmt)
+    axis.set_minor_formatter(fmt)
+
+
+def pf_axis(ax, which: str = "x"):
+    """A secondary PF-day axis (top for x, right for y) mirroring a FLOPs log axis."""
+    fwd, inv = (lambda v: np.asarray(v) / PF_DAY), (lambda v: np.asarray(v) * PF_DAY)
+    if which == "x":
+        sec = ax.secondary_xaxis("top", functions=(fwd, inv))
+        sec.set_xlabel("compute (PF-days)")
+        _quiet_minor(sec.xaxis)
+        _quiet_minor(ax.xaxis)
+    else:
+        sec = ax.secondary_yaxis("right", functions=(fwd, inv))
+        sec.set_ylabel("compute (PF-days)")
+        _quiet_minor(sec.yaxis)
+        _quiet_minor(ax.yaxis)
+    return sec
+
+
+def save_figure(fig, out_dir: str, name: str, formats=("png", "svg")) -> list[str]:
+    """Write ``fig`` as ``out_dir/name.<fmt>`` for each format (temp file + rename); close it; return the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for fmt in formats:
+        path = os.path.join(out_dir, f"{name}.{fmt}")
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=f".{fmt}")
+        os.close(fd)
+        try:
+            fig.savefig(tmp, format=fmt, bbox_inches="tight", metadata={"Date": None} if fmt == "svg" else None)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        paths.append(path)
+    _plt().close(fig)
+    return paths
+
+
+def _size_colors(values):
+    plt = _plt()
+    uniq = sorted(set(values))
+    cmap = plt.get_cmap("viridis")
+    return {v: cmap(i / max(1, len(uniq) - 1) * 0.9) for i, v in enumerate(uniq)}
+
+
+def _c_grid(df, extend_to: float | None = None, n: int = 200):
+    d = done_runs(df)
+    lo, hi = float(d["flops"].min()), float(d["flops"].max())
+    if extend_to is not None and math.isfinite(extend_to):
+        hi = max(hi, float(extend_to))
+    return np.logspace(math.log10(lo) - 0.2, math.log10(hi) + 0.2, n)
+
+
+def frontier_points(df, curves=None, y: str = "loss"):
+    """The empirical compute-optimal frontier: the lower envelope of loss vs compute (running minimum over compute
+    sorted ascending) over training-curve points when given, else over the runs' final points."""
+    if curves is not None and len(curves) and y in curves.columns:
+        src = curves[np.isfinite(curves[y].astype(float)) & (curves["flops"].astype(float) > 0)]
+    else:
+        src = done_runs(df)
+        src = src[np.isfinite(src[y].astype(float))] if y in src.columns else src.iloc[0:0]
+    if len(src) == 0:
+        return np.array([]), np.array([])
+    order = np.argsort(src["flops"].to_numpy(dtype=float))
+    c = src["flops"].to_numpy(dtype=float)[order]
+    l_ = src[y].to_numpy(dtype=float)[order]
+    keep = l_ <= np.minimum.accumulate(l_)
+    return c[keep], l_[keep]
+
+
+def isoflop_minima(df, y: str = "loss"):
+    """Per IsoFLOP budget (``budget`` column): the minimum of a parabola in log10 N fitted to loss, as rows
+    ``(budget, n_opt, loss_min, n_points)``; budgets with fewer than 3 distinct sizes are skipped. For display:
+    the study's numbers come from the fit (Approach 2)."""
+    d = done_runs(df)
+    if "budget" not in d.columns:
+        return []
+    rows = []
+    for budget, g in d[np.isfinite(d["budget"].astype(float))].groupby("budget"):
+        x = np.log10(g["params"].to_numpy(dtype=float))
+        if len(np.unique(x)) < 3:
+            continue
+        coef = np.polyfit(x, g[y].to_numpy(dtype=float), 2)
+        if coef[0] <= 0:
+            continue
+        xm = -coef[1] / (2 * coef[0])
+        rows.append((float(budget), float(10**xm), float(np.polyval(coef, xm)), len(g)))
+    return rows
+
+
+def _legend(ax, **kw):
+    handles, _labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(**kw)
+
+
+# ----------------------------------------------------------------------------------------------- figures
+
+
+def plot_loss_vs_compute(df, law=None, curves=None, k: float | None = None, extend_to: float | None = None,
+                         y: str = "loss", title: str | None = None, ax=None):
+    """Final eval loss of every run vs compute, coloured by model size; training curves (thin) when given; the
+    empirical compute-optimal frontier; the fitted law along its optimal allocation."""
+    plt = _plt()
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.2, 3.8))
+    d = done_runs(df)
+    d = d[np.isfinite(d[y].astype(float))] if y in d.columns else d.iloc[0:0]
+    k = compute_factor(df) if k is None else k
+    colors = _size_colors(d["params"].astype(float))
+    if curves is not None and len(curves) and y in curves.columns:
+        for _, g in curves.groupby("run_id"):
+            n = float(g["params"].iloc[0])
+            ax.plot(g["flops"], g[y], lw=0.6, alpha=0.45, color=colors.get(n, "0.6"))
+    for n, g in d.groupby("params"):
+        ax.scatter(g["flops"], g[y], s=18, color=colors[float(n)], edgecolor="k", linewidth=0.3, zorder=3,
+                   label=f"N = {float(n):.3g}")
+    fc, fl = frontier_points(df, curves, y)
+    if len(fc):
+        ax.step(fc, fl, where="post", color="crimson", lw=1.2, label="empirical frontier")
+    if law is not None and len(d):
+        cg = _c_grid(df, extend_to)
+        ax.plot(cg, law_frontier(law, cg, k), color="k", lw=1.4,
+                label=f"fitted law at optimum (E={law.E:.3g}, α={law.alpha:.3g}, β={law.beta:.3g})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    loss_axis(ax)
+    ax.set_xlabel("compute C (model FLOPs)")
+    ax.set_ylabel(f"{'eval' if y == 'loss' else y.split('/', 1)[1] + ' eval'} loss (nats/token)")
+    pf_axis(ax)
+    ax.set_title(title or "Loss vs compute")
+    _legend(ax, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    return fig
+
+
+def plot_isoflop(df, law=None, k: float | None = None, y: str = "loss", minima=None, ax=None):
+    """Loss vs parameters per IsoFLOP budget, the parabola in log N through each and its minimum; the fitted law's
+    IsoFLOP curve (N, D = C / (k N)) dashed when given."""
+    plt = _plt()
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.2, 3.8))
+    d = done_runs(df)
+    k = compute_factor(df) if k is None else k
+    iso = d[np.isfinite(d["budget"].astype(float))] if "budget" in d.columns else d.iloc[0:0]
+    budgets = sorted(iso["budget"].astype(float).unique())
+    colors = _size_colors(budgets)
+    mins = {b: (n, lv) for b, n, lv, _ in (minima if minima is not None else isoflop_minima(df, y))}
+    for b in budgets:
+        g = iso[iso["budget"].astype(float) == b].sort_values("params")
+        col = colors[b]
+        ax.scatter(g["params"], g[y], s=18, color=col, edgecolor="k", linewidth=0.3, zorder=3,
+                   label=f"C = {b:.2g} FLOPs ({b / PF_DAY:.2g} PF-d)")
+        x = np.log10(g["params"].to_numpy(dtype=float))
+        if len(np.unique(x)) >= 3:
+            coef = np.polyfit(x, g[y].to_numpy(dtype=float), 2)
+            xs = np.linspace(x.min() - 0.1, x.max() + 0.1, 100)
+            ax.plot(10**xs, np.polyval(coef, xs), color=col, lw=1.0)
+        if law is not None:
+            ns = np.logspace(math.log10(g["params"].min()) - 0.1, math.log10(g["params"].max()) + 0.1, 100)
+            ax.plot(ns, law.loss(ns, b / (k * ns)), color=col, lw=0.9, ls="--", alpha=0.8)
+        if b in mins:
+            ax.plot([mins[b][0]], [mins[b][1]], marker="*", ms=11, color=col, markeredgecolor="k", zorder=4)
+    if len(budgets):
+        ax.plot([], [], "k*", ms=9, label="parabola minimum")
+        if law is not None:
+            ax.plot([], [], "k--", lw=0.9, label="fitted law")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    loss_axis(ax)
+    ax.set_xlabel("non-embedding parameters N")
+    ax.set_ylabel("eval loss (nats/token)" if y == "loss" else y)
+    ax.set_title("IsoFLOP curves")
+    _legend(ax, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    return fig
+
+
+def _band(draws, c, k, which):
+    """5th-95th percentile of N_opt or D_opt over bootstrap laws at each C."""
+    vals = []
+    for law in draws:
+        try:
+            v = law_n_opt(law, c, k) if which == "n" else law_d_opt(law, c, k)
+        except (FloatingPointError, ZeroDivisionError, OverflowError):
+            continue
+        if np.all(np.isfinite(v)):
+            vals.append(v)
+    if len(vals) < 2:
+        return None
+    vals = np.array(vals)
+    return np.percentile(vals, 5, axis=0), np.percentile(vals, 95, axis=0)
+
+
+def plot_allocation(df, law=None, draws=(), k: float | None = None, minima=None, power_laws=None,
+                    extend_to: float | None = None, published=PUBLISHED_OVERLAY, budget: float | None = None):
+    """Two panels: N_opt vs C and D_opt vs C. IsoFLOP minima (points), the fitted law's allocation (line) with a
+    bootstrap 90% band, power laws of other approaches (``power_laws``: {label: (kN, a, kD, b)} meaning
+    N_opt = kN C^a, D_opt = kD C^b), the published laws (their C = 6ND convention), and the target budget."""
+    plt = _plt()
+    fig, (axn, axd) = plt.subplots(1, 2, figsize=(9.6, 3.8))
+    k = compute_factor(df) if k is None else k
+    cg = _c_grid(df, extend_to if budget is None else max(budget, extend_to or 0))
+    mins = minima if minima is not None else isoflop_minima(df)
+    if mins:
+        cb = np.array([m[0] for m in mins])
+        nb = np.array([m[1] for m in mins])
+        axn.scatter(cb, nb, color="C0", edgecolor="k", zorder=4, label="IsoFLOP minima")
+        axd.scatter(cb, cb / (k * nb), color="C0", edgecolor="k", zorder=4, label="IsoFLOP minima")
+    if law is not None:
+        for ax, fn, which in ((axn, law_n_opt, "n"), (axd, law_d_opt, "d")):
+            ax.plot(cg, fn(law, cg, k), color="k", lw=1.5, label="Approach 3 (fitted law)")
+            band = _band(draws, cg, k, which)
+            if band is not None:
+                ax.fill_between(cg, band[0], band[1], color="k", alpha=0.15, lw=0,
+                                label=f"bootstrap 90% ({len(draws)} draws)")
+    for i, (label, (kn, a, kd, b)) in enumerate((power_laws or {}).items()):
+        axn.plot(cg, kn * cg**a, color=f"C{i + 1}", lw=1.2, label=label)
+        axd.plot(cg, kd * cg**b, color=f"C{i + 1}", lw=1.2, label=label)
+    for name in published:
+        pub = PUBLISHED[name]
+        axn.plot(cg, pub.n_opt(cg), color="0.45", lw=1.0, ls=_PUB_STYLE.get(name, "--"),
+                 label=f"{name} (C=6ND)")
+        axd.plot(cg, pub.d_opt(cg), color="0.45", lw=1.0, ls=_PUB_STYLE.get(name, "--"),
+                 label=f"{name} (C=6ND)")
+    for ax, ylabel in ((axn, "N_opt (parameters)"), (axd, "D_opt (tokens)")):
+        if budget is not None:
+            ax.axvline(budget, color="crimson", lw=0.9, ls=":", label=f"budget {budget:.2g} FLOPs")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("compute C (FLOPs)")
+        ax.set_ylabel(ylabel)
+        pf_axis(ax)
+    axn.set_title("Compute-optimal parameters")
+    axd.set_title("Compute-optimal tokens")
+    _legend(axn, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def seq_len_column(df) -> str | None:
+    """The column naming a run's sequence length: ``seq_len`` if present, else enc_len + dec_len."""
+    if "seq_len" in df.columns:
+        return "seq_len"
+    if "enc_len" in df.columns and "dec_len" in df.columns:
+        return "__seq_len"
+    return None
+
+
+def _with_seq_len(df):
+    d = done_runs(df).copy()
+    if "seq_len" not in d.columns and "enc_len" in d.columns and "dec_len" in d.columns:
+        d["seq_len"] = d["enc_len"].astype(float) + d["dec_len"].astype(float)
+    return d
+
+
+def plot_loss_vs_seqlen(df):
+    """Left: loss vs sequence length (encoder + decoder tokens per example), one line per model size (runs at the
+    same size and token budget). Right: loss vs compute coloured by sequence length (what each length costs)."""
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.6, 3.8))
+    d = _with_seq_len(df)
+    if "seq_len" not in d.columns:
+        d["seq_len"] = np.nan
+    colors = _size_colors(d["params"].astype(float))
+    d["_tok"] = d["tokens"].astype(float).round(-3)
+    for (n, tok), g in d.groupby(["params", "_tok"]):
+        if g["seq_len"].nunique() < 2:
+            continue
+        g = g.groupby("seq_len", as_index=False)["loss"].min().sort_values("seq_len")
+        ax1.plot(g["seq_len"], g["loss"], marker="o", ms=4, color=colors[float(n)],
+                 label=f"N = {float(n):.3g}, D = {tok:.2g}")
+    lens = sorted(d["seq_len"].dropna().unique())
+    lcol = _size_colors(lens)
+    for s in lens:
+        g = d[d["seq_len"] == s]
+        ax2.scatter(g["flops"], g["loss"], s=18, color=lcol[s], edgecolor="k", linewidth=0.3,
+                    label=f"L = {int(s)} tokens")
+        fc, fl = frontier_points(g)
+        if len(fc) > 1:
+            ax2.plot(fc, fl, color=lcol[s], lw=1.0)
+    ax1.set_xscale("log", base=2)
+    from matplotlib.ticker import ScalarFormatter
+
+    ax1.xaxis.set_major_formatter(ScalarFormatter())
+    _quiet_minor(ax1.xaxis)
+    ax1.set_xlabel("sequence length (encoder + decoder tokens)")
+    ax1.set_ylabel("eval loss (nats/token)")
+    ax1.set_title("Loss vs sequence length")
+    ax2.set_xscale("log")
+    ax2.set_yscale("log")
+    loss_axis(ax2)
+    ax2.set_xlabel("compute C (model FLOPs)")
+    ax2.set_ylabel("eval loss (nats/token)")
+    pf_axis(ax2)
+    ax2.set_title("Loss vs compute by sequence length")
+    _legend(ax1)
+    _legend(ax2)
+    fig.tight_layout()
+    return fig
+
+
+def modality_columns(df) -> list[str]:
+    """The ``loss/<modality>`` columns with at least one finite value."""
+    return [c for c in df.columns if c.startswith("loss/") and np.isfinite(df[c].astype(float)).any()]
+
+
+def plot_loss_by_modality(df, laws: dict | None = None, k: float | None = None, extend_to: float | None = None):
+    """One panel per modality: its eval loss vs compute, its frontier and its own fitted law (``laws``:
+    {modality: law})."""
+    plt = _plt()
+    cols = modality_columns(df)
+    n = max(1, len(cols))
+    ncol = min(n, 2)
+    nrow = math.ceil(n / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.8 * ncol, 3.4 * nrow), squeeze=False)
+    for ax, col in zip(axes.flat, cols):
+        mod = col.split("/", 1)[1]
+        plot_loss_vs_compute(df, law=(laws or {}).get(mod), k=k, extend_to=extend_to, y=col,
+                             title=f"{mod} loss vs compute", ax=ax)
+        lines = [h for h in ax.get_lines() if not h.get_label().startswith("_")]
+        ax.legend(handles=lines, loc="upper right", fontsize=6.5)
+    for ax in list(axes.flat)[len(cols):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def residuals(df, law):
+    """log(observed loss) - log(law(N, D)) per run (the quantity Approach 3's Huber objective sees)."""
+    d = done_runs(df)
+    pred = law.loss(d["params"].to_numpy(dtype=float), d["tokens"].to_numpy(dtype=float))
+    return np.log(d["loss"].to_numpy(dtype=float)) - np.log(pred)
+
+
+def plot_residuals(df, law, delta: float = 1e-3):
+    """Residuals of the fitted law against compute and against N/D (tokens per parameter), with the Huber delta."""
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.6, 3.4), sharey=True)
+    d = done_runs(df)
+    r = residuals(df, law)
+    colors = _size_colors(d["params"].astype(float))
+    cs = [colors[float(n)] for n in d["params"]]
+    ax1.scatter(d["flops"], r, c=cs, s=16, edgecolor="k", linewidth=0.3)
+    ax2.scatter(d["tokens"].astype(float) / d["params"].astype(float), r, c=cs, s=16, edgecolor="k", linewidth=0.3)
+    rms = float(np.sqrt(np.mean(r**2))) if len(r) else float("nan")
+    for ax in (ax1, ax2):
+        ax.axhline(0, color="k", lw=0.8)
+        ax.axhspan(-delta, delta, color="C1", alpha=0.2, lw=0, label=f"Huber δ = {delta:g}")
+        ax.set_xscale("log")
+    ax1.set_xlabel("compute C (model FLOPs)")
+    ax1.set_ylabel("log L_obs − log L_fit")
+    pf_axis(ax1)
+    ax2.set_xlabel("tokens per parameter D/N")
+    ax1.set_title(f"Residuals of the fitted law (RMS {rms:.3g})")
+    ax2.set_title("Residuals vs D/N")
+    _legend(ax1, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def task_metric_table(df):
+    """A DataFrame of task metrics (columns ``task/<name>``) from ``task/*`` columns or a ``task_metrics`` dict
+    column; empty columns when none."""
+    import pandas as pd
+
+    d = done_runs(df)
+    out = pd.DataFrame(index=d.index)
+    for c in d.columns:
+        if c.startswith("task/"):
+            out[c] = d[c].astype(float)
+    if "task_metrics" in d.columns:
+        for idx, tm in d["task_metrics"].items():
+            if isinstance(tm, dict):
+                for key, v in _flatten(tm).items():
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        out.loc[idx, f"task/{key}"] = float(v)
+    return out[[c for c in out.columns if np.isfinite(out[c].astype(float)).any()]]
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for key, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = v
+    return out
+
+
+def plot_task_metrics(df):
+    """One panel per task metric (BLEU-4, box IoU / AP@0.5, mIoU, ...) vs compute, coloured by size."""
+    plt = _plt()
+    tm = task_metric_table(df)
+    d = done_runs(df)
+    cols = list(tm.columns)
+    n = max(1, len(cols))
+    ncol = min(n, 3)
+    nrow = math.ceil(n / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.8 * ncol, 3.2 * nrow), squeeze=False)
+    colors = _size_colors(d["params"].astype(float))
+    for ax, col in zip(axes.flat, cols):
+        ok = np.isfinite(tm[col].astype(float))
+        dd = d[ok]
+        ax.scatter(dd["flops"], tm[col][ok], c=[colors[float(v)] for v in dd["params"]], s=16, edgecolor="k",
+                   linewidth=0.3)
+        ax.set_xscale("log")
+        ax.set_xlabel("compute C (model FLOPs)")
+        ax.set_ylabel(col.split("/", 1)[1])
+        pf_axis(ax)
+    for ax in list(axes.flat)[len(cols):]:
+        ax.set_visible(False)
+    fig.suptitle("Task metrics vs compute (held-out data)")
+    fig.tight_layout()
+    return fig
+
+
+def write_all(df, out_dir: str, law=None, draws=(), curves=None, modality_laws=None, power_laws=None,
+              minima=None, budget: float | None = None, formats=("png", "svg")) -> dict:
+    """Every figure the data allows, written to ``out_dir`` as PNG and SVG: ``{name: [paths]}``. Figures that
+    need what the data lacks (IsoFLOP budgets, several sequence lengths, per-modality losses, task metrics, a
+    fitted law) are skipped and logged."""
+    d = done_runs(df)
+    k = compute_factor(df)
+    extend = budget
+    out = {}
+
+    def emit(name, fn):
+        out[name] = save_figure(fn(), out_dir, name, formats)
+
+    if len(d) == 0:
+        return out
+    emit("loss_vs_compute", lambda: plot_loss_vs_compute(df, law=law, curves=curves, k=k))
+    if "budget" in d.columns and np.isfinite(d["budget"].astype(float)).any():
+        emit("isoflop", lambda: plot_isoflop(df, law=law, k=k, minima=minima))
+    else:
+        log.info("no IsoFLOP budgets in the runs: isoflop figure skipped")
+    emit("allocation", lambda: plot_allocation(df, law=law, draws=draws, k=k, minima=minima,
+                                               power_laws=power_laws, extend_to=extend, budget=budget))
+    if "seq_len" in _with_seq_len(df).columns:
+        emit("loss_vs_seqlen", lambda: plot_loss_vs_seqlen(df))
+    if modality_columns(d):
+        emit("loss_by_modality", lambda: plot_loss_by_modality(df, laws=modality_laws, k=k))
+    if law is not None:
+        emit("residuals", lambda: plot_residuals(df, law))
+    if len(task_metric_table(df).columns):
+        emit("task_metrics", lambda: plot_task_metrics(df))
+    return out
