@@ -95,3 +95,44 @@ def test_write_runs_follows_the_law(tmp_path):
     n, d = s["params"]["non_embedding"], s["tokens"]
     assert abs(math.log(s["final_eval_loss"] / law(TRUTH, n, d))) < 0.03
     assert s["model_flops"] == K * n * d
+
+
+def reference_fit_all(df, approaches=(1, 2, 3), bootstrap=0, seed=0):
+    """A small, independent Approach-3 fitter with ``fit_all``'s output form, used by the report tests only
+    while ``medscale.analysis`` has no ``fit_all``: Huber (delta 1e-3, summed) on log-loss residuals of the
+    log-sum-exp form, L-BFGS-B from a few starts; bootstrap refits from the best point."""
+    from scipy.optimize import minimize
+
+    d = df[(df["status"] == "done") & np.isfinite(df["loss"].astype(float))]
+    n, t, loss = (d[c].to_numpy(float) for c in ("params", "tokens", "loss"))
+
+    def fit(n, t, loss, starts):
+        ln, lt, ll = np.log(n), np.log(t), np.log(loss)
+
+        def obj(th):
+            a, b, e, al, be = th
+            z = np.stack([a - al * ln, b - be * lt, np.full_like(ln, e)])
+            m = z.max(0)
+            r = m + np.log(np.exp(z - m).sum(0)) - ll
+            ar = np.abs(r)
+            return float(np.sum(np.where(ar <= 1e-3, 0.5 * r * r, 1e-3 * (ar - 0.5e-3))))
+
+        best = min((minimize(obj, s, method="L-BFGS-B") for s in starts), key=lambda res: res.fun)
+        a, b, e, al, be = best.x
+        return {"E": float(np.exp(e)), "A": float(np.exp(a)), "B": float(np.exp(b)), "alpha": float(al),
+                "beta": float(be), "a": float(be / (al + be)), "b": float(al / (al + be)),
+                "objective": float(best.fun), "converged": bool(best.success)}
+
+    starts = [np.array([a, b, 0.0, 0.4, 0.35]) for a in (3.0, 6.0) for b in (5.0, 8.0)]
+    p = fit(n, t, loss, starts)
+    rng = np.random.default_rng(seed)
+    x0 = [np.array([math.log(p["A"]), math.log(p["B"]), math.log(p["E"]), p["alpha"], p["beta"]])]
+    draws = []
+    for _ in range(bootstrap):
+        i = rng.integers(0, len(n), len(n))
+        draws.append(fit(n[i], t[i], loss[i], x0))
+    if draws:
+        p["ci"] = {k: [float(np.percentile([x[k] for x in draws], 5)), float(np.percentile([x[k] for x in draws], 95))]
+                   for k in ("E", "A", "B", "alpha", "beta", "a", "b")}
+        p["bootstrap"] = draws
+    return {"n_points": len(n), "approach3": p}

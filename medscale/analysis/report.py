@@ -1,0 +1,672 @@
+"""The study report: figures, the recommendation for a budget with its uncertainty, per-modality laws, the
+comparison with earlier models, and the table of runs (``medscale report``).
+
+``build_report(results_dir, out_dir, ...)`` loads the runs (``medscale.sweep.registry``), fits the laws with the
+same function and arguments as ``medscale fit`` (``fit_all``), writes ``report.md``, ``report.json`` and the
+figures (PNG + SVG) under ``out_dir``, and returns the report as a dict (what ``report.json`` holds).
+
+Conventions (stated in the report too):
+- N: non-embedding parameters; D: tokens seen (encoder + decoder); C: model FLOPs of the project's accounting.
+- The fitted law is placed on the compute axis with C = k N D, k the median of C / (N D) over the sweep's runs
+  (``plots.compute_factor``; not 6 for an encoder-decoder). N_opt(C) = G (6C/k / 6)^a, the law's closed form.
+- Intervals are percentile intervals over the bootstrap refits of Approach 3 (the level ``fit`` used).
+- Published laws are evaluated in their own convention (C = 6 N D; Chinchilla/Epoch N = all parameters).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import inspect
+import json
+import logging
+import math
+import os
+import tempfile
+
+import numpy as np
+
+from medscale.analysis import plots
+from medscale.analysis.laws import PUBLISHED, ChinchillaLaw
+from medscale.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PF_DAY = 1e15 * 86_400
+DEFAULT_BUDGET = {"hardware": "dgx-1", "gpus": None, "days": 7.0}
+DEFAULT_MFU = 0.35  # used only when the sweep measured none and none is given; always stated
+DEFAULT_BATCH = 256  # sequences per optimizer step for the recommended run (global batch), stated
+EXTRAPOLATION_WARN = 10.0  # warn when the budget exceeds the largest fitted run by more than this factor
+FIT_MODULES = ("medscale.analysis.fit", "medscale.analysis.fitting", "medscale.analysis.approaches")
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def load_runs(results_dir: str):
+    """``(runs, curves)`` of a sweep folder: the registry's run table and training curves."""
+    if not os.path.isdir(results_dir):
+        raise UserError(f"results folder {results_dir} not found; give a sweep folder (results/<sweep>)")
+    try:
+        from medscale.sweep.registry import load_curves, load_sweep
+    except ImportError:
+        load_sweep = load_curves = None
+    if load_sweep is not None:
+        runs = load_sweep(results_dir)
+        try:
+            curves = load_curves(results_dir)
+        except UserError:
+            curves = None
+    else:
+        runs, curves = _read_run_dirs(results_dir)
+    if runs is None or len(runs) == 0:
+        raise UserError(f"no runs under {results_dir}; run a sweep first (medscale sweep run) or point at "
+                        "a folder of run directories with summary.json")
+    return runs, curves
+
+
+def _read_run_dirs(results_dir: str):
+    """Minimal reader of the run-directory contract (docs/interfaces.md), used when the registry is absent."""
+    import pandas as pd
+
+    rows, curves = [], []
+    dirs = sorted(os.path.join(results_dir, d) for d in os.listdir(results_dir))
+    for run_dir in dirs:
+        path = os.path.join(run_dir, "summary.json")
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path) as fh:
+                s = json.load(fh)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path} does not parse ({exc}); delete or re-run that run") from None
+        params = s.get("params") or {}
+        cfg = s.get("config") or {}
+        budget = s.get("budget", (cfg.get("sweep") or {}).get("budget") if isinstance(cfg, dict) else None)
+        row = {
+            "run_id": s.get("run_id", os.path.basename(run_dir)), "sweep": s.get("sweep"),
+            "status": s.get("status"), "size": s.get("size"),
+            "params": params.get("non_embedding"), "params_total": params.get("total"),
+            "tokens": s.get("tokens"), "flops": s.get("model_flops"), "hardware_flops": s.get("hardware_flops"),
+            "pf_days": s.get("pf_days"), "enc_len": s.get("enc_len"), "dec_len": s.get("dec_len"),
+            "batch_size": s.get("batch_size"), "steps": s.get("steps"),
+            "loss": s.get("final_eval_loss"), "train_loss": s.get("final_train_loss"),
+            "mfu": s.get("mfu"), "wall_s": s.get("wall_s"), "device_kind": s.get("device_kind"),
+            "device_count": s.get("device_count"),
+            "budget": float(budget) if budget is not None else float("nan"),
+            "task_metrics": s.get("task_metrics") or None,
+        }
+        for m, v in (s.get("final_eval_loss_by_modality") or {}).items():
+            row[f"loss/{m}"] = v
+        rows.append(row)
+        mpath = os.path.join(run_dir, "metrics.jsonl")
+        if os.path.isfile(mpath):
+            last = {}
+            with open(mpath) as fh:
+                for line in fh:
+                    line = line.strip()
+                    if not line:
+                        continue
+                    try:
+                        r = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut by a crash
+                    if r.get("kind") == "eval":
+                        last[r.get("step")] = r
+            for r in last.values():
+                curves.append({"run_id": row["run_id"], "params": row["params"], "step": r.get("step"),
+                               "tokens": r.get("tokens"), "flops": r.get("flops"), "loss": r.get("loss"),
+                               **{k: v for k, v in r.items() if k.startswith("loss/")}})
+    runs = pd.DataFrame(rows)
+    for col in ("params", "params_total", "tokens", "flops", "loss", "mfu", "budget", "enc_len", "dec_len"):
+        if col in runs.columns:
+            runs[col] = pd.to_numeric(runs[col], errors="coerce")
+    cur = pd.DataFrame(curves) if curves else None
+    return runs, cur
+
+
+def resolve_fit_all(fit_fn=None):
+    """The law-fitting function ``fit_all(df, approaches, bootstrap, seed) -> dict`` of ``medscale fit``."""
+    if fit_fn is not None:
+        return fit_fn
+    for name in FIT_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(mod, "fit_all"):
+            return mod.fit_all
+    raise RuntimeError("medscale.analysis has no fit_all yet (the law-fitting module is missing)")
+
+
+def run_fit(fit_fn, df, curves=None, approaches=(1, 2, 3), bootstrap: int = 200, seed: int = 0) -> dict:
+    """Call ``fit_fn`` with the arguments ``medscale fit`` uses (curves passed when it accepts them)."""
+    kwargs = {"approaches": approaches, "bootstrap": bootstrap, "seed": seed}
+    try:
+        sig = inspect.signature(fit_fn)
+        if curves is not None and "curves" in sig.parameters:
+            kwargs["curves"] = curves
+        if "progress" in sig.parameters:
+            kwargs["progress"] = False
+    except (TypeError, ValueError):
+        pass
+    return fit_fn(df, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------- fit access
+
+
+def fitted_law(fit: dict, name: str = "fit") -> ChinchillaLaw | None:
+    """Approach 3's law from a fit dict (None if the fit has none)."""
+    p = (fit or {}).get("approach3") or {}
+    try:
+        return ChinchillaLaw(name, E=float(p["E"]), A=float(p["A"]), B=float(p["B"]), alpha=float(p["alpha"]),
+                             beta=float(p["beta"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def bootstrap_laws(fit: dict) -> list[ChinchillaLaw]:
+    """The bootstrap refits of Approach 3 as laws, from wherever the fit dict keeps them."""
+    app = (fit or {}).get("approach3") or {}
+    draws = None
+    for holder, key in ((app, "bootstrap"), (app, "draws"), (fit, "bootstrap"), (fit, "bootstrap_draws")):
+        val = holder.get(key) if isinstance(holder, dict) else None
+        if isinstance(val, dict):
+            val = val.get("approach3", val.get("draws"))
+        if isinstance(val, list) and val:
+            draws = val
+            break
+    out = []
+    for d in draws or []:
+        try:
+            out.append(ChinchillaLaw("draw", E=float(d["E"]), A=float(d["A"]), B=float(d["B"]),
+                                     alpha=float(d["alpha"]), beta=float(d["beta"])))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
+
+
+def ci_level(fit: dict) -> float:
+    for key in ("ci_level", "level", "confidence"):
+        for holder in (fit or {}, (fit or {}).get("approach3") or {}):
+            v = holder.get(key)
+            if isinstance(v, (int, float)) and 0 < v < 1:
+                return float(v)
+    return 0.9
+
+
+def _interval(values, level):
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
+    if len(v) < 2:
+        return None
+    q = (1 - level) / 2 * 100
+    return [float(np.percentile(v, q)), float(np.percentile(v, 100 - q))]
+
+
+def power_allocation(app: dict):
+    """``(kN, a, kD, b)`` with N_opt = kN C^a, D_opt = kD C^b from an Approach 1/2 dict, or None."""
+    if not isinstance(app, dict) or "a" not in app or "b" not in app:
+        return None
+    a, b = float(app["a"]), float(app["b"])
+    for kn, kd in (("n_coef", "d_coef"), ("kn", "kd"), ("k_n", "k_d"), ("A_n", "A_d"), ("n0", "d0"),
+                   ("n_scale", "d_scale")):
+        if kn in app and kd in app:
+            return float(app[kn]), a, float(app[kd]), b
+    for kn, kd in (("log10_n_coef", "log10_d_coef"), ("log10_kn", "log10_kd")):
+        if kn in app and kd in app:
+            return 10 ** float(app[kn]), a, 10 ** float(app[kd]), b
+    for kn, kd in (("log_n_coef", "log_d_coef"), ("log_kn", "log_kd")):
+        if kn in app and kd in app:
+            return math.exp(float(app[kn])), a, math.exp(float(app[kd])), b
+    return None
+
+
+# ------------------------------------------------------------------------------------------- budget
+
+
+def resolve_budget(hardware: str | None = None, gpus: int | None = None, days: float | None = None,
+                   mfu: float | None = None, precision: str | None = None, flops: float | None = None,
+                   measured_mfu: float | None = None, measured_on: str | None = None) -> dict:
+    """The budget in FLOPs and the hardware it runs on. Default: one DGX-1 (8 x V100 SXM2 32 GB), 7 days.
+    MFU: as given (stated), else the sweep's measured median MFU applied to the target's peak (same fraction of
+    peak), else DEFAULT_MFU (assumed); the source is recorded."""
+    if flops is not None:
+        flops = float(flops)
+        if not math.isfinite(flops) or flops <= 0:
+            raise UserError(f"--flops must be a positive number, got {flops:g}")
+    if days is not None and (not math.isfinite(days) or days <= 0):
+        raise UserError(f"--days must be positive, got {days:g}")
+    if mfu is not None and not (0 < mfu <= 1):
+        raise UserError(f"--mfu must be in (0, 1], got {mfu:g}")
+    if flops is None and hardware is None:
+        hardware = DEFAULT_BUDGET["hardware"]
+        days = DEFAULT_BUDGET["days"] if days is None else days
+    if flops is None and days is None:
+        days = DEFAULT_BUDGET["days"]
+    out = {"flops": flops, "hardware": None, "gpus": None, "days": days, "precision": None, "peak_flops": None,
+           "mfu": None, "mfu_source": None}
+    if hardware is not None:
+        from medscale import hardware as hw
+
+        device, default_gpus = hw.resolve(hardware)
+        gpus = default_gpus if gpus is None else int(gpus)
+        if gpus <= 0:
+            raise UserError(f"--gpus must be a positive whole number, got {gpus}")
+        precision = precision or hw.default_precision(device)
+        peak = hw.peak_flops(device, precision)
+        if mfu is not None:
+            src = "stated (--mfu)"
+        elif measured_mfu is not None and math.isfinite(measured_mfu) and measured_mfu > 0:
+            mfu = float(measured_mfu)
+            src = (f"measured in the sweep on {measured_on or 'its device'} (median over runs), assumed to hold "
+                   f"as the same fraction of {device}'s {precision} peak")
+        else:
+            mfu = DEFAULT_MFU
+            src = "assumed (the sweep recorded no MFU); pass --mfu to state yours"
+        out.update(hardware=device, gpus=gpus, precision=precision, peak_flops=peak, mfu=float(mfu),
+                   mfu_source=src)
+        if flops is None:
+            flops = gpus * peak * mfu * days * 86_400
+            out["flops"] = flops
+        else:
+            out["days"] = flops / (gpus * peak * mfu) / 86_400
+    out["pf_days"] = out["flops"] / PF_DAY
+    return out
+
+
+# ------------------------------------------------------------------------------------------- recommendation
+
+
+def _ladder(n_target: float, enc_len: int | None, dec_len: int | None):
+    """``(name, non-embedding params, model FLOPs per token, shape)`` of the ladder size nearest to n_target."""
+    try:
+        from medscale import accounting
+    except ImportError:
+        return None
+    specs = accounting.ladder_specs(enc_len=enc_len, dec_len=dec_len)
+    spec = accounting.nearest_ladder(n_target, "non_embedding", specs)
+    counts = accounting.param_counts(spec)
+    shape = {k: getattr(spec, k) for k in ("d_model", "enc_layers", "dec_layers", "num_heads", "d_ff")}
+    return spec.name, float(counts["non_embedding"]), float(accounting.flops_per_token(spec)), shape, counts
+
+
+def _mode(series):
+    s = series.dropna()
+    return None if len(s) == 0 else int(s.mode().iloc[0])
+
+
+def recommend(fit: dict, runs, budget: dict, batch_size: int = DEFAULT_BATCH) -> dict:
+    """N_opt, D_opt and predicted loss at the budget with bootstrap intervals; the nearest ladder size with its
+    tokens, steps, batch and wall-clock; the spread across approaches and published laws; extrapolation."""
+    law = fitted_law(fit)
+    if law is None:
+        raise UserError("the fit has no Approach 3 law (too few runs?); add runs or check medscale fit")
+    draws = bootstrap_laws(fit)
+    level = ci_level(fit)
+    k = plots.compute_factor(runs)
+    c = float(budget["flops"])
+    n_opt = float(plots.law_n_opt(law, c, k))
+    d_opt = float(plots.law_d_opt(law, c, k))
+    loss = float(law.loss(n_opt, d_opt))
+    nd = [(float(plots.law_n_opt(g, c, k)), float(plots.law_d_opt(g, c, k))) for g in draws]
+    rec = {
+        "compute_factor_k": k, "ci_level": level, "bootstrap_draws": len(draws),
+        "n_opt": {"value": n_opt, "ci": _interval([x[0] for x in nd], level)},
+        "d_opt": {"value": d_opt, "ci": _interval([x[1] for x in nd], level)},
+        "loss": {"value": loss, "ci": _interval([float(g.loss(n, d)) for g, (n, d) in zip(draws, nd)], level)},
+        "tokens_per_param": d_opt / n_opt,
+    }
+    done = plots.done_runs(runs)
+    enc = _mode(done["enc_len"]) if "enc_len" in done.columns else None
+    dec = _mode(done["dec_len"]) if "dec_len" in done.columns else None
+    lad = _ladder(n_opt, enc, dec)
+    if lad is not None:
+        name, n_l, fpt, shape, counts = lad
+        seq = (enc or 0) + (dec or 0)
+        tokens_fill = c / fpt  # tokens whose model FLOPs use the whole budget at this size
+        tokens_per_step = batch_size * seq if seq else None
+        steps = math.ceil(tokens_fill / tokens_per_step) if tokens_per_step else None
+        l_fill = float(law.loss(n_l, tokens_fill))
+        rec["ladder"] = {
+            "name": name, "params_non_embedding": n_l, "params_total": float(counts["total"]), "shape": shape,
+            "enc_len": enc, "dec_len": dec, "flops_per_token": fpt, "tokens": tokens_fill,
+            "tokens_per_param": tokens_fill / n_l, "batch_size": batch_size, "tokens_per_step": tokens_per_step,
+            "steps": steps,
+            "loss": {"value": l_fill, "ci": _interval([float(g.loss(n_l, tokens_fill)) for g in draws], level)},
+            "days": budget.get("days"),
+            "loss_penalty_vs_optimum": l_fill - loss,
+        }
+    # spread: N_opt and D_opt at this budget by every approach and published law
+    spread = {"approach3": {"n_opt": n_opt, "d_opt": d_opt, "a": law.a, "b": law.b,
+                            "convention": "C = k N D (this sweep)"}}
+    for name in ("approach2", "approach1"):
+        pa = power_allocation((fit or {}).get(name))
+        if pa is not None:
+            kn, a, kd, b = pa
+            spread[name] = {"n_opt": kn * c**a, "d_opt": kd * c**b, "a": a, "b": b,
+                            "convention": "power law fitted on this sweep's C"}
+        elif isinstance((fit or {}).get(name), dict) and "a" in fit[name]:
+            spread[name] = {"n_opt": None, "d_opt": None, "a": float(fit[name]["a"]),
+                            "b": float(fit[name].get("b", float("nan"))), "convention": "exponents only"}
+    for name in plots.PUBLISHED_OVERLAY:
+        pub = PUBLISHED[name]
+        spread[name] = {"n_opt": float(pub.n_opt(c)), "d_opt": float(pub.d_opt(c)), "a": pub.a, "b": pub.b,
+                        "convention": "C = 6 N D, " + ("non-embedding N" if name == "kaplan2020" else "all params"),
+                        "citation": pub.citation}
+    ns = [v["n_opt"] for v in spread.values() if v.get("n_opt")]
+    rec["spread"] = spread
+    rec["spread_factor_n_opt"] = max(ns) / min(ns) if len(ns) > 1 else 1.0
+    ours = [v["n_opt"] for key, v in spread.items() if key.startswith("approach") and v.get("n_opt")]
+    rec["spread_factor_approaches"] = max(ours) / min(ours) if len(ours) > 1 else 1.0
+    c_max = float(done["flops"].max())
+    factor = c / c_max
+    rec["extrapolation"] = {
+        "fitted_flops_min": float(done["flops"].min()), "fitted_flops_max": c_max, "factor": factor,
+        "decades": math.log10(factor) if factor > 0 else float("nan"),
+        "warning": (f"the budget is {factor:.3g}x the largest fitted run ({c_max:.3g} FLOPs): the law is "
+                    f"extrapolated over {math.log10(factor):.1f} decades of compute; treat N_opt, D_opt and the "
+                    "loss as a forecast, and check it with one run near the target before spending the budget"
+                    if factor > EXTRAPOLATION_WARN else None),
+    }
+    return rec
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating, float)):
+        v = float(x)
+        return v if math.isfinite(v) else None
+    if isinstance(x, (np.bool_,)):
+        return bool(x)
+    if x is None or isinstance(x, (str, int, bool)):
+        return x
+    return str(x)
+
+
+def _atomic_write(path: str, text: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def runs_table(runs) -> list[dict]:
+    cols = ["run_id", "status", "size", "params", "tokens", "flops", "pf_days", "enc_len", "dec_len", "budget",
+            "loss", "mfu", "wall_s"]
+    cols += [c for c in runs.columns if c.startswith("loss/")]
+    d = runs.copy()
+    if "flops" in d.columns:
+        d = d.sort_values("flops", na_position="last")
+    out = []
+    for _, r in d.iterrows():
+        out.append({c: _jsonable(r[c]) if c in d.columns else None for c in cols})
+    return out
+
+
+def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str | None = None,
+                 gpus: int | None = None, days: float | None = None, mfu: float | None = None,
+                 precision: str | None = None, flops: float | None = None, bootstrap: int = 200, seed: int = 0,
+                 batch_size: int = DEFAULT_BATCH, modality_bootstrap: int | None = None, fit_fn=None,
+                 figures: bool = True, progress=None) -> dict:
+    """Write ``report.md``, ``report.json`` and ``figures/*.{png,svg}`` under ``out_dir`` (default
+    ``RESULTS_DIR/report``); return the report dict. ``fit_fn`` defaults to ``medscale fit``'s ``fit_all``."""
+    from medscale.analysis import comparison
+
+    out_dir = out_dir or os.path.join(results_dir, "report")
+    step = progress or (lambda msg: None)
+    runs, curves = load_runs(results_dir)
+    done = plots.done_runs(runs)
+    if len(done) < 3:
+        raise UserError(f"only {len(done)} finished runs with a loss under {results_dir}; a law needs more "
+                        "(run more of the sweep)")
+    fit_all = resolve_fit_all(fit_fn)
+    step("fitting the total loss")
+    fit = run_fit(fit_all, runs, curves, bootstrap=bootstrap, seed=seed)
+    law = fitted_law(fit)
+    measured = done["mfu"].astype(float) if "mfu" in done.columns else None
+    measured_mfu = float(np.nanmedian(measured)) if measured is not None and np.isfinite(measured).any() else None
+    kinds = sorted({str(x) for x in done.get("device_kind", []) if x is not None and not (isinstance(x, float) and math.isnan(x))})
+    budget = resolve_budget(hardware, gpus, days, mfu, precision, flops, measured_mfu, ", ".join(kinds) or None)
+    rec = recommend(fit, runs, budget, batch_size)
+    # per-modality laws: the same fit on each modality's loss
+    modality_fits = {}
+    mb = bootstrap if modality_bootstrap is None else modality_bootstrap
+    for col in plots.modality_columns(done):
+        mod = col.split("/", 1)[1]
+        sub = runs.copy()
+        sub["loss"] = sub[col]
+        sub = sub[np.isfinite(sub["loss"].astype(float))]
+        if len(plots.done_runs(sub)) < 3:
+            continue
+        step(f"fitting the {mod} loss")
+        try:
+            mfit = run_fit(fit_all, sub, None, approaches=(3,), bootstrap=mb, seed=seed)
+        except UserError as exc:
+            log.warning("no law for modality %s: %s", mod, exc)
+            continue
+        mlaw = fitted_law(mfit)
+        if mlaw is None:
+            continue
+        k = plots.compute_factor(runs)
+        c = budget["flops"]
+        n_o, d_o = float(plots.law_n_opt(mlaw, c, k)), float(plots.law_d_opt(mlaw, c, k))
+        modality_fits[mod] = {"fit": mfit, "n_opt": n_o, "d_opt": d_o, "loss_at_budget": float(mlaw.loss(n_o, d_o))}
+    comp = comparison.place_models(law, plots.compute_factor(runs)) if law is not None else comparison.table()
+    fig_paths = {}
+    if figures:
+        step("drawing figures")
+        power = {}
+        for name in ("approach2", "approach1"):
+            pa = power_allocation(fit.get(name))
+            if pa is not None:
+                power[name.replace("approach", "Approach ")] = pa
+        mlaws = {m: fitted_law(v["fit"]) for m, v in modality_fits.items()}
+        fig_dir = os.path.join(out_dir, "figures")
+        fig_paths = plots.write_all(runs, fig_dir, law=law, draws=bootstrap_laws(fit), curves=curves,
+                                    modality_laws=mlaws, power_laws=power, budget=budget["flops"])
+    report = {
+        "results_dir": os.path.abspath(results_dir),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "n_runs": len(runs), "n_done": len(done),
+        "fit_args": {"approaches": [1, 2, 3], "bootstrap": bootstrap, "seed": seed},
+        "fit": _strip_draws(fit),
+        "budget": budget,
+        "recommendation": rec,
+        "modality_laws": {m: {**{k: v for k, v in d.items() if k != "fit"}, "fit": _strip_draws(d["fit"])}
+                          for m, d in modality_fits.items()},
+        "comparison": comp,
+        "figures": {k: [os.path.relpath(p, out_dir) for p in v] for k, v in fig_paths.items()},
+        "runs": runs_table(runs),
+    }
+    report = _jsonable(report)
+    _atomic_write(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1) + "\n")
+    _atomic_write(os.path.join(out_dir, "report.md"), render_markdown(report))
+    report["out_dir"] = os.path.abspath(out_dir)
+    return report
+
+
+def _strip_draws(fit: dict) -> dict:
+    """The fit dict without per-draw parameter lists (kept out of report.json; intervals stay)."""
+    def strip(d):
+        if not isinstance(d, dict):
+            return d
+        return {k: strip(v) for k, v in d.items() if k not in ("bootstrap", "draws", "bootstrap_draws")
+                or not isinstance(v, list)}
+    return strip(fit or {})
+
+
+# ------------------------------------------------------------------------------------------- markdown
+
+
+def fmt(x, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, str):
+        return x
+    x = float(x)
+    if not math.isfinite(x):
+        return "–"
+    if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
+        s = f"{x:.{digits}g}"
+    else:
+        s = f"{x:.{digits}g}" if abs(x) < 10**digits else f"{x:.0f}"
+    return s.replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
+
+
+def _ci(d, digits=3):
+    if not d:
+        return "–"
+    v, ci = d.get("value"), d.get("ci")
+    s = fmt(v, digits)
+    if ci:
+        s += f" [{fmt(ci[0], digits)}, {fmt(ci[1], digits)}]"
+    return s
+
+
+def _law_row(name, p):
+    ci = p.get("ci") or {}
+
+    def cell(key):
+        v = fmt(p.get(key), 4)
+        if ci.get(key):
+            v += f" [{fmt(ci[key][0], 4)}, {fmt(ci[key][1], 4)}]"
+        return v
+
+    return f"| {name} | " + " | ".join(cell(k) for k in ("E", "A", "B", "alpha", "beta", "a", "b")) + " |"
+
+
+def render_markdown(r: dict) -> str:
+    rec, b = r["recommendation"], r["budget"]
+    level = round(100 * rec.get("ci_level", 0.9))
+    L = []
+    L.append("# Scaling study report\n")
+    L.append(f"Results: `{r['results_dir']}` — {r['n_done']} finished runs of {r['n_runs']}. "
+             f"Created {r['created']}. Regenerate with `medscale report {r['results_dir']}`.\n")
+    L.append("Conventions: N = non-embedding parameters, D = tokens seen (encoder + decoder), C = model FLOPs "
+             "(project accounting; 1 PF-day = 8.64e19 FLOPs). The fitted law is placed on the compute axis with "
+             f"C = k N D, k = {fmt(rec['compute_factor_k'], 4)} (median over the runs; 6 for a decoder-only LM). "
+             f"Intervals: {level}% bootstrap percentile intervals ({rec['bootstrap_draws']} refits).\n")
+    # recommendation
+    L.append("## Recommendation\n")
+    if b.get("hardware"):
+        L.append(f"Budget: {b['gpus']} x {b['hardware']} ({b['precision']} peak {fmt(b['peak_flops'])} FLOP/s "
+                 f"each) for {fmt(b['days'])} days at MFU {fmt(b['mfu'])} ({b['mfu_source']}) = "
+                 f"**{fmt(b['flops'])} FLOPs = {fmt(b['pf_days'])} PF-days**.\n")
+    else:
+        L.append(f"Budget: **{fmt(b['flops'])} FLOPs = {fmt(b['pf_days'])} PF-days** (given).\n")
+    L.append("| quantity | value [interval] |\n|---|---|")
+    L.append(f"| N_opt (non-embedding parameters) | {_ci(rec['n_opt'])} |")
+    L.append(f"| D_opt (tokens) | {_ci(rec['d_opt'])} |")
+    L.append(f"| tokens per parameter | {fmt(rec['tokens_per_param'])} |")
+    L.append(f"| predicted eval loss at the optimum | {_ci(rec['loss'], 4)} |")
+    lad = rec.get("ladder")
+    if lad:
+        s = lad["shape"]
+        L.append(f"| nearest ladder size | **{lad['name']}**: d_model {s['d_model']}, {s['enc_layers']}+"
+                 f"{s['dec_layers']} layers, {s['num_heads']} heads, d_ff {s['d_ff']}; "
+                 f"{fmt(lad['params_non_embedding'])} non-embedding / {fmt(lad['params_total'])} total params |")
+        L.append(f"| its tokens (fills the budget) | {fmt(lad['tokens'])} ({fmt(lad['tokens_per_param'])} per "
+                 f"parameter), {fmt(lad['flops_per_token'])} FLOPs/token at Le={lad['enc_len']}, "
+                 f"Ld={lad['dec_len']} |")
+        L.append(f"| steps x batch | {lad['steps']:,} steps x {lad['batch_size']} sequences "
+                 f"({fmt(lad['tokens_per_step'])} tokens/step) |" if lad.get("steps") else "| steps | – |")
+        L.append(f"| wall-clock | {fmt(lad['days'])} days |")
+        L.append(f"| predicted loss of the ladder run | {_ci(lad['loss'], 4)} "
+                 f"(+{fmt(lad['loss_penalty_vs_optimum'], 2)} vs the optimum) |")
+    L.append("")
+    ex = rec["extrapolation"]
+    L.append(f"Fitted compute range: {fmt(ex['fitted_flops_min'])} – {fmt(ex['fitted_flops_max'])} FLOPs; the "
+             f"budget is **{fmt(ex['factor'])}x** the largest run ({fmt(ex['decades'], 2)} decades).\n")
+    if ex.get("warning"):
+        L.append(f"> **Extrapolation warning:** {ex['warning']}.\n")
+    L.append("### How much the answer moves\n")
+    L.append("| source | N_opt | D_opt | a (N ∝ C^a) | b (D ∝ C^b) | convention |\n|---|---|---|---|---|---|")
+    for name, v in rec["spread"].items():
+        L.append(f"| {name} | {fmt(v.get('n_opt'))} | {fmt(v.get('d_opt'))} | {fmt(v.get('a'))} | "
+                 f"{fmt(v.get('b'))} | {v.get('convention', '')} |")
+    L.append(f"\nN_opt spans a factor {fmt(rec['spread_factor_n_opt'])} across all rows and "
+             f"{fmt(rec['spread_factor_approaches'])} across this sweep's approaches. Published laws were fitted "
+             "on decoder-only text models (C = 6ND); their rows show the scale of disagreement, not a correction.\n")
+    # the fitted laws
+    L.append("## Fitted laws\n")
+    L.append("L(N, D) = E + A / N^alpha + B / D^beta (Approach 3; Huber on log-loss, delta 1e-3).\n")
+    L.append("| loss | E | A | B | alpha | beta | a | b |\n|---|---|---|---|---|---|---|---|")
+    fit = r.get("fit") or {}
+    if fit.get("approach3"):
+        L.append(_law_row("total", fit["approach3"]))
+    for m, d in (r.get("modality_laws") or {}).items():
+        if d["fit"].get("approach3"):
+            L.append(_law_row(m, d["fit"]["approach3"]))
+    L.append("")
+    for name in ("approach1", "approach2"):
+        p = fit.get(name)
+        if isinstance(p, dict) and "a" in p:
+            ci = p.get("ci") or {}
+            extra = ", ".join(f"{k} {fmt(p[k], 4)}" + (f" [{fmt(ci[k][0])}, {fmt(ci[k][1])}]" if ci.get(k) else "")
+                              for k in ("a", "b") if k in p)
+            L.append(f"- {name.replace('approach', 'Approach ')}: {extra}")
+    if r.get("modality_laws"):
+        L.append("\nPer-modality compute-optimal allocation at the budget:\n")
+        L.append("| modality | N_opt | D_opt | predicted loss |\n|---|---|---|---|")
+        for m, d in r["modality_laws"].items():
+            L.append(f"| {m} | {fmt(d['n_opt'])} | {fmt(d['d_opt'])} | {fmt(d['loss_at_budget'], 4)} |")
+    L.append("")
+    # figures
+    L.append("## Figures\n")
+    captions = {
+        "loss_vs_compute": "Final eval loss vs compute, the empirical frontier and the fitted law at its optimum.",
+        "isoflop": "IsoFLOP curves: loss vs N at fixed compute, parabola minima (stars), the fitted law (dashed).",
+        "allocation": "N_opt and D_opt vs compute: IsoFLOP minima, Approach 3 with its bootstrap band, "
+                      "Approaches 1/2, and Kaplan 2020 / Chinchilla 2022 / Epoch 2024 (their C = 6ND).",
+        "loss_vs_seqlen": "Loss vs sequence length at fixed size and tokens; loss vs compute by length.",
+        "loss_by_modality": "Per-modality eval loss vs compute with each modality's own law.",
+        "residuals": "Residuals of the fitted law (log observed − log fitted) vs compute and vs D/N.",
+        "task_metrics": "Task metrics (held-out) vs compute.",
+    }
+    for name, paths in (r.get("figures") or {}).items():
+        png = next((p for p in paths if p.endswith(".png")), paths[0])
+        svg = next((p for p in paths if p.endswith(".svg")), None)
+        L.append(f"**{name}** — {captions.get(name, '')} ({'[SVG](' + svg + ')' if svg else ''})\n")
+        L.append(f"![{name}]({png})\n")
+    # comparison
+    L.append("## Earlier, similarly sized models\n")
+    L.append("Facts as published (source per row). 'Our law' is the loss the fitted law predicts at that N and "
+             "D — **an extrapolation across domains, tokenizers and architectures**: it says where a model of that "
+             "size and data would sit on *this* study's curve, not how good that model is.\n")
+    L.append("| model | params | training data | tokens / samples seen | compute | our law: loss at (N, D) | "
+             "source |\n|---|---|---|---|---|---|---|")
+    for row in r.get("comparison") or []:
+        L.append(f"| {row['model']} | {row['params_text']} | {row['data']} | {row['seen_text']} | "
+                 f"{row['compute_text']} | {fmt(row.get('predicted_loss'), 4) if row.get('predicted_loss') else 'n/a (D not published as tokens)'} | "
+                 f"{row['source']} |")
+    L.append("")
+    # runs
+    L.append("## Runs\n")
+    rows = r.get("runs") or []
+    mods = sorted({k for row in rows for k in row if k.startswith("loss/")})
+    head = ["run_id", "status", "size", "params", "tokens", "flops", "pf_days", "enc_len", "dec_len", "loss",
+            *mods, "mfu"]
+    L.append("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for row in rows:
+        L.append("| " + " | ".join(fmt(row.get(h)) if not isinstance(row.get(h), str) else row[h]
+                                   for h in head) + " |")
+    L.append("")
+    return "\n".join(L)

@@ -1,0 +1,183 @@
+"""``medscale report``: the numbers in report.json/report.md equal the fit's, every figure is written, the
+recommendation follows the law, the budget and bad input behave."""
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_report_helpers import TRUTH, K, reference_fit_all, write_runs
+
+from medscale.analysis import plots, report
+from medscale.analysis.laws import PUBLISHED, ChinchillaLaw
+
+BOOT = 8
+SEED = 3
+BUDGET = 1e17
+
+
+def _fit_fn():
+    try:
+        return report.resolve_fit_all()
+    except RuntimeError:
+        return reference_fit_all  # until medscale.analysis.fit lands
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    sweep = write_runs(str(root))
+    out = str(root / "report")
+    rep = report.build_report(sweep, out, flops=BUDGET, bootstrap=BOOT, seed=SEED, fit_fn=_fit_fn(),
+                              modality_bootstrap=2)
+    return sweep, out, rep
+
+
+def test_report_numbers_equal_the_fit(built):
+    sweep, out, _ = built
+    with open(os.path.join(out, "report.json")) as fh:
+        rep = json.load(fh)
+    runs, curves = report.load_runs(sweep)
+    fit = report.run_fit(_fit_fn(), runs, curves, bootstrap=BOOT, seed=SEED)
+    for key in ("E", "A", "B", "alpha", "beta", "a", "b"):
+        assert rep["fit"]["approach3"][key] == pytest.approx(fit["approach3"][key], rel=1e-12), key
+        for j in (0, 1):
+            assert rep["fit"]["approach3"]["ci"][key][j] == pytest.approx(fit["approach3"]["ci"][key][j], rel=1e-12)
+    # the markdown shows the same numbers
+    md = Path(os.path.join(out, "report.md")).read_text()
+    total_row = next(line for line in md.splitlines() if line.startswith("| total |"))
+    assert report.fmt(fit["approach3"]["E"], 4) in total_row
+    assert report.fmt(fit["approach3"]["alpha"], 4) in total_row
+    # the fitted law is close to the law the runs were drawn from (the whole pipeline sees the right columns)
+    assert rep["fit"]["approach3"]["alpha"] == pytest.approx(TRUTH["alpha"], abs=0.05)
+    assert rep["fit"]["approach3"]["beta"] == pytest.approx(TRUTH["beta"], abs=0.05)
+
+
+def test_recommendation_follows_the_law(built):
+    _sweep, out, rep = built
+    law = report.fitted_law(rep["fit"])
+    rec = rep["recommendation"]
+    assert rec["compute_factor_k"] == pytest.approx(K, rel=1e-6)  # flops = K N D in the synthetic runs
+    # N_opt from the closed form with C = k N D, computed here independently
+    n_opt = law.G * (BUDGET / K) ** law.a
+    d_opt = BUDGET / (K * n_opt)
+    assert rec["n_opt"]["value"] == pytest.approx(n_opt, rel=1e-9)
+    assert rec["d_opt"]["value"] == pytest.approx(d_opt, rel=1e-9)
+    assert rec["loss"]["value"] == pytest.approx(float(law.loss(n_opt, d_opt)), rel=1e-9)
+    lo, hi = rec["n_opt"]["ci"]
+    assert lo <= hi and lo > 0
+    # the optimum is a minimum of the law along the IsoFLOP line
+    for f in (0.7, 1.4):
+        assert law.loss(n_opt * f, d_opt / f) > rec["loss"]["value"]
+    # extrapolation factor
+    c_max = max(r["flops"] for r in rep["runs"] if r["status"] == "done")
+    assert rec["extrapolation"]["factor"] == pytest.approx(BUDGET / c_max)
+    assert "extrapolated" in rec["extrapolation"]["warning"]
+    assert f"{report.fmt(BUDGET / c_max)}x" in Path(os.path.join(out, "report.md")).read_text()
+    # published laws in the spread are evaluated as published
+    assert rec["spread"]["chinchilla"]["n_opt"] == pytest.approx(float(PUBLISHED["chinchilla"].n_opt(BUDGET)))
+
+
+def test_every_figure_written(built):
+    _, out, rep = built
+    for name in plots.FIGURES:
+        for ext, magic in (("png", b"\x89PNG"), ("svg", b"<?xml")):
+            path = os.path.join(out, "figures", f"{name}.{ext}")
+            assert os.path.getsize(path) > 1000, path
+            with open(path, "rb") as fh:
+                assert fh.read(5).startswith(magic)
+        assert f"figures/{name}.png" in rep["figures"][name]
+    svg = Path(os.path.join(out, "figures", "loss_vs_compute.svg")).read_text()
+    assert "PF-days" in svg and "model FLOPs" in svg
+    md = Path(os.path.join(out, "report.md")).read_text()
+    for name in plots.FIGURES:
+        assert f"](figures/{name}.png)" in md
+
+
+def test_per_modality_laws_and_runs_table(built):
+    _, out, rep = built
+    assert set(rep["modality_laws"]) == {"image", "caption"}
+    for d in rep["modality_laws"].values():
+        law = report.fitted_law(d["fit"])
+        assert d["loss_at_budget"] == pytest.approx(float(law.loss(d["n_opt"], d["d_opt"])))
+    # caption was drawn with the larger exponents: its fit shows it
+    assert rep["modality_laws"]["caption"]["fit"]["approach3"]["alpha"] > \
+        rep["modality_laws"]["image"]["fit"]["approach3"]["alpha"]
+    assert len(rep["runs"]) == rep["n_runs"] == rep["n_done"] + 1  # one failed run listed, not fitted
+    md = Path(os.path.join(out, "report.md")).read_text()
+    run_lines = [line for line in md.splitlines() if re.match(r"\| (iso|seq|failed-)", line)]
+    assert len(run_lines) == len(rep["runs"])
+
+
+def test_comparison_places_models_on_the_law():
+    from medscale.analysis import comparison
+
+    law = ChinchillaLaw("t", **TRUTH)
+    rows = comparison.place_models(law, K)
+    assert all(r["source"] and r["model"] for r in rows)
+    names = {r["model"] for r in rows}
+    assert {"PubMedCLIP (ViT-B/32)", "4M-B (4M-7)", "4M-L (4M-7)", "4M-XL (4M-7)", "T5-small", "T5-base"} <= names
+    for r in rows:
+        if r["params"] and r["tokens"]:
+            assert r["predicted_loss"] == pytest.approx(float(law.loss(r["params"], r["tokens"])))
+            # d_opt_for_n is the optimum's D for that N: N_opt at C = K N d_opt gives back N
+            c = K * r["params"] * r["d_opt_for_n"]
+            assert float(plots.law_n_opt(law, c, K)) == pytest.approx(r["params"], rel=1e-9)
+        else:
+            assert r["predicted_loss"] is None
+            assert "not" in (r["seen_text"] + r["params_text"]) or r["tokens"] is None
+    t5 = next(r for r in rows if r["model"] == "T5-small")
+    assert t5["params"] == 60e6 and t5["tokens"] == pytest.approx(1.05e12, rel=0.01)
+
+
+def test_extrapolation_warning_only_when_far(built):
+    sweep, _, rep = built
+    runs, _ = report.load_runs(sweep)
+    c_max = float(plots.done_runs(runs)["flops"].max())
+    near = report.recommend(rep["fit"], runs, {"flops": 2 * c_max, "days": None})
+    assert near["extrapolation"]["warning"] is None
+    assert near["extrapolation"]["factor"] == pytest.approx(2.0)
+
+
+def test_budget_default_is_a_dgx1_week():
+    hw = pytest.importorskip("medscale.hardware")
+    b = report.resolve_budget(measured_mfu=0.3, measured_on="cpu")
+    peak = hw.peak_flops("v100-sxm2-32gb", hw.default_precision("v100-sxm2-32gb"))
+    assert b["gpus"] == 8 and b["days"] == 7
+    assert b["flops"] == pytest.approx(8 * peak * 0.3 * 7 * 86_400)
+    assert "measured" in b["mfu_source"]
+    stated = report.resolve_budget(hardware="dgx-1", days=1, mfu=0.5)
+    assert stated["flops"] == pytest.approx(8 * peak * 0.5 * 86_400) and "stated" in stated["mfu_source"]
+
+
+def test_bad_input_is_one_line_error(cli, tmp_path):
+    res = cli("report", str(tmp_path / "nope"))
+    assert res.returncode == 2
+    assert res.stderr.strip().startswith("error: ") and len(res.stderr.strip().splitlines()) == 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = cli("report", str(empty), "--flops", "1e17")
+    assert res.returncode == 2 and "no runs" in res.stderr
+    res = cli("report", str(empty), "--flops", "-1")
+    assert res.returncode == 2
+
+
+def test_cli_json(cli, built):
+    pytest.importorskip("medscale.sweep.registry")
+    try:
+        report.resolve_fit_all()
+    except RuntimeError:
+        pytest.skip("medscale.analysis has no fit_all yet")
+    sweep, _, _ = built
+    out = os.path.join(os.path.dirname(sweep), "cli-report")
+    res = cli("report", sweep, "--flops", str(BUDGET), "--bootstrap", "2", "--no-figures", "--out", out, "--json",
+              "--quiet")
+    assert res.returncode == 0, res.stderr
+    obj = json.loads(res.stdout)
+    assert obj["budget"]["flops"] == BUDGET and math.isfinite(obj["recommendation"]["n_opt"]["value"])
+    assert os.path.isfile(os.path.join(out, "report.md"))
+    assert re.search(r"N_opt", Path(os.path.join(out, "report.md")).read_text())
+    assert np.isfinite(obj["fit"]["approach3"]["E"])
