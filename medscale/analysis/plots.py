@@ -40,7 +40,8 @@ _PUB_STYLE = {"kaplan2020": ":", "chinchilla": "--", "epoch2024": "-."}
 def _plt():
     import matplotlib
 
-    matplotlib.use("Agg", force=True)
+    if "inline" not in matplotlib.get_backend().lower():  # keep a notebook's inline backend
+        matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 200, "font.size": 9, "axes.titlesize": 10,
