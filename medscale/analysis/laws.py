@@ -15,6 +15,7 @@ import math
 import numpy as np
 
 from medscale.errors import UserError
+from medscale.hardware import PF_DAY  # the one definition
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +94,6 @@ class KaplanLaw:
     def to_dict(self) -> dict:
         return {"form": "kaplan", **dataclasses.asdict(self)}
 
-
-PF_DAY = 1e15 * 86_400
 
 PUBLISHED = {
     # Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models", Approach 3 (Sec. 3.3, Eq. 10).

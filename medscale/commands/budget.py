@@ -1,0 +1,88 @@
+"""``medscale budget``: the compute-budget calculator (budget -> N_opt, D_opt, predicted loss, ladder size, days).
+
+Examples:
+  medscale budget --hardware v100-sxm2-32gb --gpus 8 --days 7 --mfu 0.35 --precision fp16 --law chinchilla
+  medscale budget --pf-days 100 --law epoch2024 --json
+  medscale budget --params 3e8 --hardware dgx-1 --mfu 0.35        (reverse: tokens, FLOPs, days for a size)
+"""
+
+import json
+
+
+def register(sub):
+    p = sub.add_parser("budget", help="compute budget -> compute-optimal size, tokens, loss, days",
+                       description=__doc__.splitlines()[0])
+    src = p.add_argument_group("budget (exactly one of: --hardware with --days, --flops, --pf-days, --params)")
+    src.add_argument("--hardware", help="device or system name (e.g. v100-sxm2-32gb, a100-80gb, h100-sxm, h200, "
+                     "cpu, dgx-1 = 8 x v100-sxm2-32gb)")
+    src.add_argument("--gpus", type=int, help="number of devices (default 1; 8 for dgx-1)")
+    src.add_argument("--days", type=float, help="wall-clock days of training on --hardware")
+    src.add_argument("--mfu", type=float, default=0.35, help="model FLOPs utilisation in (0, 1] (default 0.35)")
+    src.add_argument("--precision", choices=("fp32", "tf32", "fp16", "bf16"),
+                     help="peak to use (default: bf16, else fp16, else fp32, as the device has)")
+    src.add_argument("--flops", type=float, help="budget in FLOPs")
+    src.add_argument("--pf-days", type=float, help="budget in PF-days (1e15 x 86,400 FLOPs)")
+    src.add_argument("--params", type=float, help="reverse mode: model size N (the law's convention)")
+    p.add_argument("--law", default="chinchilla", help="chinchilla | chinchilla-rounded | epoch2024 | kaplan2020, "
+                   "or a fit file from medscale fit --out (default chinchilla)")
+    p.add_argument("--batch-tokens", type=float, default=2**19,
+                   help="tokens per optimizer step, for the step counts (default 524288)")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(func=run)
+
+
+def _fmt(x, unit=""):
+    if x is None:
+        return "-"
+    if isinstance(x, str):
+        return x
+    if abs(x) >= 1e4 or (x and abs(x) < 1e-2):
+        return f"{x:.3e}{unit}"
+    return f"{x:,.2f}{unit}"
+
+
+def run(args):
+    from medscale.accounting import BUDGET_JSON_KEYS, budget_plan
+
+    plan = budget_plan(args.law, flops=args.flops, pf_days=args.pf_days, hardware=args.hardware, gpus=args.gpus,
+                       days=args.days, mfu=args.mfu, precision=args.precision, params=args.params,
+                       batch_tokens=args.batch_tokens)
+    if args.json:
+        print(json.dumps({k: plan[k] for k in BUDGET_JSON_KEYS}))
+        return 0
+    d = plan["details"]
+    conv = "all" if d["n_convention"] == "total" else "non-embedding"
+    rows = []
+    if d["hardware"]:
+        rows.append(("hardware", (f"{d['gpus']} x {d['hardware']} @ {d['precision']} "
+                                 f"({_fmt(d['peak_flops_per_gpu'])} FLOP/s peak each), MFU {d['mfu']:g}")))
+    rows += [
+        ("law", f"{plan['law']} ({d['law_citation'] or 'fit file'}); N = {conv} parameters, C = 6 N D"),
+        ("compute", f"{_fmt(plan['flops'])} FLOPs = {_fmt(plan['pf_days'])} PF-days"),
+    ]
+    if plan["gpu_hours"] is not None:
+        rows.append(("GPU-hours / days", f"{_fmt(plan['gpu_hours'])} / {_fmt(plan['days'])}"))
+    label = "N (given)" if d["mode"] == "params" else "N_opt"
+    rows += [
+        (label, f"{_fmt(plan['n_params_opt'])} parameters"),
+        ("D_opt", (f"{_fmt(plan['tokens_opt'])} tokens ({plan['tokens_per_param']:.1f} per parameter), "
+                  f"{d['steps_opt']:,} steps of {int(d['batch_tokens']):,} tokens")),
+        ("predicted loss", f"{plan['predicted_loss']:.4f}"),
+    ]
+    lad, s = plan["ladder"], d["ladder_shape"]
+    rows += [
+        ("nearest ladder size", (f"{lad['name']}: d_model {s['d_model']}, {s['enc_layers']}+{s['dec_layers']} "
+                                f"layers, {s['num_heads']} heads, d_ff {s['d_ff']} ({s['mlp']})")),
+        ("  parameters", (f"{d['ladder_counts']['total']:,} total, {d['ladder_counts']['non_embedding']:,} "
+                         f"non-embedding (law uses {conv})")),
+        ("  optimal tokens", (f"{_fmt(lad['tokens'])} ({d['ladder_steps']:,} steps), predicted loss "
+                             f"{d['ladder_predicted_loss']:.4f}")),
+        ("  compute", (f"{_fmt(d['ladder_flops_6nd'])} (6ND) / {_fmt(d['ladder_model_flops'])} "
+                      f"(encoder-decoder accounting, Le={s['enc_len']}, Ld={s['dec_len']})")),
+    ]
+    if d["ladder_days"] is not None:
+        rows.append(("  days", f"{_fmt(d['ladder_days'])} at the encoder-decoder accounting"))
+    width = max(len(r[0]) for r in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
