@@ -77,6 +77,17 @@ def test_recommendation_follows_the_law(built):
     assert rec["extrapolation"]["factor"] == pytest.approx(BUDGET / c_max)
     assert "extrapolated" in rec["extrapolation"]["warning"]
     assert f"{report.fmt(BUDGET / c_max)}x" in Path(os.path.join(out, "report.md")).read_text()
+    # the nearest ladder size, its tokens fill the budget, steps of the stated batch
+    from medscale import accounting
+
+    lad = rec["ladder"]
+    specs = accounting.ladder_specs(enc_len=lad["enc_len"], dec_len=lad["dec_len"])
+    dist = {s.name: abs(math.log(accounting.param_counts(s)["non_embedding"] / n_opt)) for s in specs}
+    assert lad["name"] == min(dist, key=dist.get)
+    spec = next(s for s in specs if s.name == lad["name"])
+    assert lad["tokens"] == pytest.approx(BUDGET / accounting.flops_per_token(spec))
+    assert lad["steps"] == math.ceil(lad["tokens"] / (lad["batch_size"] * (lad["enc_len"] + lad["dec_len"])))
+    assert lad["loss"]["value"] == pytest.approx(float(law.loss(lad["params_non_embedding"], lad["tokens"])))
     # published laws in the spread are evaluated as published
     assert rec["spread"]["chinchilla"]["n_opt"] == pytest.approx(float(PUBLISHED["chinchilla"].n_opt(BUDGET)))
 

@@ -588,9 +588,11 @@ def render_markdown(r: dict) -> str:
                  f"Ld={lad['dec_len']} |")
         L.append(f"| steps x batch | {lad['steps']:,} steps x {lad['batch_size']} sequences "
                  f"({fmt(lad['tokens_per_step'])} tokens/step) |" if lad.get("steps") else "| steps | – |")
-        L.append(f"| wall-clock | {fmt(lad['days'])} days |")
+        L.append(f"| wall-clock | {fmt(lad['days'])} days on {b['gpus']} x {b['hardware']} at MFU {fmt(b['mfu'])} |"
+                 if b.get("hardware") else "| wall-clock | – (budget given in FLOPs; pass --hardware for days) |")
         L.append(f"| predicted loss of the ladder run | {_ci(lad['loss'], 4)} "
-                 f"(+{fmt(lad['loss_penalty_vs_optimum'], 2)} vs the optimum) |")
+                 f"({lad['loss_penalty_vs_optimum']:+.2g} vs the optimum; the ladder size's own FLOPs/token "
+                 "decide its tokens) |")
     L.append("")
     ex = rec["extrapolation"]
     L.append(f"Fitted compute range: {fmt(ex['fitted_flops_min'])} – {fmt(ex['fitted_flops_max'])} FLOPs; the "
