@@ -437,14 +437,15 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
     if len(done) < 3:
         raise UserError(f"only {len(done)} finished runs with a loss under {results_dir}; a law needs more "
                         "(run more of the sweep)")
+    measured = done["mfu"].astype(float) if "mfu" in done.columns else None
+    measured_mfu = float(np.nanmedian(measured)) if measured is not None and np.isfinite(measured).any() else None
+    kinds = sorted({str(x) for x in done.get("device_kind", [])
+                    if x is not None and not (isinstance(x, float) and math.isnan(x))})
+    budget = resolve_budget(hardware, gpus, days, mfu, precision, flops, measured_mfu, ", ".join(kinds) or None)
     fit_all = resolve_fit_all(fit_fn)
     step("fitting the total loss")
     fit = run_fit(fit_all, runs, curves, bootstrap=bootstrap, seed=seed)
     law = fitted_law(fit)
-    measured = done["mfu"].astype(float) if "mfu" in done.columns else None
-    measured_mfu = float(np.nanmedian(measured)) if measured is not None and np.isfinite(measured).any() else None
-    kinds = sorted({str(x) for x in done.get("device_kind", []) if x is not None and not (isinstance(x, float) and math.isnan(x))})
-    budget = resolve_budget(hardware, gpus, days, mfu, precision, flops, measured_mfu, ", ".join(kinds) or None)
     rec = recommend(fit, runs, budget, batch_size)
     # per-modality laws: the same fit on each modality's loss
     modality_fits = {}
