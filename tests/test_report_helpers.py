@@ -42,6 +42,8 @@ def _run(root, run_id, size, n, d, budget, enc_len, dec_len, rng, status="done",
     cfg = {"model": {"size": size}, "data": {"enc_len": enc_len, "dec_len": dec_len},
            "train": {"batch_size": batch, "tokens": d}, "sweep": {"budget": budget}}
     _write(os.path.join(run_dir, "config.json"), cfg)
+    _write(os.path.join(run_dir, "sweep.json"), {"run_id": run_id, "sweep": SWEEP, "size": size, "budget": budget,
+                                                 "enc_len": enc_len, "dec_len": dec_len, "batch_size": batch})
     rows = []
     for frac in (0.1, 0.2, 0.4, 0.7, 1.0):
         dt = d * frac

@@ -57,12 +57,30 @@ def load_runs(results_dir: str):
             curves = load_curves(results_dir)
         except UserError:
             curves = None
+        if len(runs) and "task_metrics" not in runs.columns and not any(c.startswith("task/") for c in runs.columns):
+            runs["task_metrics"] = [_task_metrics(results_dir, r, s) for r, s in zip(runs["run_id"], runs["sweep"])]
     else:
         runs, curves = _read_run_dirs(results_dir)
     if runs is None or len(runs) == 0:
         raise UserError(f"no runs under {results_dir}; run a sweep first (medscale sweep run) or point at "
                         "a folder of run directories with summary.json")
     return runs, curves
+
+
+def _task_metrics(results_dir: str, run_id: str, sweep=None):
+    """``task_metrics`` of a run's summary.json (evaluation adds them; the registry table does not carry them)."""
+    for path in (os.path.join(results_dir, str(run_id), "summary.json"),
+                 os.path.join(results_dir, str(sweep), str(run_id), "summary.json"),
+                 os.path.join(results_dir, "summary.json")):
+        if os.path.isfile(path):
+            try:
+                with open(path) as fh:
+                    s = json.load(fh)
+            except (OSError, ValueError):
+                return None
+            if s.get("run_id", run_id) == run_id:
+                return s.get("task_metrics") or None
+    return None
 
 
 def _read_run_dirs(results_dir: str):
