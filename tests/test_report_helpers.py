@@ -68,8 +68,8 @@ def _run(root, run_id, size, n, d, budget, enc_len, dec_len, rng, status="done",
         "final_train_loss": loss * 0.99 if status == "done" else None,
         "final_eval_loss": loss if status == "done" else None,
         "final_train_loss_by_modality": by_mod, "final_eval_loss_by_modality": by_mod,
-        "task_metrics": {"caption": {"bleu4": 0.5 - 0.1 * loss / 3}, "boxes": {"iou": 0.6 - 0.1 * loss / 3},
-                         "segmentation": {"miou": 0.7 - 0.1 * loss / 3}},
+        "task_metrics": {"caption": {"bleu4": 1.0 / (1.0 + loss / 3)}, "boxes": {"iou": 1.2 / (2.0 + loss / 3)},
+                         "segmentation": {"miou": 1.5 / (2.0 + loss / 3)}},
     }
     _write(os.path.join(run_dir, "summary.json"), summary)
 

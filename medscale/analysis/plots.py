@@ -44,7 +44,7 @@ def _plt():
         matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 200, "font.size": 9, "axes.titlesize": 10,
+    plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 150, "font.size": 9, "axes.titlesize": 10,
                          "legend.fontsize": 7.5, "axes.grid": True, "grid.alpha": 0.3, "svg.hashsalt": "medscale"})
     return plt
 
@@ -164,10 +164,11 @@ def frontier_points(df, curves=None, y: str = "loss"):
         src = src[np.isfinite(src[y].astype(float))] if y in src.columns else src.iloc[0:0]
     if len(src) == 0:
         return np.array([]), np.array([])
-    order = np.argsort(src["flops"].to_numpy(dtype=float))
-    c = src["flops"].to_numpy(dtype=float)[order]
-    l_ = src[y].to_numpy(dtype=float)[order]
-    keep = l_ <= np.minimum.accumulate(l_)
+    c_all, l_all = src["flops"].to_numpy(dtype=float), src[y].to_numpy(dtype=float)
+    order = np.lexsort((l_all, c_all))  # by compute, the lowest loss first among equal compute
+    c, l_ = c_all[order], l_all[order]
+    prior = np.concatenate([[np.inf], np.minimum.accumulate(l_)[:-1]])
+    keep = l_ < prior  # strictly better than everything at lower or equal compute
     return c[keep], l_[keep]
 
 
