@@ -28,6 +28,7 @@ def get_config():
     c.data.dataset = "synthetic_med"  # synthetic_med | roco | rocov2 | medmnist
     c.data.data_dir = ""  # TFDS data_dir; empty: ~/.cache/medscale/tfds
     c.data.manual_dir = ""  # for real datasets the user downloaded
+    c.data.subset = ""  # medmnist: FLAG or FLAG_SIZE (the .npz name); may be empty when manual_dir holds one
     c.data.num_train = 10_000
     c.data.num_eval = 512
     c.data.image_size = 64
@@ -41,7 +42,12 @@ def get_config():
     c.data.enc_len = 128
     c.data.dec_len = 64
     c.data.dirichlet_alpha = 0.5
-    c.data.mixture = "all2all:0.5,image2all:0.5"
+    c.data.mixture = "all2all:0.5,image2all:0.5"  # 4M mixture: all2all and <modality>2all components
+    c.data.data_seed = 0  # the synthetic dataset's seed (the training seed only orders and masks)
+    c.data.num_sentinels = 16  # span-masking sentinel tokens in the text vocabulary
+    c.data.box_bins = 32  # quantisation bins per box coordinate (v0..v3 tokens)
+    c.data.tokenizer_examples = 2000  # training examples the tokenizers learn from
+    c.data.vq_iters = 15  # k-means iterations of the image and segmentation codebooks
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 16

@@ -1,0 +1,247 @@
+"""4M token budgets on the host (numpy, seeded): tokenised examples -> fixed-shape batches (``batch.py``).
+
+Per example:
+
+1. a mixture component is drawn (``data.mixture``, e.g. ``all2all:0.5,image2all:0.5``). ``all2all``: every
+   present modality may be input and target; ``X2all`` (``image2all``, ``caption2all``, ...): only ``X`` is input,
+   every other present modality is a target;
+2. input weights and target weights are drawn from a symmetric Dirichlet(``alpha``) over the eligible
+   modalities; the budgets are ``floor(w * enc_len)`` and ``floor(w * dec_len)``;
+3. sequences (caption, boxes): input only -> the first tokens; target only -> tokens + ``</s>``; both -> span
+   masking (T5/4M): a fraction ``b / (a + b)`` of the tokens, in spans of mean length 3, is replaced in the input
+   by sentinels ``<S0> <S1> ...``; the target is ``<S0> span0 <S1> span1 ... </s>``. Input and target are cut to
+   their budgets;
+4. image-like modalities (image, segmentation) fill the rest: their shares of what the sequences left, input
+   and target patches drawn disjoint from one random permutation (targets never among inputs); room left on
+   either side is then given to image-like modalities that still have unused patches;
+5. whatever budget finds no tokens (few tokens in the example, or none eligible) is padding (valid False).
+
+Token ids are local to their modality. Decoder tokens of a modality are contiguous, sequences in order; the
+decoder input of a sequence target is the previous target token (``START`` at its first position).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medscale.errors import UserError
+
+START, EOS = 2, 3
+
+
+def parse_mixture(text: str, names: tuple[str, ...]) -> list[tuple[str | None, float]]:
+    """``"all2all:0.5,image2all:0.5"`` -> [(None, 0.5), ("image", 0.5)] (None: all to all)."""
+    out = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, w = part.partition(":")
+        try:
+            weight = float(w) if w else 1.0
+        except ValueError:
+            raise UserError(f"data.mixture {text!r}: weight {w!r} is not a number") from None
+        if weight < 0:
+            raise UserError(f"data.mixture {text!r}: weights must be >= 0")
+        if not name.endswith("2all"):
+            raise UserError(f"data.mixture component {name!r}: write all2all or <modality>2all")
+        src = name[: -len("2all")]
+        if src == "all":
+            out.append((None, weight))
+        elif src in names:
+            out.append((src, weight))
+        else:
+            raise UserError(f"data.mixture component {name!r}: unknown modality {src!r}; known: {', '.join(names)}")
+    if not out or sum(w for _, w in out) <= 0:
+        raise UserError(f"data.mixture {text!r}: give at least one component with a positive weight")
+    return out
+
+
+class Masker:
+    """Builds batches from tokenised examples.
+
+    ``modalities``: list of ``(name, kind, max_tokens)`` in the model's modality order. Examples come as a dict
+    of batched arrays: for an image-like modality ``name`` -> int [B, max_tokens] and ``name + "_len"`` -> [B]
+    (max_tokens, or 0 when absent); for a sequence ``name`` -> int [B, max_tokens] (padded) and
+    ``name + "_len"`` -> [B] (tokens before padding, no ``</s>``).
+    """
+
+    def __init__(self, modalities, enc_len: int, dec_len: int, alpha: float = 0.5,
+                 mixture: str = "all2all:1", num_sentinels: int = 16, sentinel_base: int = 4,
+                 mean_span: float = 3.0):
+        self.mods = [(str(n), str(k), int(t)) for n, k, t in modalities]
+        self.names = tuple(n for n, _, _ in self.mods)
+        self.enc_len, self.dec_len = int(enc_len), int(dec_len)
+        if alpha <= 0:
+            raise UserError(f"data.dirichlet_alpha must be > 0, got {alpha}")
+        self.alpha = float(alpha)
+        self.mixture = parse_mixture(mixture, self.names)
+        self.num_sentinels, self.sentinel_base = int(num_sentinels), int(sentinel_base)
+        self.mean_span = float(mean_span)
+
+    # ------------------------------------------------------------------ helpers
+    def _empty(self, B: int) -> dict:
+        z = {}
+        for side, L in (("enc", self.enc_len), ("dec", self.dec_len)):
+            keys = ("tokens", "modality", "pos") if side == "enc" else ("input", "target", "modality", "pos")
+            for k in keys:
+                z[f"{side}_{k}"] = np.zeros((B, L), np.int32)
+            z[f"{side}_valid"] = np.zeros((B, L), np.bool_)
+        z["dec_causal"] = np.zeros((B, self.dec_len), np.bool_)
+        return z
+
+    def _spans(self, rng, n: int, k: int, s: int):
+        """Lengths of s masked spans (sum k, each >= 1) and s+1 unmasked gaps (sum n-k, inner ones >= 1)."""
+        cuts = np.sort(rng.choice(np.arange(1, k), s - 1, replace=False)) if s > 1 else np.array([], int)
+        masked = np.diff(np.concatenate([[0], cuts, [k]]))
+        free = n - k - (s - 1)  # after giving each inner gap one token
+        bins = rng.multinomial(free, np.ones(s + 1) / (s + 1)) if free > 0 else np.zeros(s + 1, int)
+        gaps = bins + np.concatenate([[0], np.ones(s - 1, int), [0]])
+        return masked, gaps
+
+    def _sequence(self, rng, x: np.ndarray, a: int, b: int):
+        """Input and target token lists of one sequence under budgets a (input), b (target)."""
+        n = len(x)
+        if b > 0 and (a == 0 or n < 2):
+            return [], (list(x) + [EOS])[:b]
+        if b == 0:
+            return list(x[:a]), []
+        k = int(np.clip(round(n * b / (a + b)), 1, n - 1))
+        s = int(np.clip(round(k / self.mean_span), 1, min(k, self.num_sentinels, n - k + 1)))
+        masked, gaps = self._spans(rng, n, k, s)
+        inp, tgt, p = [], [], 0
+        for i in range(s):
+            inp.extend(x[p:p + gaps[i]])
+            p += gaps[i]
+            inp.append(self.sentinel_base + i)
+            tgt.append(self.sentinel_base + i)
+            tgt.extend(x[p:p + masked[i]])
+            p += masked[i]
+        inp.extend(x[p:])
+        tgt.append(EOS)
+        return inp[:a], tgt[:b]
+
+    # ------------------------------------------------------------------ main entry
+    def __call__(self, ex: dict, rng: np.random.Generator) -> dict:
+        M = len(self.mods)
+        B = int(np.asarray(ex[self.names[0] + "_len"]).shape[0])
+        lens = np.stack([np.asarray(ex[n + "_len"]).astype(np.int64) for n in self.names], 1)  # [B, M]
+        present = lens > 0
+        comps = rng.choice(len(self.mixture), size=B, p=np.array([w for _, w in self.mixture]) /
+                           sum(w for _, w in self.mixture))
+        g_in = rng.gamma(self.alpha, size=(B, M))
+        g_out = rng.gamma(self.alpha, size=(B, M))
+        out = self._empty(B)
+        perm_keys = rng.random((B, max(t for _, _, t in self.mods)))
+        for i in range(B):
+            src = self.mixture[comps[i]][0]
+            in_c, out_c = present[i].copy(), present[i].copy()
+            if src is not None:
+                j = self.names.index(src)
+                if present[i, j]:
+                    in_c = np.zeros(M, bool)
+                    in_c[j] = True
+                    out_c[j] = False
+                    if not out_c.any():
+                        out_c = present[i].copy()
+            self._one(ex, i, lens[i], in_c, out_c, g_in[i], g_out[i], perm_keys[i], rng, out)
+        return out
+
+    def _one(self, ex, i, lens, in_c, out_c, g_in, g_out, perm_key, rng, out):
+        w_in = np.where(in_c, g_in + 1e-12, 0.0)
+        w_out = np.where(out_c, g_out + 1e-12, 0.0)
+        w_in = w_in / w_in.sum() if w_in.sum() > 0 else w_in
+        w_out = w_out / w_out.sum() if w_out.sum() > 0 else w_out
+        a_all = np.floor(w_in * self.enc_len).astype(int)
+        b_all = np.floor(w_out * self.dec_len).astype(int)
+        enc_parts, dec_parts = {}, {}
+        used_in = used_out = 0
+        for m, (name, kind, _) in enumerate(self.mods):
+            if kind != "sequence" or lens[m] == 0:
+                continue
+            x = np.asarray(ex[name][i][: lens[m]])
+            a = min(a_all[m], lens[m]) if in_c[m] else 0
+            b = b_all[m] if out_c[m] else 0
+            inp, tgt = self._sequence(rng, x, a, b)
+            if inp:
+                enc_parts[m] = (np.asarray(inp, np.int32), np.arange(len(inp)))
+                used_in += len(inp)
+            if tgt:
+                dec_parts[m] = np.asarray(tgt, np.int32)
+                used_out += len(tgt)
+        img = [m for m, (_, kind, _) in enumerate(self.mods) if kind == "image" and lens[m] > 0]
+        if img:
+            r_in, r_out = self.enc_len - used_in, self.dec_len - used_out
+            wi = np.array([w_in[m] for m in img])
+            wo = np.array([w_out[m] for m in img])
+            c_in = np.floor(r_in * wi / wi.sum()).astype(int) if wi.sum() > 0 else np.zeros(len(img), int)
+            c_out = np.floor(r_out * wo / wo.sum()).astype(int) if wo.sum() > 0 else np.zeros(len(img), int)
+            n = np.array([lens[m] for m in img])
+            for j in range(len(img)):
+                if c_in[j] + c_out[j] > n[j]:
+                    ci = round(n[j] * c_in[j] / (c_in[j] + c_out[j]))
+                    c_in[j], c_out[j] = ci, n[j] - ci
+            for j in range(len(img)):  # give leftover room to modalities with unused patches
+                if in_c[img[j]]:
+                    c_in[j] += max(0, min(r_in - c_in.sum(), n[j] - c_in[j] - c_out[j]))
+            for j in range(len(img)):
+                if out_c[img[j]]:
+                    c_out[j] += max(0, min(r_out - c_out.sum(), n[j] - c_in[j] - c_out[j]))
+            for j, m in enumerate(img):
+                order = np.argsort(perm_key[: n[j]], kind="stable")
+                toks = np.asarray(ex[self.mods[m][0]][i])
+                if c_in[j]:
+                    pos = np.sort(order[: c_in[j]])
+                    enc_parts[m] = (toks[pos].astype(np.int32), pos)
+                if c_out[j]:
+                    pos = np.sort(order[c_in[j]: c_in[j] + c_out[j]])
+                    dec_parts[m] = (toks[pos].astype(np.int32), pos)
+        self._write(out, i, enc_parts, dec_parts)
+
+    def _write(self, out, i, enc_parts, dec_parts):
+        p = 0
+        for m in sorted(enc_parts):
+            toks, pos = enc_parts[m]
+            L = min(len(toks), self.enc_len - p)
+            out["enc_tokens"][i, p:p + L] = toks[:L]
+            out["enc_modality"][i, p:p + L] = m
+            out["enc_pos"][i, p:p + L] = pos[:L]
+            out["enc_valid"][i, p:p + L] = True
+            p += L
+        p = 0
+        for m in sorted(dec_parts):
+            part = dec_parts[m]
+            L0 = len(part[0]) if isinstance(part, tuple) else len(part)
+            L = min(L0, self.dec_len - p)
+            sl = slice(p, p + L)
+            out["dec_modality"][i, sl] = m
+            out["dec_valid"][i, sl] = True
+            if isinstance(part, tuple):  # image-like
+                out["dec_target"][i, sl] = part[0][:L]
+                out["dec_pos"][i, sl] = part[1][:L]
+            else:
+                out["dec_target"][i, sl] = part[:L]
+                out["dec_pos"][i, sl] = np.arange(L)
+                out["dec_input"][i, sl] = np.concatenate([[START], part[: L - 1]])
+                out["dec_causal"][i, sl] = True
+            p += L
+
+    def task(self, ex: dict, inputs, targets) -> dict:
+        """Deterministic batch for generation/evaluation: every token of the ``inputs`` modalities in the
+        encoder (cut to enc_len), every token of the ``targets`` (sequences + ``</s>``) in the decoder."""
+        for n in list(inputs) + list(targets):
+            if n not in self.names:
+                raise UserError(f"unknown modality {n!r}; known: {', '.join(self.names)}")
+        B = int(np.asarray(ex[self.names[0] + "_len"]).shape[0])
+        out = self._empty(B)
+        for i in range(B):
+            enc_parts, dec_parts = {}, {}
+            for m, (name, kind, _) in enumerate(self.mods):
+                n = int(np.asarray(ex[name + "_len"])[i])
+                toks = np.asarray(ex[name][i][:n], np.int32)
+                if name in inputs and n:
+                    enc_parts[m] = (toks, np.arange(n))
+                if name in targets and (n or kind == "sequence"):
+                    dec_parts[m] = (toks, np.arange(n)) if kind == "image" else np.concatenate([toks, [EOS]])
+            self._write(out, i, enc_parts, dec_parts)
+        return out

@@ -1,0 +1,386 @@
+"""The input pipeline: TFDS dataset (ArrayRecord, ``tfds.data_source``) -> tokens (cached) -> grain -> 4M batches.
+
+    data = build_data(cfg, spec)
+    it = data.iterator("train", batch_size, seed)        # endless, deterministic, sharded by process
+    batch = next(it)                                     # numpy dict per medscale/data/batch.py
+    state = it.get_state(); it.set_state(state)          # JSON-serialisable
+    data.eval_batches("validation", batch_size, n)       # fixed masking seed
+    data.examples("validation")[i]                       # raw: image, caption, boxes, mask, facts
+
+Everything built is cached under ``cfg.data.data_dir`` (default ``~/.cache/medscale``): ``tfds/`` (the dataset),
+``tokenizers/<dataset>/`` (artifacts named by their settings, holding their content hash) and
+``tokens/<dataset>/<split>-<tokenizers hash>.npz``. Each is built under a file lock and written to a temporary
+name then renamed, so concurrent processes build it once and never read half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import json
+import logging
+import os
+
+import numpy as np
+
+from medscale.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("synthetic_med", "roco", "rocov2", "medmnist")
+SPLITS = ("train", "validation", "test")
+EVAL_MASK_SEED = 20240611
+
+
+def cache_root(dcfg) -> str:
+    root = dcfg.get("data_dir", "") or os.path.join(os.path.expanduser("~"), ".cache", "medscale")
+    return os.path.abspath(root)
+
+
+@contextlib.contextmanager
+def file_lock(path: str):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def make_builder(dcfg, root: str):
+    """The TFDS builder a data config names (not yet prepared)."""
+    name = dcfg.dataset
+    tfds_dir = os.path.join(root, "tfds")
+    if name == "synthetic_med":
+        from medscale.data.builders import SyntheticMed, SyntheticMedConfig
+
+        cfg = SyntheticMedConfig(image_size=int(dcfg.image_size), num_train=int(dcfg.num_train),
+                                 num_eval=int(dcfg.num_eval), seed=int(dcfg.get("data_seed", 0)))
+        return SyntheticMed(config=cfg, data_dir=tfds_dir, file_format="array_record")
+    if name in ("roco", "rocov2", "medmnist"):
+        from medscale.data import real
+
+        return real.make_real_builder(name, dcfg, tfds_dir)
+    raise UserError(f"unknown data.dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def prepare_builder(builder, root: str, progress: bool = False):
+    import tensorflow_datasets as tfds
+
+    key = f"{builder.name}-{builder.builder_config.name}".replace("/", "_")
+    with file_lock(os.path.join(root, "locks", key + ".lock")):
+        if not os.path.exists(os.path.join(str(builder.data_path), "dataset_info.json")):
+            log.info("preparing %s/%s in %s", builder.name, builder.builder_config.name, builder.data_dir)
+            tfds.display_progress_bar(bool(progress))
+            try:
+                builder.download_and_prepare(file_format="array_record")
+            finally:
+                tfds.display_progress_bar(True)
+    return builder
+
+
+def _decode_example(rec: dict) -> dict:
+    def s(x):
+        return x.decode("utf-8", errors="replace") if isinstance(x, bytes) else str(x)
+
+    labels = s(rec["box_labels"]).split("|") if s(rec["box_labels"]) else []
+    boxes = [(lab, *map(float, b)) for lab, b in zip(labels, np.asarray(rec["boxes"]).reshape(-1, 4))]
+    return {"image": np.asarray(rec["image"])[..., 0], "mask": np.asarray(rec["mask"])[..., 0]
+                if bool(rec["has_mask"]) else None, "caption": s(rec["caption"]), "boxes": boxes,
+                "facts": json.loads(s(rec["facts"]) or "{}"), "id": s(rec["id"]), "index": int(rec["index"])}
+
+
+class Examples:
+    """Raw random access to a split: ``examples[i]`` -> dict(image uint8 HxW, mask uint8 HxW | None, caption,
+    boxes [(cls, x0, y0, x1, y1)] pixels, facts, id, index)."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return _decode_example(self.source[int(i) % len(self)])
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+
+class TokenSource:
+    """grain random-access source over cached token arrays (one dict of small arrays per example)."""
+
+    def __init__(self, arrays: dict):
+        self.arrays = arrays
+        self.n = len(next(iter(arrays.values())))
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.arrays.items()}
+
+
+class DataIterator:
+    """Endless deterministic batches; ``get_state()`` / ``set_state()`` (JSON-serialisable)."""
+
+    def __init__(self, data: Data, split: str, batch_size: int, seed: int, shard_index: int,
+                 shard_count: int, num_threads: int = 1, prefetch: int = 4):
+        import grain
+
+        tokens = data.tokens(split)
+        n = len(TokenSource(tokens))
+        if not 0 <= shard_index < shard_count:
+            raise UserError(f"shard_index {shard_index} must be in [0, shard_count={shard_count})")
+        if n // shard_count == 0:
+            raise UserError(f"split {split!r} has {n} examples: too few for {shard_count} shards")
+        if batch_size <= 0:
+            raise UserError(f"batch_size must be positive, got {batch_size}")
+        self.ident = {"split": split, "batch_size": int(batch_size), "seed": int(seed), "shard_index": int(shard_index),
+                          "shard_count": int(shard_count), "tokens": data.tokenizers.hash}
+        masker = data.masker
+
+        def mask(i, b):
+            return masker(b, np.random.default_rng([int(seed), int(shard_index), int(i), 0x3D]))
+
+        ds = grain.MapDataset.source(TokenSource(tokens))[shard_index::shard_count]
+        ds = ds.shuffle(seed=int(seed)).repeat(None).batch(batch_size, drop_remainder=True)
+        # one background thread keeps a few batches ready (masking is Python; the trainer's device work
+        # releases the GIL); grain's default (16 threads, 500 elements ahead) would mask hundreds of batches
+        # up front and compete with the trainer for the CPU
+        opts = grain.ReadOptions(num_threads=int(num_threads), prefetch_buffer_size=int(prefetch))
+        self._it = iter(ds.map_with_index(mask).to_iter_dataset(opts))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._it)
+
+    def get_state(self) -> dict:
+        return dict(self.ident, grain=self._it.get_state())
+
+    def set_state(self, state: dict) -> None:
+        state = json.loads(json.dumps(state))
+        mine = {k: state.get(k) for k in self.ident}
+        if mine != self.ident:
+            raise UserError(f"data iterator state is for {mine}, this iterator is {self.ident}")
+        self._it.set_state(state["grain"])
+
+
+class Data:
+    """A prepared dataset with its tokenizers, registry, token caches and masker (see the module docstring)."""
+
+    def __init__(self, cfg, spec, progress: bool = False):
+        from medscale.data.masking import Masker
+        from medscale.data.registry import build_registry
+
+        self.cfg, self.spec, self.dcfg = cfg, spec, cfg.data
+        self.root = cache_root(self.dcfg)
+        self.builder = prepare_builder(make_builder(self.dcfg, self.root), self.root, progress)
+        self.key = f"{self.builder.name}/{self.builder.builder_config.name}/{self.builder.version}"
+        self.image_size = int(self.dcfg.image_size)
+        self._sources, self._tokens = {}, {}
+        self.stats: dict = {}
+        skipped = self.builder.info.metadata.get("skipped") if self.builder.info.metadata else None
+        if skipped:
+            self.stats["skipped"] = dict(skipped)
+            log.warning("dataset %s skipped examples when it was built: %s", self.key, skipped)
+        self.tokenizers = self._tokenizers()
+        self.registry = build_registry(spec, self.tokenizers)
+        self.masker = Masker([(m.name, m.kind, m.max_tokens) for m in self.registry], spec.enc_len, spec.dec_len,
+                             alpha=float(self.dcfg.dirichlet_alpha), mixture=self.dcfg.mixture,
+                             num_sentinels=int(self.dcfg.get("num_sentinels", 16)), sentinel_base=4)
+        capacity = sum(m.max_tokens + (1 if m.kind == "sequence" else 0) for m in self.registry)
+        for side, L in (("enc_len", spec.enc_len), ("dec_len", spec.dec_len)):
+            if L > capacity:
+                raise UserError(f"data.{side} {L} exceeds the {capacity} tokens an example of modalities "
+                                f"{', '.join(m.name for m in self.registry)} can hold; lower data.{side}")
+
+    # ------------------------------------------------------------------ raw access
+    def source(self, split: str):
+        split = self._split(split)
+        if split not in self._sources:
+            self._sources[split] = self.builder.as_data_source(split=split)
+        return self._sources[split]
+
+    def _split(self, split: str) -> str:
+        names = list(self.builder.info.splits.keys())
+        if split not in names:
+            raise UserError(f"split {split!r} not in dataset {self.key}; splits: {', '.join(names)}")
+        return split
+
+    def examples(self, split: str) -> Examples:
+        return Examples(self.source(split))
+
+    # ------------------------------------------------------------------ tokenizers
+    def _artifact(self, name: str) -> str:
+        return os.path.join(self.root, "tokenizers", self.key.replace("/", "_"), name)
+
+    def _train_examples(self, limit: int):
+        ex = self.examples("train")
+        idx = np.linspace(0, len(ex) - 1, num=min(limit, len(ex))).astype(int)
+        return [ex[i] for i in np.unique(idx)]
+
+    def _tokenizers(self):
+        from medscale.data import tokenizers as T
+        from medscale.data.registry import Tokenizers
+
+        d = self.dcfg
+        ps = int(d.patch_size)
+        ns, bins = int(d.get("num_sentinels", 16)), int(d.get("box_bins", 32))
+        limit = int(d.get("tokenizer_examples", 2000))
+        names = {"text": f"text_v{d.text_vocab}_s{ns}_b{bins}_n{limit}.npz",
+                 "image": f"vq_v{d.image_vocab}_p{ps}_n{limit}.npz",
+                 "segmentation": f"seg_v{d.seg_vocab}_p{ps}_n{limit}.npz"}
+        paths = {k: self._artifact(v) for k, v in names.items()}
+        with file_lock(self._artifact("build.lock")):
+            if not all(os.path.exists(p) for p in paths.values()):
+                train = self._train_examples(limit)
+            if not os.path.exists(paths["text"]):
+                texts = [e["caption"] for e in train] + [" ".join(b[0] for b in e["boxes"]) for e in train]
+                texts.append("none")
+                T.train_text_tokenizer(texts, int(d.text_vocab), ns, bins, seed=0).save(paths["text"])
+            if not os.path.exists(paths["image"]):
+                imgs = np.stack([e["image"] for e in train])
+                T.train_vq(imgs, int(d.image_vocab), ps, iters=int(d.get("vq_iters", 15))).save(paths["image"])
+            if not os.path.exists(paths["segmentation"]):
+                masks = [e["mask"] for e in train if e["mask"] is not None]
+                if masks:
+                    T.train_seg(np.stack(masks), int(d.seg_vocab), ps, 4,
+                                iters=int(d.get("vq_iters", 15))).save(paths["segmentation"])
+        seg = T.SegTokenizer.load(paths["segmentation"]) if os.path.exists(paths["segmentation"]) else None
+        return Tokenizers(text=T.TextTokenizer.load(paths["text"]), image=T.VQTokenizer.load(paths["image"]),
+                          segmentation=seg)
+
+    # ------------------------------------------------------------------ token cache
+    def tokens(self, split: str) -> dict:
+        """Token arrays of a split (cached on disk, keyed by the tokenizers' hash): per modality ``name``
+        [N, max_tokens] int32 and ``name_len`` [N]."""
+        split = self._split(split)
+        if split in self._tokens:
+            return self._tokens[split]
+        sizes = {m: int(getattr(self.dcfg, k)) for m, k in (("caption", "caption_tokens"),
+                                                              ("boxes", "box_tokens"))}
+        key = f"{self.tokenizers.hash}-c{sizes['caption']}-b{sizes['boxes']}"
+        path = os.path.join(self.root, "tokens", self.key.replace("/", "_"), f"{split}-{key}.npz")
+        with file_lock(path + ".lock"):
+            if not os.path.exists(path):
+                arrays, stats = self._tokenize(split, sizes)
+                buf = io.BytesIO()
+                np.savez(buf, stats=json.dumps(stats), **arrays)
+                from medscale.data.tokenizers import atomic_write
+
+                atomic_write(path, buf.getvalue())
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files if k != "stats"}
+            self.stats[split] = json.loads(str(z["stats"]))
+        if self.stats[split].get("truncated_caption") or self.stats[split].get("empty_caption"):
+            log.info("tokens %s: %s", split, self.stats[split])
+        wanted = {m.name for m in self.registry}
+        arrays = {k: v for k, v in arrays.items() if k.removesuffix("_len") in wanted}
+        self._tokens[split] = arrays
+        return arrays
+
+    def _tokenize(self, split: str, sizes: dict):
+        tok = self.tokenizers
+        ex = self.examples(split)
+        n = len(ex)
+        G = (self.image_size // int(self.dcfg.patch_size)) ** 2
+        out = {"image": np.zeros((n, G), np.int32), "image_len": np.zeros(n, np.int32),
+               "segmentation": np.zeros((n, G), np.int32), "segmentation_len": np.zeros(n, np.int32),
+               "caption": np.zeros((n, sizes["caption"]), np.int32), "caption_len": np.zeros(n, np.int32),
+               "boxes": np.zeros((n, sizes["boxes"]), np.int32), "boxes_len": np.zeros(n, np.int32)}
+        stats = {"examples": n, "empty_caption": 0, "truncated_caption": 0, "truncated_boxes": 0, "no_mask": 0}
+        chunk = 1024
+        for s in range(0, n, chunk):
+            recs = [ex[i] for i in range(s, min(n, s + chunk))]
+            imgs = np.stack([r["image"] for r in recs])
+            out["image"][s:s + len(recs)] = tok.image.encode(imgs)
+            out["image_len"][s:s + len(recs)] = G
+            has = [j for j, r in enumerate(recs) if r["mask"] is not None]
+            stats["no_mask"] += len(recs) - len(has)
+            if has and tok.segmentation is not None:
+                ids = tok.segmentation.encode(np.stack([recs[j]["mask"] for j in has]))
+                out["segmentation"][[s + j for j in has]] = ids
+                out["segmentation_len"][[s + j for j in has]] = G
+            for j, r in enumerate(recs):
+                i = s + j
+                cap = " ".join(r["caption"].split())
+                if cap:
+                    ids = tok.text.encode(cap)
+                    if len(ids) > sizes["caption"]:
+                        stats["truncated_caption"] += 1
+                    ids = ids[: sizes["caption"]]
+                    out["caption"][i, :len(ids)] = ids
+                    out["caption_len"][i] = len(ids)
+                else:
+                    stats["empty_caption"] += 1
+                if r["mask"] is not None or r["boxes"]:  # boxes are known (possibly none) where masks are
+                    ids = tok.text.encode(tok.text.boxes_to_text(r["boxes"], self.image_size))
+                    if len(ids) > sizes["boxes"]:
+                        stats["truncated_boxes"] += 1
+                    ids = ids[: sizes["boxes"]]
+                    out["boxes"][i, :len(ids)] = ids
+                    out["boxes_len"][i] = len(ids)
+        return out, stats
+
+    # ------------------------------------------------------------------ batches
+    def iterator(self, split: str = "train", batch_size: int = 16, seed: int = 0, shard_index: int | None = None,
+                 shard_count: int | None = None, num_threads: int = 1, prefetch: int = 4) -> DataIterator:
+        """Endless batches of ``split`` in a seeded order, masked per batch with a seeded generator.
+        ``shard_index``/``shard_count`` default to ``jax.process_index()``/``jax.process_count()``;
+        ``num_threads``/``prefetch``: grain's background reading (0 threads: synchronous)."""
+        if shard_index is None or shard_count is None:
+            import jax
+
+            shard_index, shard_count = jax.process_index(), jax.process_count()
+        return DataIterator(self, split, batch_size, seed, shard_index, shard_count, num_threads, prefetch)
+
+    def eval_batches(self, split: str = "validation", batch_size: int = 16, num_batches: int = 4,
+                     seed: int = EVAL_MASK_SEED) -> list[dict]:
+        """The first ``num_batches * batch_size`` examples (wrapping around), masked with a fixed seed."""
+        arrays = self.tokens(split)
+        n = len(TokenSource(arrays))
+        out = []
+        for b in range(num_batches):
+            idx = np.arange(b * batch_size, (b + 1) * batch_size) % n
+            out.append(self.masker({k: v[idx] for k, v in arrays.items()}, np.random.default_rng([seed, b])))
+        return out
+
+    def task_batch(self, split: str, indices, inputs=("image",), targets=("caption",)) -> dict:
+        """A deterministic batch for generation/evaluation: all tokens of ``inputs`` in the encoder, every
+        token of ``targets`` in the decoder, for the examples ``indices`` of ``split``."""
+        arrays = self.tokens(split)
+        idx = np.asarray(indices, int)
+        return self.masker.task({k: v[idx] for k, v in arrays.items()}, inputs, targets)
+
+    def modality(self, name: str):
+        for m in self.registry:
+            if m.name == name:
+                return m
+        raise UserError(f"unknown modality {name!r}; known: {', '.join(m.name for m in self.registry)}")
+
+    def detokenize(self, name: str, ids) -> object:
+        """Local ids of one modality -> a caption (str), boxes ([(cls, x0, y0, x1, y1)] pixels), an image or a
+        mask (uint8 HxW; image-like ids must cover the whole grid in position order)."""
+        m = self.modality(name)
+        if name == "caption":
+            return m.tokenizer.decode(ids)
+        if name == "boxes":
+            return m.tokenizer.text_to_boxes(m.tokenizer.decode(ids), self.image_size)
+        return m.tokenizer.decode(np.asarray(ids), self.image_size)
+
+
+def build_data(cfg, spec=None, progress: bool = False) -> Data:
+    """Build (or load from cache) the dataset, tokenizers and token caches a config names."""
+    if spec is None:
+        from medscale.configs import spec_from_config
+
+        spec = spec_from_config(cfg)
+    return Data(cfg, spec, progress=progress)

@@ -1,0 +1,207 @@
+"""Every attention implementation against dense: outputs and gradients, with the three mask kinds."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medscale.errors import UserError
+from medscale.model import attention
+from medscale.model.attention import allowed_mask, attend, site_implementation
+
+B, H, D = 2, 2, 8
+
+
+def _masks(kind, rng):
+    """(lq, lk, q_segment, kv_segment, q_causal, same_segment) of one mask kind, with padding."""
+    if kind == "encoder":
+        lq = lk = 45
+        valid = np.arange(lq)[None] < np.array([[45], [31]])
+        valid[1, 5] = False  # a hole, not only trailing padding
+        seg = np.where(valid, 0, -1)
+        return lq, lk, seg, seg, None, False
+    if kind == "decoder":  # 4M: image-like segment bidirectional, two causal sequence segments, padding
+        lq = lk = 29
+        seg = np.full((B, lq), -1)
+        causal = np.zeros((B, lq), bool)
+        seg[0, :10], seg[0, 10:20], seg[0, 20:26] = 0, 1, 3
+        causal[0, 10:26] = True
+        seg[1, :7], seg[1, 7:22] = 2, 1
+        causal[1, 7:22] = True
+        return lq, lk, seg, seg, causal, True
+    if kind == "cross":
+        lq, lk = 13, 40
+        qseg = np.where(np.arange(lq)[None] < np.array([[13], [9]]), 0, -1)
+        kvseg = np.where(rng.random((B, lk)) < 0.8, 0, -1)
+        return lq, lk, qseg, kvseg, None, False
+    raise AssertionError(kind)
+
+
+def _inputs(kind, seed=0, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    lq, lk, qseg, kvseg, causal, same = _masks(kind, rng)
+    q, k, v, w = (jnp.asarray(rng.normal(size=(B, n, H, D)), jnp.float32) for n in (lq, lk, lk, lq))
+    vectors = {"q_segment": jnp.asarray(qseg, jnp.int32), "kv_segment": jnp.asarray(kvseg, jnp.int32),
+                   "q_causal": None if causal is None else jnp.asarray(causal), "same_segment": same}
+    return (q.astype(dtype), k.astype(dtype), v.astype(dtype)), w, vectors
+
+
+def _value_and_grads(fn, qkv, w):
+    """Output and d(sum(out * w))/d(q, k, v), in one jitted call, as float32 numpy."""
+
+    def both(q, k, v):
+        out, vjp = jax.vjp(fn, q, k, v)
+        return out, vjp(w.astype(out.dtype))
+
+    out, grads = jax.jit(both)(*qkv)
+    return np.asarray(out, np.float32), [np.asarray(g, np.float32) for g in grads]
+
+
+def _dense_reference(vectors, window=None):
+    mask = allowed_mask(vectors["q_segment"], vectors["kv_segment"], vectors["q_causal"],
+                        vectors["same_segment"], window=window)
+
+    def fn(q, k, v):
+        return attention._dense(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask)
+
+    return fn
+
+
+@functools.cache
+def _dense_fp32(kind, window):
+    qkv, w, vectors = _inputs(kind)
+    return _value_and_grads(_dense_reference(vectors, window), qkv, w)
+
+
+CASES = [(kind, "xla", {}) for kind in ("encoder", "decoder", "cross")] + [
+    # several key blocks, lengths not multiples of the block
+    (kind, "blockwise", {"block": 8}) for kind in ("encoder", "decoder", "cross")] + [
+    ("decoder", "blockwise", {"block": 16, "block_q": 4}),  # query blocks smaller than key blocks
+    ("cross", "blockwise", {"block": 16, "block_q": 4}),
+    ("encoder", "blockwise", {"block": 512}),  # one block larger than the sequence
+    ("encoder", "local", {"window": 9, "block": 4}),  # local is a self-attention (encoder) technique
+    ("decoder", "local", {"window": 9, "block": 4}),  # (it also composes with segments and causal rows)
+    ("encoder", "local", {"window": 200}),  # window wider than the sequence: equals blockwise
+]
+
+
+def test_reference_masks_are_not_trivial():
+    for kind in ("encoder", "decoder", "cross"):
+        qkv, _, vectors = _inputs(kind)
+        masked = jax.jit(_dense_reference(vectors))(*qkv)
+        free = dict(vectors, q_segment=jnp.zeros_like(vectors["q_segment"]),
+                    kv_segment=jnp.zeros_like(vectors["kv_segment"]), q_causal=None)
+        assert np.abs(np.asarray(masked - jax.jit(_dense_reference(free))(*qkv))).max() > 1e-2
+
+
+@pytest.mark.parametrize("kind,implementation,options", CASES, ids=[f"{k}-{i}-{o}" for k, i, o in CASES])
+def test_equals_dense_fp32(kind, implementation, options):
+    qkv, w, vectors = _inputs(kind)
+    window = options.get("window") if implementation == "local" else None
+    want, want_grads = _dense_fp32(kind, window)
+    got, got_grads = _value_and_grads(
+        lambda q, k, v: attend(q, k, v, implementation=implementation, **vectors, **options), qkv, w)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+    for g, gw in zip(got_grads, want_grads):
+        np.testing.assert_allclose(g, gw, atol=5e-5, rtol=1e-4)
+
+
+def test_local_differs_from_full_attention():
+    qkv, _, vectors = _inputs("encoder")
+    full = attend(*qkv, implementation="dense", **vectors)
+    local = attend(*qkv, implementation="local", window=9, block=4, **vectors)
+    assert np.abs(np.asarray(full - local)).max() > 1e-2
+
+
+@pytest.mark.parametrize("kind,implementation,options", [
+    ("decoder", "xla", {}), ("decoder", "blockwise", {"block": 8}), ("encoder", "local", {"window": 9, "block": 4})])
+def test_bfloat16_close_to_fp32_dense(kind, implementation, options):
+    qkv, w, vectors = _inputs(kind, seed=1, dtype=jnp.bfloat16)
+    window = options.get("window") if implementation == "local" else None
+    want, want_grads = _value_and_grads(_dense_reference(vectors, window), [x.astype(jnp.float32) for x in qkv], w)
+    fn = lambda q, k, v: attend(q, k, v, implementation=implementation, **vectors, **options)
+    assert jax.eval_shape(fn, *qkv).dtype == jnp.bfloat16
+    got, got_grads = _value_and_grads(fn, qkv, w)
+    np.testing.assert_allclose(got, want, atol=5e-2, rtol=5e-2)
+    for g, gw in zip(got_grads, want_grads):
+        assert np.abs(g - gw).max() <= 0.05 * np.abs(gw).max()
+
+
+@pytest.mark.parametrize("implementation", ["dense", "xla", "blockwise", "local"])
+def test_fully_masked_rows_give_zeros_and_finite_grads(implementation):
+    qkv, w, vectors = _inputs("decoder", seed=2)
+    qseg = np.array(vectors["q_segment"])
+    dead = qseg < 0  # padding rows
+    qseg[0, 3] = 7  # a segment with no key of its own: also no allowed key
+    dead[0, 3] = True
+    vectors = dict(vectors, q_segment=jnp.asarray(qseg))
+    fn = lambda q, k, v: attend(q, k, v, implementation=implementation, block=8, window=9, **vectors)
+    out, grads = _value_and_grads(fn, qkv, w)
+    assert dead.sum() > 3
+    assert np.all(out[dead] == 0)
+    assert np.abs(out[~dead]).max() > 0
+    for g in grads:
+        assert np.all(np.isfinite(g))
+    assert np.all(grads[0][dead] == 0)  # no gradient reaches a dead query
+
+
+def test_blockwise_under_remat_and_with_unused_options():
+    qkv, w, vectors = _inputs("decoder", seed=3)
+    want, want_grads = _value_and_grads(_dense_reference(vectors), qkv, w)
+    fn = jax.checkpoint(lambda q, k, v: attend(q, k, v, implementation="blockwise", block=8, window=5, **vectors))
+    got, got_grads = _value_and_grads(fn, qkv, w)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    for g, gw in zip(got_grads, want_grads):
+        np.testing.assert_allclose(g, gw, atol=5e-5)
+
+
+def test_cudnn_without_gpu_is_a_user_error():
+    if jax.default_backend() == "gpu":
+        pytest.skip("a GPU is present")
+    qkv, _, vectors = _inputs("encoder")
+    with pytest.raises(UserError, match="cudnn.*GPU"):
+        attend(*qkv, implementation="cudnn", **vectors)
+
+
+def test_bad_implementation_and_options():
+    qkv, _, vectors = _inputs("encoder")
+    with pytest.raises(UserError, match="unknown attention implementation 'flash'"):
+        attend(*qkv, implementation="flash", **vectors)
+    with pytest.raises(UserError, match="block"):
+        attend(*qkv, implementation="blockwise", block=-4, **vectors)
+    with pytest.raises(UserError, match="window"):
+        attend(*qkv, implementation="local", window=2.5, **vectors)
+    with pytest.raises(TypeError, match="blok"):
+        attend(*qkv, implementation="blockwise", blok=4, **vectors)
+
+
+def test_site_implementation():
+    assert site_implementation("local", "encoder") == "local"
+    assert site_implementation("local", "decoder") == "blockwise"
+    assert site_implementation("local", "cross") == "blockwise"
+    assert site_implementation("xla", "cross") == "xla"
+    with pytest.raises(ValueError):
+        site_implementation("dense", "middle")
+
+
+def test_attention_options_set_defaults_at_trace_time():
+    from medscale.model.attention import attention_options
+
+    qkv, _, vectors = _inputs("encoder")
+    fn = lambda q, k, v: attend(q, k, v, implementation="local", **vectors)
+    with attention_options(window=9, block=4):
+        narrow = jax.jit(fn)(*qkv)
+        explicit = jax.jit(lambda q, k, v: attend(q, k, v, implementation="local", window=200, **vectors))(*qkv)
+    want = jax.jit(_dense_reference(vectors, window=9))(*qkv)
+    np.testing.assert_allclose(narrow, want, atol=2e-5)
+    np.testing.assert_allclose(explicit, jax.jit(_dense_reference(vectors))(*qkv), atol=2e-5)  # explicit wins
+    with pytest.raises(TypeError), attention_options(blocks=3):
+        pass
+
+
+def test_local_refuses_cross_attention():
+    qkv, _, vectors = _inputs("cross")
+    with pytest.raises(ValueError, match="site_implementation"):
+        attend(*qkv, implementation="local", **vectors)

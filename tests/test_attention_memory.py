@@ -1,0 +1,31 @@
+"""Compiled memory of attention forward+backward: blockwise and local grow linearly with length, dense does not."""
+
+import jax
+import jax.numpy as jnp
+
+from medscale.model.attention import attend
+
+B, H, D = 1, 2, 16
+
+
+def _temp_bytes(implementation, length, **options):
+    """Temporary bytes of the AOT-compiled gradient of sum(attend(...)**2) wrt q, k, v."""
+    x = jax.ShapeDtypeStruct((B, length, H, D), jnp.float32)
+    seg = jax.ShapeDtypeStruct((B, length), jnp.int32)
+
+    def loss(q, k, v, s):
+        return jnp.sum(attend(q, k, v, q_segment=s, kv_segment=s, implementation=implementation, **options) ** 2)
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x, seg).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_memory_grows_linearly():
+    dense_large = _temp_bytes("dense", 2048)
+    # dense stores (at least) one float32 score matrix for the backward pass
+    assert dense_large >= B * H * 2048 * 2048 * 4
+    for implementation, options in [("blockwise", {"block": 128}), ("local", {"window": 64})]:
+        small, large = _temp_bytes(implementation, 512, **options), _temp_bytes(implementation, 2048, **options)
+        # 4x the length: linear is 4x; a stored [L, L] score matrix would be 16x
+        assert large <= 5 * small, (implementation, small, large)
+        assert large * 8 <= dense_large, (implementation, large, dense_large)

@@ -1,0 +1,167 @@
+"""The pipeline end to end on a small synthetic TFDS dataset the test builds."""
+
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+
+from medscale.configs import load_config, spec_from_config
+from medscale.data.batch import check_batch
+from medscale.data.pipeline import build_data
+from medscale.data.synthetic import render_scene
+from medscale.errors import UserError
+
+SMALL = ["data.num_train=160", "data.num_eval=24", "data.tokenizer_examples=160", "data.vq_iters=4"]
+
+
+def small_cfg(root, *extra):
+    return load_config("tiny", [f"data.data_dir={root}", *SMALL, *extra])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    cfg = small_cfg(tmp_path_factory.mktemp("d"))
+    return build_data(cfg, spec_from_config(cfg))
+
+
+def same(a, b):
+    return set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_batches_follow_the_contract(data):
+    spec = data.spec
+    it = data.iterator("train", 8, seed=0, shard_index=0, shard_count=1)
+    for _ in range(3):
+        b = next(it)
+        check_batch(b, 8, spec.enc_len, spec.dec_len)
+        for k, m in zip(("enc", "dec"), ("enc_tokens", "dec_target")):
+            mod = b[f"{k}_modality"]
+            vocab = np.asarray(spec.vocab_sizes)[mod]
+            assert (b[m] < vocab).all() and (b[m] >= 0).all()
+    assert b["enc_valid"].sum() > 0.9 * b["enc_valid"].size
+
+
+def test_same_seed_same_batches_different_seed_differs(data):
+    a = [next(it) for it in [data.iterator("train", 8, 1, 0, 1)] for _ in range(4)]
+    b = [next(it) for it in [data.iterator("train", 8, 1, 0, 1)] for _ in range(4)]
+    c = [next(it) for it in [data.iterator("train", 8, 2, 0, 1)] for _ in range(4)]
+    assert all(same(x, y) for x, y in zip(a, b))
+    assert not all(same(x, y) for x, y in zip(a, c))
+
+
+def test_restored_state_yields_the_identical_next_batch(data):
+    it = data.iterator("train", 8, seed=3, shard_index=0, shard_count=1)
+    for _ in range(25):  # past one epoch of 160 examples
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    want = [next(it) for _ in range(2)]
+    fresh = data.iterator("train", 8, seed=3, shard_index=0, shard_count=1)
+    fresh.set_state(state)
+    assert all(same(w, next(fresh)) for w in want)
+    other = data.iterator("train", 8, seed=4, shard_index=0, shard_count=1)
+    with pytest.raises(UserError):
+        other.set_state(state)
+
+
+def test_shards_read_disjoint_examples(data):
+    toks = data.tokens("train")
+    n = len(toks["image"])
+    seen = []
+    for shard in range(2):
+        import grain
+
+        from medscale.data.pipeline import TokenSource
+
+        ds = grain.MapDataset.source(TokenSource(toks))[shard::2]
+        seen.append({bytes(ds[i]["image"].tobytes()) for i in range(len(ds))})
+    assert not seen[0] & seen[1] and len(seen[0]) + len(seen[1]) == n
+    a = next(data.iterator("train", 8, 0, 0, 2))
+    b = next(data.iterator("train", 8, 0, 1, 2))
+    assert not same(a, b)
+    with pytest.raises(UserError):
+        data.iterator("train", 8, 0, 2, 2)
+
+
+def test_eval_batches_are_fixed(data):
+    a = data.eval_batches("validation", 8, 4)
+    b = data.eval_batches("validation", 8, 4)
+    assert len(a) == 4 and all(same(x, y) for x, y in zip(a, b))
+    check_batch(a[0], 8, data.spec.enc_len, data.spec.dec_len)
+
+
+def test_examples_and_detokenize_match_the_generator(data):
+    ex = data.examples("validation")
+    assert len(ex) == 24
+    tb = data.task_batch("validation", range(len(ex)), inputs=("image",), targets=("caption",))
+    cap_mod = data.spec.modality_index("caption")
+    tok = data.tokenizers.text
+    checked = 0
+    for i in range(len(ex)):
+        e = ex[i]
+        s = render_scene(0, e["index"], 64)
+        assert e["caption"] == s["caption"] and e["facts"] == json.loads(json.dumps(s["facts"]))
+        assert np.array_equal(e["image"], s["image"]) and np.array_equal(e["mask"], s["mask"])
+        assert [tuple(b[1:]) for b in e["boxes"]] == [tuple(map(float, b[1:])) for b in s["boxes"]]
+        sel = tb["dec_valid"][i] & (tb["dec_modality"][i] == cap_mod)
+        ids = tb["dec_target"][i][sel]
+        if len(tok.encode(e["caption"])) < data.spec.modalities[cap_mod].max_tokens:
+            assert data.detokenize("caption", ids) == tok.normalize(e["caption"])
+            checked += 1
+        boxes_ids = data.tokens("validation")["boxes"][i][: data.tokens("validation")["boxes_len"][i]]
+        back = data.detokenize("boxes", boxes_ids)
+        assert len(back) == len(e["boxes"])
+    assert checked > 10
+    img_ids = data.tokens("validation")["image"][0]
+    rec = data.detokenize("image", img_ids)
+    assert rec.shape == (64, 64) and np.abs(rec.astype(float) - ex[0]["image"]).mean() < 25
+
+
+def test_cache_reused_and_keyed_by_tokenizer_hash(data):
+    root = data.root
+    data.tokens("train")
+    files = glob.glob(os.path.join(root, "tokens", "*", "train-*.npz"))
+    assert len(files) == 1 and data.tokenizers.hash in os.path.basename(files[0])
+    again = build_data(data.cfg, data.spec)
+    assert again.tokenizers.hash == data.tokenizers.hash
+    assert same(next(again.iterator("train", 4, 0, 0, 1)), next(data.iterator("train", 4, 0, 0, 1)))
+
+
+def test_bad_configs_are_user_errors(data, tmp_path):
+    with pytest.raises(UserError, match="dataset"):
+        cfg = small_cfg(tmp_path, "data.dataset=cifar")
+        build_data(cfg, spec_from_config(cfg))
+    with pytest.raises(UserError, match="enc_len"):
+        cfg = load_config("tiny", [f"data.data_dir={data.root}", *SMALL, "data.enc_len=4000"])
+        build_data(cfg, spec_from_config(cfg))
+    with pytest.raises(UserError, match="split"):
+        data.examples("nope")
+    with pytest.raises(UserError, match="modality"):
+        data.detokenize("xray", [1])
+    from medscale.data.registry import build_registry
+    from medscale.spec import ModalitySpec
+
+    spec = data.spec.replace(modalities=(*data.spec.modalities, ModalitySpec("ecg", "sequence", 10, 5)))
+    with pytest.raises(UserError, match="unknown modality"):
+        build_registry(spec, data.tokenizers)
+
+
+def _build_files(root, seed):
+    from medscale.data.builders import SyntheticMed, SyntheticMedConfig
+    from medscale.data.pipeline import prepare_builder
+
+    b = SyntheticMed(config=SyntheticMedConfig(image_size=64, num_train=40, num_eval=8, seed=seed),
+                     data_dir=str(root / "tfds"), file_format="array_record")
+    prepare_builder(b, str(root))
+    files = sorted(glob.glob(os.path.join(str(b.data_path), "*.array_record*")))
+    assert len(files) == 3
+    return [open(f, "rb").read() for f in files]
+
+
+def test_dataset_files_same_seed_same_bytes(tmp_path):
+    a = _build_files(tmp_path / "a", 0)
+    b = _build_files(tmp_path / "b", 0)
+    c = _build_files(tmp_path / "c", 1)
+    assert a == b
+    assert all(x != y for x, y in zip(a, c))
