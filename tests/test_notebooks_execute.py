@@ -47,12 +47,18 @@ def test_notebooks_execute(kernel_env, monkeypatch):
         pytest.skip("medscale.analysis has no fit_all yet")
     sweep = write_runs(str(kernel_env / "runs"))
     monkeypatch.setenv("MEDSCALE_RESULTS", sweep)
-    monkeypatch.setenv("MEDSCALE_BOOTSTRAP", "3")
-    for name in NOTEBOOKS:
-        nb = nbformat.read(os.path.join(ANALYSIS, f"{name}.ipynb"), as_version=4)
-        client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                         resources={"metadata": {"path": ANALYSIS}})
-        client.execute()
+    monkeypatch.setenv("MEDSCALE_BOOTSTRAP", "2")
+    import asyncio
+
+    nbs = {name: nbformat.read(os.path.join(ANALYSIS, f"{name}.ipynb"), as_version=4) for name in NOTEBOOKS}
+
+    async def run_all():  # three kernels at once: their start-up and imports overlap
+        await asyncio.gather(*(nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                                       resources={"metadata": {"path": ANALYSIS}}).async_execute()
+                               for nb in nbs.values()))
+
+    asyncio.run(run_all())
+    for name, nb in nbs.items():
         outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
         assert not [o for o in outputs if o.get("output_type") == "error"]
         text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
