@@ -105,7 +105,9 @@ def reference_fit_all(df, approaches=(1, 2, 3), bootstrap=0, seed=0):
     log-sum-exp form, L-BFGS-B from a few starts; bootstrap refits from the best point."""
     from scipy.optimize import minimize
 
-    d = df[(df["status"] == "done") & np.isfinite(df["loss"].astype(float))]
+    d = df[np.isfinite(df["loss"].astype(float))]
+    if "status" in d.columns:
+        d = d[d["status"] == "done"]
     n, t, loss = (d[c].to_numpy(float) for c in ("params", "tokens", "loss"))
 
     def fit(n, t, loss, starts):

@@ -37,7 +37,7 @@ DEFAULT_BUDGET = {"hardware": "dgx-1", "gpus": None, "days": 7.0}
 DEFAULT_MFU = 0.35  # used only when the sweep measured none and none is given; always stated
 DEFAULT_BATCH = 256  # sequences per optimizer step for the recommended run (global batch), stated
 EXTRAPOLATION_WARN = 10.0  # warn when the budget exceeds the largest fitted run by more than this factor
-FIT_MODULES = ("medscale.analysis.fit", "medscale.analysis.fitting", "medscale.analysis.approaches")
+FIT_MODULES = ("medscale.analysis.fitting", "medscale.analysis.fit")
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -144,7 +144,8 @@ def _read_run_dirs(results_dir: str):
 
 
 def resolve_fit_all(fit_fn=None):
-    """The law-fitting function ``fit_all(df, approaches, bootstrap, seed) -> dict`` of ``medscale fit``."""
+    """The law-fitting function of ``medscale fit``: ``fit_all(points, approaches, bootstrap, seed, budgets,
+    curves, ...) -> dict`` (``medscale.analysis.fitting``)."""
     if fit_fn is not None:
         return fit_fn
     for name in FIT_MODULES:
@@ -157,18 +158,79 @@ def resolve_fit_all(fit_fn=None):
     raise RuntimeError("medscale.analysis has no fit_all yet (the law-fitting module is missing)")
 
 
-def run_fit(fit_fn, df, curves=None, approaches=(1, 2, 3), bootstrap: int = 200, seed: int = 0) -> dict:
-    """Call ``fit_fn`` with the arguments ``medscale fit`` uses (curves passed when it accepts them)."""
-    kwargs = {"approaches": approaches, "bootstrap": bootstrap, "seed": seed}
+def fit_points(results_dir: str, runs, curves):
+    """``(points, curves, source)``: exactly the table ``medscale fit RESULTS_DIR`` fits
+    (``medscale.analysis.inputs.read_table``), else the registry's finished runs."""
     try:
-        sig = inspect.signature(fit_fn)
-        if curves is not None and "curves" in sig.parameters:
-            kwargs["curves"] = curves
-        if "progress" in sig.parameters:
-            kwargs["progress"] = False
+        from medscale.analysis import inputs
+    except ImportError:
+        inputs = None
+    if inputs is not None and hasattr(inputs, "read_table"):
+        return inputs.read_table(results_dir)
+    return plots.done_runs(runs), curves, None
+
+
+def modality_points(runs, col: str):
+    """The finished runs with ``loss`` replaced by a modality's loss column, in the fit's canonical form."""
+    d = plots.done_runs(runs)
+    d = d[np.isfinite(d[col].astype(float))].copy()
+    d["loss"] = d[col].astype(float)
+    keep = [c for c in ("params", "tokens", "loss", "flops", "budget", "run_id", "status") if c in d.columns]
+    d = d[keep].reset_index(drop=True)
+    try:
+        from medscale.analysis import inputs
+
+        return inputs.canonicalise(d.drop(columns=["status"], errors="ignore"), {}, where=col)
+    except ImportError:
+        return d
+
+
+def default_approaches(points, curves, bin_dex: float = 0.1) -> tuple:
+    """``medscale fit``'s default: Approach 3, plus 2 when the runs form 2+ IsoFLOP groups, plus 1 with curves."""
+    out = ["3"]
+    try:
+        from medscale.analysis import isoflop
+
+        groups = len(isoflop.assign_groups(points, bin_dex)[1])
+    except (ImportError, UserError):
+        groups = int(points["budget"].nunique()) if "budget" in points.columns else 0
+    if groups >= 2:
+        out.append("2")
+    if curves is not None and len(curves):
+        out.append("1")
+    return tuple(out)
+
+
+def run_fit(fit_fn, points, curves=None, approaches=("3", "2", "1"), bootstrap: int = 0, seed: int = 0,
+            budgets=()) -> dict:
+    """Call ``fit_fn`` as ``medscale fit`` does (arguments it does not take are left out). When Approach 1 or 2
+    cannot be fitted on these runs (a UserError naming why), it is dropped and the reason kept in
+    ``warnings``, so the report still shows what can be fitted."""
+    try:
+        params = set(inspect.signature(fit_fn).parameters)
     except (TypeError, ValueError):
-        pass
-    return fit_fn(df, **kwargs)
+        params = {"approaches", "bootstrap", "seed"}
+    dropped = []
+    approaches = tuple(str(a) for a in approaches)
+    while True:
+        kwargs = {"approaches": approaches, "bootstrap": bootstrap, "seed": seed}
+        if "budgets" in params:
+            kwargs["budgets"] = list(budgets)
+        if "curves" in params and "1" in approaches:
+            kwargs["curves"] = curves
+        try:
+            fit = fit_fn(points, **kwargs)
+            break
+        except UserError as exc:
+            optional = [a for a in approaches if a in ("1", "2")]
+            if not optional:
+                raise
+            dropped.append(f"approach {optional[-1]} left out: {exc}")
+            approaches = tuple(a for a in approaches if a != optional[-1])
+    if dropped:
+        fit = dict(fit)
+        fit["warnings"] = list(fit.get("warnings") or []) + dropped
+    return fit
 
 
 # ------------------------------------------------------------------------------------------- fit access
@@ -184,34 +246,83 @@ def fitted_law(fit: dict, name: str = "fit") -> ChinchillaLaw | None:
         return None
 
 
-def bootstrap_laws(fit: dict) -> list[ChinchillaLaw]:
-    """The bootstrap refits of Approach 3 as laws, from wherever the fit dict keeps them."""
-    app = (fit or {}).get("approach3") or {}
-    draws = None
-    for holder, key in ((app, "bootstrap"), (app, "draws"), (fit, "bootstrap"), (fit, "bootstrap_draws")):
-        val = holder.get(key) if isinstance(holder, dict) else None
-        if isinstance(val, dict):
-            val = val.get("approach3", val.get("draws"))
-        if isinstance(val, list) and val:
-            draws = val
-            break
+def _laws_from(draws) -> list[ChinchillaLaw]:
+    """Laws from a list of parameter dicts or a dict of parameter lists."""
+    if isinstance(draws, dict) and all(k in draws for k in ("E", "A", "B", "alpha", "beta")):
+        draws = [dict(zip(("E", "A", "B", "alpha", "beta"), row))
+                 for row in zip(*(draws[k] for k in ("E", "A", "B", "alpha", "beta")))]
     out = []
-    for d in draws or []:
+    for d in draws if isinstance(draws, list) else []:
         try:
-            out.append(ChinchillaLaw("draw", E=float(d["E"]), A=float(d["A"]), B=float(d["B"]),
-                                     alpha=float(d["alpha"]), beta=float(d["beta"])))
+            law = ChinchillaLaw("draw", E=float(d["E"]), A=float(d["A"]), B=float(d["B"]),
+                                alpha=float(d["alpha"]), beta=float(d["beta"]))
         except (KeyError, TypeError, ValueError):
             continue
+        if all(math.isfinite(v) for v in (law.E, law.A, law.B, law.alpha, law.beta)) and law.alpha + law.beta > 0:
+            out.append(law)
     return out
 
 
+def bootstrap_laws(fit: dict) -> list[ChinchillaLaw]:
+    """The bootstrap refits of Approach 3 as laws, when the fit dict carries them (``draws``)."""
+    app = (fit or {}).get("approach3") or {}
+    for holder, key in ((app, "draws"), (app, "bootstrap"), (fit or {}, "bootstrap_draws")):
+        val = holder.get(key)
+        if isinstance(val, dict) and "draws" in val:
+            val = val["draws"]
+        laws = _laws_from(val)
+        if laws:
+            return laws
+    return []
+
+
+def reproduce_draws(fit: dict, points, seed: int = 0, delta: float | None = None) -> list[ChinchillaLaw]:
+    """Approach 3's bootstrap refits when the fit dict reports only their percentiles: the fit module's own
+    ``approach3.bootstrap`` (runs resampled with the same seed, each refit warm-started at the fitted optimum).
+    Empty when that module is absent or its interface differs."""
+    app = (fit or {}).get("approach3") or {}
+    n_boot = int(((app.get("bootstrap") or {}).get("n") if isinstance(app.get("bootstrap"), dict) else 0) or 0)
+    if n_boot <= 0 or fitted_law(fit) is None:
+        return []
+    try:
+        from medscale.analysis import approach3
+    except ImportError:
+        return []
+    try:
+        import types
+
+        law = fitted_law(fit)
+        base = types.SimpleNamespace(optima=[{"theta": approach3.law_to_theta(law.E, law.A, law.B, law.alpha,
+                                                                              law.beta).tolist()}])
+        n, d, loss = (points[c].to_numpy(np.float64) for c in ("params", "tokens", "loss"))
+        groups = points["run_id"].to_numpy() if "run_id" in points.columns else None
+        th, _, conv = approach3.bootstrap(n, d, loss, base, n_boot, seed=seed, groups=groups,
+                                          delta=app.get("delta") or delta or approach3.DELTA)
+    except (AttributeError, TypeError, ValueError, KeyError) as exc:
+        log.warning("could not reproduce the bootstrap draws (%s); loss intervals left out", exc)
+        return []
+    th = np.asarray(th, dtype=float)[np.asarray(conv, dtype=bool)]  # refits that converged
+    draws = {"E": np.exp(th[:, 2]), "A": np.exp(th[:, 0]), "B": np.exp(th[:, 1]), "alpha": th[:, 3],
+             "beta": th[:, 4]}
+    return _laws_from({k: v.tolist() for k, v in draws.items()})
+
+
 def ci_level(fit: dict) -> float:
+    """The level of the fit's intervals (``medscale fit`` reports 2.5-97.5 percentiles: 0.95)."""
     for key in ("ci_level", "level", "confidence"):
         for holder in (fit or {}, (fit or {}).get("approach3") or {}):
             v = holder.get(key)
             if isinstance(v, (int, float)) and 0 < v < 1:
                 return float(v)
-    return 0.9
+    return 0.95
+
+
+def fit_allocation(fit: dict, c6: float, approach: str = "approach3"):
+    """The fit's own allocation row at budget ``c6`` (its C = 6ND convention), or None."""
+    for row in ((fit or {}).get(approach) or {}).get("allocation") or []:
+        if isinstance(row, dict) and row.get("C") and math.isclose(float(row["C"]), c6, rel_tol=1e-9):
+            return row
+    return None
 
 
 def _interval(values, level):
@@ -314,24 +425,33 @@ def _mode(series):
     return None if len(s) == 0 else int(s.mode().iloc[0])
 
 
-def recommend(fit: dict, runs, budget: dict, batch_size: int = DEFAULT_BATCH) -> dict:
+def recommend(fit: dict, runs, budget: dict, batch_size: int = DEFAULT_BATCH, draws=None) -> dict:
     """N_opt, D_opt and predicted loss at the budget with bootstrap intervals; the nearest ladder size with its
-    tokens, steps, batch and wall-clock; the spread across approaches and published laws; extrapolation."""
+    tokens, steps, batch and wall-clock; the spread across approaches and published laws; extrapolation.
+
+    N_opt and D_opt under C = k N D are the fit's own allocation at C6 = 6 C / k (its C = 6 N D convention):
+    their intervals are the fit's (``medscale fit --budget-flops C6``) when it computed that budget, else the
+    percentiles of ``draws``; the loss interval comes from ``draws`` (default: those in the fit dict)."""
     law = fitted_law(fit)
     if law is None:
         raise UserError("the fit has no Approach 3 law (too few runs?); add runs or check medscale fit")
-    draws = bootstrap_laws(fit)
+    draws = bootstrap_laws(fit) if draws is None else draws
     level = ci_level(fit)
     k = plots.compute_factor(runs)
     c = float(budget["flops"])
+    c6 = 6.0 * c / k
     n_opt = float(plots.law_n_opt(law, c, k))
     d_opt = float(plots.law_d_opt(law, c, k))
     loss = float(law.loss(n_opt, d_opt))
     nd = [(float(plots.law_n_opt(g, c, k)), float(plots.law_d_opt(g, c, k))) for g in draws]
+    row = fit_allocation(fit, c6)
+    n_ci = (row or {}).get("ci", {}).get("n_opt") or _interval([x[0] for x in nd], level)
+    d_ci = (row or {}).get("ci", {}).get("d_opt") or _interval([x[1] for x in nd], level)
     rec = {
-        "compute_factor_k": k, "ci_level": level, "bootstrap_draws": len(draws),
-        "n_opt": {"value": n_opt, "ci": _interval([x[0] for x in nd], level)},
-        "d_opt": {"value": d_opt, "ci": _interval([x[1] for x in nd], level)},
+        "compute_factor_k": k, "budget_flops_6nd": c6, "ci_level": level, "bootstrap_draws": len(draws),
+        "interval_source": "medscale fit allocation at C6" if row and row.get("ci") else "bootstrap draws",
+        "n_opt": {"value": n_opt, "ci": n_ci},
+        "d_opt": {"value": d_opt, "ci": d_ci},
         "loss": {"value": loss, "ci": _interval([float(g.loss(n, d)) for g, (n, d) in zip(draws, nd)], level)},
         "tokens_per_param": d_opt / n_opt,
     }
@@ -461,30 +581,32 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
                     if x is not None and not (isinstance(x, float) and math.isnan(x))})
     budget = resolve_budget(hardware, gpus, days, mfu, precision, flops, measured_mfu, ", ".join(kinds) or None)
     fit_all = resolve_fit_all(fit_fn)
-    step("fitting the total loss")
-    fit = run_fit(fit_all, runs, curves, bootstrap=bootstrap, seed=seed)
+    k = plots.compute_factor(runs)
+    c6 = 6.0 * budget["flops"] / k  # the budget in the fit's C = 6ND convention (see recommend)
+    points, fcurves, _source = fit_points(results_dir, runs, curves)
+    approaches = default_approaches(points, fcurves)
+    step(f"fitting the total loss (approaches {', '.join(approaches)}, {bootstrap} bootstrap draws)")
+    fit = run_fit(fit_all, points, fcurves, approaches=approaches, bootstrap=bootstrap, seed=seed, budgets=[c6])
     law = fitted_law(fit)
-    rec = recommend(fit, runs, budget, batch_size)
-    # per-modality laws: the same fit on each modality's loss
+    draws = bootstrap_laws(fit) or reproduce_draws(fit, points, seed=seed)
+    rec = recommend(fit, runs, budget, batch_size, draws=draws)
+    # per-modality laws: the same fit (Approach 3) on each modality's loss
     modality_fits = {}
     mb = bootstrap if modality_bootstrap is None else modality_bootstrap
     for col in plots.modality_columns(done):
         mod = col.split("/", 1)[1]
-        sub = runs.copy()
-        sub["loss"] = sub[col]
-        sub = sub[np.isfinite(sub["loss"].astype(float))]
-        if len(plots.done_runs(sub)) < 3:
-            continue
-        step(f"fitting the {mod} loss")
         try:
-            mfit = run_fit(fit_all, sub, None, approaches=(3,), bootstrap=mb, seed=seed)
+            mpoints = modality_points(runs, col)
+            if len(mpoints) < 3:
+                continue
+            step(f"fitting the {mod} loss")
+            mfit = run_fit(fit_all, mpoints, None, approaches=("3",), bootstrap=mb, seed=seed, budgets=[c6])
         except UserError as exc:
             log.warning("no law for modality %s: %s", mod, exc)
             continue
         mlaw = fitted_law(mfit)
         if mlaw is None:
             continue
-        k = plots.compute_factor(runs)
         c = budget["flops"]
         n_o, d_o = float(plots.law_n_opt(mlaw, c, k)), float(plots.law_d_opt(mlaw, c, k))
         modality_fits[mod] = {"fit": mfit, "n_opt": n_o, "d_opt": d_o, "loss_at_budget": float(mlaw.loss(n_o, d_o))}
@@ -499,13 +621,15 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
                 power[name.replace("approach", "Approach ")] = pa
         mlaws = {m: fitted_law(v["fit"]) for m, v in modality_fits.items()}
         fig_dir = os.path.join(out_dir, "figures")
-        fig_paths = plots.write_all(runs, fig_dir, law=law, draws=bootstrap_laws(fit), curves=curves,
+        fig_paths = plots.write_all(runs, fig_dir, law=law, draws=draws, curves=curves,
                                     modality_laws=mlaws, power_laws=power, budget=budget["flops"])
     report = {
         "results_dir": os.path.abspath(results_dir),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "n_runs": len(runs), "n_done": len(done),
-        "fit_args": {"approaches": [1, 2, 3], "bootstrap": bootstrap, "seed": seed},
+        "fit_args": {"approaches": list(approaches), "bootstrap": bootstrap, "seed": seed, "budgets": [c6],
+                     "command": f"medscale fit {results_dir} --bootstrap {bootstrap} --seed {seed} "
+                                f"--budget-flops {c6:.6g} --json"},
         "fit": _strip_draws(fit),
         "budget": budget,
         "recommendation": rec,
@@ -527,8 +651,8 @@ def _strip_draws(fit: dict) -> dict:
     def strip(d):
         if not isinstance(d, dict):
             return d
-        return {k: strip(v) for k, v in d.items() if k not in ("bootstrap", "draws", "bootstrap_draws")
-                or not isinstance(v, list)}
+        return {k: strip(v) for k, v in d.items()
+                if not (k in ("draws", "bootstrap_draws") or (k == "bootstrap" and isinstance(v, list)))}
     return strip(fit or {})
 
 
@@ -582,7 +706,9 @@ def render_markdown(r: dict) -> str:
     L.append("Conventions: N = non-embedding parameters, D = tokens seen (encoder + decoder), C = model FLOPs "
              "(project accounting; 1 PF-day = 8.64e19 FLOPs). The fitted law is placed on the compute axis with "
              f"C = k N D, k = {fmt(rec['compute_factor_k'], 4)} (median over the runs; 6 for a decoder-only LM). "
-             f"Intervals: {level}% bootstrap percentile intervals ({rec['bootstrap_draws']} refits).\n")
+             f"Intervals: {level}% bootstrap percentile intervals ({r['fit_args']['bootstrap']} refits of the "
+             "runs; N_opt/D_opt intervals as `medscale fit` computes them at the budget in its C = 6ND units, "
+             f"C6 = 6C/k = {fmt(rec['budget_flops_6nd'])}). Cross-check: `{r['fit_args']['command']}`.\n")
     # recommendation
     L.append("## Recommendation\n")
     if b.get("hardware"):
