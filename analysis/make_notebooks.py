@@ -19,7 +19,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-SETUP = '''\
+_SETUP = '''\
 import os
 import sys
 
@@ -32,19 +32,20 @@ BOOTSTRAP = int(os.environ.get("MEDSCALE_BOOTSTRAP", "200"))
 SEED = 0
 
 %matplotlib inline
-import numpy as np
-import pandas as pd
+{imports}
 from IPython.display import display
 
-from medscale.analysis import plots
-from medscale.analysis.laws import PF_DAY, PUBLISHED
-from medscale.analysis.report import (bootstrap_laws, fitted_law, load_runs, power_allocation,
-                                      resolve_fit_all, run_fit)
+from medscale.analysis import plots, report
 
-runs, curves = load_runs(RESULTS)
+runs, curves = report.load_runs(RESULTS)  # the registry's table (all runs) and eval curves
+points, fit_curves, _ = report.fit_points(RESULTS, runs, curves)  # what medscale fit fits
 done = plots.done_runs(runs)
 k = plots.compute_factor(runs)
 print(f"{RESULTS}: {len(runs)} runs, {len(done)} finished; C = k N D with k = {k:.3g}")'''
+
+
+def setup(imports: str) -> str:
+    return _SETUP.replace("{imports}", imports)
 
 
 def _show(expr: str) -> str:
@@ -60,16 +61,18 @@ def scaling_curves():
             "the law's residuals and task metrics.\n\n"
             "Conventions: N non-embedding parameters, D tokens (encoder + decoder), C model FLOPs; "
             "1 PF-day = 8.64e19 FLOPs. Parameters: `MEDSCALE_RESULTS` (a sweep folder), `MEDSCALE_BOOTSTRAP`."),
-        new_code_cell(SETUP),
+        new_code_cell(setup('import numpy as np\nimport pandas as pd')),
         new_code_cell('cols = [c for c in ("run_id", "size", "params", "tokens", "flops", "pf_days", "enc_len", '
                       '"dec_len", "loss", "status") if c in runs.columns]\n'
                       'runs.sort_values("flops")[cols]'),
         new_markdown_cell("## The fitted law (Approach 3) with bootstrap intervals"),
         new_code_cell(
-            "fit_all = resolve_fit_all()\n"
-            "fit = run_fit(fit_all, runs, curves, bootstrap=BOOTSTRAP, seed=SEED)\n"
-            "law = fitted_law(fit)\n"
-            "draws = bootstrap_laws(fit)\n"
+            "fit_all = report.resolve_fit_all()\n"
+            "approaches = report.default_approaches(points, fit_curves)\n"
+            "fit = report.run_fit(fit_all, points, fit_curves, approaches=approaches, bootstrap=BOOTSTRAP, seed=SEED)\n"
+            "law = report.fitted_law(fit)\n"
+            "draws = report.bootstrap_laws(fit) or report.reproduce_draws(fit, points, seed=SEED)\n"
+            "print('approaches', approaches, '; warnings:', fit.get('warnings'))\n"
             "p = fit['approach3']\n"
             "ci = p.get('ci') or {}\n"
             "pd.DataFrame({key: {'value': p[key], 'low': (ci.get(key) or [None, None])[0],\n"
@@ -80,12 +83,8 @@ def scaling_curves():
         new_code_cell(
             "modality_laws = {}\n"
             "for col in plots.modality_columns(done):\n"
-            "    sub = runs.copy()\n"
-            "    sub['loss'] = sub[col]\n"
-            "    sub = sub[np.isfinite(sub['loss'].astype(float))]\n"
-            "    if len(plots.done_runs(sub)) >= 3:\n"
-            "        modality_laws[col.split('/', 1)[1]] = fitted_law(run_fit(fit_all, sub, None, approaches=(3,),\n"
-            "                                                               bootstrap=0, seed=SEED))\n"
+            "    mfit = report.run_fit(fit_all, report.modality_points(runs, col), None, approaches=('3',), bootstrap=0, seed=SEED)\n"
+            "    modality_laws[col.split('/', 1)[1]] = report.fitted_law(mfit)\n"
             "pd.DataFrame({m: {'E': g.E, 'A': g.A, 'B': g.B, 'alpha': g.alpha, 'beta': g.beta, 'a': g.a, 'b': g.b}\n"
             "              for m, g in modality_laws.items() if g is not None}).T"),
         new_code_cell("if modality_laws:\n    " + _show("plots.plot_loss_by_modality(runs, laws=modality_laws, k=k)")
@@ -110,18 +109,20 @@ def isoflop():
             "log N per budget (Approach 2's raw material; the parabola's minimum is biased when the curve is "
             "asymmetric), and the compute-optimal N and D against compute from Approaches 1-3 with the bootstrap "
             "band, next to Kaplan 2020, Chinchilla 2022 and Epoch 2024 (their C = 6ND convention)."),
-        new_code_cell(SETUP),
+        new_code_cell(setup('import pandas as pd')),
         new_code_cell(
-            "fit_all = resolve_fit_all()\n"
-            "fit = run_fit(fit_all, runs, curves, bootstrap=BOOTSTRAP, seed=SEED)\n"
-            "law, draws = fitted_law(fit), bootstrap_laws(fit)\n"
+            "fit_all = report.resolve_fit_all()\n"
+            "approaches = report.default_approaches(points, fit_curves)\n"
+            "fit = report.run_fit(fit_all, points, fit_curves, approaches=approaches, bootstrap=BOOTSTRAP, seed=SEED)\n"
+            "law = report.fitted_law(fit)\n"
+            "draws = report.bootstrap_laws(fit) or report.reproduce_draws(fit, points, seed=SEED)\n"
             "minima = plots.isoflop_minima(runs)\n"
             "pd.DataFrame(minima, columns=['budget (FLOPs)', 'N at parabola minimum', 'loss at minimum', 'runs'])"),
         new_code_cell(_show("plots.plot_isoflop(runs, law=law, k=k)")),
         new_code_cell(
             "power = {}\n"
             "for name in ('approach2', 'approach1'):\n"
-            "    pa = power_allocation(fit.get(name))\n"
+            "    pa = report.power_allocation(fit.get(name))\n"
             "    if pa is not None:\n"
             "        power[name.replace('approach', 'Approach ')] = pa\n"
             + _show("plots.plot_allocation(runs, law=law, draws=draws, k=k, power_laws=power, extend_to=1e21)")),
@@ -133,8 +134,8 @@ def isoflop():
             "for label, (kn, a, kd, b) in power.items():\n"
             "    table[label] = [kn * c ** a for c in budgets]\n"
             "for name in plots.PUBLISHED_OVERLAY:\n"
-            "    table[name + ' (C=6ND)'] = [float(PUBLISHED[name].n_opt(c)) for c in budgets]\n"
-            "pd.DataFrame(table, index=[f'{c:.0e} FLOPs ({c / PF_DAY:.3g} PF-days)' for c in budgets]).T"),
+            "    table[name + ' (C=6ND)'] = [float(plots.PUBLISHED[name].n_opt(c)) for c in budgets]\n"
+            "pd.DataFrame(table, index=[f'{c:.0e} FLOPs ({c / plots.PF_DAY:.3g} PF-days)' for c in budgets]).T"),
     ]
     return cells
 
@@ -145,7 +146,7 @@ def seqlen():
             "# Sequence length\n\n"
             "What a longer sequence (encoder + decoder tokens per example) buys and costs: loss at the same size "
             "and tokens, FLOPs per token (attention grows with length), and loss against compute by length."),
-        new_code_cell(SETUP),
+        new_code_cell(setup('')),
         new_code_cell(
             "d = done.copy()\n"
             "d['seq_len'] = d['enc_len'].astype(float) + d['dec_len'].astype(float)\n"

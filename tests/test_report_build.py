@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_report_helpers import TRUTH, K, reference_fit_all, write_runs
 
@@ -47,11 +48,28 @@ def check_numbers_equal_the_fit(built):
     with open(os.path.join(out, "report.json")) as fh:
         rep = json.load(fh)
     runs, curves = report.load_runs(sweep)
-    fit = report.run_fit(_fit_fn(), runs, curves, bootstrap=BOOT, seed=SEED)
+    points, fcurves, _ = report.fit_points(sweep, runs, curves)
+    fit_fn = _fit_fn()
+    if fit_fn is reference_fit_all:
+        fit = fit_fn(points, bootstrap=BOOT, seed=SEED)
+    else:  # the call medscale fit makes, with the arguments the report says it used
+        args = rep["fit_args"]
+        fit = fit_fn(points, tuple(args["approaches"]), bootstrap=BOOT, seed=SEED, budgets=args["budgets"],
+                     curves=fcurves)
+        for name in ("approach2", "approach1"):
+            if name in args["approaches"] or name[-1] in args["approaches"]:
+                assert rep["fit"][name]["a"] == pytest.approx(fit[name]["a"], rel=1e-12)
+                assert rep["fit"][name]["b"] == pytest.approx(fit[name]["b"], rel=1e-12)
     for key in ("E", "A", "B", "alpha", "beta", "a", "b"):
         assert rep["fit"]["approach3"][key] == pytest.approx(fit["approach3"][key], rel=1e-12), key
         for j in (0, 1):
             assert rep["fit"]["approach3"]["ci"][key][j] == pytest.approx(fit["approach3"]["ci"][key][j], rel=1e-12)
+    # the loss interval's draws are the fit's own bootstrap refits: their percentiles are the fit's intervals
+    draws = report.bootstrap_laws(fit) or report.reproduce_draws(fit, points, seed=SEED)
+    assert len(draws) >= BOOT - 1
+    for key in ("alpha", "beta", "E"):
+        lo, hi = np.percentile([getattr(g, key) for g in draws], [2.5, 97.5])
+        assert [lo, hi] == pytest.approx(fit["approach3"]["ci"][key], rel=1e-6), key
     # the markdown shows the same numbers
     md = Path(os.path.join(out, "report.md")).read_text()
     total_row = next(line for line in md.splitlines() if line.startswith("| total |"))
@@ -198,5 +216,11 @@ def check_cli_json(built):
     assert obj["budget"]["flops"] == BUDGET and math.isfinite(obj["recommendation"]["n_opt"]["value"])
     assert os.path.isfile(os.path.join(out, "report.md"))
     assert re.search(r"N_opt", Path(os.path.join(out, "report.md")).read_text())
+    fit_cli = subprocess.run([sys.executable, "-m", "medscale", "fit", sweep, "--bootstrap", "2", "--json", "--quiet"],
+                             check=False, capture_output=True, text=True, timeout=600,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert fit_cli.returncode == 0, fit_cli.stderr
+    by_fit = json.loads(fit_cli.stdout)
     for key in ("E", "A", "B", "alpha", "beta"):  # the point fit does not depend on the bootstrap count
         assert obj["fit"]["approach3"][key] == pytest.approx(built[2]["fit"]["approach3"][key], rel=1e-9)
+        assert by_fit["approach3"][key] == pytest.approx(built[2]["fit"]["approach3"][key], rel=1e-9)

@@ -136,7 +136,8 @@ def reference_fit_all(df, approaches=(1, 2, 3), bootstrap=0, seed=0):
         i = rng.integers(0, len(n), len(n))
         draws.append(fit(n[i], t[i], loss[i], x0))
     if draws:
-        p["ci"] = {k: [float(np.percentile([x[k] for x in draws], 5)), float(np.percentile([x[k] for x in draws], 95))]
+        p["ci"] = {k: [float(np.percentile([x[k] for x in draws], 2.5)),
+                       float(np.percentile([x[k] for x in draws], 97.5))]
                    for k in ("E", "A", "B", "alpha", "beta", "a", "b")}
         p["bootstrap"] = draws
     return {"n_points": len(n), "approach3": p}
