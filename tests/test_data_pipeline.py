@@ -165,3 +165,31 @@ def test_dataset_files_same_seed_same_bytes(tmp_path):
     c = _build_files(tmp_path / "c", 1)
     assert a == b
     assert all(x != y for x, y in zip(a, c))
+
+
+RACE = """
+import sys, json
+from medscale.configs import load_config, spec_from_config
+from medscale.data.pipeline import build_data
+cfg = load_config("tiny", ["data.data_dir=" + sys.argv[1], "data.num_train=64", "data.num_eval=8",
+                           "data.tokenizer_examples=64", "data.vq_iters=2"])
+d = build_data(cfg, spec_from_config(cfg))
+b = next(d.iterator("train", 4, 0, 0, 1))
+print(json.dumps([d.tokenizers.hash, int(b["enc_tokens"].sum())]))
+"""
+
+
+def test_two_processes_racing_build_once(tmp_path):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    results = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
+    assert results[0] == results[1]
+    assert len(glob.glob(os.path.join(str(tmp_path), "tokens", "*", "train-*.npz"))) == 1
+    assert not glob.glob(os.path.join(str(tmp_path), "**", "*.tmp*"), recursive=True)
+    assert not glob.glob(os.path.join(str(tmp_path), "tfds", "**", "incomplete*"), recursive=True)

@@ -191,6 +191,7 @@ def test_missing_or_malformed_manual_dir_names_the_layout(tmp_path):
     bad = tmp_path / "badcsv"
     bad.mkdir()
     (bad / "train_captions.csv").write_text("Name,Text\nx,y\n")
-    with pytest.raises(UserError, match="ID, Caption"):
+    with pytest.raises(UserError, match="ID, Caption") as info:
         build(tmp_path, "rocov2", bad)
+    assert "\n" not in str(info.value) and "ID,Caption" in str(info.value)  # one line, names the layout
     assert not os.path.exists(tmp_path / "cache" / "tfds" / "rocov2" / "done")

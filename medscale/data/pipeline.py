@@ -49,8 +49,25 @@ def file_lock(path: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+    """TFDS warns through absl about every config not listed in BUILDER_CONFIGS; ours are made on the fly."""
+    lg = logging.getLogger("absl")
+    old = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        lg.setLevel(old)
+
+
 def make_builder(dcfg, root: str):
     """The TFDS builder a data config names (not yet prepared)."""
+    with _quiet_absl():
+        return _make_builder(dcfg, root)
+
+
+def _make_builder(dcfg, root: str):
     name = dcfg.dataset
     tfds_dir = os.path.join(root, "tfds")
     if name == "synthetic_med":
@@ -78,7 +95,10 @@ def prepare_builder(builder, root: str, progress: bool = False):
                 builder.download_and_prepare(file_format="array_record")
             finally:
                 tfds.display_progress_bar(True)
-    return builder
+    # a fresh builder reads the finished dataset's info (this one may predate another process's build)
+    with _quiet_absl():
+        return type(builder)(config=builder.builder_config, data_dir=os.path.dirname(os.path.dirname(
+            os.path.dirname(str(builder.data_path)))), file_format="array_record")
 
 
 def _decode_example(rec: dict) -> dict:
@@ -384,3 +404,34 @@ def build_data(cfg, spec=None, progress: bool = False) -> Data:
 
         spec = spec_from_config(cfg)
     return Data(cfg, spec, progress=progress)
+
+
+def prepare_report(cfg, spec=None, progress: bool = False, held_out: int = 256) -> dict:
+    """Build everything a config reads and report it: examples per split, tokenizer hashes and sizes, VQ and
+    segmentation reconstruction on held-out examples, token statistics and skipped examples."""
+    data = build_data(cfg, spec, progress=progress)
+    out = {"dataset": data.key, "cache": data.root, "tokenizers_hash": data.tokenizers.hash}
+    splits = list(data.builder.info.splits.keys())
+    out["examples"] = {s: len(data.source(s)) for s in splits}
+    for s in splits:
+        data.tokens(s)
+    out["token_stats"] = {s: data.stats[s] for s in splits}
+    if data.stats.get("skipped"):
+        out["skipped"] = data.stats["skipped"]
+    tok = data.tokenizers
+    out["text_vocab"] = {"configured": tok.text.vocab_size, "trained": tok.text.trained_size,
+                         "hash": tok.text.hash}
+    held = "validation" if "validation" in splits else splits[-1]
+    ex = data.examples(held)
+    sel = [ex[i] for i in range(min(held_out, len(ex)))]
+    imgs = np.stack([e["image"] for e in sel])
+    out["image_vq"] = {"codes": tok.image.vocab_size, "hash": tok.image.hash,
+                       **{k: round(v, 5) for k, v in tok.image.reconstruction(imgs).items()}}
+    masks = [e["mask"] for e in sel if e["mask"] is not None]
+    if tok.segmentation is not None and masks:
+        out["segmentation"] = {"codes": tok.segmentation.vocab_size, "hash": tok.segmentation.hash,
+                               **{k: round(v, 5) for k, v in tok.segmentation.reconstruction(
+                                   np.stack(masks)).items()}}
+    toks = data.tokens("train")
+    out["mean_tokens_per_example"] = {m.name: float(np.mean(toks[m.name + "_len"])) for m in data.registry}
+    return out

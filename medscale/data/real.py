@@ -39,6 +39,14 @@ MEDMNIST_LAYOUT = """MedMNIST v2/v3 (zenodo.org/records/10519652), data.subset =
   MANUAL_DIR/{flag}{_size}.npz   e.g. pneumoniamnist.npz (28x28) or pneumoniamnist_64.npz
       train_images, train_labels, val_images, val_labels, test_images, test_labels"""
 
+ROCO_BRIEF = ("expected MANUAL_DIR/data/{train,validation,test}/{radiology,non-radiology}/captions.txt "
+              "(ID<TAB>caption), optional dlinks.txt, and images/ with ROCO_00027.jpg or PMC<id>_<name>.jpg "
+              "(docs/data.md)")
+ROCOV2_BRIEF = ("expected MANUAL_DIR/{train,valid,test}_captions.csv (ID,Caption), optional {split}_concepts.csv "
+                "(ID,CUIs) and images ID.jpg in {split}_images.zip or {split}_images/ (docs/data.md)")
+MEDMNIST_BRIEF = ("expected MANUAL_DIR/{flag}{_size}.npz with train_images, train_labels, val_images, val_labels, "
+                  "test_images, test_labels, and data.subset=FLAG[_SIZE] (docs/data.md)")
+
 MEDMNIST_LABELS = {
     "pathmnist": ("adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle",
                   "normal colon mucosa", "cancer-associated stroma", "colorectal adenocarcinoma epithelium"),
@@ -117,8 +125,8 @@ def _record_skips(builder, skips: _Skips, split: str, yielded: int):
     builder.info.metadata["skipped"] = skips.counts
     if not yielded:
         raise UserError(f"{builder.name} split {split!r}: no usable example in {builder.builder_config.manual_dir} "
-                        f"(skipped: {skips.counts.get(split, {})}); expected layout:\n"
-                        f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+                        f"(skipped: {skips.counts.get(split, {})}); "
+                        f"{builder.BRIEF}")
     if skips.counts:
         log.warning("skipped examples: %s", skips.counts)
 
@@ -139,7 +147,7 @@ def read_roco_captions(path: str) -> list[tuple[str, str]]:
                 continue
             ident, sep, cap = line.partition("\t")
             if not sep:
-                raise UserError(f"{path}: line {line[:60]!r} is not 'ID<TAB>caption'\n{ROCO_LAYOUT}")
+                raise UserError(f"{path}: line {line[:60]!r} is not 'ID<TAB>caption'; {ROCO_BRIEF}")
             out.append((ident.strip(), " ".join(cap.split())))
     return out
 
@@ -166,6 +174,7 @@ class Roco(tfds.core.GeneratorBasedBuilder):
     VERSION = VERSION
     code_path = None
     MANUAL_DOWNLOAD_INSTRUCTIONS = ROCO_LAYOUT
+    BRIEF = ROCO_BRIEF
 
     def _info(self):
         return _info(self)
@@ -212,9 +221,9 @@ def check_roco(manual_dir: str):
     found = [os.path.join(manual_dir, "data", s, k, "captions.txt") for s in ("train", "validation", "test")
              for k in ("radiology", "non-radiology")]
     if not any(os.path.exists(p) for p in found):
-        raise UserError(f"no ROCO captions.txt under {manual_dir!r}; expected layout:\n{ROCO_LAYOUT}")
+        raise UserError(f"no ROCO captions.txt under {manual_dir!r}; {ROCO_BRIEF}")
     if not os.path.exists(os.path.join(manual_dir, "data", "train")):
-        raise UserError(f"ROCO manual_dir {manual_dir!r} has no data/train; expected layout:\n{ROCO_LAYOUT}")
+        raise UserError(f"ROCO manual_dir {manual_dir!r} has no data/train; {ROCO_BRIEF}")
 
 
 # ----------------------------------------------------------------------------------------------- ROCOv2
@@ -225,7 +234,7 @@ def _csv_rows(path: str, want: tuple[str, ...]):
     with open(path, encoding="utf-8", errors="replace", newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or any(w not in reader.fieldnames for w in want):
-            raise UserError(f"{path}: header {reader.fieldnames} lacks {', '.join(want)}\n{ROCOV2_LAYOUT}")
+            raise UserError(f"{path}: header {reader.fieldnames} lacks {', '.join(want)}; {ROCOV2_BRIEF}")
         yield from reader
 
 
@@ -263,6 +272,7 @@ class Rocov2(tfds.core.GeneratorBasedBuilder):
     VERSION = VERSION
     code_path = None
     MANUAL_DOWNLOAD_INSTRUCTIONS = ROCOV2_LAYOUT
+    BRIEF = ROCOV2_BRIEF
 
     def _info(self):
         return _info(self)
@@ -302,7 +312,7 @@ class Rocov2(tfds.core.GeneratorBasedBuilder):
 
 def check_rocov2(manual_dir: str):
     if not os.path.exists(os.path.join(manual_dir, "train_captions.csv")):
-        raise UserError(f"no train_captions.csv in {manual_dir!r}; expected layout:\n{ROCOV2_LAYOUT}")
+        raise UserError(f"no train_captions.csv in {manual_dir!r}; {ROCOV2_BRIEF}")
 
 
 # ----------------------------------------------------------------------------------------------- MedMNIST
@@ -330,6 +340,7 @@ class Medmnist(tfds.core.GeneratorBasedBuilder):
     VERSION = VERSION
     code_path = None
     MANUAL_DOWNLOAD_INSTRUCTIONS = MEDMNIST_LAYOUT
+    BRIEF = MEDMNIST_BRIEF
 
     def _info(self):
         return _info(self)
@@ -366,18 +377,18 @@ def check_medmnist(manual_dir: str, subset: str):
         if len(found) == 1:
             return found[0]
         raise UserError(f"set data.subset to a MedMNIST flag[_size] (found: {found or 'no .npz'} in "
-                        f"{manual_dir!r}); expected layout:\n{MEDMNIST_LAYOUT}")
+                        f"{manual_dir!r}); {MEDMNIST_BRIEF}")
     path = os.path.join(manual_dir, f"{subset}.npz")
     if not os.path.exists(path):
-        raise UserError(f"no {subset}.npz in {manual_dir!r}; expected layout:\n{MEDMNIST_LAYOUT}")
+        raise UserError(f"no {subset}.npz in {manual_dir!r}; {MEDMNIST_BRIEF}")
     try:
         with np.load(path) as z:
             missing = [f"{s}_{k}" for s in MEDMNIST_SPLITS.values() for k in ("images", "labels")
                        if f"{s}_{k}" not in z.files]
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise UserError(f"{path} is not a readable .npz ({exc}); expected layout:\n{MEDMNIST_LAYOUT}") from None
+        raise UserError(f"{path} is not a readable .npz ({exc}); {MEDMNIST_BRIEF}") from None
     if missing:
-        raise UserError(f"{path} lacks {', '.join(missing)}; expected layout:\n{MEDMNIST_LAYOUT}")
+        raise UserError(f"{path} lacks {', '.join(missing)}; {MEDMNIST_BRIEF}")
     return subset
 
 
@@ -385,9 +396,8 @@ def check_medmnist(manual_dir: str, subset: str):
 def make_real_builder(name: str, dcfg, tfds_dir: str):
     manual_dir = dcfg.get("manual_dir", "")
     if not manual_dir or not os.path.isdir(manual_dir):
-        layout = {"roco": ROCO_LAYOUT, "rocov2": ROCOV2_LAYOUT, "medmnist": MEDMNIST_LAYOUT}[name]
-        raise UserError(f"data.manual_dir {manual_dir!r} is not a folder; download {name} there first. "
-                        f"Expected layout:\n{layout}")
+        layout = {"roco": ROCO_BRIEF, "rocov2": ROCOV2_BRIEF, "medmnist": MEDMNIST_BRIEF}[name]
+        raise UserError(f"data.manual_dir {manual_dir!r} is not a folder; download {name} there first; {layout}")
     manual_dir = os.path.abspath(manual_dir)
     size = int(dcfg.image_size)
     if name == "roco":

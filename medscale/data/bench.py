@@ -1,0 +1,42 @@
+"""Input-pipeline benchmark (``medscale bench data``): rates measured within one process."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+def _rate(fn, n: int) -> float:
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return n / max(time.perf_counter() - t, 1e-9)
+
+
+def bench_pipeline(cfg, spec, batch_size: int, batches: int = 100, progress: bool = False) -> dict:
+    from medscale.data.pipeline import build_data
+
+    t0 = time.perf_counter()
+    data = build_data(cfg, spec, progress=progress)
+    toks = data.tokens("train")
+    setup_s = time.perf_counter() - t0
+    n = len(toks[spec.modalities[0].name + "_len"])
+    src = data.source("train")
+    rng = np.random.default_rng(0)
+    idx = iter(rng.integers(0, len(src), size=batches * batch_size * 2))
+    raw_eps = _rate(lambda: src[int(next(idx))], min(batches * batch_size, 2000))
+    sel = [rng.integers(0, n, batch_size) for _ in range(8)]
+    exs = [{k: v[s] for k, v in toks.items()} for s in sel]
+    k = iter(range(10**9))
+    mask_bps = _rate(lambda: data.masker(exs[next(k) % 8], np.random.default_rng(next(k))), batches)
+    out = {"dataset": data.key, "batch_size": batch_size, "enc_len": spec.enc_len, "dec_len": spec.dec_len,
+           "setup_s": setup_s, "raw_read_examples_per_s": raw_eps, "masking_batches_per_s": mask_bps}
+    for threads in (0, 1):
+        it = data.iterator("train", batch_size, seed=0, shard_index=0, shard_count=1, num_threads=threads)
+        next(it)  # warm-up
+        bps = _rate(lambda it=it: next(it), batches)
+        out[f"iterator_t{threads}_batches_per_s"] = bps
+        out[f"iterator_t{threads}_examples_per_s"] = bps * batch_size
+        out[f"iterator_t{threads}_tokens_per_s"] = bps * batch_size * (spec.enc_len + spec.dec_len)
+    return out
