@@ -70,8 +70,8 @@ def test_write_all_draws_what_the_data_allows(tmp_path):
     df = pd.DataFrame({"run_id": list("abcd"), "params": n, "tokens": d, "flops": 6 * n * d,
                        "loss": LAW.loss(n, d), "status": "done"})
     out = plots.write_all(df, str(tmp_path), law=None, formats=("svg",))
-    assert set(out) == {"loss_vs_compute", "allocation"}  # no budgets, lengths, modalities, metrics, law
-    assert sorted(os.listdir(tmp_path)) == ["allocation.svg", "loss_vs_compute.svg"]  # no temp files left
+    assert set(out) == {"loss_vs_compute", "isoflop", "allocation"}  # no lengths, modalities, metrics, law
+    assert sorted(os.listdir(tmp_path)) == ["allocation.svg", "isoflop.svg", "loss_vs_compute.svg"]  # no temp files
 
 
 def test_task_metric_table_flattens_summaries(runs):

@@ -172,15 +172,40 @@ def frontier_points(df, curves=None, y: str = "loss"):
     return c[keep], l_[keep]
 
 
-def isoflop_minima(df, y: str = "loss"):
-    """Per IsoFLOP budget (``budget`` column): the minimum of a parabola in log10 N fitted to loss, as rows
-    ``(budget, n_opt, loss_min, n_points)``; budgets with fewer than 3 distinct sizes are skipped. For display:
-    the study's numbers come from the fit (Approach 2)."""
+def isoflop_groups(df, bin_dex: float = 0.1):
+    """``(runs, C per run)``: the finished runs and the IsoFLOP group compute of each, formed as Approach 2 forms
+    them (``medscale.analysis.isoflop.assign_groups``: the ``budget`` column when every run has one, else runs
+    clustered by compute where log10 C jumps by more than ``bin_dex``)."""
     d = done_runs(df)
-    if "budget" not in d.columns:
-        return []
+    if len(d) == 0:
+        return d, np.array([])
+    try:
+        from medscale.analysis.isoflop import assign_groups
+
+        gid, centres, _ = assign_groups(d.reset_index(drop=True), bin_dex)
+        return d, np.asarray(centres, dtype=float)[np.asarray(gid)]
+    except ImportError:
+        pass
+    b = d["budget"].to_numpy(dtype=float) if "budget" in d.columns else np.full(len(d), np.nan)
+    if np.isfinite(b).all():
+        return d, b
+    lc = np.log10(d["flops"].to_numpy(dtype=float))
+    order = np.argsort(lc)
+    gid = np.zeros(len(lc), int)
+    gid[order] = np.concatenate([[0], np.cumsum(np.diff(lc[order]) > bin_dex)])
+    centres = np.array([10 ** lc[gid == g].mean() for g in range(gid.max() + 1)])
+    return d, centres[gid]
+
+
+def isoflop_minima(df, y: str = "loss"):
+    """Per IsoFLOP group (``isoflop_groups``): the minimum of a parabola in log10 N fitted to loss, as rows
+    ``(C, n_opt, loss_min, n_points)``; groups with fewer than 3 distinct sizes, no curvature or a minimum outside
+    the sampled sizes are skipped. For display: the study's numbers come from the fit (Approach 2)."""
+    d, groups = isoflop_groups(df)
     rows = []
-    for budget, g in d[np.isfinite(d["budget"].astype(float))].groupby("budget"):
+    for c in np.unique(groups):
+        g = d[groups == c]
+        g = g[np.isfinite(g[y].astype(float))]
         x = np.log10(g["params"].to_numpy(dtype=float))
         if len(np.unique(x)) < 3:
             continue
@@ -188,7 +213,9 @@ def isoflop_minima(df, y: str = "loss"):
         if coef[0] <= 0:
             continue
         xm = -coef[1] / (2 * coef[0])
-        rows.append((float(budget), float(10**xm), float(np.polyval(coef, xm)), len(g)))
+        if not x.min() <= xm <= x.max():
+            continue
+        rows.append((float(c), float(10**xm), float(np.polyval(coef, xm)), len(g)))
     return rows
 
 
@@ -241,14 +268,13 @@ def plot_isoflop(df, law=None, k: float | None = None, y: str = "loss", minima=N
     IsoFLOP curve (N, D = C / (k N)) dashed when given."""
     plt = _plt()
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.2, 3.8))
-    d = done_runs(df)
     k = compute_factor(df) if k is None else k
-    iso = d[np.isfinite(d["budget"].astype(float))] if "budget" in d.columns else d.iloc[0:0]
-    budgets = sorted(iso["budget"].astype(float).unique())
+    iso, groups = isoflop_groups(df)
+    budgets = sorted(np.unique(groups))
     colors = _size_colors(budgets)
     mins = {b: (n, lv) for b, n, lv, _ in (minima if minima is not None else isoflop_minima(df, y))}
     for b in budgets:
-        g = iso[iso["budget"].astype(float) == b].sort_values("params")
+        g = iso[groups == b].sort_values("params")
         col = colors[b]
         ax.scatter(g["params"], g[y], s=18, color=col, edgecolor="k", linewidth=0.3, zorder=3,
                    label=f"C = {b:.2g} FLOPs ({b / PF_DAY:.2g} PF-d)")
@@ -531,10 +557,7 @@ def write_all(df, out_dir: str, law=None, draws=(), curves=None, modality_laws=N
     if len(d) == 0:
         return out
     emit("loss_vs_compute", lambda: plot_loss_vs_compute(df, law=law, curves=curves, k=k))
-    if "budget" in d.columns and np.isfinite(d["budget"].astype(float)).any():
-        emit("isoflop", lambda: plot_isoflop(df, law=law, k=k, minima=minima))
-    else:
-        log.info("no IsoFLOP budgets in the runs: isoflop figure skipped")
+    emit("isoflop", lambda: plot_isoflop(df, law=law, k=k, minima=minima))
     emit("allocation", lambda: plot_allocation(df, law=law, draws=draws, k=k, minima=minima,
                                                power_laws=power_laws, extend_to=extend, budget=budget))
     if "seq_len" in _with_seq_len(df).columns:
