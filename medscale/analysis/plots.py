@@ -541,31 +541,45 @@ def plot_task_metrics(df):
     return fig
 
 
+def missing_data(df, law=None) -> dict:
+    """``{figure name: why it cannot be drawn}`` for the figures these runs do not support."""
+    d = done_runs(df)
+    out = {}
+    if len(d) == 0:
+        return {name: "no finished runs" for name in FIGURES}
+    lens = _with_seq_len(df)
+    if "seq_len" not in lens.columns or lens["seq_len"].nunique() < 2:
+        out["loss_vs_seqlen"] = "the runs use one sequence length"
+    if not modality_columns(d):
+        out["loss_by_modality"] = "the summaries carry no per-modality losses"
+    if law is None:
+        out["residuals"] = "no fitted law"
+    if not len(task_metric_table(df).columns):
+        out["task_metrics"] = "no task metrics in the summaries (medscale evaluate adds them)"
+    return out
+
+
 def write_all(df, out_dir: str, law=None, draws=(), curves=None, modality_laws=None, power_laws=None,
               minima=None, budget: float | None = None, formats=("png", "svg")) -> dict:
-    """Every figure the data allows, written to ``out_dir`` as PNG and SVG: ``{name: [paths]}``. Figures that
-    need what the data lacks (IsoFLOP budgets, several sequence lengths, per-modality losses, task metrics, a
-    fitted law) are skipped and logged."""
-    d = done_runs(df)
+    """Every figure the data allows, written to ``out_dir`` as PNG and SVG: ``{name: [paths]}``. Figures the
+    data cannot support (``missing_data``: one sequence length, no per-modality losses, no task metrics, no
+    law) are skipped."""
     k = compute_factor(df)
-    extend = budget
+    skip = missing_data(df, law)
+    makers = {
+        "loss_vs_compute": lambda: plot_loss_vs_compute(df, law=law, curves=curves, k=k),
+        "isoflop": lambda: plot_isoflop(df, law=law, k=k, minima=minima),
+        "allocation": lambda: plot_allocation(df, law=law, draws=draws, k=k, minima=minima, power_laws=power_laws,
+                                              extend_to=budget, budget=budget),
+        "loss_vs_seqlen": lambda: plot_loss_vs_seqlen(df),
+        "loss_by_modality": lambda: plot_loss_by_modality(df, laws=modality_laws, k=k),
+        "residuals": lambda: plot_residuals(df, law),
+        "task_metrics": lambda: plot_task_metrics(df),
+    }
     out = {}
-
-    def emit(name, fn):
-        out[name] = save_figure(fn(), out_dir, name, formats)
-
-    if len(d) == 0:
-        return out
-    emit("loss_vs_compute", lambda: plot_loss_vs_compute(df, law=law, curves=curves, k=k))
-    emit("isoflop", lambda: plot_isoflop(df, law=law, k=k, minima=minima))
-    emit("allocation", lambda: plot_allocation(df, law=law, draws=draws, k=k, minima=minima,
-                                               power_laws=power_laws, extend_to=extend, budget=budget))
-    if "seq_len" in _with_seq_len(df).columns:
-        emit("loss_vs_seqlen", lambda: plot_loss_vs_seqlen(df))
-    if modality_columns(d):
-        emit("loss_by_modality", lambda: plot_loss_by_modality(df, laws=modality_laws, k=k))
-    if law is not None:
-        emit("residuals", lambda: plot_residuals(df, law))
-    if len(task_metric_table(df).columns):
-        emit("task_metrics", lambda: plot_task_metrics(df))
+    for name in FIGURES:
+        if name in skip:
+            log.info("figure %s not drawn: %s", name, skip[name])
+            continue
+        out[name] = save_figure(makers[name](), out_dir, name, formats)
     return out

@@ -637,6 +637,7 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
                           for m, d in modality_fits.items()},
         "comparison": comp,
         "figures": {k: [os.path.relpath(p, out_dir) for p in v] for k, v in fig_paths.items()},
+        "figures_not_drawn": plots.missing_data(runs, law) if figures else {},
         "runs": runs_table(runs),
     }
     report = _jsonable(report)
@@ -793,6 +794,8 @@ def render_markdown(r: dict) -> str:
         svg = next((p for p in paths if p.endswith(".svg")), None)
         L.append(f"**{name}** — {captions.get(name, '')} ({'[SVG](' + svg + ')' if svg else ''})\n")
         L.append(f"![{name}]({png})\n")
+    for name, why in (r.get("figures_not_drawn") or {}).items():
+        L.append(f"*{name}* not drawn: {why}.\n")
     # comparison
     L.append("## Earlier, similarly sized models\n")
     L.append("Facts as published (source per row). 'Our law' is the loss the fitted law predicts at that N and "
