@@ -536,6 +536,13 @@ def plot_task_metrics(df):
         pf_axis(ax)
     for ax in list(axes.flat)[len(cols):]:
         ax.set_visible(False)
+    if cols:
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], ls="", marker="o", color=c, markeredgecolor="k", markeredgewidth=0.3,
+                          label=f"N = {n:.3g}") for n, c in colors.items()]
+        axes.flat[len(cols) - 1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                                        borderaxespad=0.0)
     fig.suptitle("Task metrics vs compute (held-out data)")
     fig.tight_layout()
     return fig
