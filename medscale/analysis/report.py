@@ -801,12 +801,16 @@ def render_markdown(r: dict) -> str:
     L.append("Facts as published (source per row). 'Our law' is the loss the fitted law predicts at that N and "
              "D — **an extrapolation across domains, tokenizers and architectures**: it says where a model of that "
              "size and data would sit on *this* study's curve, not how good that model is.\n")
-    L.append("| model | params | training data | tokens / samples seen | compute | our law: loss at (N, D) | "
-             "source |\n|---|---|---|---|---|---|---|")
+    L.append("| model | params | training data | tokens / samples seen | training compute | our law: loss at (N, D) "
+             "| our law: D_opt for that N | source |\n|---|---|---|---|---|---|---|---|")
     for row in r.get("comparison") or []:
-        L.append(f"| {row['model']} | {row['params_text']} | {row['data']} | {row['seen_text']} | "
-                 f"{row['compute_text']} | {fmt(row.get('predicted_loss'), 4) if row.get('predicted_loss') else 'n/a (D not published as tokens)'} | "
-                 f"{row['source']} |")
+        compute = row["compute_text"]
+        if row.get("compute_6nd"):
+            compute += f" (6ND ≈ {fmt(row['compute_6nd'])} FLOPs, our estimate)"
+        loss = fmt(row["predicted_loss"], 4) if row.get("predicted_loss") else "n/a (N or D not published)"
+        d_opt = fmt(row["d_opt_for_n"]) if row.get("d_opt_for_n") else "n/a"
+        L.append(f"| {row['model']} | {row['params_text']} | {row['data']} | {row['seen_text']} | {compute} | "
+                 f"{loss} | {d_opt} | {row['source']} |")
     L.append("")
     # runs
     L.append("## Runs\n")
