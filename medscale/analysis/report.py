@@ -587,6 +587,7 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
     approaches = default_approaches(points, fcurves)
     step(f"fitting the total loss (approaches {', '.join(approaches)}, {bootstrap} bootstrap draws)")
     fit = run_fit(fit_all, points, fcurves, approaches=approaches, bootstrap=bootstrap, seed=seed, budgets=[c6])
+    approaches = tuple(a for a in approaches if f"approach{a}" in fit)  # those fitted (see run_fit)
     law = fitted_law(fit)
     draws = bootstrap_laws(fit) or reproduce_draws(fit, points, seed=seed)
     rec = recommend(fit, runs, budget, batch_size, draws=draws)
