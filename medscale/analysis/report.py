@@ -746,6 +746,13 @@ def render_markdown(r: dict) -> str:
              f"budget is **{fmt(ex['factor'])}x** the largest run ({fmt(ex['decades'], 2)} decades).\n")
     if ex.get("warning"):
         L.append(f"> **Extrapolation warning:** {ex['warning']}.\n")
+    warns = list((r.get("fit") or {}).get("warnings") or [])
+    for m, d in (r.get("modality_laws") or {}).items():
+        warns += [f"{m}: {w}" for w in (d["fit"].get("warnings") or [])]
+    if warns:
+        L.append("Fit warnings:\n")
+        L.extend(f"- {w}" for w in warns)
+        L.append("")
     L.append("### How much the answer moves\n")
     L.append("| source | N_opt | D_opt | a (N ∝ C^a) | b (D ∝ C^b) | convention |\n|---|---|---|---|---|---|")
     for name, v in rec["spread"].items():
