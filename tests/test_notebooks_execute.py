@@ -45,7 +45,7 @@ def test_notebooks_execute(kernel_env, monkeypatch):
         report.resolve_fit_all()
     except RuntimeError:
         pytest.skip("medscale.analysis has no fit_all yet")
-    sweep = write_runs(str(kernel_env / "runs"))
+    sweep = write_runs(str(kernel_env / "runs"), budgets=(2e13, 2e14, 6e14))  # fewer runs: faster fits
     monkeypatch.setenv("MEDSCALE_RESULTS", sweep)
     monkeypatch.setenv("MEDSCALE_BOOTSTRAP", "2")
     import asyncio

@@ -74,10 +74,10 @@ def _run(root, run_id, size, n, d, budget, enc_len, dec_len, rng, status="done",
     _write(os.path.join(run_dir, "summary.json"), summary)
 
 
-def write_runs(root, seed=0):
+def write_runs(root, seed=0, budgets=BUDGETS):
     """Write the synthetic sweep under ``root``; return the sweep folder."""
     rng = np.random.default_rng(seed)
-    for b in BUDGETS:
+    for b in budgets:
         for size, n in SIZES.items():
             d = b / (K * n)
             if 0.5 <= d / n <= 2000.0:
