@@ -40,8 +40,8 @@ from medscale.analysis import plots, report
 runs, curves = report.load_runs(RESULTS)  # the registry's table (all runs) and eval curves
 points, fit_curves, _ = report.fit_points(RESULTS, runs, curves)  # what medscale fit fits
 done = plots.done_runs(runs)
-k = plots.compute_factor(runs)
-print(f"{RESULTS}: {len(runs)} runs, {len(done)} finished; C = k N D with k = {k:.3g}")'''
+k = report.compute_model(runs)  # how the law meets the compute axis (the recommendation's model)
+print(f"{RESULTS}: {len(runs)} runs, {len(done)} finished; compute model: {k.label}")'''
 
 
 def setup(imports: str) -> str:
@@ -130,7 +130,7 @@ def isoflop():
         new_code_cell(
             "budgets = [1e18, 1e19, 1e20, 1e21]\n"
             "table = {}\n"
-            "table['Approach 3'] = [float(plots.law_n_opt(law, c, k)) for c in budgets]\n"
+            "table['Approach 3'] = [float(k.optimum(law, c)[0]) for c in budgets]\n"
             "for label, (kn, a, kd, b) in power.items():\n"
             "    table[label] = [kn * c ** a for c in budgets]\n"
             "for name in plots.PUBLISHED_OVERLAY:\n"

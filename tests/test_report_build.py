@@ -67,19 +67,15 @@ def check_numbers_equal_the_fit(built):
     points, _, _ = report.fit_points(sweep, runs, curves)
     args = rep["fit_args"]
     if _real_fit():
-        cmd = ["fit", sweep, "--bootstrap", BOOT, "--seed", SEED, "--json", "--quiet"]
-        for a in args["approaches"]:
-            cmd += ["--approach", a]
-        for c in args["budgets"]:
-            cmd += ["--budget-flops", repr(c)]
-        res = _medscale(*cmd)
+        res = _medscale("fit", sweep, *args["cli"], "--json", "--quiet")  # the command report.md prints
         assert res.returncode == 0, res.stderr
         fit = json.loads(res.stdout)
         for name in ("approach2", "approach1"):
             if name[-1] in args["approaches"]:
                 for key in ("a", "b", "k_n", "k_d"):
                     assert rep["fit"][name][key] == pytest.approx(fit[name][key], rel=1e-12)
-        row = fit["approach3"]["allocation"][0]
+        a3 = fit["approach3"]
+        row = (a3.get("allocation_encdec") or a3["allocation"])[0]
         rec = rep["recommendation"]
         assert rec["n_opt"]["value"] == pytest.approx(row["n_opt"], rel=1e-9)
         assert rec["d_opt"]["value"] == pytest.approx(row["d_opt"], rel=1e-9)
@@ -107,21 +103,30 @@ def check_numbers_equal_the_fit(built):
 
 
 def check_recommendation_follows_the_law(built):
-    _sweep, out, rep = built
+    sweep, out, rep = built
     law = report.fitted_law(rep["fit"])
     rec = rep["recommendation"]
     assert rec["compute_factor_k"] == pytest.approx(K, rel=1e-6)  # flops = K N D in the synthetic runs
-    # N_opt from the closed form with C = k N D, computed here independently
-    n_opt = law.G * (BUDGET / K) ** law.a
-    d_opt = BUDGET / (K * n_opt)
-    assert rec["n_opt"]["value"] == pytest.approx(n_opt, rel=1e-9)
-    assert rec["d_opt"]["value"] == pytest.approx(d_opt, rel=1e-9)
+    model = report.compute_model(report.load_runs(sweep)[0])
+    assert rec["compute_model"] == model.label
+    n_opt, d_opt = rec["n_opt"]["value"], rec["d_opt"]["value"]
+    if isinstance(model, plots.KND):  # the closed form with C = k N D, computed here independently
+        assert n_opt == pytest.approx(law.G * (BUDGET / K) ** law.a, rel=1e-9)
+        assert d_opt == pytest.approx(BUDGET / (K * n_opt), rel=1e-9)
+    else:  # the project's accounting: the budget buys D_opt tokens of a model of N_opt parameters
+        from medscale import accounting
+
+        assert d_opt * model.flops_per_token(n_opt) == pytest.approx(BUDGET, rel=1e-9)
+        spec = accounting.ladder_specs(enc_len=128, dec_len=64)[3]  # at a ladder size the model is exact
+        n_l = accounting.param_counts(spec)["non_embedding"]
+        assert model.flops_per_token(n_l) == pytest.approx(accounting.flops_per_token(spec), rel=1e-9)
     assert rec["loss"]["value"] == pytest.approx(float(law.loss(n_opt, d_opt)), rel=1e-9)
+    # the optimum is a minimum of the law along the budget's line
+    for f in (0.8, 1.25):
+        assert law.loss(n_opt * f, float(model.tokens(n_opt * f, BUDGET))) > rec["loss"]["value"]
     lo, hi = rec["n_opt"]["ci"]
     assert lo <= hi and lo > 0
     # the optimum is a minimum of the law along the IsoFLOP line
-    for f in (0.7, 1.4):
-        assert law.loss(n_opt * f, d_opt / f) > rec["loss"]["value"]
     # extrapolation factor
     c_max = max(r["flops"] for r in rep["runs"] if r["status"] == "done")
     assert rec["extrapolation"]["factor"] == pytest.approx(BUDGET / c_max)

@@ -80,3 +80,25 @@ def test_task_metric_table_flattens_summaries(runs):
     assert set(tm.columns) == {"task/caption/bleu4", "task/boxes/iou", "task/segmentation/miou"}
     done = plots.done_runs(df)
     assert len(tm) == len(done) and np.isfinite(tm.to_numpy()).all()
+
+
+def test_ladder_accounting_compute_model():
+    pytest.importorskip("medscale.analysis.allocation")
+    from medscale import accounting
+    from medscale.analysis import comparison
+
+    model = plots.LadderAccounting(128, 64)
+    specs = accounting.ladder_specs(enc_len=128, dec_len=64)
+    for spec in specs[2:5]:  # exact at the ladder sizes
+        n = accounting.param_counts(spec)["non_embedding"]
+        assert model.flops_per_token(n) == pytest.approx(accounting.flops_per_token(spec), rel=1e-9)
+    c = 1e19
+    n, d = model.optimum(LAW, c)
+    assert d * model.flops_per_token(n) == pytest.approx(c, rel=1e-9)
+    grid = np.logspace(np.log10(n) - 0.5, np.log10(n) + 0.5, 2001)
+    best = grid[np.argmin(LAW.loss(grid, model.tokens(grid, c)))]
+    assert n == pytest.approx(best, rel=5e-3)
+    # the D our law gives a 198M model is the D_opt of the budget whose N_opt is 198M
+    d_for = comparison.d_opt_for_n(LAW, 198e6, model)
+    n_back, d_back = model.optimum(LAW, d_for * model.flops_per_token(198e6))
+    assert n_back == pytest.approx(198e6, rel=2e-3) and d_back == pytest.approx(d_for, rel=2e-3)

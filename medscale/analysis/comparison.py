@@ -139,17 +139,35 @@ def table() -> list[dict]:
     return [{**m, "predicted_loss": None, "d_opt_for_n": None, "compute_6nd": None} for m in MODELS]
 
 
-def place_models(law, k: float) -> list[dict]:
-    """Rows plus where ``law`` (our fit; C = k N D) places each model: ``predicted_loss`` = L(N, D) when N and D
-    are published, ``d_opt_for_n`` = the tokens our law would give that N compute-optimally, ``compute_6nd`` =
-    6 N D (our estimate, labelled; not the published compute)."""
+def d_opt_for_n(law, n: float, model) -> float | None:
+    """The tokens the law's compute-optimal frontier gives a model of ``n`` parameters under the compute model:
+    the D of the budget C whose N_opt(C) is n (bisection in log C; closed form for C = k N D)."""
+    if isinstance(model, plots.KND):
+        c = model.k * (n / law.G) ** (1.0 / law.a) if law.a > 0 else float("nan")
+        return float(plots.law_d_opt(law, c, model.k)) if math.isfinite(c) else None
+    lo, hi = math.log(1e6), math.log(1e32)
+    if not (model.optimum(law, math.exp(lo))[0] < n < model.optimum(law, math.exp(hi))[0]):
+        return None
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if model.optimum(law, math.exp(mid))[0] < n:
+            lo = mid
+        else:
+            hi = mid
+    return float(model.optimum(law, math.exp(0.5 * (lo + hi)))[1])
+
+
+def place_models(law, k) -> list[dict]:
+    """Rows plus where ``law`` (our fit, on the compute model ``k``: a factor for C = k N D or a
+    ``plots.LadderAccounting``) places each model: ``predicted_loss`` = L(N, D) when N and D are published,
+    ``d_opt_for_n`` = the tokens our law gives that N compute-optimally, ``compute_6nd`` = 6 N D (our estimate,
+    labelled; not the published compute)."""
+    model = plots.as_model(k)
     rows = table()
     for r in rows:
         n, d = r["params"], r["tokens"]
         if n:
-            # the compute whose optimal N is n, then its optimal D: invert N_opt(C) = G (C / k)^a
-            c_n = k * (n / law.G) ** (1.0 / law.a) if law.a > 0 else float("nan")
-            r["d_opt_for_n"] = float(plots.law_d_opt(law, c_n, k)) if math.isfinite(c_n) else None
+            r["d_opt_for_n"] = d_opt_for_n(law, n, model)
         if n and d:
             r["predicted_loss"] = float(law.loss(n, d))
             r["compute_6nd"] = 6.0 * n * d

@@ -82,9 +82,78 @@ def law_d_opt(law, c, k: float):
     return law.d_opt(6.0 * np.asarray(c, dtype=float) / k)
 
 
-def law_frontier(law, c, k: float):
-    """Loss along the compute-optimal allocation: L(N_opt(C), D_opt(C))."""
-    return law.loss(law_n_opt(law, c, k), law_d_opt(law, c, k))
+def law_frontier(law, c, k):
+    """Loss along the compute-optimal allocation: L(N_opt(C), D_opt(C)); ``k`` a factor or a compute model."""
+    n, d = as_model(k).optimum(law, c)
+    return law.loss(n, d)
+
+
+class KND:
+    """Compute model C = k N D (k = 6 for a decoder-only LM counted the Kaplan way)."""
+
+    def __init__(self, k: float):
+        self.k = float(k)
+        self.label = f"C = {self.k:.3g} N D"
+
+    def tokens(self, n, c):
+        return np.asarray(c, dtype=float) / (self.k * np.asarray(n, dtype=float))
+
+    def optimum(self, law, c):
+        return law_n_opt(law, c, self.k), law_d_opt(law, c, self.k)
+
+    def optimum_draws(self, laws, c):
+        """(N (B, len(c)), D (B, len(c))) over bootstrap laws."""
+        c = np.atleast_1d(np.asarray(c, dtype=float))
+        n = np.array([law_n_opt(g, c, self.k) for g in laws])
+        return n, c[None, :] / (self.k * n)
+
+
+class LadderAccounting:
+    """Compute model of the project's accounting: C = D x flops_per_token(N), flops_per_token along the ladder's
+    shape family at the sweep's sequence lengths (``medscale.analysis.allocation``, the same model as
+    ``medscale fit --accounting encdec``); log flops_per_token interpolated in log N, extrapolated linearly."""
+
+    def __init__(self, enc_len=None, dec_len=None, n_convention: str = "non_embedding"):
+        from medscale.analysis import allocation
+
+        self._allocation = allocation
+        self.fam = allocation.ladder_family(n_convention, enc_len, dec_len)
+        self.enc_len, self.dec_len = enc_len, dec_len
+        self.label = f"C = D x flops_per_token(N) (ladder family, Le={enc_len}, Ld={dec_len})"
+
+    def flops_per_token(self, n):
+        x, y = self.fam
+        ln = np.log(np.asarray(n, dtype=float))
+        out = np.interp(ln, x, y)
+        lo, hi = (y[1] - y[0]) / (x[1] - x[0]), (y[-1] - y[-2]) / (x[-1] - x[-2])
+        out = np.where(ln < x[0], y[0] + lo * (ln - x[0]), out)
+        return np.exp(np.where(ln > x[-1], y[-1] + hi * (ln - x[-1]), out))
+
+    def tokens(self, n, c):
+        return np.asarray(c, dtype=float) / self.flops_per_token(n)
+
+    def optimum(self, law, c):
+        scalar = np.ndim(c) == 0
+        cs = np.atleast_1d(np.asarray(c, dtype=float))
+        nd = [self._allocation.n_opt_encdec(law.E, law.A, law.B, law.alpha, law.beta, ci, self.fam) for ci in cs]
+        n = np.array([float(np.ravel(a)[0]) for a, _ in nd])
+        d = np.array([float(np.ravel(b)[0]) for _, b in nd])
+        return (float(n[0]), float(d[0])) if scalar else (n, d)
+
+    def optimum_draws(self, laws, c):
+        cs = np.atleast_1d(np.asarray(c, dtype=float))
+        par = [np.array([getattr(g, f) for g in laws]) for f in ("E", "A", "B", "alpha", "beta")]
+        cols = [self._allocation.n_opt_encdec(*par, ci, self.fam) for ci in cs]
+        return np.stack([np.ravel(a) for a, _ in cols], 1), np.stack([np.ravel(b) for _, b in cols], 1)
+
+
+def as_model(k, df=None):
+    """A compute model from a factor k (C = k N D), a model, or None (k from the runs)."""
+    if k is None:
+        return KND(compute_factor(df) if df is not None else 6.0)
+    if isinstance(k, (int, float, np.floating)):
+        return KND(float(k))
+    return k
 
 
 def _quiet_minor(axis):
@@ -228,7 +297,7 @@ def _legend(ax, **kw):
 # ----------------------------------------------------------------------------------------------- figures
 
 
-def plot_loss_vs_compute(df, law=None, curves=None, k: float | None = None, extend_to: float | None = None,
+def plot_loss_vs_compute(df, law=None, curves=None, k=None, extend_to: float | None = None,
                          y: str = "loss", title: str | None = None, ax=None):
     """Final eval loss of every run vs compute, coloured by model size; training curves (thin) when given; the
     empirical compute-optimal frontier; the fitted law along its optimal allocation."""
@@ -236,7 +305,7 @@ def plot_loss_vs_compute(df, law=None, curves=None, k: float | None = None, exte
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.2, 3.8))
     d = done_runs(df)
     d = d[np.isfinite(d[y].astype(float))] if y in d.columns else d.iloc[0:0]
-    k = compute_factor(df) if k is None else k
+    model = as_model(k, df)
     colors = _size_colors(d["params"].astype(float))
     if curves is not None and len(curves) and y in curves.columns:
         for _, g in curves.groupby("run_id"):
@@ -250,7 +319,7 @@ def plot_loss_vs_compute(df, law=None, curves=None, k: float | None = None, exte
         ax.step(fc, fl, where="post", color="crimson", lw=1.2, label="empirical frontier")
     if law is not None and len(d):
         cg = _c_grid(df, extend_to)
-        ax.plot(cg, law_frontier(law, cg, k), color="k", lw=1.4,
+        ax.plot(cg, law_frontier(law, cg, model), color="k", lw=1.4,
                 label=f"fitted law at optimum (E={law.E:.3g}, α={law.alpha:.3g}, β={law.beta:.3g})")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -263,12 +332,12 @@ def plot_loss_vs_compute(df, law=None, curves=None, k: float | None = None, exte
     return fig
 
 
-def plot_isoflop(df, law=None, k: float | None = None, y: str = "loss", minima=None, ax=None):
+def plot_isoflop(df, law=None, k=None, y: str = "loss", minima=None, ax=None):
     """Loss vs parameters per IsoFLOP budget, the parabola in log N through each and its minimum; the fitted law's
-    IsoFLOP curve (N, D = C / (k N)) dashed when given."""
+    IsoFLOP curve (N, D = the tokens N affords at C under the compute model) dashed when given."""
     plt = _plt()
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.2, 3.8))
-    k = compute_factor(df) if k is None else k
+    model = as_model(k, df)
     iso, groups = isoflop_groups(df)
     budgets = sorted(np.unique(groups))
     colors = _size_colors(budgets)
@@ -285,7 +354,7 @@ def plot_isoflop(df, law=None, k: float | None = None, y: str = "loss", minima=N
             ax.plot(10**xs, np.polyval(coef, xs), color=col, lw=1.0)
         if law is not None:
             ns = np.logspace(math.log10(g["params"].min()) - 0.1, math.log10(g["params"].max()) + 0.1, 100)
-            ax.plot(ns, law.loss(ns, b / (k * ns)), color=col, lw=0.9, ls="--", alpha=0.8)
+            ax.plot(ns, law.loss(ns, model.tokens(ns, b)), color=col, lw=0.9, ls="--", alpha=0.8)
         if b in mins:
             ax.plot([mins[b][0]], [mins[b][1]], marker="*", ms=11, color=col, markeredgecolor="k", zorder=4)
     if len(budgets):
@@ -302,44 +371,43 @@ def plot_isoflop(df, law=None, k: float | None = None, y: str = "loss", minima=N
     return fig
 
 
-def _band(draws, c, k, which):
-    """5th-95th percentile of N_opt or D_opt over bootstrap laws at each C."""
-    vals = []
-    for law in draws:
-        try:
-            v = law_n_opt(law, c, k) if which == "n" else law_d_opt(law, c, k)
-        except (FloatingPointError, ZeroDivisionError, OverflowError):
-            continue
-        if np.all(np.isfinite(v)):
-            vals.append(v)
-    if len(vals) < 2:
+def _band(draws, c, model, level: float = 0.95):
+    """The central ``level`` interval of N_opt and D_opt over bootstrap laws at each C: ((lo, hi), (lo, hi))."""
+    if len(draws) < 2:
         return None
-    vals = np.array(vals)
-    return np.percentile(vals, 5, axis=0), np.percentile(vals, 95, axis=0)
+    with np.errstate(all="ignore"):
+        n, d = model.optimum_draws(draws, c)
+    ok = np.all(np.isfinite(n), 1) & np.all(np.isfinite(d), 1)
+    if ok.sum() < 2:
+        return None
+    q = (1 - level) / 2 * 100
+    return tuple((np.percentile(v[ok], q, axis=0), np.percentile(v[ok], 100 - q, axis=0)) for v in (n, d))
 
 
-def plot_allocation(df, law=None, draws=(), k: float | None = None, minima=None, power_laws=None,
+def plot_allocation(df, law=None, draws=(), k=None, minima=None, power_laws=None,
                     extend_to: float | None = None, published=PUBLISHED_OVERLAY, budget: float | None = None):
-    """Two panels: N_opt vs C and D_opt vs C. IsoFLOP minima (points), the fitted law's allocation (line) with a
-    bootstrap 90% band, power laws of other approaches (``power_laws``: {label: (kN, a, kD, b)} meaning
-    N_opt = kN C^a, D_opt = kD C^b), the published laws (their C = 6ND convention), and the target budget."""
+    """Two panels: N_opt vs C and D_opt vs C. IsoFLOP minima (points), the fitted law's allocation under the
+    compute model ``k`` (line) with the 95% bootstrap band, power laws of other approaches (``power_laws``:
+    {label: (kN, a, kD, b)} meaning N_opt = kN C^a, D_opt = kD C^b), the published laws (their C = 6ND
+    convention), and the target budget."""
     plt = _plt()
     fig, (axn, axd) = plt.subplots(1, 2, figsize=(9.6, 3.8))
-    k = compute_factor(df) if k is None else k
-    cg = _c_grid(df, extend_to if budget is None else max(budget, extend_to or 0))
+    model = as_model(k, df)
+    cg = _c_grid(df, extend_to if budget is None else max(budget, extend_to or 0), n=60)
     mins = minima if minima is not None else isoflop_minima(df)
     if mins:
         cb = np.array([m[0] for m in mins])
         nb = np.array([m[1] for m in mins])
         axn.scatter(cb, nb, color="C0", edgecolor="k", zorder=4, label="IsoFLOP minima")
-        axd.scatter(cb, cb / (k * nb), color="C0", edgecolor="k", zorder=4, label="IsoFLOP minima")
+        axd.scatter(cb, model.tokens(nb, cb), color="C0", edgecolor="k", zorder=4, label="IsoFLOP minima")
     if law is not None:
-        for ax, fn, which in ((axn, law_n_opt, "n"), (axd, law_d_opt, "d")):
-            ax.plot(cg, fn(law, cg, k), color="k", lw=1.5, label="Approach 3 (fitted law)")
-            band = _band(draws, cg, k, which)
+        n_line, d_line = model.optimum(law, cg)
+        band = _band(draws, cg, model)
+        for i, (ax, line) in enumerate(((axn, n_line), (axd, d_line))):
+            ax.plot(cg, line, color="k", lw=1.5, label="Approach 3 (fitted law)")
             if band is not None:
-                ax.fill_between(cg, band[0], band[1], color="k", alpha=0.15, lw=0,
-                                label=f"bootstrap 90% ({len(draws)} draws)")
+                ax.fill_between(cg, band[i][0], band[i][1], color="k", alpha=0.15, lw=0,
+                                label=f"bootstrap 95% ({len(draws)} draws)")
     for i, (label, (kn, a, kd, b)) in enumerate((power_laws or {}).items()):
         axn.plot(cg, kn * cg**a, color=f"C{i + 1}", lw=1.2, label=label)
         axd.plot(cg, kd * cg**b, color=f"C{i + 1}", lw=1.2, label=label)
@@ -431,7 +499,7 @@ def modality_columns(df) -> list[str]:
     return [c for c in df.columns if c.startswith("loss/") and np.isfinite(df[c].astype(float)).any()]
 
 
-def plot_loss_by_modality(df, laws: dict | None = None, k: float | None = None, extend_to: float | None = None):
+def plot_loss_by_modality(df, laws: dict | None = None, k=None, extend_to: float | None = None):
     """One panel per modality: its eval loss vs compute, its frontier and its own fitted law (``laws``:
     {modality: law})."""
     plt = _plt()
@@ -567,11 +635,12 @@ def missing_data(df, law=None) -> dict:
 
 
 def write_all(df, out_dir: str, law=None, draws=(), curves=None, modality_laws=None, power_laws=None,
-              minima=None, budget: float | None = None, formats=("png", "svg")) -> dict:
+              minima=None, budget: float | None = None, formats=("png", "svg"), k=None) -> dict:
     """Every figure the data allows, written to ``out_dir`` as PNG and SVG: ``{name: [paths]}``. Figures the
     data cannot support (``missing_data``: one sequence length, no per-modality losses, no task metrics, no
-    law) are skipped."""
-    k = compute_factor(df)
+    law) are skipped. ``k``: the compute model placing the law on the compute axis (a factor, ``KND``,
+    ``LadderAccounting``; default C = k N D with k from the runs)."""
+    k = as_model(k, df)
     skip = missing_data(df, law)
     makers = {
         "loss_vs_compute": lambda: plot_loss_vs_compute(df, law=law, curves=curves, k=k),

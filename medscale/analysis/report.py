@@ -202,7 +202,7 @@ def default_approaches(points, curves, bin_dex: float = 0.1) -> tuple:
 
 
 def run_fit(fit_fn, points, curves=None, approaches=("3", "2", "1"), bootstrap: int = 0, seed: int = 0,
-            budgets=()) -> dict:
+            budgets=(), **extra) -> dict:
     """Call ``fit_fn`` as ``medscale fit`` does (arguments it does not take are left out). When Approach 1 or 2
     cannot be fitted on these runs (a UserError naming why), it is dropped and the reason kept in
     ``warnings``, so the report still shows what can be fitted."""
@@ -218,6 +218,7 @@ def run_fit(fit_fn, points, curves=None, approaches=("3", "2", "1"), bootstrap: 
             kwargs["budgets"] = list(budgets)
         if "curves" in params and "1" in approaches:
             kwargs["curves"] = curves
+        kwargs.update({k: v for k, v in extra.items() if k in params})
         try:
             fit = fit_fn(points, **kwargs)
             break
@@ -317,9 +318,10 @@ def ci_level(fit: dict) -> float:
     return 0.95
 
 
-def fit_allocation(fit: dict, c6: float, approach: str = "approach3"):
-    """The fit's own allocation row at budget ``c6`` (its C = 6ND convention), or None."""
-    for row in ((fit or {}).get(approach) or {}).get("allocation") or []:
+def fit_allocation(fit: dict, c6: float, approach: str = "approach3", key: str = "allocation"):
+    """The fit's own allocation row at budget ``c6`` (``key``: allocation = its C = 6ND convention,
+    allocation_encdec = the project's accounting), or None."""
+    for row in ((fit or {}).get(approach) or {}).get(key) or []:
         if isinstance(row, dict) and row.get("C") and math.isclose(float(row["C"]), c6, rel_tol=1e-9):
             return row
     return None
@@ -425,34 +427,59 @@ def _mode(series):
     return None if len(s) == 0 else int(s.mode().iloc[0])
 
 
-def recommend(fit: dict, runs, budget: dict, batch_size: int = DEFAULT_BATCH, draws=None) -> dict:
+def compute_model(runs):
+    """The compute model of the recommendation: the project's accounting along the ladder family at the sweep's
+    sequence lengths (``plots.LadderAccounting``, = ``medscale fit --accounting encdec``), else C = k N D with k
+    from the runs."""
+    done = plots.done_runs(runs)
+    enc = _mode(done["enc_len"]) if "enc_len" in done.columns else None
+    dec = _mode(done["dec_len"]) if "dec_len" in done.columns else None
+    try:
+        return plots.LadderAccounting(enc, dec)
+    except (ImportError, AttributeError, UserError):
+        return plots.KND(plots.compute_factor(runs))
+
+
+def recommend(fit: dict, runs, budget: dict, batch_size: int = DEFAULT_BATCH, draws=None, model=None) -> dict:
     """N_opt, D_opt and predicted loss at the budget with bootstrap intervals; the nearest ladder size with its
     tokens, steps, batch and wall-clock; the spread across approaches and published laws; extrapolation.
 
-    N_opt and D_opt under C = k N D are the fit's own allocation at C6 = 6 C / k (its C = 6 N D convention):
-    their intervals are the fit's (``medscale fit --budget-flops C6``) when it computed that budget, else the
-    percentiles of ``draws``; the loss interval comes from ``draws`` (default: those in the fit dict)."""
+    N_opt and D_opt follow the compute ``model`` (default ``compute_model(runs)``). Their intervals are the fit's
+    own allocation at the budget when it computed it (``medscale fit --budget-flops C --accounting encdec``; for
+    C = k N D: its 6ND allocation at C6 = 6 C / k), else the percentiles of ``draws``; the loss interval comes
+    from ``draws`` (default: those in the fit dict)."""
     law = fitted_law(fit)
     if law is None:
         raise UserError("the fit has no Approach 3 law (too few runs?); add runs or check medscale fit")
     draws = bootstrap_laws(fit) if draws is None else draws
+    model = model or compute_model(runs)
     level = ci_level(fit)
     k = plots.compute_factor(runs)
     c = float(budget["flops"])
     c6 = 6.0 * c / k
-    n_opt = float(plots.law_n_opt(law, c, k))
-    d_opt = float(plots.law_d_opt(law, c, k))
+    n_opt, d_opt = (float(x) for x in model.optimum(law, c))
     loss = float(law.loss(n_opt, d_opt))
-    nd = [(float(plots.law_n_opt(g, c, k)), float(plots.law_d_opt(g, c, k))) for g in draws]
-    row = fit_allocation(fit, c6)
-    n_ci = (row or {}).get("ci", {}).get("n_opt") or _interval([x[0] for x in nd], level)
-    d_ci = (row or {}).get("ci", {}).get("d_opt") or _interval([x[1] for x in nd], level)
+    if draws:
+        with np.errstate(all="ignore"):
+            nd_n, nd_d = (np.ravel(x) for x in model.optimum_draws(draws, [c]))
+        d_losses = [float(g.loss(n, d)) for g, n, d in zip(draws, nd_n, nd_d)]
+    else:
+        nd_n = nd_d = np.array([])
+        d_losses = []
+    if isinstance(model, plots.KND):
+        row, src = fit_allocation(fit, c6), "medscale fit allocation at C6 = 6C/k"
+    else:
+        row, src = fit_allocation(fit, c, key="allocation_encdec"), "medscale fit --accounting encdec allocation"
+    n_ci = (row or {}).get("ci", {}).get("n_opt") or _interval(nd_n, level)
+    d_ci = (row or {}).get("ci", {}).get("d_opt") or _interval(nd_d, level)
     rec = {
-        "compute_factor_k": k, "budget_flops_6nd": c6, "ci_level": level, "bootstrap_draws": len(draws),
-        "interval_source": "medscale fit allocation at C6" if row and row.get("ci") else "bootstrap draws",
+        "compute_model": model.label, "compute_factor_k": k, "budget_flops_6nd": c6, "ci_level": level,
+        "bootstrap_draws": len(draws),
+        "interval_source": src if row and row.get("ci") else "bootstrap draws",
+        "fit_allocation": row,
         "n_opt": {"value": n_opt, "ci": n_ci},
         "d_opt": {"value": d_opt, "ci": d_ci},
-        "loss": {"value": loss, "ci": _interval([float(g.loss(n, d)) for g, (n, d) in zip(draws, nd)], level)},
+        "loss": {"value": loss, "ci": _interval(d_losses, level)},
         "tokens_per_param": d_opt / n_opt,
     }
     done = plots.done_runs(runs)
@@ -582,15 +609,30 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
     budget = resolve_budget(hardware, gpus, days, mfu, precision, flops, measured_mfu, ", ".join(kinds) or None)
     fit_all = resolve_fit_all(fit_fn)
     k = plots.compute_factor(runs)
-    c6 = 6.0 * budget["flops"] / k  # the budget in the fit's C = 6ND convention (see recommend)
+    model = compute_model(runs)
+    c = float(budget["flops"])
+    if isinstance(model, plots.LadderAccounting):  # medscale fit --accounting encdec at the budget itself
+        fit_budget = c
+        extra = {"accounting": "encdec", "n_convention": "non_embedding", "enc_len": model.enc_len,
+                 "dec_len": model.dec_len}
+    else:  # C = k N D: the fit's 6ND allocation at C6 = 6C/k is N_opt(C) under C = k N D
+        fit_budget = 6.0 * c / k
+        extra = {}
     points, fcurves, _source = fit_points(results_dir, runs, curves)
     approaches = default_approaches(points, fcurves)
     step(f"fitting the total loss (approaches {', '.join(approaches)}, {bootstrap} bootstrap draws)")
-    fit = run_fit(fit_all, points, fcurves, approaches=approaches, bootstrap=bootstrap, seed=seed, budgets=[c6])
+    fit = run_fit(fit_all, points, fcurves, approaches=approaches, bootstrap=bootstrap, seed=seed,
+                  budgets=[fit_budget], **extra)
     approaches = tuple(a for a in approaches if f"approach{a}" in fit)  # those fitted (see run_fit)
+    cli = [f"--approach={a}" for a in approaches] + ["--bootstrap", str(bootstrap), "--seed", str(seed),
+                                                     "--budget-flops", repr(fit_budget)]
+    if extra:
+        cli += ["--accounting", "encdec", "--n-convention", "non_embedding"]
+        cli += [f"--enc-len={model.enc_len}"] if model.enc_len is not None else []
+        cli += [f"--dec-len={model.dec_len}"] if model.dec_len is not None else []
     law = fitted_law(fit)
     draws = bootstrap_laws(fit) or reproduce_draws(fit, points, seed=seed)
-    rec = recommend(fit, runs, budget, batch_size, draws=draws)
+    rec = recommend(fit, runs, budget, batch_size, draws=draws, model=model)
     # per-modality laws: the same fit (Approach 3) on each modality's loss
     modality_fits = {}
     mb = bootstrap if modality_bootstrap is None else modality_bootstrap
@@ -601,17 +643,17 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
             if len(mpoints) < 3:
                 continue
             step(f"fitting the {mod} loss")
-            mfit = run_fit(fit_all, mpoints, None, approaches=("3",), bootstrap=mb, seed=seed, budgets=[c6])
+            mfit = run_fit(fit_all, mpoints, None, approaches=("3",), bootstrap=mb, seed=seed,
+                           budgets=[fit_budget], **extra)
         except UserError as exc:
             log.warning("no law for modality %s: %s", mod, exc)
             continue
         mlaw = fitted_law(mfit)
         if mlaw is None:
             continue
-        c = budget["flops"]
-        n_o, d_o = float(plots.law_n_opt(mlaw, c, k)), float(plots.law_d_opt(mlaw, c, k))
+        n_o, d_o = (float(x) for x in model.optimum(mlaw, c))
         modality_fits[mod] = {"fit": mfit, "n_opt": n_o, "d_opt": d_o, "loss_at_budget": float(mlaw.loss(n_o, d_o))}
-    comp = comparison.place_models(law, plots.compute_factor(runs)) if law is not None else comparison.table()
+    comp = comparison.place_models(law, model) if law is not None else comparison.table()
     fig_paths = {}
     if figures:
         step("drawing figures")
@@ -622,15 +664,14 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
                 power[name.replace("approach", "Approach ")] = pa
         mlaws = {m: fitted_law(v["fit"]) for m, v in modality_fits.items()}
         fig_dir = os.path.join(out_dir, "figures")
-        fig_paths = plots.write_all(runs, fig_dir, law=law, draws=draws, curves=curves,
-                                    modality_laws=mlaws, power_laws=power, budget=budget["flops"])
+        fig_paths = plots.write_all(runs, fig_dir, law=law, draws=draws, curves=curves, modality_laws=mlaws,
+                                    power_laws=power, budget=budget["flops"], k=model)
     report = {
         "results_dir": os.path.abspath(results_dir),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "n_runs": len(runs), "n_done": len(done),
-        "fit_args": {"approaches": list(approaches), "bootstrap": bootstrap, "seed": seed, "budgets": [c6],
-                     "command": f"medscale fit {results_dir} --bootstrap {bootstrap} --seed {seed} "
-                                f"--budget-flops {c6:.6g} --json"},
+        "fit_args": {"approaches": list(approaches), "bootstrap": bootstrap, "seed": seed, "budgets": [fit_budget],
+                     **extra, "cli": cli, "command": f"medscale fit {results_dir} " + " ".join(cli) + " --json"},
         "fit": _strip_draws(fit),
         "budget": budget,
         "recommendation": rec,
@@ -707,10 +748,10 @@ def render_markdown(r: dict) -> str:
              f"Created {r['created']}. Regenerate with `medscale report {r['results_dir']}`.\n")
     L.append("Conventions: N = non-embedding parameters, D = tokens seen (encoder + decoder), C = model FLOPs "
              "(project accounting; 1 PF-day = 8.64e19 FLOPs). The fitted law is placed on the compute axis with "
-             f"C = k N D, k = {fmt(rec['compute_factor_k'], 4)} (median over the runs; 6 for a decoder-only LM). "
-             f"Intervals: {level}% bootstrap percentile intervals ({r['fit_args']['bootstrap']} refits of the "
-             "runs; N_opt/D_opt intervals as `medscale fit` computes them at the budget in its C = 6ND units, "
-             f"C6 = 6C/k = {fmt(rec['budget_flops_6nd'])}). Cross-check: `{r['fit_args']['command']}`.\n")
+             f"{rec['compute_model']} (the sweep's median C/(ND) is k = {fmt(rec['compute_factor_k'], 4)}; 6 for a "
+             f"decoder-only LM). Intervals: {level}% bootstrap percentile intervals ({r['fit_args']['bootstrap']} "
+             f"refits resampling runs; N_opt/D_opt intervals from {rec['interval_source']}). "
+             f"Cross-check: `{r['fit_args']['command']}`.\n")
     # recommendation
     L.append("## Recommendation\n")
     if b.get("hardware"):
