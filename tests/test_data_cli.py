@@ -9,7 +9,9 @@ SMALL = ["--set", "data.num_train=96", "--set", "data.num_eval=16", "--set", "da
 
 
 def last_json(capsys):
-    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1, lines  # --json: exactly one line on stdout, nothing else
+    return json.loads(lines[0])
 
 
 def test_prepare_show_and_bench(tmp_path, capsys):

@@ -89,6 +89,7 @@ def test_roco_round_trip_both_naming_schemes(tmp_path):
     for ident, (cap, img, split) in truth.items():
         e, s = got[ident]
         assert s == split and e["caption"] == cap and e["mask"] is None and e["boxes"] == []
+        assert e["meta"]["subset"] in ("radiology", "non-radiology") and e["facts"] == {}
         want = to_grey(img, 64)
         tol = 8 if int(ident[5:]) % 2 == 0 else 0  # JPEG (newer scheme) is lossy
         assert np.abs(e["image"].astype(int) - want.astype(int)).mean() <= tol
@@ -145,7 +146,7 @@ def test_rocov2_round_trip_zip_and_folder(tmp_path):
     data = build(tmp_path, "rocov2", manual)
     for (split, ident), (cap, img, cuis) in truth.items():
         e = by_id(data, split)[ident]
-        assert e["caption"] == cap and e["facts"] == {"cuis": cuis}
+        assert e["caption"] == cap and e["meta"] == {"cuis": cuis} and e["facts"] == {}
         assert np.array_equal(e["image"], to_grey(img, 64))
     assert len(data.examples("train")) == 4
     assert data.builder.info.metadata["skipped"]["validation"] == {"missing_image": 1}
@@ -167,7 +168,8 @@ def test_medmnist_round_trip_and_label_captions(tmp_path):
     for e in ex:
         i = e["index"]
         lab = int(arrays["val_labels"][i, 0])
-        assert e["caption"] == f"chest x-ray: {('normal', 'pneumonia')[lab]}." and e["facts"] == {"label": [lab]}
+        assert e["caption"] == f"chest x-ray: {('normal', 'pneumonia')[lab]}." and e["meta"] == {"label": [lab]}
+        assert e["facts"] == {}  # finding accuracy is for synthetic data only
         assert np.abs(e["image"].astype(int) - to_grey(arrays["val_images"][i], 64).astype(int)).max() == 0
     assert medmnist_caption("chestmnist_64", np.array([0, 1, 0, 0, 0, 1] + [0] * 8)) == \
         "chest x-ray: cardiomegaly, nodule."

@@ -7,7 +7,9 @@ Every builder yields the same feature set, so that the pipeline reads any of the
   (and an all-zero mask) where the dataset has none;
 - ``caption``: text ("" when absent);
 - ``boxes``: float32 ``[n, 4]`` pixels ``x0, y0, x1, y1`` and ``box_labels``: the n class names joined by ``|``;
-- ``facts``: JSON of the true structured findings (synthetic data; ``{}`` elsewhere);
+- ``facts``: JSON of the true structured findings (synthetic data only; ``{}`` elsewhere, so that "finding
+  accuracy" is computed on synthetic data only);
+- ``meta``: JSON of other source information (ROCO subset, ROCOv2 CUIs, MedMNIST label; ``{}`` if none);
 - ``id``: the example's name in its source, ``index``: its number in the generation order.
 
 Images are encoded by PIL (TFDS's own numpy image encoder needs TensorFlow).
@@ -24,7 +26,7 @@ import tensorflow_datasets as tfds
 
 log = logging.getLogger(__name__)
 
-VERSION = tfds.core.Version("1.0.0")
+VERSION = tfds.core.Version("1.1.0")  # 1.1.0: + meta
 
 
 def png_bytes(a: np.ndarray) -> bytes:
@@ -44,13 +46,14 @@ def features(size: int):
         "boxes": tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
         "box_labels": tfds.features.Text(),
         "facts": tfds.features.Text(),
+        "meta": tfds.features.Text(),
         "id": tfds.features.Text(),
         "index": np.int64,
     })
 
 
 def make_example(index: int, image: np.ndarray, caption: str = "", mask: np.ndarray | None = None,
-                 boxes=(), facts: dict | None = None, ident: str = "") -> dict:
+                 boxes=(), facts: dict | None = None, ident: str = "", meta: dict | None = None) -> dict:
     size = image.shape[0]
     return {
         "image": png_bytes(image),
@@ -60,6 +63,7 @@ def make_example(index: int, image: np.ndarray, caption: str = "", mask: np.ndar
         "boxes": np.asarray([b[1:] for b in boxes], np.float32).reshape(-1, 4),
         "box_labels": "|".join(str(b[0]) for b in boxes),
         "facts": json.dumps(facts or {}, sort_keys=True),
+        "meta": json.dumps(meta or {}, sort_keys=True),
         "id": ident or str(index),
         "index": int(index),
     }

@@ -58,7 +58,9 @@ def parse_mixture(text: str, names: tuple[str, ...]) -> list[tuple[str | None, f
 
 
 class Masker:
-    """Builds batches from tokenised examples.
+    """Builds batches from tokenised examples. Every position is below its modality's ``max_tokens``
+    (a sequence target that would not fit is cut; the token caches keep sequences to ``max_tokens - 1`` tokens
+    so that a whole sequence and its ``</s>`` fit).
 
     ``modalities``: list of ``(name, kind, max_tokens)`` in the model's modality order. Examples come as a dict
     of batched arrays: for an image-like modality ``name`` -> int [B, max_tokens] and ``name + "_len"`` -> [B]
@@ -92,7 +94,7 @@ class Masker:
 
     def _spans(self, rng, n: int, k: int, s: int):
         """Lengths of s masked spans (sum k, each >= 1) and s+1 unmasked gaps (sum n-k, inner ones >= 1)."""
-        cuts = np.sort(rng.choice(np.arange(1, k), s - 1, replace=False)) if s > 1 else np.array([], int)
+        cuts = np.sort(rng.permutation(k - 1)[: s - 1] + 1) if s > 1 else np.array([], int)
         masked = np.diff(np.concatenate([[0], cuts, [k]]))
         free = n - k - (s - 1)  # after giving each inner gap one token
         bins = rng.multinomial(free, np.ones(s + 1) / (s + 1)) if free > 0 else np.zeros(s + 1, int)
@@ -103,12 +105,13 @@ class Masker:
         """Input and target token lists of one sequence under budgets a (input), b (target)."""
         n = len(x)
         if b > 0 and (a == 0 or n < 2):
-            return [], (list(x) + [EOS])[:b]
+            return [], (x.tolist() + [EOS])[:b]
         if b == 0:
-            return list(x[:a]), []
-        k = int(np.clip(round(n * b / (a + b)), 1, n - 1))
-        s = int(np.clip(round(k / self.mean_span), 1, min(k, self.num_sentinels, n - k + 1)))
-        masked, gaps = self._spans(rng, n, k, s)
+            return x[:a], []
+        k = min(max(round(n * b / (a + b)), 1), n - 1)
+        s = min(max(round(k / self.mean_span), 1), k, self.num_sentinels, n - k + 1)
+        masked, gaps = (v.tolist() for v in self._spans(rng, n, k, s))
+        x = x.tolist()
         inp, tgt, p = [], [], 0
         for i in range(s):
             inp.extend(x[p:p + gaps[i]])
@@ -127,69 +130,67 @@ class Masker:
         B = int(np.asarray(ex[self.names[0] + "_len"]).shape[0])
         lens = np.stack([np.asarray(ex[n + "_len"]).astype(np.int64) for n in self.names], 1)  # [B, M]
         present = lens > 0
-        comps = rng.choice(len(self.mixture), size=B, p=np.array([w for _, w in self.mixture]) /
-                           sum(w for _, w in self.mixture))
-        g_in = rng.gamma(self.alpha, size=(B, M))
-        g_out = rng.gamma(self.alpha, size=(B, M))
+        # mixture component per example -> eligible inputs / targets (vectorised over the batch)
+        probs = np.array([w for _, w in self.mixture], float)
+        comps = rng.choice(len(self.mixture), size=B, p=probs / probs.sum())
+        src = np.array([-1 if s is None else self.names.index(s) for s, _ in self.mixture])[comps]
+        onehot = np.eye(M, dtype=bool)[np.maximum(src, 0)]
+        has_src = (src >= 0) & (present & onehot).any(1)
+        others = present & ~onehot
+        in_c = np.where(has_src[:, None], onehot, present)
+        out_c = np.where((has_src & others.any(1))[:, None], others, present)
+        # Dirichlet weights (normalised gamma draws) and budgets
+        w_in = rng.gamma(self.alpha, size=(B, M)) * in_c + 1e-12 * in_c
+        w_out = rng.gamma(self.alpha, size=(B, M)) * out_c + 1e-12 * out_c
+        w_in /= np.maximum(w_in.sum(1, keepdims=True), 1e-30)
+        w_out /= np.maximum(w_out.sum(1, keepdims=True), 1e-30)
+        a_all = np.floor(w_in * self.enc_len).astype(np.int64)
+        b_all = np.floor(w_out * self.dec_len).astype(np.int64)
+        # an independent random patch order per example and image-like modality
+        orders = {m: np.argsort(rng.random((B, n)), axis=1, kind="stable")
+                  for m, (_, kind, n) in enumerate(self.mods) if kind == "image"}
         out = self._empty(B)
-        perm_keys = rng.random((B, max(t for _, _, t in self.mods)))
+        L, I, O, WI, WO, A, Bb = (x.tolist() for x in (lens, in_c, out_c, w_in, w_out, a_all, b_all))
         for i in range(B):
-            src = self.mixture[comps[i]][0]
-            in_c, out_c = present[i].copy(), present[i].copy()
-            if src is not None:
-                j = self.names.index(src)
-                if present[i, j]:
-                    in_c = np.zeros(M, bool)
-                    in_c[j] = True
-                    out_c[j] = False
-                    if not out_c.any():
-                        out_c = present[i].copy()
-            self._one(ex, i, lens[i], in_c, out_c, g_in[i], g_out[i], perm_keys[i], rng, out)
+            self._one(ex, i, L[i], I[i], O[i], WI[i], WO[i], A[i], Bb[i], orders, rng, out)
         return out
 
-    def _one(self, ex, i, lens, in_c, out_c, g_in, g_out, perm_key, rng, out):
-        w_in = np.where(in_c, g_in + 1e-12, 0.0)
-        w_out = np.where(out_c, g_out + 1e-12, 0.0)
-        w_in = w_in / w_in.sum() if w_in.sum() > 0 else w_in
-        w_out = w_out / w_out.sum() if w_out.sum() > 0 else w_out
-        a_all = np.floor(w_in * self.enc_len).astype(int)
-        b_all = np.floor(w_out * self.dec_len).astype(int)
+    def _one(self, ex, i, lens, in_c, out_c, w_in, w_out, a_all, b_all, orders, rng, out):
         enc_parts, dec_parts = {}, {}
         used_in = used_out = 0
-        for m, (name, kind, _) in enumerate(self.mods):
+        for m, (name, kind, maxt) in enumerate(self.mods):
             if kind != "sequence" or lens[m] == 0:
                 continue
-            x = np.asarray(ex[name][i][: lens[m]])
-            a = min(a_all[m], lens[m]) if in_c[m] else 0
-            b = b_all[m] if out_c[m] else 0
+            x = ex[name][i][: min(lens[m], maxt)]
+            a = min(a_all[m], len(x)) if in_c[m] else 0
+            b = min(b_all[m], maxt) if out_c[m] else 0  # positions stay below max_tokens
             inp, tgt = self._sequence(rng, x, a, b)
-            if inp:
+            if len(inp):
                 enc_parts[m] = (np.asarray(inp, np.int32), np.arange(len(inp)))
                 used_in += len(inp)
-            if tgt:
+            if len(tgt):
                 dec_parts[m] = np.asarray(tgt, np.int32)
                 used_out += len(tgt)
-        img = [m for m, (_, kind, _) in enumerate(self.mods) if kind == "image" and lens[m] > 0]
+        img = [m for m in orders if lens[m] > 0]
         if img:
             r_in, r_out = self.enc_len - used_in, self.dec_len - used_out
-            wi = np.array([w_in[m] for m in img])
-            wo = np.array([w_out[m] for m in img])
-            c_in = np.floor(r_in * wi / wi.sum()).astype(int) if wi.sum() > 0 else np.zeros(len(img), int)
-            c_out = np.floor(r_out * wo / wo.sum()).astype(int) if wo.sum() > 0 else np.zeros(len(img), int)
-            n = np.array([lens[m] for m in img])
+            wi, wo = sum(w_in[m] for m in img), sum(w_out[m] for m in img)
+            c_in = [int(r_in * w_in[m] / wi) if wi > 0 else 0 for m in img]
+            c_out = [int(r_out * w_out[m] / wo) if wo > 0 else 0 for m in img]
+            n = [lens[m] for m in img]
             for j in range(len(img)):
                 if c_in[j] + c_out[j] > n[j]:
                     ci = round(n[j] * c_in[j] / (c_in[j] + c_out[j]))
                     c_in[j], c_out[j] = ci, n[j] - ci
-            for j in range(len(img)):  # give leftover room to modalities with unused patches
-                if in_c[img[j]]:
-                    c_in[j] += max(0, min(r_in - c_in.sum(), n[j] - c_in[j] - c_out[j]))
-            for j in range(len(img)):
-                if out_c[img[j]]:
-                    c_out[j] += max(0, min(r_out - c_out.sum(), n[j] - c_in[j] - c_out[j]))
+            for j, m in enumerate(img):  # give leftover room to modalities with unused patches
+                if in_c[m]:
+                    c_in[j] += max(0, min(r_in - sum(c_in), n[j] - c_in[j] - c_out[j]))
             for j, m in enumerate(img):
-                order = np.argsort(perm_key[: n[j]], kind="stable")
-                toks = np.asarray(ex[self.mods[m][0]][i])
+                if out_c[m]:
+                    c_out[j] += max(0, min(r_out - sum(c_out), n[j] - c_in[j] - c_out[j]))
+            for j, m in enumerate(img):
+                order = orders[m][i]
+                toks = ex[self.mods[m][0]][i]
                 if c_in[j]:
                     pos = np.sort(order[: c_in[j]])
                     enc_parts[m] = (toks[pos].astype(np.int32), pos)
@@ -236,12 +237,13 @@ class Masker:
         out = self._empty(B)
         for i in range(B):
             enc_parts, dec_parts = {}, {}
-            for m, (name, kind, _) in enumerate(self.mods):
-                n = int(np.asarray(ex[name + "_len"])[i])
+            for m, (name, kind, maxt) in enumerate(self.mods):
+                n = min(int(np.asarray(ex[name + "_len"])[i]), maxt)
                 toks = np.asarray(ex[name][i][:n], np.int32)
                 if name in inputs and n:
                     enc_parts[m] = (toks, np.arange(n))
                 if name in targets and (n or kind == "sequence"):
-                    dec_parts[m] = (toks, np.arange(n)) if kind == "image" else np.concatenate([toks, [EOS]])
+                    dec_parts[m] = (toks, np.arange(n)) if kind == "image" else \
+                        np.concatenate([toks, [EOS]]).astype(np.int32)[:maxt]
             self._write(out, i, enc_parts, dec_parts)
         return out

@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import os
+import sys
 
 import numpy as np
 
@@ -91,10 +92,16 @@ def prepare_builder(builder, root: str, progress: bool = False):
         if not os.path.exists(os.path.join(str(builder.data_path), "dataset_info.json")):
             log.info("preparing %s/%s in %s", builder.name, builder.builder_config.name, builder.data_dir)
             tfds.display_progress_bar(bool(progress))
+            # TFDS prints its banners on stdout; stdout belongs to the CLI's results (--json), so send them to
+            # stderr with the progress bars, or nowhere when quiet
+            sink = sys.stderr if progress else open(os.devnull, "w")  # noqa: SIM115
             try:
-                builder.download_and_prepare(file_format="array_record")
+                with contextlib.redirect_stdout(sink):
+                    builder.download_and_prepare(file_format="array_record")
             finally:
                 tfds.display_progress_bar(True)
+                if sink is not sys.stderr:
+                    sink.close()
     # a fresh builder reads the finished dataset's info (this one may predate another process's build)
     with _quiet_absl():
         return type(builder)(config=builder.builder_config, data_dir=os.path.dirname(os.path.dirname(
@@ -109,12 +116,13 @@ def _decode_example(rec: dict) -> dict:
     boxes = [(lab, *map(float, b)) for lab, b in zip(labels, np.asarray(rec["boxes"]).reshape(-1, 4))]
     return {"image": np.asarray(rec["image"])[..., 0], "mask": np.asarray(rec["mask"])[..., 0]
                 if bool(rec["has_mask"]) else None, "caption": s(rec["caption"]), "boxes": boxes,
-                "facts": json.loads(s(rec["facts"]) or "{}"), "id": s(rec["id"]), "index": int(rec["index"])}
+                "facts": json.loads(s(rec["facts"]) or "{}"), "id": s(rec["id"]), "index": int(rec["index"]),
+                "meta": json.loads(s(rec["meta"]) or "{}") if "meta" in rec else {}}
 
 
 class Examples:
     """Raw random access to a split: ``examples[i]`` -> dict(image uint8 HxW, mask uint8 HxW | None, caption,
-    boxes [(cls, x0, y0, x1, y1)] pixels, facts, id, index)."""
+    boxes [(cls, x0, y0, x1, y1)] pixels, facts (synthetic findings, else {}), meta (source info), id, index)."""
 
     def __init__(self, source):
         self.source = source
@@ -132,18 +140,17 @@ class Examples:
             yield self[i]
 
 
-class TokenSource:
-    """grain random-access source over cached token arrays (one dict of small arrays per example)."""
+def _count(arrays: dict) -> int:
+    return len(next(iter(arrays.values())))
 
-    def __init__(self, arrays: dict):
-        self.arrays = arrays
-        self.n = len(next(iter(arrays.values())))
 
-    def __len__(self):
-        return self.n
+def index_dataset(n: int, batch_size: int, seed: int, shard_index: int, shard_count: int):
+    """grain: this shard's example indices (``shard_index::shard_count``), shuffled per epoch with ``seed``,
+    endless, in batches of ``batch_size`` index arrays (the token arrays are gathered per batch, vectorised)."""
+    import grain
 
-    def __getitem__(self, i):
-        return {k: v[i] for k, v in self.arrays.items()}
+    ds = grain.MapDataset.range(n)[shard_index::shard_count]
+    return ds.shuffle(seed=int(seed)).repeat(None).batch(batch_size, drop_remainder=True)
 
 
 class DataIterator:
@@ -154,27 +161,29 @@ class DataIterator:
         import grain
 
         tokens = data.tokens(split)
-        n = len(TokenSource(tokens))
+        n = _count(tokens)
         if not 0 <= shard_index < shard_count:
             raise UserError(f"shard_index {shard_index} must be in [0, shard_count={shard_count})")
         if n // shard_count == 0:
             raise UserError(f"split {split!r} has {n} examples: too few for {shard_count} shards")
         if batch_size <= 0:
             raise UserError(f"batch_size must be positive, got {batch_size}")
-        self.ident = {"split": split, "batch_size": int(batch_size), "seed": int(seed), "shard_index": int(shard_index),
-                          "shard_count": int(shard_count), "tokens": data.tokenizers.hash}
+        self.ident = {"split": split, "batch_size": int(batch_size), "seed": int(seed),
+                      "shard_index": int(shard_index), "shard_count": int(shard_count),
+                      "tokens": data.tokenizers.hash}
         masker = data.masker
 
-        def mask(i, b):
-            return masker(b, np.random.default_rng([int(seed), int(shard_index), int(i), 0x3D]))
+        def gather_and_mask(i, idx):
+            return masker({k: v[idx] for k, v in tokens.items()},
+                          np.random.default_rng([int(seed), int(shard_index), int(i), 0x3D]))
 
-        ds = grain.MapDataset.source(TokenSource(tokens))[shard_index::shard_count]
-        ds = ds.shuffle(seed=int(seed)).repeat(None).batch(batch_size, drop_remainder=True)
+        ds = index_dataset(n, batch_size, seed, shard_index, shard_count)
+        ds = ds.map_with_index(gather_and_mask)
         # one background thread keeps a few batches ready (masking is Python; the trainer's device work
         # releases the GIL); grain's default (16 threads, 500 elements ahead) would mask hundreds of batches
         # up front and compete with the trainer for the CPU
         opts = grain.ReadOptions(num_threads=int(num_threads), prefetch_buffer_size=int(prefetch))
-        self._it = iter(ds.map_with_index(mask).to_iter_dataset(opts))
+        self._it = iter(ds.to_iter_dataset(opts))
 
     def __iter__(self):
         return self
@@ -201,6 +210,7 @@ class Data:
         from medscale.data.registry import build_registry
 
         self.cfg, self.spec, self.dcfg = cfg, spec, cfg.data
+        self.progress = bool(progress)
         self.root = cache_root(self.dcfg)
         self.builder = prepare_builder(make_builder(self.dcfg, self.root), self.root, progress)
         self.key = f"{self.builder.name}/{self.builder.builder_config.name}/{self.builder.version}"
@@ -216,7 +226,12 @@ class Data:
         self.masker = Masker([(m.name, m.kind, m.max_tokens) for m in self.registry], spec.enc_len, spec.dec_len,
                              alpha=float(self.dcfg.dirichlet_alpha), mixture=self.dcfg.mixture,
                              num_sentinels=int(self.dcfg.get("num_sentinels", 16)), sentinel_base=4)
-        capacity = sum(m.max_tokens + (1 if m.kind == "sequence" else 0) for m in self.registry)
+        grid = (self.image_size // int(self.dcfg.patch_size)) ** 2
+        for m in self.registry:
+            if m.kind == "image" and m.max_tokens != grid:
+                raise UserError(f"modality {m.name!r} has {m.max_tokens} tokens but data.image_size "
+                                f"{self.image_size} / data.patch_size {self.dcfg.patch_size} gives {grid} patches")
+        capacity = sum(m.max_tokens for m in self.registry)  # positions stay below max_tokens
         for side, L in (("enc_len", spec.enc_len), ("dec_len", spec.dec_len)):
             if L > capacity:
                 raise UserError(f"data.{side} {L} exceeds the {capacity} tokens an example of modalities "
@@ -287,7 +302,7 @@ class Data:
             return self._tokens[split]
         sizes = {m: int(getattr(self.dcfg, k)) for m, k in (("caption", "caption_tokens"),
                                                               ("boxes", "box_tokens"))}
-        key = f"{self.tokenizers.hash}-c{sizes['caption']}-b{sizes['boxes']}"
+        key = f"{self.tokenizers.hash}-c{sizes['caption']}-b{sizes['boxes']}-v2"
         path = os.path.join(self.root, "tokens", self.key.replace("/", "_"), f"{split}-{key}.npz")
         with file_lock(path + ".lock"):
             if not os.path.exists(path):
@@ -318,7 +333,11 @@ class Data:
                "boxes": np.zeros((n, sizes["boxes"]), np.int32), "boxes_len": np.zeros(n, np.int32)}
         stats = {"examples": n, "empty_caption": 0, "truncated_caption": 0, "truncated_boxes": 0, "no_mask": 0}
         chunk = 1024
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, desc=f"tokenizing {split}", unit="ex", disable=not self.progress, file=sys.stderr)
         for s in range(0, n, chunk):
+            bar.update(min(chunk, n - s))
             recs = [ex[i] for i in range(s, min(n, s + chunk))]
             imgs = np.stack([r["image"] for r in recs])
             out["image"][s:s + len(recs)] = tok.image.encode(imgs)
@@ -334,20 +353,21 @@ class Data:
                 cap = " ".join(r["caption"].split())
                 if cap:
                     ids = tok.text.encode(cap)
-                    if len(ids) > sizes["caption"]:
+                    if len(ids) > sizes["caption"] - 1:  # room for </s> within max_tokens
                         stats["truncated_caption"] += 1
-                    ids = ids[: sizes["caption"]]
+                    ids = ids[: sizes["caption"] - 1]
                     out["caption"][i, :len(ids)] = ids
                     out["caption_len"][i] = len(ids)
                 else:
                     stats["empty_caption"] += 1
                 if r["mask"] is not None or r["boxes"]:  # boxes are known (possibly none) where masks are
                     ids = tok.text.encode(tok.text.boxes_to_text(r["boxes"], self.image_size))
-                    if len(ids) > sizes["boxes"]:
+                    if len(ids) > sizes["boxes"] - 1:  # room for </s> within max_tokens
                         stats["truncated_boxes"] += 1
-                    ids = ids[: sizes["boxes"]]
+                    ids = ids[: sizes["boxes"] - 1]
                     out["boxes"][i, :len(ids)] = ids
                     out["boxes_len"][i] = len(ids)
+        bar.close()
         return out, stats
 
     # ------------------------------------------------------------------ batches
@@ -366,7 +386,7 @@ class Data:
                      seed: int = EVAL_MASK_SEED) -> list[dict]:
         """The first ``num_batches * batch_size`` examples (wrapping around), masked with a fixed seed."""
         arrays = self.tokens(split)
-        n = len(TokenSource(arrays))
+        n = _count(arrays)
         out = []
         for b in range(num_batches):
             idx = np.arange(b * batch_size, (b + 1) * batch_size) % n

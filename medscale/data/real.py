@@ -87,6 +87,8 @@ def to_grey(data_or_array, size: int) -> np.ndarray:
     try:
         if isinstance(data_or_array, (bytes, bytearray)):
             im = PIL.Image.open(io.BytesIO(data_or_array))
+            if im.format == "JPEG":  # decode at a reduced scale still >= size: much faster for big figures
+                im.draft("L", (size, size))
             im.load()
         else:
             im = PIL.Image.fromarray(np.asarray(data_or_array, np.uint8))
@@ -212,7 +214,7 @@ class Roco(tfds.core.GeneratorBasedBuilder):
                 except ValueError:
                     self._skips.add(split, "corrupt_image", ident)
                     continue
-                yield ident, make_example(index, img, cap, ident=ident)
+                yield ident, make_example(index, img, cap, ident=ident, meta={"subset": sub})
                 index += 1
         _record_skips(self, self._skips, split, index)
 
@@ -303,8 +305,8 @@ class Rocov2(tfds.core.GeneratorBasedBuilder):
             except ValueError:
                 self._skips.add(split, "corrupt_image", ident)
                 continue
-            facts = {"cuis": concepts[ident]} if ident in concepts else {}
-            yield ident, make_example(index, img, " ".join((row["Caption"] or "").split()), facts=facts,
+            meta = {"cuis": concepts[ident]} if ident in concepts else {}
+            yield ident, make_example(index, img, " ".join((row["Caption"] or "").split()), meta=meta,
                                       ident=ident)
             index += 1
         _record_skips(self, self._skips, split, index)
@@ -365,7 +367,7 @@ class Medmnist(tfds.core.GeneratorBasedBuilder):
                 self._skips.add(split, "corrupt_image", ident)
                 continue
             yield ident, make_example(i, img, medmnist_caption(c.subset, labels[i]),
-                                      facts={"label": np.asarray(labels[i]).reshape(-1).tolist()}, ident=ident)
+                                      meta={"label": np.asarray(labels[i]).reshape(-1).tolist()}, ident=ident)
             count += 1
         _record_skips(self, self._skips, split, count)
 

@@ -1,0 +1,45 @@
+"""``medscale bench step``: time the real training step of the real model; step time, tokens/s, MFU."""
+
+import json
+
+
+def register(sub):
+    p = sub.add_parser("step", help="training-step throughput and MFU of one model shape",
+                       description="Times the compiled train step (compile excluded; median over timed steps "
+                                   "after warm-up) of the model with the given shape on random batches that "
+                                   "follow the batch contract.")
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--enc-layers", type=int, default=4)
+    p.add_argument("--dec-layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--d-ff", type=int, default=1024)
+    p.add_argument("--mlp", default="gelu", choices=("gelu", "swiglu"))
+    p.add_argument("--vocab", type=int, default=8192,
+                   help="combined output vocabulary (image 1/8, segmentation 1/8, caption and boxes share the rest)")
+    p.add_argument("--enc-len", type=int, default=256)
+    p.add_argument("--dec-len", type=int, default=64)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--remat", default="none", choices=("none", "full", "save_dots"))
+    p.add_argument("--attention", default="dense")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (after 1 warm-up step)")
+    p.add_argument("--hardware", default="auto", help="hardware table key for the peak (auto: detect)")
+    p.add_argument("--json", action="store_true", help="one JSON line on stdout")
+    p.set_defaults(func=run)
+
+
+def run(args):
+    from medscale.train.bench import bench_spec, bench_step
+
+    spec = bench_spec(args.d_model, args.enc_layers, args.dec_layers, args.heads, args.d_ff, args.vocab,
+                      args.enc_len, args.dec_len, args.mlp)
+    out = bench_step(spec, args.batch, dtype=args.dtype, remat=args.remat, attention=args.attention,
+                     steps=args.steps, hardware=args.hardware)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for k in ("step_s", "tokens_per_s", "model_tflops_per_s", "peak_tflops_per_s", "mfu", "compile_s",
+                  "hardware", "devices"):
+            v = out.get(k)
+            print(f"{k:20s} {v:.4g}" if isinstance(v, float) else f"{k:20s} {v}")
+    return 0

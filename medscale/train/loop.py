@@ -1,0 +1,463 @@
+"""The one training loop: init sharded state, restore if a checkpoint exists, step, evaluate, checkpoint,
+write the run record (``docs/interfaces.md``, "Run directory contract").
+
+``train(cfg, workdir, progress=True) -> summary dict``. The schedule's horizon is the run's own: ``steps =
+cfg.train.steps`` or ``cfg.train.tokens // (batch * (enc_len + dec_len))``. Metrics are fetched one step
+late so the device never waits on the host.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import time
+
+from medscale.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SUMMARY = "summary.json"
+METRICS = "metrics.jsonl"
+CONFIG = "config.json"
+LOCK = "lock"
+CKPT_DIR = "checkpoints"
+
+
+# ---------------------------------------------------------------------------------------------- files
+def write_json_atomic(path: str, obj) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True, default=_json_default)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(x):
+    try:
+        import numpy as np
+
+        if isinstance(x, np.generic):
+            return x.item()
+        if isinstance(x, np.ndarray):
+            return x.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(x, tuple):
+        return list(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def _finite_or_none(x):
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+# ---------------------------------------------------------------------------------------------- config
+def run_length(cfg) -> int:
+    """Number of steps of a run: ``train.steps`` when set, else its token budget over tokens per step."""
+    t = cfg.train
+    if t.get("steps"):
+        steps = int(t.steps)
+    else:
+        steps = int(t.tokens) // (int(t.batch_size) * (int(cfg.data.enc_len) + int(cfg.data.dec_len)))
+    if steps < 1:
+        raise UserError(f"train.tokens {t.tokens} is less than one step of batch {t.batch_size} x "
+                        f"{cfg.data.enc_len}+{cfg.data.dec_len} tokens; raise train.tokens or set train.steps")
+    return steps
+
+
+def validate(cfg, n_devices: int | None = None):
+    """Check a config before anything is written; returns (spec, mesh_shape, steps). UserError otherwise."""
+    import jax
+
+    from medscale.configs import spec_from_config
+    from medscale.model.encdec import DTYPES, REMAT_POLICIES
+    from medscale.model.sharding import resolve_mesh_shape
+
+    spec = spec_from_config(cfg)  # heads / d_model and the modalities
+    n_devices = n_devices or jax.device_count()
+    shape = resolve_mesh_shape(cfg.mesh.shape, n_devices)
+    dp = shape[0] * shape[1]
+    bs = int(cfg.train.batch_size)
+    if bs <= 0 or bs % dp:
+        raise UserError(f"train.batch_size {bs} is not divisible by the data axes (data x fsdp = {dp}) of "
+                        f"mesh {shape}; change train.batch_size or mesh.shape")
+    if bs % jax.process_count():
+        raise UserError(f"train.batch_size {bs} is not divisible by the {jax.process_count()} processes")
+    if cfg.model.dtype not in DTYPES:
+        raise UserError(f"model.dtype must be one of {', '.join(DTYPES)}, not {cfg.model.dtype!r}")
+    if cfg.model.remat not in REMAT_POLICIES:
+        raise UserError(f"model.remat must be one of {', '.join(REMAT_POLICIES)}, not {cfg.model.remat!r}")
+    from medscale.model.attention import IMPLEMENTATIONS
+
+    if cfg.model.attention not in IMPLEMENTATIONS:
+        raise UserError(f"model.attention {cfg.model.attention!r} is not available; known: "
+                        f"{', '.join(IMPLEMENTATIONS)}")
+    for key in ("eval_every", "ckpt_every", "log_every"):
+        if int(cfg.train[key]) <= 0:
+            raise UserError(f"train.{key} must be positive")
+    if not cfg.train.lr > 0:
+        raise UserError("train.lr must be positive")
+    return spec, shape, run_length(cfg)
+
+
+def opt_config(cfg, steps: int):
+    from medscale.train.step import OptConfig
+
+    t = cfg.train
+    return OptConfig(lr=float(t.lr), warmup_steps=int(t.warmup_steps), total_steps=steps,
+                     final_lr_ratio=float(t.final_lr_ratio), weight_decay=float(t.weight_decay),
+                     b1=float(t.b1), b2=float(t.b2), clip_norm=float(t.clip_norm))
+
+
+# ---------------------------------------------------------------------------------------------- accounting
+def _accounting(spec, cfg):
+    """(params dict, model_flops/step, hardware_flops/step) from medscale.accounting (None when absent)."""
+    try:
+        from medscale import accounting
+    except ImportError:
+        return None, None, None
+    params = accounting.param_counts(spec)
+    opts = {"remat": cfg.model.remat, "attention": cfg.model.attention}
+    if cfg.model.attention == "local":
+        opts["window"] = int(cfg.model.attention_window)
+    try:
+        f = accounting.step_flops(spec, int(cfg.train.batch_size), **opts)
+    except TypeError:
+        f = accounting.step_flops(spec, int(cfg.train.batch_size))
+    return params, float(f["model_flops"]), float(f["hardware_flops"])
+
+
+def _peak(cfg):
+    """(hardware name, peak FLOP/s per device) from medscale.hardware; (name, None) when unknown."""
+    import jax
+
+    kind = jax.devices()[0].device_kind
+    name = cfg.get("hardware", "auto") or "auto"
+    precision = "bf16" if cfg.model.dtype == "bfloat16" else "fp32"
+    try:
+        from medscale import hardware
+    except ImportError:
+        return (kind if name == "auto" else name), None
+    try:
+        if name == "auto":
+            name = hardware.detect() if hasattr(hardware, "detect") else kind
+        return name, float(hardware.peak_flops(name, precision))
+    except UserError:
+        raise
+    except Exception as exc:  # an unknown device: MFU is null, the run goes on
+        log.warning("no peak FLOP/s for %s (%s): MFU will be null", name, exc)
+        return name, None
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+class MetricWriter:
+    """metrics.jsonl always; TensorBoard when a writer is importable (clu, tensorboardX or torch)."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.path = os.path.join(workdir, METRICS)
+        self.f = open(self.path, "a") if enabled else None
+        self.tb = None
+        if enabled and os.environ.get("MEDSCALE_TENSORBOARD", "1") != "0":
+            self.tb = _tensorboard(os.path.join(workdir, "tb"))
+
+    def write(self, row: dict) -> None:
+        if self.f is None:
+            return
+        self.f.write(json.dumps(row, default=_json_default) + "\n")
+        self.f.flush()
+        if self.tb is not None:
+            prefix = "eval/" if row.get("kind") == "eval" else "train/"
+            for k, v in row.items():
+                if k not in ("kind", "step") and isinstance(v, (int, float)) and v is not None:
+                    try:
+                        self.tb.add_scalar(prefix + k, v, row["step"])
+                    except Exception:  # pragma: no cover - optional sink
+                        self.tb = None
+                        break
+
+    def close(self):
+        if self.f is not None:
+            self.f.close()
+        if self.tb is not None:
+            try:
+                self.tb.close()
+            except Exception:  # pragma: no cover
+                pass
+
+
+def _tensorboard(logdir):
+    for mod, cls in (("tensorboardX", "SummaryWriter"), ("torch.utils.tensorboard", "SummaryWriter")):
+        try:
+            module = __import__(mod, fromlist=[cls])
+            return getattr(module, cls)(logdir)
+        except Exception:
+            continue
+    return None
+
+
+def _modality_losses(names, sums, counts) -> dict:
+    out = {}
+    for name, s, c in zip(names, sums, counts):
+        out[name] = float(s) / float(c) if c > 0 else None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- train
+def train(cfg, workdir: str, progress: bool = True, data=None) -> dict:
+    """Run (or resume) one training run in ``workdir``; returns the summary (also in summary.json)."""
+    from medscale.model.sharding import maybe_initialize_distributed
+
+    maybe_initialize_distributed()
+    spec, mesh_shape, steps = validate(cfg)
+    os.makedirs(workdir, exist_ok=True)
+    summary_path = os.path.join(workdir, SUMMARY)
+    if os.path.exists(summary_path):
+        with open(summary_path) as f:
+            log.info("%s already has a summary; not training again", workdir)
+            return json.load(f)
+    cfg_dict = json.loads(json.dumps(cfg.to_dict(), default=_json_default))
+    cfg_path = os.path.join(workdir, CONFIG)
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            old = json.load(f)
+        if old != cfg_dict:
+            changed = sorted(k for k in set(old) | set(cfg_dict) if old.get(k) != cfg_dict.get(k))
+            raise UserError(f"{workdir} holds a run with a different config (differs in {', '.join(changed)}); "
+                            "use another --workdir or the same config")
+    import jax
+
+    is_main = jax.process_index() == 0
+    if is_main:
+        write_json_atomic(cfg_path, cfg_dict)
+        with open(os.path.join(workdir, LOCK), "w") as f:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, f)
+    t_start = time.time()
+    writer = MetricWriter(workdir, enabled=is_main)
+    record = {"status": "failed", "error": None}
+    state = {}
+    try:
+        result = _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record, state)
+    except BaseException as exc:
+        if isinstance(exc, UserError) or isinstance(exc, KeyboardInterrupt):
+            writer.close()
+            raise
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        if is_main:
+            _write_summary(cfg, cfg_dict, workdir, spec, steps, state, record, t_start)
+        writer.close()
+        raise
+    writer.close()
+    summary = _write_summary(cfg, cfg_dict, workdir, spec, steps, state, result, t_start) if is_main else {}
+    return summary
+
+
+def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record, state):
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    from medscale.model.sharding import make_mesh
+    from medscale.train.step import build
+
+    mesh = make_mesh(mesh_shape)
+    prog = build(spec, opt_config(cfg, steps), mesh=mesh, rules=tuple(tuple(r) for r in cfg.mesh.rules),
+                 dtype=cfg.model.dtype, remat=cfg.model.remat, attention=cfg.model.attention)
+    bs = int(cfg.train.batch_size)
+    tokens_per_step = bs * (spec.enc_len + spec.dec_len)
+    params, model_flops, hw_flops = _accounting(spec, cfg)
+    hw_name, peak = _peak(cfg)
+    n_dev = jax.device_count()
+    state.update(params=params, model_flops=model_flops, hardware_flops=hw_flops, hardware=hw_name,
+                 device_kind=jax.devices()[0].device_kind, device_count=n_dev, tokens_per_step=tokens_per_step)
+    names = [m.name for m in spec.modalities]
+
+    if data is None:
+        from medscale.data.pipeline import build_data
+
+        data = build_data(cfg, spec)
+    seed = int(cfg.seed)
+    it = data.iterator("train", bs // jax.process_count(), seed, jax.process_index(), jax.process_count())
+    eval_host = list(data.eval_batches("validation", bs // jax.process_count(), int(cfg.train.eval_batches)))
+
+    mgr = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, CKPT_DIR)),
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False))
+    start = 0
+    latest = mgr.latest_step()
+    if latest is not None:
+        restored = mgr.restore(latest, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(prog.abstract_state), data=ocp.args.JsonRestore()))
+        train_state = restored["state"]
+        it.set_state(restored["data"])
+        start = int(latest)
+        log.info("resumed from step %d", start)
+    else:
+        train_state = prog.init(seed)
+
+    def save(step):
+        if step in mgr.all_steps():
+            return
+        mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(train_state),
+                                                data=ocp.args.JsonSave(it.get_state())))
+        mgr.wait_until_finished()
+
+    def evaluate(step):
+        sums = np.zeros(len(names))
+        counts = np.zeros(len(names))
+        for b in eval_host:
+            out = jax.device_get(prog.eval(train_state["params"], prog.put_batch(b)))
+            sums += np.asarray(out["sum"], np.float64)
+            counts += np.asarray(out["count"], np.float64)
+        loss = float(sums.sum() / max(counts.sum(), 1.0))
+        row = {"kind": "eval", "step": step, "tokens": step * tokens_per_step,
+               "flops": None if model_flops is None else step * model_flops, "loss": loss}
+        for name, v in _modality_losses(names, sums, counts).items():
+            row[f"loss/{name}"] = v
+        writer.write(row)
+        state["final_eval"] = row
+        return row
+
+    bar = None
+    if progress and jax.process_index() == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True, leave=False)
+
+    spike = float(cfg.train.spike_factor)
+    warmup = int(cfg.train.warmup_steps)
+    log_every = int(cfg.train.log_every)
+    eval_every = int(cfg.train.eval_every)
+    ckpt_every = int(cfg.train.ckpt_every)
+    running_min = math.inf
+    status = "done"
+    pending = None  # (step, metrics on device) fetched one step late
+    last_t = None
+    compiled_steps = 0
+    step_times = []
+
+    def handle(step, metrics, t_now):
+        """Host side of a finished step: metrics row, divergence check. Returns False to stop."""
+        nonlocal running_min, status, last_t, compiled_steps
+        m = jax.device_get(metrics)
+        loss = float(m["loss"])
+        step_s = (t_now - last_t) if (last_t is not None and compiled_steps > 0) else None
+        compiled_steps += 1
+        last_t = t_now
+        if step_s is not None:
+            step_times.append(step_s)
+        by_mod = _modality_losses(names, m["sum"], m["count"])
+        state["final_train"] = {"step": step, "loss": loss, "by_modality": by_mod}
+        if step % log_every == 0 or step == steps or not math.isfinite(loss):
+            tps = tokens_per_step / step_s if step_s else None
+            tflops = model_flops / step_s / n_dev / 1e12 if (step_s and model_flops) else None
+            row = {"kind": "train", "step": step, "tokens": step * tokens_per_step,
+                   "flops": None if model_flops is None else step * model_flops,
+                   "loss": _finite_or_none(loss), "lr": float(m["lr"]), "grad_norm": _finite_or_none(float(m["grad_norm"])),
+                   "step_s": step_s, "tokens_per_s": tps, "tflops_per_device": tflops,
+                   "mfu": (tflops * 1e12 / peak) if (tflops and peak) else None}
+            for name, v in by_mod.items():
+                row[f"loss/{name}"] = v
+            writer.write(row)
+        if bar is not None:
+            bar.update(step - bar.n)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / step_s:.0f}" if step_s else "-")
+        if not math.isfinite(loss):
+            status = "diverged"
+            record["error"] = f"loss is {loss} at step {step}"
+            return False
+        if step > warmup and loss > spike * running_min:
+            status = "diverged"
+            record["error"] = f"loss spike at step {step}: {loss:.4g} > {spike} x running minimum {running_min:.4g}"
+            return False
+        if step > warmup:
+            running_min = min(running_min, loss)
+        return True
+
+    ok = True
+    step = start
+    while step < steps and ok:
+        batch = prog.put_batch(next(it))
+        train_state, metrics = prog.step(train_state, batch)
+        step += 1
+        if pending is not None:
+            jax.block_until_ready(pending[1])
+            ok = handle(pending[0], pending[1], time.time())
+        pending = (step, metrics)
+        if not ok:
+            break
+        if step % ckpt_every == 0 or step % eval_every == 0:
+            jax.block_until_ready(metrics)
+            ok = handle(*pending, time.time())
+            pending = None
+            last_t = None  # the eval/checkpoint time is not a step time
+            if not ok:
+                break
+            if step % eval_every == 0 and step != steps:
+                evaluate(step)
+            if step % ckpt_every == 0:
+                save(step)
+    if pending is not None and ok:
+        jax.block_until_ready(pending[1])
+        ok = handle(pending[0], pending[1], time.time())
+    if bar is not None:
+        bar.close()
+    if ok:
+        evaluate(step)
+        save(step)
+    mgr.close()
+    state["steps_done"] = step
+    state["step_times"] = step_times
+    state["peak"] = peak
+    record["status"] = status
+    return record
+
+
+def _write_summary(cfg, cfg_dict, workdir, spec, steps, state, record, t_start):
+    import statistics
+
+    import jax
+
+    step_done = state.get("steps_done", state.get("final_train", {}).get("step", 0)) or 0
+    tps = state.get("tokens_per_step") or spec.dec_len
+    model_flops = state.get("model_flops")
+    hw_flops = state.get("hardware_flops")
+    times = state.get("step_times") or []
+    step_s = statistics.median(times) if times else None
+    peak = state.get("peak")
+    mfu = (model_flops / step_s / (state.get("device_count") or 1) / peak) if (model_flops and step_s and peak) \
+        else None
+    train_row = state.get("final_train") or {}
+    eval_row = state.get("final_eval") or {}
+    names = [m.name for m in spec.modalities]
+    summary = {
+        "run_id": os.path.basename(os.path.abspath(workdir)),
+        "sweep": os.path.basename(os.path.dirname(os.path.abspath(workdir))),
+        "status": record.get("status", "failed"), "error": record.get("error"),
+        "config": cfg_dict, "size": spec.name, "params": state.get("params"),
+        "enc_len": spec.enc_len, "dec_len": spec.dec_len, "batch_size": int(cfg.train.batch_size),
+        "steps": int(step_done), "planned_steps": int(steps), "tokens": int(step_done) * int(tps),
+        "model_flops": None if model_flops is None else model_flops * step_done,
+        "hardware_flops": None if hw_flops is None else hw_flops * step_done,
+        "xla_flops": None,
+        "pf_days": None if model_flops is None else model_flops * step_done / 8.64e19,
+        "wall_s": time.time() - t_start, "step_s": step_s,
+        "device_kind": state.get("device_kind") or jax.devices()[0].device_kind,
+        "device_count": state.get("device_count") or jax.device_count(),
+        "hardware": state.get("hardware"), "mfu": mfu,
+        "final_train_loss": _finite_or_none(train_row.get("loss")),
+        "final_eval_loss": _finite_or_none(eval_row.get("loss")),
+        "final_train_loss_by_modality": {n: (train_row.get("by_modality") or {}).get(n) for n in names},
+        "final_eval_loss_by_modality": {n: eval_row.get(f"loss/{n}") for n in names},
+        "task_metrics": {},
+    }
+    write_json_atomic(os.path.join(workdir, SUMMARY), summary)
+    try:
+        os.remove(os.path.join(workdir, LOCK))
+    except FileNotFoundError:
+        pass
+    return summary

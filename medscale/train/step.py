@@ -1,0 +1,212 @@
+"""The compiled pieces of training: sharded init, the train step, the eval step, and XLA's FLOP count.
+
+Split/merge pattern: the NNX model is split once into a static ``graphdef`` and a pure parameter dict; the
+train state is a plain pytree ``{"params", "opt", "step", "rng"}`` and the step is a plain ``jax.jit`` with
+explicit in/out shardings (params sharded by their logical axis names and ``cfg.mesh.rules``; batches over
+('data', 'fsdp')). Parameters are created by a jit-ed init whose ``out_shardings`` are the target
+shardings, so they are born sharded and never gathered on one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from medscale.model.encdec import EncoderDecoder
+from medscale.model.sharding import batch_sharding, logical_to_spec, make_mesh, rules_dict, sharding_context
+from medscale.spec import ModelSpec
+
+DEFAULT_RULES = (
+    ("activation_batch", ("data", "fsdp")), ("activation_length", None), ("activation_embed", None),
+    ("activation_heads", "tensor"), ("activation_mlp", "tensor"), ("activation_vocab", "tensor"),
+    ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("kv", None), ("vocab", "tensor"),
+    ("modality", None), ("norm", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptConfig:
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    total_steps: int = 1000
+    final_lr_ratio: float = 0.1
+    weight_decay: float = 0.05
+    b1: float = 0.9
+    b2: float = 0.95
+    clip_norm: float = 1.0
+
+
+def lr_schedule(oc: OptConfig):
+    """Linear warmup to ``lr`` then cosine decay to ``lr * final_lr_ratio`` at the run's own last step."""
+    warm = max(0, min(oc.warmup_steps, oc.total_steps - 1))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if warm else oc.lr, peak_value=oc.lr, warmup_steps=warm,
+        decay_steps=max(oc.total_steps, warm + 1), end_value=oc.lr * oc.final_lr_ratio)
+
+
+def make_optimizer(oc: OptConfig):
+    schedule = lr_schedule(oc)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    tx = optax.chain(
+        optax.clip_by_global_norm(oc.clip_norm) if oc.clip_norm and oc.clip_norm > 0 else optax.identity(),
+        optax.adamw(schedule, b1=oc.b1, b2=oc.b2, weight_decay=oc.weight_decay, mask=decay_mask),
+    )
+    return tx, schedule
+
+
+def abstract_model(spec: ModelSpec, dtype="float32", remat="none", attention="dense"):
+    """The model built under ``nnx.eval_shape``: shapes and metadata, no memory."""
+    return nnx.eval_shape(lambda: EncoderDecoder(spec, rngs=nnx.Rngs(0), dtype=dtype, remat=remat,
+                                                 attention=attention))
+
+
+def param_axes(abstract) -> Any:
+    """Pure dict (same structure as the params) of each weight's logical axis names."""
+    _, state = nnx.split(abstract)
+    return nnx.to_pure_dict(jax.tree.map(lambda v: v.get_metadata()["axes"], state,
+                                         is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def init_params(spec: ModelSpec, seed: int = 0, **model_kw):
+    """(graphdef, params pure dict) with the parameters created by one jit-ed call (fast, unsharded)."""
+    graphdef, _ = nnx.split(abstract_model(spec, **model_kw))
+
+    @jax.jit
+    def make(key):
+        return nnx.to_pure_dict(nnx.split(EncoderDecoder(spec, rngs=nnx.Rngs(params=key), **model_kw))[1])
+
+    return graphdef, make(jax.random.key(seed))
+
+
+def count_params(spec: ModelSpec) -> int:
+    """Exact parameter count of the model a spec builds (via eval_shape)."""
+    _, state = nnx.split(abstract_model(spec))
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.to_pure_dict(state))))
+
+
+def batch_shapes(spec: ModelSpec, batch_size: int) -> dict:
+    from medscale.data.batch import BATCH_SPEC
+
+    return {k: jax.ShapeDtypeStruct((batch_size, spec.enc_len if side == "enc" else spec.dec_len), dt)
+            for k, (dt, side) in BATCH_SPEC.items()}
+
+
+@dataclasses.dataclass
+class Program:
+    """Everything compiled for one (spec, options, mesh): call ``init(seed)``, ``step(state, batch)``,
+    ``eval(params, batch)``; shardings to place host batches and restore checkpoints."""
+
+    spec: ModelSpec
+    mesh: Mesh
+    graphdef: Any
+    tx: Any
+    schedule: Callable
+    state_shardings: Any
+    abstract_state: Any
+    batch_sharding: NamedSharding
+    init: Callable
+    step: Callable
+    eval: Callable
+
+    def put_batch(self, batch: dict) -> dict:
+        """Host batch (numpy, this process's rows) -> global device arrays sharded over the batch axes."""
+        if jax.process_count() == 1:
+            return jax.device_put(batch, self.batch_sharding)
+        return jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), batch)
+
+
+def build(spec: ModelSpec, opt: OptConfig, *, mesh: Mesh | None = None, rules=DEFAULT_RULES,
+          dtype="float32", remat="none", attention="dense", batch_size: int | None = None,
+          donate: bool = True) -> Program:
+    if jax.default_backend() == "cpu":
+        from medscale.train.malloc import tune_malloc
+
+        tune_malloc()
+    mesh = mesh if mesh is not None else make_mesh((1, 1, 1), jax.devices()[:1])
+    rules = rules_dict(rules)
+    abstract = abstract_model(spec, dtype, remat, attention)
+    graphdef, abs_state = nnx.split(abstract)
+    abs_params = nnx.to_pure_dict(abs_state)
+    axes = param_axes(abstract)
+    param_sh = jax.tree.map(lambda a, x: NamedSharding(mesh, logical_to_spec(a, rules, mesh, x.shape)),
+                            axes, abs_params, is_leaf=lambda a: isinstance(a, tuple))
+    tx, schedule = make_optimizer(opt)
+    replicated = NamedSharding(mesh, P())
+    abs_opt = jax.eval_shape(tx.init, abs_params)
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, param_sh,
+                                   transform_non_params=lambda _: replicated)
+    state_sh = {"params": param_sh, "opt": opt_sh, "step": replicated, "rng": replicated}
+
+    def _init(seed):
+        key = jax.random.key(seed)
+        pkey, rkey = jax.random.split(key)
+        model = EncoderDecoder(spec, rngs=nnx.Rngs(params=pkey), dtype=dtype, remat=remat, attention=attention)
+        params = nnx.to_pure_dict(nnx.split(model)[1])
+        return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
+                "rng": jax.random.key_data(rkey)}
+
+    abstract_state = jax.eval_shape(_init, 0)
+    abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  abstract_state, state_sh)
+    init = jax.jit(_init, static_argnums=0, out_shardings=state_sh)
+
+    bsh = batch_sharding(mesh)
+
+    def _loss(params, batch):
+        with sharding_context(mesh, rules):
+            model = nnx.merge(graphdef, params)
+            return model.loss(batch)
+
+    def _step(state, batch):
+        (loss, aux), grads = jax.value_and_grad(_loss, has_aux=True)(state["params"], batch)
+        updates, new_opt = tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"]),
+                   "sum": aux["sum"], "count": aux["count"]}
+        rng = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), 1))
+        return {"params": params, "opt": new_opt, "step": state["step"] + 1, "rng": rng}, metrics
+
+    step = jax.jit(_step, in_shardings=(state_sh, bsh), out_shardings=(state_sh, replicated),
+                   donate_argnums=(0,) if donate else ())
+
+    def _eval(params, batch):
+        loss, aux = _loss(params, batch)
+        return {"loss": loss, "sum": aux["sum"], "count": aux["count"]}
+
+    evaluate = jax.jit(_eval, in_shardings=(param_sh, bsh), out_shardings=replicated)
+    return Program(spec=spec, mesh=mesh, graphdef=graphdef, tx=tx, schedule=schedule, state_shardings=state_sh,
+                   abstract_state=abstract_state, batch_sharding=bsh, init=init, step=step, eval=evaluate)
+
+
+def abstract_batch(prog: Program, batch_size: int) -> dict:
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=prog.batch_sharding)
+            for k, v in batch_shapes(prog.spec, batch_size).items()}
+
+
+def xla_step_flops(spec: ModelSpec, batch_size: int, *, dtype="float32", remat="none", attention="dense",
+                   mesh_shape=(1, 1, 1), **_ignored) -> float:
+    """XLA's ``cost_analysis()['flops']`` of the compiled train step, summed over the mesh's devices.
+
+    Compiles ahead of time from abstract shapes (no parameters are allocated). The count includes the
+    optimiser update and elementwise work (softmax, GELU, LayerNorm), which the analytic hardware FLOPs omit.
+    """
+    n = int(np.prod([s for s in mesh_shape if s != -1])) if -1 not in tuple(mesh_shape) else len(jax.devices())
+    mesh = make_mesh(mesh_shape, jax.devices()[:n])
+    prog = build(spec, OptConfig(), mesh=mesh, dtype=dtype, remat=remat, attention=attention, donate=False)
+    compiled = prog.step.lower(prog.abstract_state, abstract_batch(prog, batch_size)).compile()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0]
+    return float(cost["flops"]) * mesh.size
+
+
