@@ -117,7 +117,7 @@ def isoflop():
             "law = report.fitted_law(fit)\n"
             "draws = report.bootstrap_laws(fit) or report.reproduce_draws(fit, points, seed=SEED)\n"
             "minima = plots.isoflop_minima(runs)\n"
-            "pd.DataFrame(minima, columns=['budget (FLOPs)', 'N at parabola minimum', 'loss at minimum', 'runs'])"),
+            "pd.DataFrame(minima, columns=['C (FLOPs)', 'N at parabola minimum', 'loss at minimum', 'runs', 'D there'])"),
         new_code_cell(_show("plots.plot_isoflop(runs, law=law, k=k)")),
         new_code_cell(
             "power = {}\n"

@@ -38,9 +38,10 @@ def test_isoflop_minima_near_the_true_optimum(runs):
     df, _ = runs
     minima = plots.isoflop_minima(df)
     assert len(minima) == 4  # every budget has >= 3 sizes
-    for budget, n_min, loss_min, count in minima:
+    for budget, n_min, loss_min, count, d_min in minima:
         n_true = float(plots.law_n_opt(LAW, budget, K))
         assert abs(np.log(n_min / n_true)) < np.log(1.35), (budget, n_min, n_true)
+        assert K * n_min * d_min == pytest.approx(budget, rel=0.05)  # on the IsoFLOP line
         assert count >= 3 and loss_min > TRUTH["E"]
 
 

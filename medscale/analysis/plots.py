@@ -268,7 +268,7 @@ def isoflop_groups(df, bin_dex: float = 0.1):
 
 def isoflop_minima(df, y: str = "loss"):
     """Per IsoFLOP group (``isoflop_groups``): the minimum of a parabola in log10 N fitted to loss, as rows
-    ``(C, n_opt, loss_min, n_points)``; groups with fewer than 3 distinct sizes, no curvature or a minimum outside
+    ``(C, n_opt, loss_min, n_points, d_opt)``; groups with fewer than 3 distinct sizes, no curvature or a minimum outside
     the sampled sizes are skipped. For display: the study's numbers come from the fit (Approach 2)."""
     d, groups = isoflop_groups(df)
     rows = []
@@ -284,7 +284,9 @@ def isoflop_minima(df, y: str = "loss"):
         xm = -coef[1] / (2 * coef[0])
         if not x.min() <= xm <= x.max():
             continue
-        rows.append((float(c), float(10**xm), float(np.polyval(coef, xm)), len(g)))
+        order = np.argsort(x)  # D at the minimum: log D interpolated in log N across the group's runs
+        logd = np.interp(xm, x[order], np.log10(g["tokens"].to_numpy(dtype=float))[order])
+        rows.append((float(c), float(10**xm), float(np.polyval(coef, xm)), len(g), float(10**logd)))
     return rows
 
 
@@ -341,7 +343,7 @@ def plot_isoflop(df, law=None, k=None, y: str = "loss", minima=None, ax=None):
     iso, groups = isoflop_groups(df)
     budgets = sorted(np.unique(groups))
     colors = _size_colors(budgets)
-    mins = {b: (n, lv) for b, n, lv, _ in (minima if minima is not None else isoflop_minima(df, y))}
+    mins = {m[0]: (m[1], m[2]) for m in (minima if minima is not None else isoflop_minima(df, y))}
     for b in budgets:
         g = iso[groups == b].sort_values("params")
         col = colors[b]
@@ -399,7 +401,7 @@ def plot_allocation(df, law=None, draws=(), k=None, minima=None, power_laws=None
         cb = np.array([m[0] for m in mins])
         nb = np.array([m[1] for m in mins])
         axn.scatter(cb, nb, color="C0", edgecolor="k", zorder=4, label="IsoFLOP minima")
-        axd.scatter(cb, model.tokens(nb, cb), color="C0", edgecolor="k", zorder=4, label="IsoFLOP minima")
+        axd.scatter(cb, [m[4] for m in mins], color="C0", edgecolor="k", zorder=4, label="IsoFLOP minima")
     if law is not None:
         n_line, d_line = model.optimum(law, cg)
         band = _band(draws, cg, model)
