@@ -108,18 +108,45 @@ class KND:
         return n, c[None, :] / (self.k * n)
 
 
-class LadderAccounting:
-    """Compute model of the project's accounting: C = D x flops_per_token(N), flops_per_token along the ladder's
-    shape family at the sweep's sequence lengths (``medscale.analysis.allocation``, the same model as
-    ``medscale fit --accounting encdec``); log flops_per_token interpolated in log N, extrapolated linearly."""
+def _n_opt_tabulated(E, A, B, alpha, beta, c, fam, grid: int = 2000):
+    """N_opt, D_opt under C = D x flops_per_token(N) (``fam``: knots of log N, log flops_per_token) for laws given
+    as arrays: a grid over log N, refined once around the minimum (used when the fit's allocation module is
+    absent)."""
+    E, A, B, alpha, beta = (np.asarray(v, np.float64)[..., None] for v in (E, A, B, alpha, beta))
+    x, y = fam
 
-    def __init__(self, enc_len=None, dec_len=None, n_convention: str = "non_embedding"):
-        from medscale.analysis import allocation
+    def lf(ln):
+        out = np.interp(ln, x, y)
+        lo, hi = (y[1] - y[0]) / (x[1] - x[0]), (y[-1] - y[-2]) / (x[-1] - x[-2])
+        out = np.where(ln < x[0], y[0] + lo * (ln - x[0]), out)
+        return np.where(ln > x[-1], y[-1] + hi * (ln - x[-1]), out)
 
-        self._allocation = allocation
-        self.fam = allocation.ladder_family(n_convention, enc_len, dec_len)
-        self.enc_len, self.dec_len = enc_len, dec_len
-        self.label = f"C = D x flops_per_token(N) (ladder family, Le={enc_len}, Ld={dec_len})"
+    lc = np.log(float(c))
+    ln = np.linspace(np.log(1e2), lc - 1.0, grid)
+    ln = ln[lf(ln) < lc]
+    with np.errstate(over="ignore", under="ignore"):
+        L = E + A * np.exp(-alpha * ln) + B * np.exp(-beta * (lc - lf(ln)))
+    centre = ln[np.argmin(np.where(np.isfinite(L), L, np.inf), axis=-1)]
+    fine = centre[..., None] + np.linspace(-2, 2, 401) * (ln[1] - ln[0])
+    with np.errstate(over="ignore", under="ignore"):
+        L = E + A * np.exp(-alpha * fine) + B * np.exp(-beta * (lc - lf(fine)))
+    best = np.take_along_axis(fine, np.argmin(np.where(np.isfinite(L), L, np.inf), axis=-1)[..., None], -1)[..., 0]
+    return np.exp(best), np.exp(lc - lf(best))
+
+
+class Accounting:
+    """Compute model C = D x flops_per_token(N) with log flops_per_token piecewise linear in log N through the
+    knots ``fam = (log N, log flops_per_token)`` (extrapolated with the end slopes). N_opt(C) minimises
+    L(N, C / flops_per_token(N)) (``medscale.analysis.allocation.n_opt_encdec`` when present)."""
+
+    def __init__(self, fam, label: str):
+        self.fam = (np.asarray(fam[0], dtype=float), np.asarray(fam[1], dtype=float))
+        self.label = label
+        try:
+            from medscale.analysis.allocation import n_opt_encdec
+        except ImportError:
+            n_opt_encdec = _n_opt_tabulated
+        self._n_opt = n_opt_encdec
 
     def flops_per_token(self, n):
         x, y = self.fam
@@ -135,7 +162,7 @@ class LadderAccounting:
     def optimum(self, law, c):
         scalar = np.ndim(c) == 0
         cs = np.atleast_1d(np.asarray(c, dtype=float))
-        nd = [self._allocation.n_opt_encdec(law.E, law.A, law.B, law.alpha, law.beta, ci, self.fam) for ci in cs]
+        nd = [self._n_opt(law.E, law.A, law.B, law.alpha, law.beta, ci, self.fam) for ci in cs]
         n = np.array([float(np.ravel(a)[0]) for a, _ in nd])
         d = np.array([float(np.ravel(b)[0]) for _, b in nd])
         return (float(n[0]), float(d[0])) if scalar else (n, d)
@@ -143,8 +170,54 @@ class LadderAccounting:
     def optimum_draws(self, laws, c):
         cs = np.atleast_1d(np.asarray(c, dtype=float))
         par = [np.array([getattr(g, f) for g in laws]) for f in ("E", "A", "B", "alpha", "beta")]
-        cols = [self._allocation.n_opt_encdec(*par, ci, self.fam) for ci in cs]
+        cols = [self._n_opt(*par, ci, self.fam) for ci in cs]
         return np.stack([np.ravel(a) for a, _ in cols], 1), np.stack([np.ravel(b) for _, b in cols], 1)
+
+
+def _ladder_knots(enc_len, dec_len, n_convention="non_embedding"):
+    from medscale import accounting
+
+    specs = accounting.ladder_specs(enc_len=enc_len, dec_len=dec_len)
+    n = np.array([accounting.param_counts(s)[n_convention] for s in specs], np.float64)
+    fpt = np.array([accounting.flops_per_token(s) for s in specs], np.float64)
+    order = np.argsort(n)
+    return np.log(n[order]), np.log(fpt[order])
+
+
+class LadderAccounting(Accounting):
+    """The project's accounting along the ladder's shape family at the given sequence lengths — the model of
+    ``medscale fit --accounting encdec`` (the recommended run is a ladder size)."""
+
+    def __init__(self, enc_len=None, dec_len=None, n_convention: str = "non_embedding"):
+        try:
+            from medscale.analysis.allocation import ladder_family
+
+            fam = ladder_family(n_convention, enc_len, dec_len)
+        except ImportError:
+            fam = _ladder_knots(enc_len, dec_len, n_convention)
+        super().__init__(fam, f"C = D x flops_per_token(N) (ladder family, Le={enc_len}, Ld={dec_len})")
+        self.enc_len, self.dec_len = enc_len, dec_len
+
+
+class SweepAccounting(Accounting):
+    """The sweep's own FLOPs per token (median over its runs at the given encoder length, per size) up to its
+    largest size, continued by the ladder family above it: the law drawn through the data range follows the
+    runs' real cost, and beyond it the ladder's (where the recommended run lives)."""
+
+    def __init__(self, runs, enc_len=None, dec_len=None):
+        d = done_runs(runs)
+        if enc_len is not None and "enc_len" in d.columns:
+            d = d[d["enc_len"].astype(float) == float(enc_len)]
+        per = (d["flops"].astype(float) / d["tokens"].astype(float)).groupby(d["params"].astype(float)).median()
+        x, y = np.log(per.index.to_numpy(dtype=float)), np.log(per.to_numpy(dtype=float))
+        lx, ly = _ladder_knots(enc_len, dec_len)
+        keep = lx > (x.max() if len(x) else -np.inf) + 0.1
+        fx, fy = np.concatenate([x, lx[keep]]), np.concatenate([y, ly[keep]])
+        if len(fx) < 2:
+            raise ValueError("too few sizes to tabulate FLOPs per token")
+        super().__init__((fx, fy), f"C = D x flops_per_token(N) (the runs' own up to N = {np.exp(x.max()):.3g}, "
+                                   f"then the ladder family; Le={enc_len}, Ld={dec_len})")
+        self.enc_len, self.dec_len = enc_len, dec_len
 
 
 def as_model(k, df=None):
@@ -335,8 +408,8 @@ def plot_loss_vs_compute(df, law=None, curves=None, k=None, extend_to: float | N
 
 
 def plot_isoflop(df, law=None, k=None, y: str = "loss", minima=None, ax=None):
-    """Loss vs parameters per IsoFLOP budget, the parabola in log N through each and its minimum; the fitted law's
-    IsoFLOP curve (N, D = the tokens N affords at C under the compute model) dashed when given."""
+    """Loss vs parameters per IsoFLOP group, the parabola in log N through each and its minimum; the fitted law
+    along each group (D as the group's runs have it, log D linear in log N) dashed when given."""
     plt = _plt()
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.2, 3.8))
     model = as_model(k, df)
@@ -356,7 +429,12 @@ def plot_isoflop(df, law=None, k=None, y: str = "loss", minima=None, ax=None):
             ax.plot(10**xs, np.polyval(coef, xs), color=col, lw=1.0)
         if law is not None:
             ns = np.logspace(math.log10(g["params"].min()) - 0.1, math.log10(g["params"].max()) + 0.1, 100)
-            ax.plot(ns, law.loss(ns, model.tokens(ns, b)), color=col, lw=0.9, ls="--", alpha=0.8)
+            if len(np.unique(x)) >= 2:  # D along this group as its runs have it (log D linear in log N)
+                cd = np.polyfit(x, np.log10(g["tokens"].to_numpy(dtype=float)), 1)
+                ds = 10 ** np.polyval(cd, np.log10(ns))
+            else:
+                ds = model.tokens(ns, b)
+            ax.plot(ns, law.loss(ns, ds), color=col, lw=0.9, ls="--", alpha=0.8)
         if b in mins:
             ax.plot([mins[b][0]], [mins[b][1]], marker="*", ms=11, color=col, markeredgecolor="k", zorder=4)
     if len(budgets):

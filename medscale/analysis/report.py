@@ -440,6 +440,18 @@ def compute_model(runs):
         return plots.KND(plots.compute_factor(runs))
 
 
+def figure_model(runs, model=None):
+    """The compute model of the figures: the runs' own FLOPs per token through the data, the ladder family above
+    (``plots.SweepAccounting``); the recommendation's model when that cannot be tabulated."""
+    model = model or compute_model(runs)
+    if isinstance(model, plots.LadderAccounting):
+        try:
+            return plots.SweepAccounting(runs, model.enc_len, model.dec_len)
+        except (ValueError, ImportError, UserError):
+            pass
+    return model
+
+
 def recommend(fit: dict, runs, budget: dict, batch_size: int = DEFAULT_BATCH, draws=None, model=None) -> dict:
     """N_opt, D_opt and predicted loss at the budget with bootstrap intervals; the nearest ladder size with its
     tokens, steps, batch and wall-clock; the spread across approaches and published laws; extrapolation.
@@ -504,7 +516,7 @@ def recommend(fit: dict, runs, budget: dict, batch_size: int = DEFAULT_BATCH, dr
         }
     # spread: N_opt and D_opt at this budget by every approach and published law
     spread = {"approach3": {"n_opt": n_opt, "d_opt": d_opt, "a": law.a, "b": law.b,
-                            "convention": "C = k N D (this sweep)"}}
+                            "convention": model.label}}
     for name in ("approach2", "approach1"):
         pa = power_allocation((fit or {}).get(name))
         if pa is not None:
@@ -665,7 +677,7 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
         mlaws = {m: fitted_law(v["fit"]) for m, v in modality_fits.items()}
         fig_dir = os.path.join(out_dir, "figures")
         fig_paths = plots.write_all(runs, fig_dir, law=law, draws=draws, curves=curves, modality_laws=mlaws,
-                                    power_laws=power, budget=budget["flops"], k=model)
+                                    power_laws=power, budget=budget["flops"], k=figure_model(runs, model))
     report = {
         "results_dir": os.path.abspath(results_dir),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
