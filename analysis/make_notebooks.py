@@ -40,7 +40,7 @@ from medscale.analysis import plots, report
 runs, curves = report.load_runs(RESULTS)  # the registry's table (all runs) and eval curves
 points, fit_curves, _ = report.fit_points(RESULTS, runs, curves)  # what medscale fit fits
 done = plots.done_runs(runs)
-k = report.compute_model(runs)  # how the law meets the compute axis (the recommendation's model)
+k = report.figure_model(runs)  # how the law meets the compute axis: the runs own FLOPs/token, then the ladder
 print(f"{RESULTS}: {len(runs)} runs, {len(done)} finished; compute model: {k.label}")'''
 
 
