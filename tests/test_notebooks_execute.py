@@ -37,6 +37,8 @@ def kernel_env(tmp_path, monkeypatch):
 
 
 def test_notebooks_execute(kernel_env, monkeypatch):
+    """isoflop runs on a sweep given by MEDSCALE_RESULTS; scaling_curves and seqlen on their default, the committed
+    reference sweep (or on the given sweep when this checkout has no results/reference)."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     from medscale.analysis import report
@@ -45,23 +47,30 @@ def test_notebooks_execute(kernel_env, monkeypatch):
         report.resolve_fit_all()
     except RuntimeError:
         pytest.skip("medscale.analysis has no fit_all yet")
-    sweep = write_runs(str(kernel_env / "runs"), budgets=(2e13, 2e14, 6e14))  # fewer runs: faster fits
-    monkeypatch.setenv("MEDSCALE_RESULTS", sweep)
-    monkeypatch.setenv("MEDSCALE_BOOTSTRAP", "2")
     import asyncio
 
+    sweep = write_runs(str(kernel_env / "runs"), budgets=(2e13, 2e14, 6e14))  # fewer runs: faster fits
+    reference = os.path.join(REPO, "results", "reference")
+    env = {k: v for k, v in os.environ.items() if k != "MEDSCALE_RESULTS"}
+    env["MEDSCALE_BOOTSTRAP"] = "2"
+    given = dict(env, MEDSCALE_RESULTS=sweep)
+    envs = {"isoflop": given}
+    for name in ("scaling_curves", "seqlen"):
+        envs[name] = env if os.path.isdir(reference) else given
     nbs = {name: nbformat.read(os.path.join(ANALYSIS, f"{name}.ipynb"), as_version=4) for name in NOTEBOOKS}
 
     async def run_all():  # three kernels at once: their start-up and imports overlap
         await asyncio.gather(*(nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                                       resources={"metadata": {"path": ANALYSIS}}).async_execute()
-                               for nb in nbs.values()))
+                                                       resources={"metadata": {"path": ANALYSIS}}
+                                                       ).async_execute(env=envs[name])
+                               for name, nb in nbs.items()))
 
     asyncio.run(run_all())
     for name, nb in nbs.items():
         outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
         assert not [o for o in outputs if o.get("output_type") == "error"]
         text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
-        assert sweep in text  # it read the folder it was given, not the default
+        expected = envs[name].get("MEDSCALE_RESULTS") or reference
+        assert os.path.abspath(expected) in text or expected in text, (name, text[:300])  # the folder it was meant to read
         images = [o for o in outputs if "image/png" in o.get("data", {})]
         assert len(images) >= (1 if name == "seqlen" else 2), name
