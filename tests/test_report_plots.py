@@ -103,3 +103,22 @@ def test_ladder_accounting_compute_model():
     d_for = comparison.d_opt_for_n(LAW, 198e6, model)
     n_back, d_back = model.optimum(LAW, d_for * model.flops_per_token(198e6))
     assert n_back == pytest.approx(198e6, rel=2e-3) and d_back == pytest.approx(d_for, rel=2e-3)
+
+
+def test_run_fit_leaves_out_the_approach_that_cannot_be_fitted():
+    from medscale.errors import UserError
+
+    calls = []
+
+    def fake_fit(points, approaches, bootstrap=0, seed=0):
+        calls.append(approaches)
+        if "2" in approaches:
+            raise UserError("approach 2 needs IsoFLOP groups at 2 or more compute budgets")
+        return {"approach3": {}, "approach1": {}}
+
+    fit = report.run_fit(fake_fit, None, approaches=("3", "2", "1"))
+    assert calls == [("3", "2", "1"), ("3", "1")]  # approach 1 kept
+    assert any("approach 2 left out" in w for w in fit["warnings"])
+    with pytest.raises(UserError):
+        report.run_fit(lambda p, approaches, bootstrap=0, seed=0: (_ for _ in ()).throw(UserError("x")), None,
+                       approaches=("3",))

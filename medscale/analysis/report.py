@@ -226,8 +226,10 @@ def run_fit(fit_fn, points, curves=None, approaches=("3", "2", "1"), bootstrap: 
             optional = [a for a in approaches if a in ("1", "2")]
             if not optional:
                 raise
-            dropped.append(f"approach {optional[-1]} left out: {exc}")
-            approaches = tuple(a for a in approaches if a != optional[-1])
+            named = [a for a in optional if f"approach {a}" in str(exc).lower()]
+            drop = named[0] if named else optional[-1]
+            dropped.append(f"approach {drop} left out: {exc}")
+            approaches = tuple(a for a in approaches if a != drop)
     if dropped:
         fit = dict(fit)
         fit["warnings"] = list(fit.get("warnings") or []) + dropped
