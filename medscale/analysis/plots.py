@@ -530,7 +530,8 @@ def _with_seq_len(df):
 
 def plot_loss_vs_seqlen(df):
     """Left: loss vs sequence length (encoder + decoder tokens per example), one line per model size (runs at the
-    same size and token budget). Right: loss vs compute coloured by sequence length (what each length costs)."""
+    same size and token budget), or, when no size was trained on the same tokens at two lengths, each length's
+    empirical frontier read at equal compute. Right: loss vs compute coloured by sequence length (what each length costs)."""
     plt = _plt()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.6, 3.8))
     d = _with_seq_len(df)
@@ -538,12 +539,26 @@ def plot_loss_vs_seqlen(df):
         d["seq_len"] = np.nan
     colors = _size_colors(d["params"].astype(float))
     d["_tok"] = d["tokens"].astype(float).round(-3)
+    paired = 0
     for (n, tok), g in d.groupby(["params", "_tok"]):
         if g["seq_len"].nunique() < 2:
             continue
+        paired += 1
         g = g.groupby("seq_len", as_index=False)["loss"].min().sort_values("seq_len")
         ax1.plot(g["seq_len"], g["loss"], marker="o", ms=4, color=colors[float(n)],
                  label=f"N = {float(n):.3g}, D = {tok:.2g}")
+    if not paired:  # no size trained on the same tokens at two lengths: compare the lengths' frontiers instead
+        fronts = {s_: frontier_points(d[d["seq_len"] == s_]) for s_ in sorted(d["seq_len"].dropna().unique())}
+        fronts = {s_: f for s_, f in fronts.items() if len(f[0]) >= 2}
+        if len(fronts) >= 2:
+            lo = max(np.log10(f[0].min()) for f in fronts.values())
+            hi = min(np.log10(f[0].max()) for f in fronts.values())
+            ccol = _size_colors(list(range(3)))
+            for i, lc in enumerate(np.linspace(lo, hi, 3) if hi > lo else []):
+                xs = list(fronts)
+                ys = [10 ** np.interp(lc, np.log10(fronts[s_][0]), np.log10(fronts[s_][1])) for s_ in xs]
+                ax1.plot(xs, ys, marker="o", ms=4, color=ccol[i], label=f"frontier at C = {10 ** lc:.2g} FLOPs")
+        ax1.set_title("Loss vs sequence length at equal compute (frontiers)")
     lens = sorted(d["seq_len"].dropna().unique())
     lcol = _size_colors(lens)
     for s in lens:
@@ -554,13 +569,12 @@ def plot_loss_vs_seqlen(df):
         if len(fc) > 1:
             ax2.plot(fc, fl, color=lcol[s], lw=1.0)
     ax1.set_xscale("log", base=2)
-    from matplotlib.ticker import ScalarFormatter
-
-    ax1.xaxis.set_major_formatter(ScalarFormatter())
+    ax1.set_xticks(lens, [f"{int(v)}" for v in lens])  # the lengths the runs used
     _quiet_minor(ax1.xaxis)
     ax1.set_xlabel("sequence length (encoder + decoder tokens)")
     ax1.set_ylabel("eval loss (nats/token)")
-    ax1.set_title("Loss vs sequence length")
+    if paired:
+        ax1.set_title("Loss vs sequence length at equal size and tokens")
     ax2.set_xscale("log")
     ax2.set_yscale("log")
     loss_axis(ax2)
