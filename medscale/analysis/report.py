@@ -802,6 +802,11 @@ def render_markdown(r: dict) -> str:
     if ex.get("warning"):
         L.append(f"> **Extrapolation warning:** {ex['warning']}.\n")
     warns = list((r.get("fit") or {}).get("warnings") or [])
+    a3 = (r.get("fit") or {}).get("approach3") or {}
+    if a3.get("E") is not None and a3["E"] < 1e-3:
+        warns.append(f"E (the irreducible loss) fitted at {fmt(a3['E'])}: these runs do not pin it down, so "
+                     "losses predicted far beyond them (the optimum's loss above) are not to be trusted; the "
+                     "allocation exponents are better determined")
     for m, d in (r.get("modality_laws") or {}).items():
         warns += [f"{m}: {w}" for w in (d["fit"].get("warnings") or [])]
     if warns:
