@@ -165,9 +165,23 @@ def fit_points(results_dir: str, runs, curves):
         from medscale.analysis import inputs
     except ImportError:
         inputs = None
-    if inputs is not None and hasattr(inputs, "read_table"):
+    try:
+        import medscale.sweep.registry  # noqa: F401  (read_table reads results folders through it)
+
+        have_registry = True
+    except ImportError:
+        have_registry = False
+    if inputs is not None and hasattr(inputs, "read_table") and have_registry:
         return inputs.read_table(results_dir)
-    return plots.done_runs(runs), curves, None
+    done = plots.done_runs(runs)
+    if inputs is None:
+        return done, curves, None
+    keep = [c for c in inputs.CANONICAL if c in done.columns]
+    cur = None
+    if curves is not None and len(curves):
+        cur = inputs.canonicalise(curves[curves["run_id"].isin(set(done["run_id"]))][
+            [c for c in inputs.CANONICAL if c in curves.columns]], {}, where=f"{results_dir} (curves)")
+    return inputs.canonicalise(done[keep], {}, where=results_dir).reset_index(drop=True), cur, None
 
 
 def modality_points(runs, col: str):
