@@ -200,6 +200,7 @@ def compile_cell(spec, batch_size: int, *, attention: str, remat: str, dtype: st
     import time
 
     from medscale import accounting
+    from medscale.errors import UserError
     from medscale.model.attention import attention_options
     from medscale.train.step import OptConfig, abstract_batch, build
 
@@ -208,7 +209,15 @@ def compile_cell(spec, batch_size: int, *, attention: str, remat: str, dtype: st
         prog = build(spec, OptConfig(total_steps=1000, warmup_steps=10), dtype=dtype, remat=remat,
                      attention=attention)
         t = time.perf_counter()
-        compiled = prog.step.lower(prog.abstract_state, abstract_batch(prog, batch_size)).compile()
+        try:
+            lowered = prog.step.lower(prog.abstract_state, abstract_batch(prog, batch_size))
+        except ValueError as exc:
+            if "site_implementation" not in str(exc):
+                raise
+            raise UserError("this model passes attention 'local' to its cross-attention; it must choose each "
+                            "call site's implementation with medscale.model.attention.site_implementation "
+                            "(local for the encoder only)") from None
+        compiled = lowered.compile()
         row["compile_s"] = time.perf_counter() - t
     mem = compiled.memory_analysis()
     parts = {"argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
@@ -355,12 +364,17 @@ def plot(rows, info, path: str) -> None:
         label = key[0] if key[1] == "none" else f"{key[0]} / remat {key[1]}"
         line, = ax_mem.plot([r["length"] for r in sel], [r["peak_bytes"] / 2**30 for r in sel], "o-", label=label)
         ran = [r for r in sel if r["step_s"] is not None]
-        ax_time.plot([r["length"] for r in ran], [r["step_s"] for r in ran], "o-", color=line.get_color(),
-                     label=label)
+        if ran:
+            ax_time.plot([r["length"] for r in ran], [r["step_s"] for r in ran], "o-", color=line.get_color(),
+                         label=label)
     ax_mem.axhline(info["memory_limit"] / 2**30, color="grey", ls="--", lw=1, label="memory limit")
+    timed = any(r["step_s"] for r in rows)
+    if not timed:
+        ax_time.text(0.5, 0.5, "no cell fits the memory limit", ha="center", transform=ax_time.transAxes)
     for ax, title in ((ax_mem, "compiled peak memory (GiB)"), (ax_time, "train step (s, median)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        if ax is ax_mem or timed:
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
         ax.set_xlabel("encoder length (tokens)")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
