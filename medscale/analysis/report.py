@@ -695,7 +695,7 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
         fig_paths = plots.write_all(runs, fig_dir, law=law, draws=draws, curves=curves, modality_laws=mlaws,
                                     power_laws=power, budget=budget["flops"], k=figure_model(runs, model))
     report = {
-        "results_dir": os.path.abspath(results_dir),
+        "results_dir": results_dir,  # as given (a relative path stays relative in the committed report)
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "n_runs": len(runs), "n_done": len(done),
         "fit_args": {"approaches": list(approaches), "bootstrap": bootstrap, "seed": seed, "budgets": [fit_budget],
