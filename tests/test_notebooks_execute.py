@@ -41,12 +41,6 @@ def test_notebooks_execute(kernel_env, monkeypatch):
     reference sweep (or on the given sweep when this checkout has no results/reference)."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    from medscale.analysis import report
-
-    try:
-        report.resolve_fit_all()
-    except RuntimeError:
-        pytest.skip("medscale.analysis has no fit_all yet")
     import asyncio
 
     sweep = write_runs(str(kernel_env / "runs"), budgets=(2e13, 2e14, 6e14))  # fewer runs: faster fits

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_report_helpers import TRUTH, K, reference_fit_all, write_runs
+from test_report_helpers import TRUTH, K, write_runs
 
 from medscale.analysis import plots, report
 from medscale.analysis.laws import PUBLISHED, ChinchillaLaw
@@ -29,26 +29,15 @@ def _medscale(*args):
                           text=True, timeout=600, cwd=REPO)
 
 
-def _real_fit():
-    try:
-        report.resolve_fit_all()
-        return True
-    except RuntimeError:
-        return False  # until medscale.analysis.fitting lands: an in-process build with the test's own fitter
-
-
 def test_report_on_a_synthetic_sweep(tmp_path):
     """One build (the expensive part: ``medscale report`` itself), checked from every side below."""
     sweep = write_runs(str(tmp_path))
     out = str(tmp_path / "report")
-    if _real_fit():
-        res = _medscale("report", sweep, "--flops", BUDGET, "--bootstrap", BOOT, "--seed", SEED, "--out", out,
-                        "--json", "--quiet")
-        assert res.returncode == 0, res.stderr
-        printed = json.loads(res.stdout)
-        assert "runs" not in printed and printed["budget"]["flops"] == BUDGET
-    else:
-        report.build_report(sweep, out, flops=BUDGET, bootstrap=BOOT, seed=SEED, fit_fn=reference_fit_all)
+    res = _medscale("report", sweep, "--flops", BUDGET, "--bootstrap", BOOT, "--seed", SEED, "--out", out,
+                    "--json", "--quiet")
+    assert res.returncode == 0, res.stderr
+    printed = json.loads(res.stdout)
+    assert "runs" not in printed and printed["budget"]["flops"] == BUDGET
     with open(os.path.join(out, "report.json")) as fh:
         rep = json.load(fh)  # every check reads the numbers back from the file
     built = (sweep, out, rep)
@@ -63,34 +52,22 @@ def check_numbers_equal_the_fit(built):
     """The law, its intervals and the allocation at the budget are what ``medscale fit`` prints for the same
     runs, bootstrap, seed and budget."""
     sweep, out, rep = built
-    runs, curves = report.load_runs(sweep)
-    points, _, _ = report.fit_points(sweep, runs, curves)
+    points, _, _ = report.fit_points(sweep)
     args = rep["fit_args"]
-    if _real_fit():
-        try:
-            import medscale.sweep.registry  # noqa: F401
-        except ImportError:  # medscale fit reads results folders through the registry: call its fit_all here
-            fit_points, fit_curves, _ = report.fit_points(sweep, runs, curves)
-            extra = {k: args[k] for k in ("accounting", "n_convention", "enc_len", "dec_len") if k in args}
-            fit = report.resolve_fit_all()(fit_points, tuple(args["approaches"]), bootstrap=BOOT, seed=SEED,
-                                           budgets=args["budgets"], curves=fit_curves, **extra)
-        else:
-            res = _medscale("fit", sweep, *args["cli"], "--json", "--quiet")  # the command report.md prints
-            assert res.returncode == 0, res.stderr
-            fit = json.loads(res.stdout)
-        for name in ("approach2", "approach1"):
-            if name[-1] in args["approaches"]:
-                for key in ("a", "b", "k_n", "k_d"):
-                    assert rep["fit"][name][key] == pytest.approx(fit[name][key], rel=1e-12)
-        a3 = fit["approach3"]
-        row = (a3.get("allocation_encdec") or a3["allocation"])[0]
-        rec = rep["recommendation"]
-        assert rec["n_opt"]["value"] == pytest.approx(row["n_opt"], rel=1e-9)
-        assert rec["d_opt"]["value"] == pytest.approx(row["d_opt"], rel=1e-9)
-        assert rec["n_opt"]["ci"] == pytest.approx(row["ci"]["n_opt"], rel=1e-9)
-        assert rec["d_opt"]["ci"] == pytest.approx(row["ci"]["d_opt"], rel=1e-9)
-    else:
-        fit = reference_fit_all(points, bootstrap=BOOT, seed=SEED)
+    res = _medscale("fit", sweep, *args["cli"], "--json", "--quiet")  # the command report.md prints
+    assert res.returncode == 0, res.stderr
+    fit = json.loads(res.stdout)
+    for name in ("approach2", "approach1"):
+        if name[-1] in args["approaches"]:
+            for key in ("a", "b", "k_n", "k_d"):
+                assert rep["fit"][name][key] == pytest.approx(fit[name][key], rel=1e-12)
+    a3 = fit["approach3"]
+    row = (a3.get("allocation_encdec") or a3["allocation"])[0]
+    rec = rep["recommendation"]
+    assert rec["n_opt"]["value"] == pytest.approx(row["n_opt"], rel=1e-9)
+    assert rec["d_opt"]["value"] == pytest.approx(row["d_opt"], rel=1e-9)
+    assert rec["n_opt"]["ci"] == pytest.approx(row["ci"]["n_opt"], rel=1e-9)
+    assert rec["d_opt"]["ci"] == pytest.approx(row["ci"]["d_opt"], rel=1e-9)
     for key in ("E", "A", "B", "alpha", "beta", "a", "b"):
         assert rep["fit"]["approach3"][key] == pytest.approx(fit["approach3"][key], rel=1e-12), key
         assert rep["fit"]["approach3"]["ci"][key] == pytest.approx(fit["approach3"]["ci"][key], rel=1e-12), key

@@ -8,9 +8,12 @@ column), the training curves (``load_curves``: run_id, params, step, tokens, flo
 
 Conventions, stated on every figure that depends on them:
 - compute is the run's model FLOPs (``docs/interfaces.md``), with a PF-day axis on top (1 PF-day = 8.64e19 FLOPs);
-- the fitted law is L(N, D) with N non-embedding parameters and D tokens seen (encoder + decoder); to place it on a
-  compute axis we use C = k N D with k the median of flops / (N D) over the runs (``compute_factor``), because the
-  encoder-decoder's FLOPs per parameter-token is not 6 (DESIGN.md, accounting);
+- the fitted law is L(N, D) with N non-embedding parameters and D tokens seen (encoder + decoder); it meets the
+  compute axis through a compute model passed as ``k``: ``KND(k)`` (C = k N D; a bare number means this, default
+  k = the median of flops / (N D) over the runs, ``compute_factor``), ``LadderAccounting`` (C = D x
+  flops_per_token(N) along the ladder family, the recommendation's model) or ``SweepAccounting`` (the runs' own
+  FLOPs per token, then the ladder) — an encoder-decoder's FLOPs per parameter-token is neither 6 nor constant
+  (DESIGN.md, accounting);
 - published laws are drawn in their own convention (C = 6 N D, Chinchilla/Epoch N all parameters, Kaplan N
   non-embedding) and labelled so.
 

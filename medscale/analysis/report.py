@@ -7,9 +7,12 @@ figures (PNG + SVG) under ``out_dir``, and returns the report as a dict (what ``
 
 Conventions (stated in the report too):
 - N: non-embedding parameters; D: tokens seen (encoder + decoder); C: model FLOPs of the project's accounting.
-- The fitted law is placed on the compute axis with C = k N D, k the median of C / (N D) over the sweep's runs
-  (``plots.compute_factor``; not 6 for an encoder-decoder). N_opt(C) = G (6C/k / 6)^a, the law's closed form.
-- Intervals are percentile intervals over the bootstrap refits of Approach 3 (the level ``fit`` used).
+- The recommendation meets the compute axis through the project's accounting, C = D x flops_per_token(N) along
+  the ladder family at the sweep's lengths (``plots.LadderAccounting`` = ``medscale fit --accounting encdec``);
+  the figures through the runs' own FLOPs per token, then the ladder (``plots.SweepAccounting``); without the
+  accounting, C = k N D with k the sweep's median C / (N D) (``plots.KND``).
+- The fit is ``medscale fit``'s (``inputs.read_table``, its default approaches, the budget as ``--budget-flops``);
+  intervals are its 95% bootstrap percentile intervals; the loss interval uses the same bootstrap refits.
 - Published laws are evaluated in their own convention (C = 6 N D; Chinchilla/Epoch N = all parameters).
 """
 
@@ -32,7 +35,7 @@ from medscale.errors import UserError
 
 log = logging.getLogger(__name__)
 
-PF_DAY = 1e15 * 86_400
+PF_DAY = plots.PF_DAY
 DEFAULT_BUDGET = {"hardware": "dgx-1", "gpus": None, "days": 7.0}
 DEFAULT_MFU = 0.35  # used only when the sweep measured none and none is given; always stated
 DEFAULT_BATCH = 256  # sequences per optimizer step for the recommended run (global batch), stated
@@ -44,26 +47,22 @@ FIT_MODULES = ("medscale.analysis.fitting", "medscale.analysis.fit")
 
 
 def load_runs(results_dir: str):
-    """``(runs, curves)`` of a sweep folder: the registry's run table and training curves."""
+    """``(runs, curves)`` of a sweep folder: the registry's run table (``task_metrics`` added from the summaries
+    when the table lacks them) and eval curves."""
+    from medscale.sweep.registry import load_curves, load_sweep
+
     if not os.path.isdir(results_dir):
         raise UserError(f"results folder {results_dir} not found; give a sweep folder (results/<sweep>)")
-    try:
-        from medscale.sweep.registry import load_curves, load_sweep
-    except ImportError:
-        load_sweep = load_curves = None
-    if load_sweep is not None:
-        runs = load_sweep(results_dir)
-        try:
-            curves = load_curves(results_dir)
-        except UserError:
-            curves = None
-        if len(runs) and "task_metrics" not in runs.columns and not any(c.startswith("task/") for c in runs.columns):
-            runs["task_metrics"] = [_task_metrics(results_dir, r, s) for r, s in zip(runs["run_id"], runs["sweep"])]
-    else:
-        runs, curves = _read_run_dirs(results_dir)
+    runs = load_sweep(results_dir)
     if runs is None or len(runs) == 0:
         raise UserError(f"no runs under {results_dir}; run a sweep first (medscale sweep run) or point at "
                         "a folder of run directories with summary.json")
+    try:
+        curves = load_curves(results_dir)
+    except UserError:
+        curves = None
+    if "task_metrics" not in runs.columns and not any(c.startswith("task/") for c in runs.columns):
+        runs["task_metrics"] = [_task_metrics(results_dir, r, s) for r, s in zip(runs["run_id"], runs["sweep"])]
     return runs, curves
 
 
@@ -83,66 +82,6 @@ def _task_metrics(results_dir: str, run_id: str, sweep=None):
     return None
 
 
-def _read_run_dirs(results_dir: str):
-    """Minimal reader of the run-directory contract (docs/interfaces.md), used when the registry is absent."""
-    import pandas as pd
-
-    rows, curves = [], []
-    dirs = sorted(os.path.join(results_dir, d) for d in os.listdir(results_dir))
-    for run_dir in dirs:
-        path = os.path.join(run_dir, "summary.json")
-        if not os.path.isfile(path):
-            continue
-        try:
-            with open(path) as fh:
-                s = json.load(fh)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"{path} does not parse ({exc}); delete or re-run that run") from None
-        params = s.get("params") or {}
-        cfg = s.get("config") or {}
-        budget = s.get("budget", (cfg.get("sweep") or {}).get("budget") if isinstance(cfg, dict) else None)
-        row = {
-            "run_id": s.get("run_id", os.path.basename(run_dir)), "sweep": s.get("sweep"),
-            "status": s.get("status"), "size": s.get("size"),
-            "params": params.get("non_embedding"), "params_total": params.get("total"),
-            "tokens": s.get("tokens"), "flops": s.get("model_flops"), "hardware_flops": s.get("hardware_flops"),
-            "pf_days": s.get("pf_days"), "enc_len": s.get("enc_len"), "dec_len": s.get("dec_len"),
-            "batch_size": s.get("batch_size"), "steps": s.get("steps"),
-            "loss": s.get("final_eval_loss"), "train_loss": s.get("final_train_loss"),
-            "mfu": s.get("mfu"), "wall_s": s.get("wall_s"), "device_kind": s.get("device_kind"),
-            "device_count": s.get("device_count"),
-            "budget": float(budget) if budget is not None else float("nan"),
-            "task_metrics": s.get("task_metrics") or None,
-        }
-        for m, v in (s.get("final_eval_loss_by_modality") or {}).items():
-            row[f"loss/{m}"] = v
-        rows.append(row)
-        mpath = os.path.join(run_dir, "metrics.jsonl")
-        if os.path.isfile(mpath):
-            last = {}
-            with open(mpath) as fh:
-                for line in fh:
-                    line = line.strip()
-                    if not line:
-                        continue
-                    try:
-                        r = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line cut by a crash
-                    if r.get("kind") == "eval":
-                        last[r.get("step")] = r
-            for r in last.values():
-                curves.append({"run_id": row["run_id"], "params": row["params"], "step": r.get("step"),
-                               "tokens": r.get("tokens"), "flops": r.get("flops"), "loss": r.get("loss"),
-                               **{k: v for k, v in r.items() if k.startswith("loss/")}})
-    runs = pd.DataFrame(rows)
-    for col in ("params", "params_total", "tokens", "flops", "loss", "mfu", "budget", "enc_len", "dec_len"):
-        if col in runs.columns:
-            runs[col] = pd.to_numeric(runs[col], errors="coerce")
-    cur = pd.DataFrame(curves) if curves else None
-    return runs, cur
-
-
 def resolve_fit_all(fit_fn=None):
     """The law-fitting function of ``medscale fit``: ``fit_all(points, approaches, bootstrap, seed, budgets,
     curves, ...) -> dict`` (``medscale.analysis.fitting``)."""
@@ -158,45 +97,23 @@ def resolve_fit_all(fit_fn=None):
     raise RuntimeError("medscale.analysis has no fit_all yet (the law-fitting module is missing)")
 
 
-def fit_points(results_dir: str, runs, curves):
+def fit_points(results_dir: str, runs=None, curves=None):
     """``(points, curves, source)``: exactly the table ``medscale fit RESULTS_DIR`` fits
-    (``medscale.analysis.inputs.read_table``), else the registry's finished runs."""
-    try:
-        from medscale.analysis import inputs
-    except ImportError:
-        inputs = None
-    try:
-        import medscale.sweep.registry  # noqa: F401  (read_table reads results folders through it)
+    (``medscale.analysis.inputs.read_table``)."""
+    from medscale.analysis import inputs
 
-        have_registry = True
-    except ImportError:
-        have_registry = False
-    if inputs is not None and hasattr(inputs, "read_table") and have_registry:
-        return inputs.read_table(results_dir)
-    done = plots.done_runs(runs)
-    if inputs is None:
-        return done, curves, None
-    keep = [c for c in inputs.CANONICAL if c in done.columns]
-    cur = None
-    if curves is not None and len(curves):
-        cur = inputs.canonicalise(curves[curves["run_id"].isin(set(done["run_id"]))][
-            [c for c in inputs.CANONICAL if c in curves.columns]], {}, where=f"{results_dir} (curves)")
-    return inputs.canonicalise(done[keep], {}, where=results_dir).reset_index(drop=True), cur, None
+    return inputs.read_table(results_dir)
 
 
 def modality_points(runs, col: str):
     """The finished runs with ``loss`` replaced by a modality's loss column, in the fit's canonical form."""
+    from medscale.analysis import inputs
+
     d = plots.done_runs(runs)
     d = d[np.isfinite(d[col].astype(float))].copy()
     d["loss"] = d[col].astype(float)
-    keep = [c for c in ("params", "tokens", "loss", "flops", "budget", "run_id", "status") if c in d.columns]
-    d = d[keep].reset_index(drop=True)
-    try:
-        from medscale.analysis import inputs
-
-        return inputs.canonicalise(d.drop(columns=["status"], errors="ignore"), {}, where=col)
-    except ImportError:
-        return d
+    keep = [c for c in inputs.CANONICAL if c in d.columns]
+    return inputs.canonicalise(d[keep].reset_index(drop=True), {}, where=col)
 
 
 def default_approaches(points, curves, bin_dex: float = 0.1) -> tuple:
