@@ -25,7 +25,7 @@ def register(sub):
     g.add_argument("--flops", type=float, help="the budget in FLOPs instead of hardware x days")
     p.add_argument("--out", help="output folder (default RESULTS_DIR/report)")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits for the intervals (default 200; "
-                   "the same default as medscale fit)")
+                   "medscale fit defaults to none: report.md prints the fit command with this count)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--batch-size", type=int, default=256, help="global batch (sequences) of the recommended run, "
                    "for its step count (default 256)")
