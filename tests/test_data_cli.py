@@ -5,7 +5,7 @@ import json
 from medscale.cli import main
 
 SMALL = ["--set", "data.num_train=96", "--set", "data.num_eval=16", "--set", "data.tokenizer_examples=96",
-         "--set", "data.vq_iters=2"]
+         "--set", "data.vq_iters=2", "--set", "data.image_vocab=32", "--set", "data.seg_vocab=32"]
 
 
 def last_json(capsys):

@@ -126,6 +126,15 @@ def test_cache_reused_and_keyed_by_tokenizer_hash(data):
     again = build_data(data.cfg, data.spec)
     assert again.tokenizers.hash == data.tokenizers.hash
     assert same(next(again.iterator("train", 4, 0, 0, 1)), next(data.iterator("train", 4, 0, 0, 1)))
+    # another text tokenizer -> another hash -> another token cache; the image codebook is reused
+    cfg = load_config("tiny", [f"data.data_dir={root}", *SMALL, "data.text_vocab=600"])
+    other = build_data(cfg, spec_from_config(cfg))
+    assert other.tokenizers.text.hash != data.tokenizers.text.hash
+    assert other.tokenizers.image.hash == data.tokenizers.image.hash
+    other.tokens("train")
+    files = glob.glob(os.path.join(root, "tokens", "*", "train-*.npz"))
+    assert sorted(os.path.basename(f).split("-")[1] for f in files) == sorted(
+        [data.tokenizers.hash, other.tokenizers.hash])
 
 
 def test_bad_configs_are_user_errors(data, tmp_path):
@@ -171,8 +180,9 @@ RACE = """
 import sys, json
 from medscale.configs import load_config, spec_from_config
 from medscale.data.pipeline import build_data
-cfg = load_config("tiny", ["data.data_dir=" + sys.argv[1], "data.num_train=64", "data.num_eval=8",
-                           "data.tokenizer_examples=64", "data.vq_iters=2"])
+cfg = load_config("tiny", ["data.data_dir=" + sys.argv[1], "data.num_train=48", "data.num_eval=8",
+                           "data.tokenizer_examples=48", "data.vq_iters=1", "data.image_vocab=16",
+                           "data.seg_vocab=16"])
 d = build_data(cfg, spec_from_config(cfg))
 b = next(d.iterator("train", 4, 0, 0, 1))
 print(json.dumps([d.tokenizers.hash, int(b["enc_tokens"].sum())]))

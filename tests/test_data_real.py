@@ -73,7 +73,8 @@ def write_roco(root):
                 truth[ident] = (" ".join(cap.split()), img, split)
             (d / "captions.txt").write_text("\n".join(caps) + "\n")
             (d / "dlinks.txt").write_text("\n".join(links) + "\n")
-            (d / "keywords.txt").write_text("")
+            (d / "keywords.txt").write_text("".join(f"{c.split(chr(9))[0]}\t\tchest\tnodule\n" for c in caps))
+            (d / "cuis.txt").write_text("".join(f"{c.split(chr(9))[0]}\tC0817096\n" for c in caps))
             (d / "licences.txt").write_text("ROCO_ID,PMC_ID,LICENCE\n")
     return truth
 
@@ -90,6 +91,7 @@ def test_roco_round_trip_both_naming_schemes(tmp_path):
         e, s = got[ident]
         assert s == split and e["caption"] == cap and e["mask"] is None and e["boxes"] == []
         assert e["meta"]["subset"] in ("radiology", "non-radiology") and e["facts"] == {}
+        assert e["meta"]["keywords"] == ["chest", "nodule"] and e["meta"]["cuis"] == ["C0817096"]
         want = to_grey(img, 64)
         tol = 8 if int(ident[5:]) % 2 == 0 else 0  # JPEG (newer scheme) is lossy
         assert np.abs(e["image"].astype(int) - want.astype(int)).mean() <= tol
@@ -102,6 +104,13 @@ def test_roco_round_trip_both_naming_schemes(tmp_path):
     assert (toks["caption_len"] > 0).sum() == 6 and len(toks["caption_len"]) == 8
     b = next(data.iterator("train", 4, 0, 0, 1))
     check_batch(b, 4, data.spec.enc_len, data.spec.dec_len)
+    full = build(tmp_path, "roco", manual, "data.modalities=('image','caption','boxes','segmentation')")
+    assert full.tokenizers.segmentation is None  # real data has no masks: segmentation is absent, not an error
+    b = next(full.iterator("train", 4, 0, 0, 1))
+    assert not np.isin(b["enc_modality"][b["enc_valid"]], [2, 3]).any()
+    assert not np.isin(b["dec_modality"][b["dec_valid"]], [2, 3]).any()
+    with pytest.raises(UserError, match="no segmentation tokenizer"):
+        full.detokenize("segmentation", np.zeros(64, int))
 
 
 # ----------------------------------------------------------------------------------------------- ROCOv2

@@ -37,10 +37,11 @@ def _batch(spec=SMALL, b=3, seed=1):
 
 @pytest.mark.parametrize("name", ladder_names())
 def test_param_count_equals_accounting_for_every_ladder_size(name):
-    accounting = pytest.importorskip("medscale.accounting")
-    for mlp in ("gelu", "swiglu"):
-        shape = dict(ladder_shape(name), mlp=mlp)
-        spec = ModelSpec(**shape, name=name)
+    from medscale import accounting
+
+    mlps = ("gelu", "swiglu") if ladder_names().index(name) < 3 else ("gelu",)
+    for mlp in mlps:
+        spec = ModelSpec(**dict(ladder_shape(name), mlp=mlp), name=name)
         assert count_params(spec) == accounting.param_counts(spec)["total"], (name, mlp)
 
 

@@ -14,14 +14,16 @@ def register(sub):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--d-ff", type=int, default=1024)
     p.add_argument("--mlp", default="gelu", choices=("gelu", "swiglu"))
-    p.add_argument("--vocab", type=int, default=8192,
-                   help="combined output vocabulary (image 1/8, segmentation 1/8, caption and boxes share the rest)")
+    p.add_argument("--vocab", default=None,
+                   help="as for medscale flops: text vocabulary N (caption and boxes) or I,C,B,S per modality")
     p.add_argument("--enc-len", type=int, default=256)
     p.add_argument("--dec-len", type=int, default=64)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--remat", default="none", choices=("none", "full", "save_dots"))
     p.add_argument("--attention", default="dense")
+    p.add_argument("--window", type=int, default=None, help="keys per encoder query for --attention local")
+    p.add_argument("--block", type=int, default=None, help="key/value block for blockwise attention")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after 1 warm-up step)")
     p.add_argument("--hardware", default="auto", help="hardware table key for the peak (auto: detect)")
     p.add_argument("--json", action="store_true", help="one JSON line on stdout")
@@ -34,11 +36,12 @@ def run(args):
     spec = bench_spec(args.d_model, args.enc_layers, args.dec_layers, args.heads, args.d_ff, args.vocab,
                       args.enc_len, args.dec_len, args.mlp)
     out = bench_step(spec, args.batch, dtype=args.dtype, remat=args.remat, attention=args.attention,
-                     steps=args.steps, hardware=args.hardware)
+                     steps=args.steps, hardware=args.hardware, window=args.window, block=args.block)
     if args.json:
         print(json.dumps(out))
     else:
-        for k in ("step_s", "tokens_per_s", "model_tflops_per_s", "peak_tflops_per_s", "mfu", "compile_s",
+        for k in ("step_s", "tokens_per_s", "model_tflops_per_s", "peak_tflops_per_s", "mfu", "peak_now_tflops_per_s",
+                  "mfu_vs_peak_now", "compile_s",
                   "hardware", "devices"):
             v = out.get(k)
             print(f"{k:20s} {v:.4g}" if isinstance(v, float) else f"{k:20s} {v}")

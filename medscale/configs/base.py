@@ -65,6 +65,7 @@ def get_config():
     c.train.ckpt_every = 200
     c.train.log_every = 10
     c.train.spike_factor = 5.0  # loss above spike_factor x its running minimum (after warmup) = diverged
+    c.train.task_eval_examples = 64  # held-out examples decoded for task metrics at the end of a run (0: off)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1, 1)  # ('data', 'fsdp', 'tensor'); one axis may be -1

@@ -23,4 +23,5 @@ def get_config():
     c.train.warmup_steps = 30
     c.train.eval_every = 100
     c.train.ckpt_every = 100
+    c.train.task_eval_examples = 16
     return c

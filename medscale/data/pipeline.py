@@ -410,6 +410,8 @@ class Data:
         """Local ids of one modality -> a caption (str), boxes ([(cls, x0, y0, x1, y1)] pixels), an image or a
         mask (uint8 HxW; image-like ids must cover the whole grid in position order)."""
         m = self.modality(name)
+        if m.tokenizer is None:
+            raise UserError(f"dataset {self.key} has no {name} tokenizer (its examples carry no {m.field})")
         if name == "caption":
             return m.tokenizer.decode(ids)
         if name == "boxes":
@@ -452,6 +454,34 @@ def prepare_report(cfg, spec=None, progress: bool = False, held_out: int = 256) 
         out["segmentation"] = {"codes": tok.segmentation.vocab_size, "hash": tok.segmentation.hash,
                                **{k: round(v, 5) for k, v in tok.segmentation.reconstruction(
                                    np.stack(masks)).items()}}
+    if any(e["facts"].get("lesions") for e in sel):
+        out["image_vq"]["lesion_contrast_kept"] = lesion_contrast_kept(tok.image, sel, data.image_size)
     toks = data.tokens("train")
     out["mean_tokens_per_example"] = {m.name: float(np.mean(toks[m.name + "_len"])) for m in data.registry}
     return out
+
+
+def lesion_contrast_kept(vq, examples, image_size: int) -> dict:
+    """Median, per lesion size, of (lesion minus surrounding-ring mean grey level) after VQ round trip divided by
+    the same contrast in the original image: how much of a lesion the image tokens still show (synthetic)."""
+    ratios: dict = {}
+    for e in examples:
+        lesions = e["facts"].get("lesions") or []
+        if not lesions or e["mask"] is None:
+            continue
+        img = e["image"].astype(np.float64)
+        rec = vq.decode(vq.encode(e["image"]), image_size).astype(np.float64)
+        for (_, x0, y0, x1, y1), f in zip(e["boxes"], lesions):
+            x0, y0, x1, y1 = int(x0), int(y0), int(x1), int(y1)
+            box = np.zeros(img.shape, bool)
+            box[y0:y1, x0:x1] = True
+            inner = box & (e["mask"] == 3)
+            ring = np.zeros(img.shape, bool)
+            ring[max(0, y0 - 3):y1 + 3, max(0, x0 - 3):x1 + 3] = True
+            ring &= ~box & (e["mask"] >= 1)
+            if not inner.any() or not ring.any():
+                continue
+            c0 = img[inner].mean() - img[ring].mean()
+            if abs(c0) > 10:
+                ratios.setdefault(f["size"], []).append((rec[inner].mean() - rec[ring].mean()) / c0)
+    return {k: round(float(np.median(v)), 3) for k, v in sorted(ratios.items())}

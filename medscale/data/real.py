@@ -28,7 +28,7 @@ ROCO_LAYOUT = """ROCO v1 (github.com/razorx89/roco-dataset, images fetched with 
   MANUAL_DIR/data/{train,validation,test}/{radiology,non-radiology}/
       captions.txt   tab-separated: ROCO_00027<TAB> caption text (the caption may start with spaces)
       dlinks.txt     tab-separated: ROCO_00027<TAB>wget ... PMC4083729.tar.gz ...<TAB>image-name.jpg (optional)
-      keywords.txt, cuis.txt, semtypes.txt, licences.txt (optional, not read)
+      keywords.txt, cuis.txt, semtypes.txt (optional; ID<TAB><TAB>item<TAB>item..., kept in meta), licences.txt
       images/        ROCO_00027.jpg, or the older fetch.py names PMC4083729_image-name.jpg"""
 ROCOV2_LAYOUT = """ROCOv2 (zenodo.org/records/10821435):
   MANUAL_DIR/{train,valid,test}_captions.csv   header ID,Caption
@@ -154,6 +154,19 @@ def read_roco_captions(path: str) -> list[tuple[str, str]]:
     return out
 
 
+def read_roco_lists(path: str) -> dict[str, list[str]]:
+    """keywords.txt / cuis.txt / semtypes.txt: ``ID<TAB>(empty)<TAB>item<TAB>item...`` -> {ID: [items]}."""
+    out: dict[str, list[str]] = {}
+    if not os.path.exists(path):
+        return out
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            parts = line.rstrip("\n\r").split("\t")
+            if parts and parts[0].strip():
+                out[parts[0].strip()] = [p.strip() for p in parts[1:] if p.strip()]
+    return out
+
+
 def read_roco_dlinks(path: str) -> dict[str, str]:
     """ROCO id -> the older image name ``PMC<id>_<image name>`` (as scripts/fetch.py wrote it)."""
     names = {}
@@ -197,6 +210,7 @@ class Roco(tfds.core.GeneratorBasedBuilder):
                 continue
             caps = read_roco_captions(os.path.join(folder, "captions.txt"))
             old = read_roco_dlinks(os.path.join(folder, "dlinks.txt"))
+            lists = {k: read_roco_lists(os.path.join(folder, f"{k}.txt")) for k in ("keywords", "cuis", "semtypes")}
             imgdir = os.path.join(folder, "images")
             listing = set(os.listdir(imgdir)) if os.path.isdir(imgdir) else set()
             for ident, cap in caps:
@@ -214,7 +228,8 @@ class Roco(tfds.core.GeneratorBasedBuilder):
                 except ValueError:
                     self._skips.add(split, "corrupt_image", ident)
                     continue
-                yield ident, make_example(index, img, cap, ident=ident, meta={"subset": sub})
+                meta = {"subset": sub, **{k: v[ident] for k, v in lists.items() if ident in v}}
+                yield ident, make_example(index, img, cap, ident=ident, meta=meta)
                 index += 1
         _record_skips(self, self._skips, split, index)
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from medscale.model.attention import attend
+from medscale.model.attention import attend, site_implementation
 from medscale.model.sharding import constrain
 from medscale.spec import ModelSpec
 
@@ -168,7 +168,7 @@ class Attention(nnx.Module):
         oinit = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=(0, 1), out_axis=2)
         self.o = _param(rngs, oinit, (heads, k, d), ("heads", "kv", "embed"))
 
-    def __call__(self, xq_BLD, xkv_BED, *, q_segment, kv_segment, q_causal, same_segment, dtype, impl):
+    def __call__(self, xq_BLD, xkv_BED, *, q_segment, kv_segment, q_causal, same_segment, dtype, impl, site):
         def proj(x, w):
             w = w[...].astype(dtype)
             y = linear(x, w.reshape(w.shape[0], -1)).reshape(*x.shape[:-1], *w.shape[1:])
@@ -177,8 +177,10 @@ class Attention(nnx.Module):
         q_BLHK = proj(xq_BLD, self.q)
         k_BEHK = proj(xkv_BED, self.k)
         v_BEHK = proj(xkv_BED, self.v)
+        name, opts = impl
         a_BLHK = attend(q_BLHK, k_BEHK, v_BEHK, q_segment=q_segment, kv_segment=kv_segment,
-                        q_causal=q_causal, same_segment=same_segment, implementation=impl)
+                        q_causal=q_causal, same_segment=same_segment,
+                        implementation=site_implementation(name, site), **dict(opts))
         o = self.o[...].astype(dtype)
         out = linear(a_BLHK.astype(dtype).reshape(*a_BLHK.shape[:2], -1), o.reshape(-1, o.shape[-1]))
         return constrain(out, _BLD)
@@ -216,7 +218,7 @@ class EncoderLayer(nnx.Module):
     def __call__(self, x_BED, seg_BE, dtype, impl):
         h = self.ln1(x_BED, dtype)
         x_BED = x_BED + self.attn(h, h, q_segment=seg_BE, kv_segment=seg_BE, q_causal=None,
-                                  same_segment=False, dtype=dtype, impl=impl)
+                                  same_segment=False, dtype=dtype, impl=impl, site="encoder")
         return x_BED + self.mlp(self.ln2(x_BED, dtype), dtype)
 
 
@@ -232,10 +234,10 @@ class DecoderLayer(nnx.Module):
     def __call__(self, y_BLD, enc_BED, dseg_BL, dcausal_BL, qvalid_BL, eseg_BE, dtype, impl):
         h = self.ln1(y_BLD, dtype)
         y_BLD = y_BLD + self.self_attn(h, h, q_segment=dseg_BL, kv_segment=dseg_BL, q_causal=dcausal_BL,
-                                       same_segment=True, dtype=dtype, impl=impl)
+                                       same_segment=True, dtype=dtype, impl=impl, site="decoder")
         h = self.ln2(y_BLD, dtype)
         y_BLD = y_BLD + self.cross_attn(h, enc_BED, q_segment=qvalid_BL, kv_segment=eseg_BE, q_causal=None,
-                                        same_segment=False, dtype=dtype, impl=impl)
+                                        same_segment=False, dtype=dtype, impl=impl, site="encoder")
         return y_BLD + self.mlp(self.ln3(y_BLD, dtype), dtype)
 
 
@@ -252,13 +254,17 @@ class EncoderDecoder(nnx.Module):
     """The 4M-style encoder-decoder. ``__call__(batch) -> logits [B, L, V]``; ``loss(batch)`` -> metrics."""
 
     def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs, dtype: str = "float32", remat: str = "none",
-                 attention: str = "dense"):
+                 attention: str = "dense", attention_block: int | None = None,
+                 attention_window: int | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, not {dtype!r}")
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, not {remat!r}")
         self.spec = spec
-        self.dtype_name, self.remat, self.attention = dtype, remat, attention
+        self.dtype_name, self.remat = dtype, remat
+        # (implementation, options): static; each call site picks its implementation (site_implementation)
+        self.attention = (attention, tuple((k, v) for k, v in (("block", attention_block),
+                                                               ("window", attention_window)) if v is not None))
         d, m, v = spec.d_model, spec.num_modalities, spec.vocab_total
         self.token_embed = _param(rngs, _normal(1.0), (v, d), ("vocab", "embed"))
         self.enc_modality = _param(rngs, _normal(0.02), (m, d), ("modality", "embed"))

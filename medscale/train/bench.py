@@ -1,72 +1,34 @@
-"""Timing of the real training step (``medscale bench step``) and the CPU matmul peak it is compared with."""
+"""Timing of the real training step (``medscale bench step``)."""
 
 from __future__ import annotations
 
-import logging
 import statistics
 import time
 
 from medscale.errors import UserError
-from medscale.spec import ModelSpec, default_modalities
-
-log = logging.getLogger(__name__)
+from medscale.spec import ModelSpec
 
 
 def bench_spec(d_model, enc_layers, dec_layers, heads, d_ff, vocab, enc_len, dec_len, mlp="gelu") -> ModelSpec:
-    """A ModelSpec of the four default modalities with combined vocabulary ``vocab`` (image and segmentation
-    1/8 each, caption and boxes sharing the text vocabulary: the rest split in two) and a 16x16 image grid."""
-    if vocab < 16:
-        raise UserError("--vocab must be at least 16")
-    img = seg = vocab // 8
-    text = (vocab - img - seg) // 2
-    seg += vocab - img - seg - 2 * text  # odd remainders go to segmentation so the total is exact
-    grid = (16, 16)
-    mods = default_modalities(text_vocab=text, image_vocab=img, seg_vocab=seg, grid=grid,
-                              caption_tokens=64, box_tokens=32)
+    """The ModelSpec ``medscale flops`` builds from the same flags (``vocab``: text vocabulary N, or
+    "I,C,B,S" per modality; None: the defaults)."""
+    from medscale.commands.flops import _modalities
+
     return ModelSpec(d_model=d_model, enc_layers=enc_layers, dec_layers=dec_layers, num_heads=heads, d_ff=d_ff,
-                     mlp=mlp, modalities=mods, enc_len=enc_len, dec_len=dec_len, name="bench")
-
-
-def measured_matmul_peak(dtype="float32", n=1024, repeats=5) -> float:
-    """Best FLOP/s of a jit-ed n x n matmul chain on the default device (the CPU 'measured peak')."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((n, n), dtype) / n
-    f = jax.jit(lambda x: x @ x @ x @ x)
-    f(a).block_until_ready()
-    best = 0.0
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        best = max(best, 3 * 2 * n ** 3 / (time.perf_counter() - t))
-    return best
+                     mlp=mlp, modalities=_modalities(None if vocab is None else str(vocab)), enc_len=enc_len,
+                     dec_len=dec_len, name="bench")
 
 
 def _peak(hardware: str, dtype: str):
-    import jax
+    """(table key, peak FLOP/s per device): the hardware table (on CPU: the measured fp32 peak)."""
+    from medscale import hardware as hw
 
-    precision = "bf16" if dtype == "bfloat16" else "fp32"
-    try:
-        from medscale import hardware as hw
-    except ImportError:
-        hw = None
-    name = hardware
-    if hw is not None:
-        if name == "auto":
-            name = hw.detect() if hasattr(hw, "detect") else jax.devices()[0].device_kind
-        try:
-            return name, float(hw.peak_flops(name, precision))
-        except UserError:
-            if hardware != "auto":
-                raise
-    if jax.devices()[0].platform == "cpu":
-        return "cpu (measured here)", measured_matmul_peak(dtype)
-    raise UserError(f"no peak FLOP/s known for {name!r}; pass --hardware with a hardware table key")
+    name = hw.hardware_for_jax_devices() if hardware == "auto" else hardware
+    return name, float(hw.peak_flops(name, hw.precision_for_dtype(name, dtype)))
 
 
 def bench_step(spec: ModelSpec, batch_size: int, *, dtype="float32", remat="none", attention="dense", steps=5,
-               hardware="auto") -> dict:
+               hardware="auto", window=None, block=None) -> dict:
     import jax
 
     from medscale.model.attention import IMPLEMENTATIONS
@@ -82,9 +44,14 @@ def bench_step(spec: ModelSpec, batch_size: int, *, dtype="float32", remat="none
     if batch_size % n:
         raise UserError(f"--batch {batch_size} is not divisible by the {n} devices")
     prog = build(spec, OptConfig(total_steps=1000, warmup_steps=10), mesh=make_mesh((-1, 1, 1)), dtype=dtype,
-                 remat=remat, attention=attention)
+                 remat=remat, attention=attention, attention_block=block, attention_window=window)
     state = prog.init(0)
     batch = prog.put_batch(random_batch(spec, batch_size, 0))
+    peak_before = 0.0
+    if jax.devices()[0].platform == "cpu":
+        from medscale.hardware import measure_cpu_flops
+
+        peak_before = measure_cpu_flops()
     t = time.perf_counter()
     compiled = prog.step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t
@@ -97,19 +64,24 @@ def bench_step(spec: ModelSpec, batch_size: int, *, dtype="float32", remat="none
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
-    try:
-        from medscale import accounting
+    from medscale import accounting
 
-        flops = accounting.step_flops(spec, batch_size, remat=remat, attention=attention)
-        model_flops, hw_flops = float(flops["model_flops"]), float(flops["hardware_flops"])
-    except ImportError:
-        model_flops = hw_flops = None
+    flops = accounting.step_flops(spec, batch_size, remat=remat, attention=attention,
+                                  window=window if attention == "local" else None)
+    model_flops, hw_flops = float(flops["model_flops"]), float(flops["hardware_flops"])
     name, peak = _peak(hardware, dtype)
+    peak_now = None
+    if jax.devices()[0].platform == "cpu":  # the machine may be shared: the peak measured around the timing too
+        from medscale.hardware import measure_cpu_flops
+
+        peak_now = max(peak_before, measure_cpu_flops())
     tokens = batch_size * (spec.enc_len + spec.dec_len)
     mtf = model_flops / step_s / 1e12 if model_flops else None
     return {"step_s": step_s, "step_s_all": times, "tokens_per_s": tokens / step_s, "model_tflops_per_s": mtf,
             "hardware_tflops_per_s": hw_flops / step_s / 1e12 if hw_flops else None,
             "peak_tflops_per_s": peak * n / 1e12, "mfu": (mtf * 1e12 / (peak * n)) if mtf else None,
+            "mfu_vs_peak_now": (mtf * 1e12 / (peak_now * n)) if (mtf and peak_now) else None,
+            "peak_now_tflops_per_s": peak_now * n / 1e12 if peak_now else None,
             "compile_s": compile_s, "hardware": name, "devices": n, "dtype": dtype, "remat": remat,
             "attention": attention, "batch": batch_size, "loss": float(m["loss"]),
             "model_flops_per_step": model_flops, "hardware_flops_per_step": hw_flops}

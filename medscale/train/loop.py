@@ -117,18 +117,13 @@ def opt_config(cfg, steps: int):
 # ---------------------------------------------------------------------------------------------- accounting
 def _accounting(spec, cfg):
     """(params dict, model_flops/step, hardware_flops/step) from medscale.accounting (None when absent)."""
-    try:
-        from medscale import accounting
-    except ImportError:
-        return None, None, None
+    from medscale import accounting
+
     params = accounting.param_counts(spec)
     opts = {"remat": cfg.model.remat, "attention": cfg.model.attention}
     if cfg.model.attention == "local":
         opts["window"] = int(cfg.model.attention_window)
-    try:
-        f = accounting.step_flops(spec, int(cfg.train.batch_size), **opts)
-    except TypeError:
-        f = accounting.step_flops(spec, int(cfg.train.batch_size))
+    f = accounting.step_flops(spec, int(cfg.train.batch_size), **opts)
     return params, float(f["model_flops"]), float(f["hardware_flops"])
 
 
@@ -136,21 +131,17 @@ def _peak(cfg):
     """(hardware name, peak FLOP/s per device) from medscale.hardware; (name, None) when unknown."""
     import jax
 
-    kind = jax.devices()[0].device_kind
+    from medscale import hardware
+
     name = cfg.get("hardware", "auto") or "auto"
-    precision = "bf16" if cfg.model.dtype == "bfloat16" else "fp32"
-    try:
-        from medscale import hardware
-    except ImportError:
-        return (kind if name == "auto" else name), None
     try:
         if name == "auto":
-            name = hardware.detect() if hasattr(hardware, "detect") else kind
-        return name, float(hardware.peak_flops(name, precision))
-    except UserError:
-        raise
-    except Exception as exc:  # an unknown device: MFU is null, the run goes on
-        log.warning("no peak FLOP/s for %s (%s): MFU will be null", name, exc)
+            name = hardware.hardware_for_jax_devices()
+        return name, float(hardware.peak_flops(name, hardware.precision_for_dtype(name, cfg.model.dtype)))
+    except UserError as exc:
+        if cfg.get("hardware", "auto") not in ("auto", None, ""):
+            raise  # the user named hardware the table does not know
+        log.warning("no peak FLOP/s for %s (%s): MFU will be null", jax.devices()[0].device_kind, exc)
         return name, None
 
 
@@ -252,8 +243,36 @@ def train(cfg, workdir: str, progress: bool = True, data=None) -> dict:
         writer.close()
         raise
     writer.close()
+    if is_main and result.get("status") == "done":
+        state["wall_end"] = time.time()  # wall_s is the training's; the evaluation's time is in task_eval
+        _task_eval(cfg, workdir, state)
     summary = _write_summary(cfg, cfg_dict, workdir, spec, steps, state, result, t_start) if is_main else {}
     return summary
+
+
+def _task_eval(cfg, workdir, state) -> None:
+    """Task metrics of the finished run (``medscale.generate.evaluate``: caption BLEU-4 and findings, box IoU
+    and AP@0.5, segmentation mIoU) on ``cfg.train.task_eval_examples`` held-out examples, for the summary's
+    ``task_metrics`` / ``task_eval``; 0 turns it off. A failure is logged and recorded, never fails the run."""
+    n = int(cfg.train.get("task_eval_examples", 0) or 0)
+    if n <= 0:
+        return
+    import jax
+
+    if jax.process_count() > 1:
+        log.info("task metrics are not computed inside a multi-process run; run `medscale evaluate --workdir %s`",
+                 workdir)
+        return
+    from medscale.generate.evaluate import evaluate_run_with_meta
+
+    t0 = time.time()
+    try:
+        metrics, meta = evaluate_run_with_meta(workdir, n, write=False, data=state.get("data"))
+    except Exception as exc:  # a finished run stays done; the error is logged and kept in the summary
+        log.exception("task metrics of %s failed", workdir)
+        state["task_eval"] = {"error": f"{type(exc).__name__}: {exc}"}
+        return
+    state["task_metrics"], state["task_eval"] = metrics, dict(meta, seconds=time.time() - t0)
 
 
 def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record, state):
@@ -266,7 +285,8 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
 
     mesh = make_mesh(mesh_shape)
     prog = build(spec, opt_config(cfg, steps), mesh=mesh, rules=tuple(tuple(r) for r in cfg.mesh.rules),
-                 dtype=cfg.model.dtype, remat=cfg.model.remat, attention=cfg.model.attention)
+                 dtype=cfg.model.dtype, remat=cfg.model.remat, attention=cfg.model.attention,
+                 attention_block=int(cfg.model.attention_block), attention_window=int(cfg.model.attention_window))
     bs = int(cfg.train.batch_size)
     tokens_per_step = bs * (spec.enc_len + spec.dec_len)
     params, model_flops, hw_flops = _accounting(spec, cfg)
@@ -280,6 +300,7 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
         from medscale.data.pipeline import build_data
 
         data = build_data(cfg, spec)
+    state["data"] = data  # reused by the task evaluation at the end of the run
     seed = int(cfg.seed)
     it = data.iterator("train", bs // jax.process_count(), seed, jax.process_index(), jax.process_count())
     eval_host = list(data.eval_batches("validation", bs // jax.process_count(), int(cfg.train.eval_batches)))
@@ -445,7 +466,7 @@ def _write_summary(cfg, cfg_dict, workdir, spec, steps, state, record, t_start):
         "hardware_flops": None if hw_flops is None else hw_flops * step_done,
         "xla_flops": None,
         "pf_days": None if model_flops is None else model_flops * step_done / 8.64e19,
-        "wall_s": time.time() - t_start, "step_s": step_s,
+        "wall_s": state.get("wall_end", time.time()) - t_start, "step_s": step_s,
         "device_kind": state.get("device_kind") or jax.devices()[0].device_kind,
         "device_count": state.get("device_count") or jax.device_count(),
         "hardware": state.get("hardware"), "mfu": mfu,
@@ -453,8 +474,10 @@ def _write_summary(cfg, cfg_dict, workdir, spec, steps, state, record, t_start):
         "final_eval_loss": _finite_or_none(eval_row.get("loss")),
         "final_train_loss_by_modality": {n: (train_row.get("by_modality") or {}).get(n) for n in names},
         "final_eval_loss_by_modality": {n: eval_row.get(f"loss/{n}") for n in names},
-        "task_metrics": {},
+        "task_metrics": state.get("task_metrics") or {},
     }
+    if state.get("task_eval") is not None:
+        summary["task_eval"] = state["task_eval"]
     write_json_atomic(os.path.join(workdir, SUMMARY), summary)
     try:
         os.remove(os.path.join(workdir, LOCK))

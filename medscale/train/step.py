@@ -63,10 +63,10 @@ def make_optimizer(oc: OptConfig):
     return tx, schedule
 
 
-def abstract_model(spec: ModelSpec, dtype="float32", remat="none", attention="dense"):
+def abstract_model(spec: ModelSpec, dtype="float32", remat="none", attention="dense", **attn_opts):
     """The model built under ``nnx.eval_shape``: shapes and metadata, no memory."""
     return nnx.eval_shape(lambda: EncoderDecoder(spec, rngs=nnx.Rngs(0), dtype=dtype, remat=remat,
-                                                 attention=attention))
+                                                 attention=attention, **attn_opts))
 
 
 def param_axes(abstract) -> Any:
@@ -126,7 +126,7 @@ class Program:
 
 
 def build(spec: ModelSpec, opt: OptConfig, *, mesh: Mesh | None = None, rules=DEFAULT_RULES,
-          dtype="float32", remat="none", attention="dense", batch_size: int | None = None,
+          dtype="float32", remat="none", attention="dense", attention_block=None, attention_window=None,
           donate: bool = True) -> Program:
     if jax.default_backend() == "cpu":
         from medscale.train.malloc import tune_malloc
@@ -134,7 +134,8 @@ def build(spec: ModelSpec, opt: OptConfig, *, mesh: Mesh | None = None, rules=DE
         tune_malloc()
     mesh = mesh if mesh is not None else make_mesh((1, 1, 1), jax.devices()[:1])
     rules = rules_dict(rules)
-    abstract = abstract_model(spec, dtype, remat, attention)
+    attn = {"attention_block": attention_block, "attention_window": attention_window}
+    abstract = abstract_model(spec, dtype, remat, attention, **attn)
     graphdef, abs_state = nnx.split(abstract)
     abs_params = nnx.to_pure_dict(abs_state)
     axes = param_axes(abstract)
@@ -150,7 +151,8 @@ def build(spec: ModelSpec, opt: OptConfig, *, mesh: Mesh | None = None, rules=DE
     def _init(seed):
         key = jax.random.key(seed)
         pkey, rkey = jax.random.split(key)
-        model = EncoderDecoder(spec, rngs=nnx.Rngs(params=pkey), dtype=dtype, remat=remat, attention=attention)
+        model = EncoderDecoder(spec, rngs=nnx.Rngs(params=pkey), dtype=dtype, remat=remat, attention=attention,
+                               **attn)
         params = nnx.to_pure_dict(nnx.split(model)[1])
         return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
                 "rng": jax.random.key_data(rkey)}
@@ -171,7 +173,7 @@ def build(spec: ModelSpec, opt: OptConfig, *, mesh: Mesh | None = None, rules=DE
         (loss, aux), grads = jax.value_and_grad(_loss, has_aux=True)(state["params"], batch)
         updates, new_opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"]),
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
                    "sum": aux["sum"], "count": aux["count"]}
         rng = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), 1))
         return {"params": params, "opt": new_opt, "step": state["step"] + 1, "rng": rng}, metrics
@@ -194,7 +196,7 @@ def abstract_batch(prog: Program, batch_size: int) -> dict:
 
 
 def xla_step_flops(spec: ModelSpec, batch_size: int, *, dtype="float32", remat="none", attention="dense",
-                   mesh_shape=(1, 1, 1), **_ignored) -> float:
+                   window=None, block=None, mesh_shape=(1, 1, 1)) -> float:
     """XLA's ``cost_analysis()['flops']`` of the compiled train step, summed over the mesh's devices.
 
     Compiles ahead of time from abstract shapes (no parameters are allocated). The count includes the
@@ -202,7 +204,8 @@ def xla_step_flops(spec: ModelSpec, batch_size: int, *, dtype="float32", remat="
     """
     n = int(np.prod([s for s in mesh_shape if s != -1])) if -1 not in tuple(mesh_shape) else len(jax.devices())
     mesh = make_mesh(mesh_shape, jax.devices()[:n])
-    prog = build(spec, OptConfig(), mesh=mesh, dtype=dtype, remat=remat, attention=attention, donate=False)
+    prog = build(spec, OptConfig(), mesh=mesh, dtype=dtype, remat=remat, attention=attention,
+                 attention_block=block, attention_window=window if attention == "local" else None, donate=False)
     compiled = prog.step.lower(prog.abstract_state, abstract_batch(prog, batch_size)).compile()
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):

@@ -1,0 +1,65 @@
+"""Compute-optimal allocation of a fitted law L(N, D) = E + A/N^alpha + B/D^beta.
+
+- ``6nd``: C = 6 N D, closed form (Hoffmann et al. 2022, Eq. 4 / App. D): N_opt = G (C/6)^a,
+  D_opt = G^-1 (C/6)^b, G = (alpha A / (beta B))^(1/(alpha+beta)), a = beta/(alpha+beta), b = alpha/(alpha+beta)
+  (``laws.ChinchillaLaw``).
+- ``encdec``: the project's own accounting (``medscale.accounting``): a model of size N costs
+  flops_per_token(N) model FLOPs per encoder+decoder token, so C = D * flops_per_token(N) with D the
+  encoder+decoder tokens. flops_per_token(N) comes from the ladder's shape family (depth and width grown together,
+  ``configs/ladder.py``) at the given sequence lengths: log flops_per_token is interpolated linearly in log N
+  between the ladder sizes (extrapolated with the end slopes). N_opt(C) minimises L(N, C / flops_per_token(N))
+  over log N on a fine grid refined around its minimum (vectorised over bootstrap draws).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medscale.errors import UserError
+
+
+def ladder_family(n_convention: str = "non_embedding", enc_len=None, dec_len=None):
+    """(log N, log flops_per_token) of the ladder sizes, N counted under ``n_convention``."""
+    from medscale import accounting
+
+    if n_convention not in ("total", "non_embedding"):
+        raise UserError(f"n_convention must be total or non_embedding, not {n_convention!r}")
+    specs = accounting.ladder_specs(enc_len=enc_len, dec_len=dec_len)
+    n = np.array([accounting.param_counts(s)[n_convention] for s in specs], np.float64)
+    fpt = np.array([accounting.flops_per_token(s) for s in specs], np.float64)
+    order = np.argsort(n)
+    return np.log(n[order]), np.log(fpt[order])
+
+
+def _log_fpt(logn, fam):
+    x, y = fam
+    out = np.interp(logn, x, y)
+    lo_s = (y[1] - y[0]) / (x[1] - x[0])
+    hi_s = (y[-1] - y[-2]) / (x[-1] - x[-2])
+    out = np.where(logn < x[0], y[0] + lo_s * (logn - x[0]), out)
+    return np.where(logn > x[-1], y[-1] + hi_s * (logn - x[-1]), out)
+
+
+def n_opt_encdec(E, A, B, alpha, beta, C, fam, grid=4000):
+    """N_opt, D_opt at compute C for laws given as arrays (any shape, broadcast) under C = D flops_per_token(N)."""
+    E, A, B, alpha, beta = (np.asarray(v, np.float64)[..., None] for v in (E, A, B, alpha, beta))
+    logC = np.log(float(C))
+    # search N from 1e3 up to the size that would leave 1 token: flops_per_token(N) <= C
+    ln = np.linspace(np.log(1e3), logC - 1.0, grid)
+    lf = _log_fpt(ln, fam)
+    ln, lf = ln[lf < logC], lf[lf < logC]
+    if len(ln) < 3:
+        raise UserError(f"compute {C:g} FLOPs is below one token of the smallest model")
+    for _ in range(2):  # coarse grid, then a fine one around each minimum
+        logd = logC - lf
+        with np.errstate(over="ignore", under="ignore"):
+            L = E + A * np.exp(-alpha * ln) + B * np.exp(-beta * logd)
+        k = np.argmin(np.where(np.isfinite(L), L, np.inf), axis=-1)
+        step = ln[1] - ln[0] if ln.ndim == 1 else None
+        centre = ln[k] if ln.ndim == 1 else np.take_along_axis(ln, k[..., None], -1)[..., 0]
+        if step is None:
+            break
+        ln = centre[..., None] + np.linspace(-2 * step, 2 * step, 401)
+        lf = _log_fpt(ln, fam)
+    logd_best = logC - _log_fpt(centre, fam)
+    return np.exp(centre), np.exp(logd_best)

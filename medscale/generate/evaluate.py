@@ -1,0 +1,157 @@
+"""Task metrics of a model on held-out examples, and of a finished run (stored in its ``summary.json``).
+
+``task_metrics(decoder, tokenizers, examples, image_size)`` decodes caption, boxes and segmentation from the
+image alone (greedy; one parallel pass for the mask unless ``refine_steps`` > 1) in fixed-size batches (the last one padded by repeating
+examples, so nothing recompiles) and scores them with :mod:`medscale.generate.metrics`. The result is a flat
+dict of scalars (``None`` where undefined), keys named ``<target>/<metric>``:
+
+- ``caption/bleu4`` (corpus BLEU-4, unsmoothed), ``caption/bleu4_add1`` (add-one smoothed);
+- ``caption/style_acc``, ``caption/region_acc``, ``caption/count_acc``, ``caption/location_f1``,
+  ``caption/location_size_f1``, ``caption/all_correct`` (finding accuracy; only when examples carry ``facts``);
+- ``boxes/mean_iou`` (Hungarian-matched IoU per ground-truth box), ``boxes/ap50`` (class-aware AP@0.5, ranked by
+  each box's mean token log-probability), ``boxes/num_pred_per_image``;
+- ``segmentation/miou``, ``segmentation/pixel_acc``, ``segmentation/iou_<class>``.
+
+Only metrics go into that dict (the report plots each of its keys against compute); what was evaluated goes
+into ``task_eval``: ``num_examples``, ``checkpoint_step``, ``split``, ``boxes_true_per_image``, ``decoding``.
+
+``evaluate_run(workdir, num_examples)`` does this for a run directory (its latest checkpoint, its held-out
+split) and writes ``task_metrics`` and ``task_eval`` into its ``summary.json`` (atomic rewrite: temp file +
+``os.replace``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+
+from medscale.errors import UserError
+from medscale.generate import metrics as M
+from medscale.generate.predict import DecodeOptions, predict
+
+log = logging.getLogger(__name__)
+
+
+def _batches(items: list, size: int):
+    for s in range(0, len(items), size):
+        chunk = items[s:s + size]
+        yield chunk + [chunk[-1]] * (size - len(chunk)), len(chunk)
+
+
+def task_metrics(decoder, tokenizers: dict, examples: list[dict], image_size: int, *, batch_size: int = 16,
+                 options: DecodeOptions | None = None, progress=None) -> dict:
+    """Metrics (module docstring) of ``decoder`` on ``examples`` (dicts with ``image`` and any of
+    ``caption``, ``boxes``, ``mask``, ``facts``)."""
+    options = options or DecodeOptions()
+    if not examples:
+        raise UserError("no examples to evaluate; ask for at least one")
+    names = {m.name for m in decoder.spec.modalities}
+    if "image" not in names:
+        raise UserError("task metrics decode from the image; this run's model has no image modality")
+    targets = [t for t in ("caption", "boxes", "segmentation") if t in names]
+    preds = []
+    for chunk, real in _batches(examples, min(batch_size, len(examples))):
+        out = predict(decoder, tokenizers, {"image": [e["image"] for e in chunk]}, targets, image_size, options)
+        preds.extend(out[:real])
+        if progress is not None:
+            progress(real)
+    res: dict = {}
+    if "caption" in targets:
+        idx = [i for i, e in enumerate(examples) if e.get("caption")]
+        if idx:
+            hyp = [preds[i]["caption"] for i in idx]
+            ref = [examples[i]["caption"] for i in idx]
+            res["caption/bleu4"] = M.corpus_bleu(hyp, ref)["bleu"]
+            res["caption/bleu4_add1"] = M.corpus_bleu(hyp, ref, smooth="add1")["bleu"]
+        idx = [i for i, e in enumerate(examples) if e.get("facts")]
+        if idx:
+            from medscale.data.synthetic import parse_caption
+
+            found = M.finding_scores([parse_caption(preds[i]["caption"]) for i in idx],
+                                     [examples[i]["facts"] for i in idx])
+            res.update({f"caption/{k}": v for k, v in found.items() if k != "n"})
+    # boxes and masks are known together (the data package: boxes, possibly none, where a mask is)
+    known = [i for i, e in enumerate(examples) if e.get("mask") is not None]
+    if "boxes" in targets and known:
+        pb = [preds[i]["boxes"] for i in known]
+        tb = [list(examples[i].get("boxes") or ()) for i in known]
+        res["boxes/mean_iou"] = M.box_matched_iou(pb, tb)["mean_iou"]
+        res["boxes/ap50"] = M.average_precision(pb, tb, [preds[i]["box_scores"] for i in known])["map"]
+        res["boxes/num_pred_per_image"] = float(np.mean([len(b) for b in pb]))
+    if "segmentation" in targets and known:
+        seg = M.segmentation_iou([preds[i]["segmentation"] for i in known], [examples[i]["mask"] for i in known])
+        res["segmentation/miou"] = seg["miou"]
+        res["segmentation/pixel_acc"] = seg["pixel_acc"]
+        res.update({f"segmentation/iou_{k}": v for k, v in seg["per_class"].items()})
+    return res
+
+
+def write_task_metrics(workdir: str, metrics: dict, meta: dict | None = None) -> dict:
+    """Set ``task_metrics`` (and ``task_eval`` when given) in ``workdir/summary.json`` (atomic); returns the
+    summary."""
+    path = os.path.join(workdir, "summary.json")
+    if not os.path.exists(path):
+        raise UserError(f"{workdir} has no summary.json: the run has not finished; evaluate it when it has")
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is unreadable ({exc}); re-run the training to rewrite it") from None
+    summary["task_metrics"] = metrics
+    if meta is not None:
+        summary["task_eval"] = meta
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+    return summary
+
+
+def evaluate_run(workdir: str, num_examples: int = 64, *, checkpoint: int | None = None, write: bool = True,
+                 batch_size: int = 16, progress: bool = False, data=None, refine_steps: int = 1) -> dict:
+    """Task metrics of run ``workdir`` on ``num_examples`` held-out examples; stored in its summary.json
+    under ``task_metrics`` when ``write`` (see the module docstring). Returns the metrics. ``data``: the
+    run's ``medscale.data.pipeline.Data`` when the caller (the training loop) already has it."""
+    return evaluate_run_with_meta(workdir, num_examples, checkpoint=checkpoint, write=write,
+                                  batch_size=batch_size, progress=progress, data=data,
+                                  refine_steps=refine_steps)[0]
+
+
+def evaluate_run_with_meta(workdir: str, num_examples: int = 64, *, checkpoint: int | None = None,
+                           write: bool = True, batch_size: int = 16, progress: bool = False,
+                           data=None, refine_steps: int = 1) -> tuple[dict, dict]:
+    """:func:`evaluate_run`, also returning what was evaluated (``task_eval``)."""
+    from medscale.generate.run import heldout_examples, load_run
+
+    if num_examples < 1:
+        raise UserError(f"--num must be at least 1, got {num_examples}")
+    if refine_steps < 1:
+        raise UserError(f"--refine-steps must be at least 1, got {refine_steps}")
+    if write and not os.path.exists(os.path.join(workdir, "summary.json")) and os.path.isdir(workdir):
+        raise UserError(f"{workdir} has no summary.json: the run has not finished; evaluate it when it has "
+                        "(or pass --no-write)")
+    run = load_run(workdir, checkpoint, data=data)
+    examples = heldout_examples(run, num_examples)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(examples), desc="evaluate", unit="ex", leave=False)
+    try:
+        res = task_metrics(run.decoder, run.tokenizers, examples, run.image_size, batch_size=batch_size,
+                           options=DecodeOptions(refine_steps=refine_steps),
+                           progress=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    known = [e for e in examples if e.get("mask") is not None]
+    meta = {"num_examples": len(examples), "checkpoint_step": run.step, "split": run.split,
+            "boxes_true_per_image": float(np.mean([len(e.get("boxes") or ()) for e in known])) if known else None,
+            "decoding": "greedy (boxes: grouped greedy), segmentation "
+                        + ("one parallel pass" if refine_steps == 1 else f"{refine_steps} MaskGIT passes")}
+    if write:
+        write_task_metrics(workdir, res, meta)
+    return res, meta

@@ -1,0 +1,331 @@
+"""The local sweep launcher: every run of a sweep in its own ``python -m medscale train`` process.
+
+Order: cheapest (accounted model FLOPs) first; the first run trains alone until one run is done (shared
+caches are then built once), then up to ``workers`` at a time. Done, failed and diverged runs are skipped (``retry_failed``
+reruns failed ones); interrupted runs are relaunched in their own directory, where training resumes from its
+checkpoints; runs another launcher holds (live ``run.lock``) are left to it. Up to ``workers`` runs at once.
+
+A training process that exits without a summary (a crash, a bad config, a signal) gets a ``failed``
+summary written here, atomically, with the error taken from its log; the sweep goes on. Training processes
+die with the launcher (``PR_SET_PDEATHSIG``), so a killed launcher leaves no orphan writing to a run it no
+longer holds, and its locks are reclaimed by the next launcher (dead pid).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from medscale.errors import UserError
+from medscale.sweep import registry
+from medscale.sweep.design import Run
+from medscale.sweep.lock import RunLock
+
+log = logging.getLogger(__name__)
+
+PLAN_NAME = "sweep.json"
+LOG_NAME = "train.log"
+
+
+def package_root() -> str:
+    import medscale
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(medscale.__file__)))
+
+
+def write_plan(run: Run, results: str) -> str:
+    """Create the run's directory and its ``sweep.json`` (rewritten only when the plan changed)."""
+    d = run.workdir(results)
+    os.makedirs(d, exist_ok=True)
+    plan = run.plan()
+    path = os.path.join(d, PLAN_NAME)
+    try:
+        current = registry.read_json(path)
+    except UserError:
+        current = None
+    if current != _roundtrip(plan):
+        registry.write_json_atomic(path, plan)
+    return d
+
+
+def _roundtrip(obj):
+    import json
+
+    return json.loads(json.dumps(obj, sort_keys=True, default=registry._json_default))
+
+
+def error_from_log(path: str, offset: int = 0, rc: int | None = None) -> str:
+    """The most telling line of a training log (from byte ``offset``): its ``error: ...`` line, else the
+    last line of a traceback, else the return code."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            lines = [ln.strip() for ln in fh.read().decode(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        lines = []
+    for line in reversed(lines):
+        if line.startswith("error: "):
+            return line[len("error: "):]
+    for line in reversed(lines):
+        if not line.startswith(("File ", "^", "~")) and ("Error" in line or "Exception" in line):
+            return line
+    if rc is not None and rc < 0:
+        return f"killed by signal {-rc}"
+    tail = lines[-1] if lines else "no output"
+    return f"training exited with status {rc}: {tail}"
+
+
+def failed_summary(run: Run, error: str, workdir: str) -> dict:
+    """A summary for a run whose training process ended without writing one (interfaces.md's keys)."""
+    last = registry.last_train_row(os.path.join(workdir, "metrics.jsonl")) or {}
+    config = registry.read_json(os.path.join(workdir, "config.json"))
+    flops = last.get("flops")
+    return {
+        "run_id": run.run_id, "sweep": run.sweep, "status": "failed", "error": error, "config": config,
+        "size": run.size, "params": run.params, "enc_len": run.enc_len, "dec_len": run.dec_len,
+        "batch_size": run.batch_size, "steps": last.get("step"), "tokens": last.get("tokens"),
+        "model_flops": flops, "hardware_flops": None, "xla_flops": None,
+        "pf_days": None if flops is None else flops / registry.PF_DAY, "wall_s": None, "device_kind": None,
+        "device_count": None, "hardware": None, "mfu": None, "final_train_loss": last.get("loss"),
+        "final_eval_loss": None, "final_train_loss_by_modality": {}, "final_eval_loss_by_modality": {},
+        "task_metrics": {},
+    }
+
+
+def eta_seconds(finished, remaining, active, workers: int) -> float | None:
+    """Seconds left for the sweep: each run's time modelled as ``overhead + flops x seconds_per_flop``, the two
+    fitted (least squares) to the runs finished in this launch (``finished``: [(model FLOPs, wall s)]);
+    ``remaining``: FLOPs of runs not started; ``active``: [(FLOPs, seconds elapsed)] of running ones; the work
+    is shared by ``workers``. None until a run has finished."""
+    import numpy as np
+
+    if not finished:
+        return None
+    f = np.array([x[0] for x in finished], float)
+    t = np.array([x[1] for x in finished], float)
+    overhead, per_flop = 0.0, float(t.sum() / f.sum())
+    if len(f) >= 2 and np.ptp(f) > 0:
+        slope, intercept = np.polyfit(f, t, 1)
+        if slope > 0 and intercept >= 0:
+            overhead, per_flop = float(intercept), float(slope)
+    work = sum(overhead + fl * per_flop for fl in remaining)
+    work += sum(max(0.0, overhead + fl * per_flop - el) for fl, el in active)
+    return work / max(1, min(workers, len(remaining) + len(active)) or 1)
+
+
+class _Active:
+    def __init__(self, run, proc, lock, workdir, log_offset, started):
+        self.run, self.proc, self.lock, self.workdir = run, proc, lock, workdir
+        self.log_offset, self.started = log_offset, started
+        self.base_flops = self.flops()
+
+    def flops(self) -> float:
+        row = registry.last_train_row(os.path.join(self.workdir, "metrics.jsonl"))
+        return float(row["flops"]) if row and row.get("flops") is not None else 0.0
+
+
+class Launcher:
+    """Runs ``runs`` under ``results`` with up to ``workers`` training processes; ``launch()`` -> report."""
+
+    def __init__(self, runs: list[Run], results: str, workers: int = 1, progress: bool = True,
+                 retry_failed: bool = False, env: dict | None = None, poll_s: float = 0.5,
+                 train_args: tuple[str, ...] = (), first_alone: bool = True, compile_cache: str | None = None):
+        if workers < 1:
+            raise UserError(f"--workers must be at least 1, got {workers}")
+        self.runs, self.results, self.workers = list(runs), results, workers
+        self.progress, self.retry_failed, self.poll_s = progress, retry_failed, poll_s
+        self.env, self.train_args = env or {}, tuple(train_args)
+        self.first_alone = first_alone
+        if compile_cache:  # runs of one shape at several budgets share their compiled steps
+            self.env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(compile_cache))
+            self.env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        self.outcome: dict[str, str] = {}
+        self.errors: dict[str, str] = {}
+        self.timings: list[tuple[float, float]] = []  # (model FLOPs, wall s) of runs done in this launch
+
+    # -- one run -------------------------------------------------------------------------------------
+    def _spawn(self, run: Run) -> _Active | None:
+        workdir = run.workdir(self.results)
+        lock = RunLock(workdir)
+        if not lock.acquire():
+            self.outcome[run.run_id] = "running elsewhere"
+            return None
+        state = registry.run_state(workdir, locks=False)
+        if state in ("done", "diverged") or (state == "failed" and not self.retry_failed):
+            lock.release()  # finished meanwhile by another launcher
+            self.outcome[run.run_id] = state
+            return None
+        if state == "failed":
+            os.replace(os.path.join(workdir, "summary.json"),
+                       os.path.join(workdir, f"summary.failed-{int(time.time())}.json"))
+        log_path = os.path.join(workdir, LOG_NAME)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root(), env.get("PYTHONPATH")) if p)
+        env.update(self.env)
+        argv = [sys.executable, "-m", "medscale.sweep._child", str(os.getpid()), *run.train_argv(workdir), "--quiet", *self.train_args]
+        with open(log_path, "ab") as fh:
+            offset = fh.tell()
+            fh.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} launch ({state}): medscale {' '.join(argv[4:])}\n"
+                     .encode())
+            fh.flush()
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+                                    env=env, start_new_session=True)
+        lock.set_child(proc.pid)
+        log.info("started %s (%s) pid %d", run.run_id, state, proc.pid)
+        return _Active(run, proc, lock, workdir, offset, time.time())
+
+    def _finish(self, act: _Active, rc: int) -> None:
+        summary_path = os.path.join(act.workdir, "summary.json")
+        try:
+            summary = registry.read_json(summary_path)
+        except UserError as exc:
+            summary, rc = None, rc or 1
+            os.replace(summary_path, summary_path + ".corrupt")
+            log.warning("%s", exc)
+        if summary is None:
+            error = error_from_log(os.path.join(act.workdir, LOG_NAME), act.log_offset, rc) if rc else \
+                "training exited without writing summary.json"
+            registry.write_json_atomic(summary_path, failed_summary(act.run, error, act.workdir))
+            status = "failed"
+        else:
+            status = summary.get("status", "done")
+            error = summary.get("error")
+        if error and status != "done":
+            self.errors[act.run.run_id] = str(error)
+        if status == "done":
+            self.timings.append((act.run.model_flops, time.time() - act.started))
+        self.outcome[act.run.run_id] = status
+        act.lock.release()
+        log.info("%s: %s", act.run.run_id, status)
+
+    # -- the sweep -----------------------------------------------------------------------------------
+    def launch(self) -> dict:
+        import resource
+
+        start = time.time()
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        queue, done_flops = [], 0.0
+        for run in self.runs:
+            workdir = write_plan(run, self.results)
+            state = registry.run_state(workdir)
+            if state == "done" or state == "diverged" or (state == "failed" and not self.retry_failed):
+                self.outcome[run.run_id] = state
+                done_flops += run.model_flops
+            else:
+                queue.append(run)
+        total = sum(r.model_flops for r in self.runs) or 1.0
+        bar = self._bar(total, done_flops)
+        active: list[_Active] = []
+        finished_flops = done_flops
+        try:
+            while queue or active:
+                # the first run trains alone until one finishes, so shared caches (dataset, tokenizers,
+                # compiled steps) are built once rather than by every worker at the same time
+                alone = self.first_alone and not any(v == "done" for v in self.outcome.values())
+                while queue and len(active) < (1 if alone else self.workers):
+                    act = self._spawn(queue.pop(0))
+                    if act is not None:
+                        active.append(act)
+                for act in list(active):
+                    rc = act.proc.poll()
+                    if rc is None:
+                        act.lock.heartbeat()
+                        continue
+                    self._finish(act, rc)
+                    active.remove(act)
+                    finished_flops += act.run.model_flops
+                now_flops = finished_flops + sum(min(a.flops(), a.run.model_flops) for a in active)
+                self._show(bar, now_flops, total, start, done_flops, active, queue)
+                if queue or active:
+                    time.sleep(self.poll_s)
+        except BaseException:
+            for act in active:  # leave them interrupted (resumable), never half-written
+                _terminate(act.proc)
+                act.lock.release()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        counts = {}
+        for status in self.outcome.values():
+            counts[status] = counts.get(status, 0) + 1
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu_s = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+        return {"runs": len(self.runs), "counts": counts, "outcome": dict(self.outcome),
+                "errors": dict(self.errors), "wall_s": time.time() - start, "train_cpu_s": cpu_s}
+
+    def _bar(self, total, initial):
+        if not self.progress:
+            return None
+        import tqdm
+
+        return tqdm.tqdm(total=total, initial=initial, unit="FLOP", unit_scale=True, file=sys.stderr,
+                         bar_format="{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} FLOPs{postfix}",
+                         desc="sweep ")
+
+    def _show(self, bar, now_flops, total, start, base, active, queue):
+        if bar is None:
+            return
+        now = time.time()
+        elapsed = now - start
+        rate = (now_flops - base) / elapsed if elapsed > 0 else 0.0
+        eta = eta_seconds(self.timings, [r.model_flops for r in queue],
+                          [(a.run.model_flops, now - a.started) for a in active], self.workers)
+        counts = {}
+        for status in self.outcome.values():
+            counts[status] = counts.get(status, 0) + 1
+        parts = [f"done {counts.get('done', 0)}/{len(self.runs)}", f"running {len(active)}"]
+        if counts.get("failed"):
+            parts.append(f"failed {counts['failed']}")
+        parts.append(f"{rate:.3g} FLOP/s")
+        parts.append("ETA " + (_fmt_s(eta) if eta is not None else "?"))
+        text = ", ".join(parts)
+        key = (round(now_flops), parts[:-2])
+        if key != getattr(self, "_last_key", None) or now - getattr(self, "_last_show", 0.0) > 10.0:
+            self._last_key, self._last_show = key, now
+            bar.n = min(now_flops, total)
+            bar.set_postfix_str(text, refresh=False)
+            bar.refresh()
+
+
+def _fmt_s(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _terminate(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def run_sweep(path: str, results: str = "results", workers: int = 1, only: str | None = None,
+              progress: bool = True, retry_failed: bool = False, env: dict | None = None,
+              compile_cache: str | None = "") -> dict:
+    """Load a sweep definition, plan it, and launch it locally; returns the launcher's report."""
+    from medscale.sweep.design import expand, filter_runs, load_definition
+
+    sweep = load_definition(path)
+    runs = filter_runs(expand(sweep), only)
+    if compile_cache == "":
+        compile_cache = os.path.join(results, ".cache", "jax")
+    report = Launcher(runs, results, workers=workers, progress=progress, retry_failed=retry_failed,
+                      env=env, compile_cache=compile_cache).launch()
+    report["sweep"] = sweep.name
+    report["results"] = os.path.join(results, sweep.name)
+    return report
