@@ -24,7 +24,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="medscale", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="medscale", description="Compute-optimal scaling studies of a multimodal medical "
+                     "encoder-decoder: budget, flops, train, sweep, fit, report, generate, evaluate, bench.")
     parser.add_argument("--version", action="version", version=f"medscale {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     import medscale.commands as commands

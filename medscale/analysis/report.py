@@ -1,0 +1,825 @@
+"""The study report: figures, the recommendation for a budget with its uncertainty, per-modality laws, the
+comparison with earlier models, and the table of runs (``medscale report``).
+
+``build_report(results_dir, out_dir, ...)`` loads the runs (``medscale.sweep.registry``), fits the laws with the
+same function and arguments as ``medscale fit`` (``fit_all``), writes ``report.md``, ``report.json`` and the
+figures (PNG + SVG) under ``out_dir``, and returns the report as a dict (what ``report.json`` holds).
+
+Conventions (stated in the report too):
+- N: non-embedding parameters; D: tokens seen (encoder + decoder); C: model FLOPs of the project's accounting.
+- The recommendation meets the compute axis through the project's accounting, C = D x flops_per_token(N) along
+  the ladder family at the sweep's lengths (``plots.LadderAccounting`` = ``medscale fit --accounting encdec``);
+  the figures through the runs' own FLOPs per token, then the ladder (``plots.SweepAccounting``); without the
+  accounting, C = k N D with k the sweep's median C / (N D) (``plots.KND``).
+- The fit is ``medscale fit``'s (``inputs.read_table``, its default approaches, the budget as ``--budget-flops``);
+  intervals are its 95% bootstrap percentile intervals; the loss interval uses the same bootstrap refits.
+- Published laws are evaluated in their own convention (C = 6 N D; Chinchilla/Epoch N = all parameters).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import inspect
+import json
+import logging
+import math
+import os
+import tempfile
+
+import numpy as np
+
+from medscale.analysis import plots
+from medscale.analysis.laws import PUBLISHED, ChinchillaLaw
+from medscale.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PF_DAY = plots.PF_DAY
+DEFAULT_BUDGET = {"hardware": "dgx-1", "gpus": None, "days": 7.0}
+DEFAULT_MFU = 0.35  # used only when the sweep measured none and none is given; always stated
+DEFAULT_BATCH = 256  # sequences per optimizer step for the recommended run (global batch), stated
+EXTRAPOLATION_WARN = 10.0  # warn when the budget exceeds the largest fitted run by more than this factor
+FIT_MODULES = ("medscale.analysis.fitting", "medscale.analysis.fit")
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def load_runs(results_dir: str):
+    """``(runs, curves)`` of a sweep folder: the registry's run table (``task_metrics`` added from the summaries
+    when the table lacks them) and eval curves."""
+    from medscale.sweep.registry import load_curves, load_sweep
+
+    if not os.path.isdir(results_dir):
+        raise UserError(f"results folder {results_dir} not found; give a sweep folder (results/<sweep>)")
+    runs = load_sweep(results_dir)
+    if runs is None or len(runs) == 0:
+        raise UserError(f"no runs under {results_dir}; run a sweep first (medscale sweep run) or point at "
+                        "a folder of run directories with summary.json")
+    try:
+        curves = load_curves(results_dir)
+    except UserError:
+        curves = None
+    if "task_metrics" not in runs.columns and not any(c.startswith("task/") for c in runs.columns):
+        runs["task_metrics"] = [_task_metrics(results_dir, r, s) for r, s in zip(runs["run_id"], runs["sweep"])]
+    return runs, curves
+
+
+def _task_metrics(results_dir: str, run_id: str, sweep=None):
+    """``task_metrics`` of a run's summary.json (evaluation adds them; the registry table does not carry them)."""
+    for path in (os.path.join(results_dir, str(run_id), "summary.json"),
+                 os.path.join(results_dir, str(sweep), str(run_id), "summary.json"),
+                 os.path.join(results_dir, "summary.json")):
+        if os.path.isfile(path):
+            try:
+                with open(path) as fh:
+                    s = json.load(fh)
+            except (OSError, ValueError):
+                return None
+            if s.get("run_id", run_id) == run_id:
+                return s.get("task_metrics") or None
+    return None
+
+
+def resolve_fit_all(fit_fn=None):
+    """The law-fitting function of ``medscale fit``: ``fit_all(points, approaches, bootstrap, seed, budgets,
+    curves, ...) -> dict`` (``medscale.analysis.fitting``)."""
+    if fit_fn is not None:
+        return fit_fn
+    for name in FIT_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(mod, "fit_all"):
+            return mod.fit_all
+    raise RuntimeError("medscale.analysis has no fit_all yet (the law-fitting module is missing)")
+
+
+def fit_points(results_dir: str, runs=None, curves=None):
+    """``(points, curves, source)``: exactly the table ``medscale fit RESULTS_DIR`` fits
+    (``medscale.analysis.inputs.read_table``)."""
+    from medscale.analysis import inputs
+
+    return inputs.read_table(results_dir)
+
+
+def modality_points(runs, col: str):
+    """The finished runs with ``loss`` replaced by a modality's loss column, in the fit's canonical form."""
+    from medscale.analysis import inputs
+
+    d = plots.done_runs(runs)
+    d = d[np.isfinite(d[col].astype(float))].copy()
+    d["loss"] = d[col].astype(float)
+    keep = [c for c in inputs.CANONICAL if c in d.columns]
+    return inputs.canonicalise(d[keep].reset_index(drop=True), {}, where=col)
+
+
+def default_approaches(points, curves, bin_dex: float = 0.1) -> tuple:
+    """``medscale fit``'s default: Approach 3, plus 2 when the runs form 2+ IsoFLOP groups, plus 1 with curves."""
+    out = ["3"]
+    try:
+        from medscale.analysis import isoflop
+
+        groups = len(isoflop.assign_groups(points, bin_dex)[1])
+    except (ImportError, UserError):
+        groups = int(points["budget"].nunique()) if "budget" in points.columns else 0
+    if groups >= 2:
+        out.append("2")
+    if curves is not None and len(curves):
+        out.append("1")
+    return tuple(out)
+
+
+def run_fit(fit_fn, points, curves=None, approaches=("3", "2", "1"), bootstrap: int = 0, seed: int = 0,
+            budgets=(), **extra) -> dict:
+    """Call ``fit_fn`` as ``medscale fit`` does (arguments it does not take are left out). When Approach 1 or 2
+    cannot be fitted on these runs (a UserError naming why), it is dropped and the reason kept in
+    ``warnings``, so the report still shows what can be fitted."""
+    try:
+        params = set(inspect.signature(fit_fn).parameters)
+    except (TypeError, ValueError):
+        params = {"approaches", "bootstrap", "seed"}
+    dropped = []
+    approaches = tuple(str(a) for a in approaches)
+    while True:
+        kwargs = {"approaches": approaches, "bootstrap": bootstrap, "seed": seed}
+        if "budgets" in params:
+            kwargs["budgets"] = list(budgets)
+        if "curves" in params and "1" in approaches:
+            kwargs["curves"] = curves
+        kwargs.update({k: v for k, v in extra.items() if k in params})
+        try:
+            fit = fit_fn(points, **kwargs)
+            break
+        except UserError as exc:
+            optional = [a for a in approaches if a in ("1", "2")]
+            if not optional:
+                raise
+            named = [a for a in optional if f"approach {a}" in str(exc).lower()]
+            drop = named[0] if named else optional[-1]
+            dropped.append(f"approach {drop} left out: {exc}")
+            approaches = tuple(a for a in approaches if a != drop)
+    if dropped:
+        fit = dict(fit)
+        fit["warnings"] = list(fit.get("warnings") or []) + dropped
+    return fit
+
+
+# ------------------------------------------------------------------------------------------- fit access
+
+
+def fitted_law(fit: dict, name: str = "fit") -> ChinchillaLaw | None:
+    """Approach 3's law from a fit dict (None if the fit has none)."""
+    p = (fit or {}).get("approach3") or {}
+    try:
+        return ChinchillaLaw(name, E=float(p["E"]), A=float(p["A"]), B=float(p["B"]), alpha=float(p["alpha"]),
+                             beta=float(p["beta"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _laws_from(draws) -> list[ChinchillaLaw]:
+    """Laws from a list of parameter dicts or a dict of parameter lists."""
+    if isinstance(draws, dict) and all(k in draws for k in ("E", "A", "B", "alpha", "beta")):
+        draws = [dict(zip(("E", "A", "B", "alpha", "beta"), row))
+                 for row in zip(*(draws[k] for k in ("E", "A", "B", "alpha", "beta")))]
+    out = []
+    for d in draws if isinstance(draws, list) else []:
+        try:
+            law = ChinchillaLaw("draw", E=float(d["E"]), A=float(d["A"]), B=float(d["B"]),
+                                alpha=float(d["alpha"]), beta=float(d["beta"]))
+        except (KeyError, TypeError, ValueError):
+            continue
+        if all(math.isfinite(v) for v in (law.E, law.A, law.B, law.alpha, law.beta)) and law.alpha + law.beta > 0:
+            out.append(law)
+    return out
+
+
+def bootstrap_laws(fit: dict) -> list[ChinchillaLaw]:
+    """The bootstrap refits of Approach 3 as laws, when the fit dict carries them (``draws``)."""
+    app = (fit or {}).get("approach3") or {}
+    for holder, key in ((app, "draws"), (app, "bootstrap"), (fit or {}, "bootstrap_draws")):
+        val = holder.get(key)
+        if isinstance(val, dict) and "draws" in val:
+            val = val["draws"]
+        laws = _laws_from(val)
+        if laws:
+            return laws
+    return []
+
+
+def reproduce_draws(fit: dict, points, seed: int = 0, delta: float | None = None) -> list[ChinchillaLaw]:
+    """Approach 3's bootstrap refits when the fit dict reports only their percentiles: the fit module's own
+    ``approach3.bootstrap`` (runs resampled with the same seed, each refit warm-started at the fitted optimum).
+    Empty when that module is absent or its interface differs."""
+    app = (fit or {}).get("approach3") or {}
+    n_boot = int(((app.get("bootstrap") or {}).get("n") if isinstance(app.get("bootstrap"), dict) else 0) or 0)
+    if n_boot <= 0 or fitted_law(fit) is None:
+        return []
+    try:
+        from medscale.analysis import approach3
+    except ImportError:
+        return []
+    try:
+        import types
+
+        law = fitted_law(fit)
+        base = types.SimpleNamespace(optima=[{"theta": approach3.law_to_theta(law.E, law.A, law.B, law.alpha,
+                                                                              law.beta).tolist()}])
+        n, d, loss = (points[c].to_numpy(np.float64) for c in ("params", "tokens", "loss"))
+        groups = points["run_id"].to_numpy() if "run_id" in points.columns else None
+        th, _, conv = approach3.bootstrap(n, d, loss, base, n_boot, seed=seed, groups=groups,
+                                          delta=app.get("delta") or delta or approach3.DELTA)
+    except (AttributeError, TypeError, ValueError, KeyError) as exc:
+        log.warning("could not reproduce the bootstrap draws (%s); loss intervals left out", exc)
+        return []
+    th = np.asarray(th, dtype=float)[np.asarray(conv, dtype=bool)]  # refits that converged
+    draws = {"E": np.exp(th[:, 2]), "A": np.exp(th[:, 0]), "B": np.exp(th[:, 1]), "alpha": th[:, 3],
+             "beta": th[:, 4]}
+    return _laws_from({k: v.tolist() for k, v in draws.items()})
+
+
+def ci_level(fit: dict) -> float:
+    """The level of the fit's intervals (``medscale fit`` reports 2.5-97.5 percentiles: 0.95)."""
+    for key in ("ci_level", "level", "confidence"):
+        for holder in (fit or {}, (fit or {}).get("approach3") or {}):
+            v = holder.get(key)
+            if isinstance(v, (int, float)) and 0 < v < 1:
+                return float(v)
+    return 0.95
+
+
+def fit_allocation(fit: dict, c6: float, approach: str = "approach3", key: str = "allocation"):
+    """The fit's own allocation row at budget ``c6`` (``key``: allocation = its C = 6ND convention,
+    allocation_encdec = the project's accounting), or None."""
+    for row in ((fit or {}).get(approach) or {}).get(key) or []:
+        if isinstance(row, dict) and row.get("C") and math.isclose(float(row["C"]), c6, rel_tol=1e-9):
+            return row
+    return None
+
+
+def _interval(values, level):
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
+    if len(v) < 2:
+        return None
+    q = (1 - level) / 2 * 100
+    return [float(np.percentile(v, q)), float(np.percentile(v, 100 - q))]
+
+
+def power_allocation(app: dict):
+    """``(kN, a, kD, b)`` with N_opt = kN C^a, D_opt = kD C^b from an Approach 1/2 dict, or None."""
+    if not isinstance(app, dict) or "a" not in app or "b" not in app:
+        return None
+    a, b = float(app["a"]), float(app["b"])
+    for kn, kd in (("n_coef", "d_coef"), ("kn", "kd"), ("k_n", "k_d"), ("A_n", "A_d"), ("n0", "d0"),
+                   ("n_scale", "d_scale")):
+        if kn in app and kd in app:
+            return float(app[kn]), a, float(app[kd]), b
+    for kn, kd in (("log10_n_coef", "log10_d_coef"), ("log10_kn", "log10_kd")):
+        if kn in app and kd in app:
+            return 10 ** float(app[kn]), a, 10 ** float(app[kd]), b
+    for kn, kd in (("log_n_coef", "log_d_coef"), ("log_kn", "log_kd")):
+        if kn in app and kd in app:
+            return math.exp(float(app[kn])), a, math.exp(float(app[kd])), b
+    return None
+
+
+# ------------------------------------------------------------------------------------------- budget
+
+
+def resolve_budget(hardware: str | None = None, gpus: int | None = None, days: float | None = None,
+                   mfu: float | None = None, precision: str | None = None, flops: float | None = None,
+                   measured_mfu: float | None = None, measured_on: str | None = None) -> dict:
+    """The budget in FLOPs and the hardware it runs on. Default: one DGX-1 (8 x V100 SXM2 32 GB), 7 days.
+    MFU: as given (stated), else the sweep's measured median MFU applied to the target's peak (same fraction of
+    peak), else DEFAULT_MFU (assumed); the source is recorded."""
+    if flops is not None:
+        flops = float(flops)
+        if not math.isfinite(flops) or flops <= 0:
+            raise UserError(f"--flops must be a positive number, got {flops:g}")
+    if days is not None and (not math.isfinite(days) or days <= 0):
+        raise UserError(f"--days must be positive, got {days:g}")
+    if mfu is not None and not (0 < mfu <= 1):
+        raise UserError(f"--mfu must be in (0, 1], got {mfu:g}")
+    if flops is None and hardware is None:
+        hardware = DEFAULT_BUDGET["hardware"]
+        days = DEFAULT_BUDGET["days"] if days is None else days
+    if flops is None and days is None:
+        days = DEFAULT_BUDGET["days"]
+    out = {"flops": flops, "hardware": None, "gpus": None, "days": days, "precision": None, "peak_flops": None,
+           "mfu": None, "mfu_source": None}
+    if hardware is not None:
+        from medscale import hardware as hw
+
+        device, default_gpus = hw.resolve(hardware)
+        gpus = default_gpus if gpus is None else int(gpus)
+        if gpus <= 0:
+            raise UserError(f"--gpus must be a positive whole number, got {gpus}")
+        precision = precision or hw.default_precision(device)
+        peak = hw.peak_flops(device, precision)
+        if mfu is not None:
+            src = "stated (--mfu)"
+        elif measured_mfu is not None and math.isfinite(measured_mfu) and measured_mfu > 0:
+            mfu = float(measured_mfu)
+            src = (f"measured in the sweep on {measured_on or 'its device'} (median over runs), assumed to hold "
+                   f"as the same fraction of {device}'s {precision} peak")
+        else:
+            mfu = DEFAULT_MFU
+            src = "assumed (the sweep recorded no MFU); pass --mfu to state yours"
+        out.update(hardware=device, gpus=gpus, precision=precision, peak_flops=peak, mfu=float(mfu),
+                   mfu_source=src)
+        if flops is None:
+            flops = gpus * peak * mfu * days * 86_400
+            out["flops"] = flops
+        else:
+            out["days"] = flops / (gpus * peak * mfu) / 86_400
+    out["pf_days"] = out["flops"] / PF_DAY
+    return out
+
+
+# ------------------------------------------------------------------------------------------- recommendation
+
+
+def _ladder(n_target: float, enc_len: int | None, dec_len: int | None):
+    """``(name, non-embedding params, model FLOPs per token, shape)`` of the ladder size nearest to n_target."""
+    try:
+        from medscale import accounting
+    except ImportError:
+        return None
+    specs = accounting.ladder_specs(enc_len=enc_len, dec_len=dec_len)
+    spec = accounting.nearest_ladder(n_target, "non_embedding", specs)
+    counts = accounting.param_counts(spec)
+    shape = {k: getattr(spec, k) for k in ("d_model", "enc_layers", "dec_layers", "num_heads", "d_ff")}
+    return spec.name, float(counts["non_embedding"]), float(accounting.flops_per_token(spec)), shape, counts
+
+
+def _mode(series):
+    s = series.dropna()
+    return None if len(s) == 0 else int(s.mode().iloc[0])
+
+
+def compute_model(runs):
+    """The compute model of the recommendation: the project's accounting along the ladder family at the sweep's
+    sequence lengths (``plots.LadderAccounting``, = ``medscale fit --accounting encdec``), else C = k N D with k
+    from the runs."""
+    done = plots.done_runs(runs)
+    enc = _mode(done["enc_len"]) if "enc_len" in done.columns else None
+    dec = _mode(done["dec_len"]) if "dec_len" in done.columns else None
+    try:
+        return plots.LadderAccounting(enc, dec)
+    except (ImportError, AttributeError, UserError):
+        return plots.KND(plots.compute_factor(runs))
+
+
+def figure_model(runs, model=None):
+    """The compute model of the figures: the runs' own FLOPs per token through the data, the ladder family above
+    (``plots.SweepAccounting``); the recommendation's model when that cannot be tabulated."""
+    model = model or compute_model(runs)
+    if isinstance(model, plots.LadderAccounting):
+        try:
+            return plots.SweepAccounting(runs, model.enc_len, model.dec_len)
+        except (ValueError, ImportError, UserError):
+            pass
+    return model
+
+
+def recommend(fit: dict, runs, budget: dict, batch_size: int = DEFAULT_BATCH, draws=None, model=None) -> dict:
+    """N_opt, D_opt and predicted loss at the budget with bootstrap intervals; the nearest ladder size with its
+    tokens, steps, batch and wall-clock; the spread across approaches and published laws; extrapolation.
+
+    N_opt and D_opt follow the compute ``model`` (default ``compute_model(runs)``). Their intervals are the fit's
+    own allocation at the budget when it computed it (``medscale fit --budget-flops C --accounting encdec``; for
+    C = k N D: its 6ND allocation at C6 = 6 C / k), else the percentiles of ``draws``; the loss interval comes
+    from ``draws`` (default: those in the fit dict)."""
+    law = fitted_law(fit)
+    if law is None:
+        raise UserError("the fit has no Approach 3 law (too few runs?); add runs or check medscale fit")
+    draws = bootstrap_laws(fit) if draws is None else draws
+    model = model or compute_model(runs)
+    level = ci_level(fit)
+    k = plots.compute_factor(runs)
+    c = float(budget["flops"])
+    c6 = 6.0 * c / k
+    n_opt, d_opt = (float(x) for x in model.optimum(law, c))
+    loss = float(law.loss(n_opt, d_opt))
+    if draws:
+        with np.errstate(all="ignore"):
+            nd_n, nd_d = (np.ravel(x) for x in model.optimum_draws(draws, [c]))
+        d_losses = [float(g.loss(n, d)) for g, n, d in zip(draws, nd_n, nd_d)]
+    else:
+        nd_n = nd_d = np.array([])
+        d_losses = []
+    if isinstance(model, plots.KND):
+        row, src = fit_allocation(fit, c6), "medscale fit allocation at C6 = 6C/k"
+    else:
+        row, src = fit_allocation(fit, c, key="allocation_encdec"), "medscale fit --accounting encdec allocation"
+    n_ci = (row or {}).get("ci", {}).get("n_opt") or _interval(nd_n, level)
+    d_ci = (row or {}).get("ci", {}).get("d_opt") or _interval(nd_d, level)
+    rec = {
+        "compute_model": model.label, "compute_factor_k": k, "budget_flops_6nd": c6, "ci_level": level,
+        "bootstrap_draws": len(draws),
+        "interval_source": src if row and row.get("ci") else "bootstrap draws",
+        "fit_allocation": row,
+        "n_opt": {"value": n_opt, "ci": n_ci},
+        "d_opt": {"value": d_opt, "ci": d_ci},
+        "loss": {"value": loss, "ci": _interval(d_losses, level)},
+        "tokens_per_param": d_opt / n_opt,
+    }
+    done = plots.done_runs(runs)
+    enc = _mode(done["enc_len"]) if "enc_len" in done.columns else None
+    dec = _mode(done["dec_len"]) if "dec_len" in done.columns else None
+    lad = _ladder(n_opt, enc, dec)
+    if lad is not None:
+        name, n_l, fpt, shape, counts = lad
+        seq = (enc or 0) + (dec or 0)
+        tokens_fill = c / fpt  # tokens whose model FLOPs use the whole budget at this size
+        tokens_per_step = batch_size * seq if seq else None
+        steps = math.ceil(tokens_fill / tokens_per_step) if tokens_per_step else None
+        l_fill = float(law.loss(n_l, tokens_fill))
+        rec["ladder"] = {
+            "name": name, "params_non_embedding": n_l, "params_total": float(counts["total"]), "shape": shape,
+            "enc_len": enc, "dec_len": dec, "flops_per_token": fpt, "tokens": tokens_fill,
+            "tokens_per_param": tokens_fill / n_l, "batch_size": batch_size, "tokens_per_step": tokens_per_step,
+            "steps": steps,
+            "loss": {"value": l_fill, "ci": _interval([float(g.loss(n_l, tokens_fill)) for g in draws], level)},
+            "days": budget.get("days"),
+            "loss_penalty_vs_optimum": l_fill - loss,
+        }
+    # spread: N_opt and D_opt at this budget by every approach and published law
+    spread = {"approach3": {"n_opt": n_opt, "d_opt": d_opt, "a": law.a, "b": law.b,
+                            "convention": model.label}}
+    for name in ("approach2", "approach1"):
+        pa = power_allocation((fit or {}).get(name))
+        if pa is not None:
+            kn, a, kd, b = pa
+            spread[name] = {"n_opt": kn * c**a, "d_opt": kd * c**b, "a": a, "b": b,
+                            "convention": "power law fitted on this sweep's C"}
+        elif isinstance((fit or {}).get(name), dict) and "a" in fit[name]:
+            spread[name] = {"n_opt": None, "d_opt": None, "a": float(fit[name]["a"]),
+                            "b": float(fit[name].get("b", float("nan"))), "convention": "exponents only"}
+    for name in plots.PUBLISHED_OVERLAY:
+        pub = PUBLISHED[name]
+        spread[name] = {"n_opt": float(pub.n_opt(c)), "d_opt": float(pub.d_opt(c)), "a": pub.a, "b": pub.b,
+                        "convention": "C = 6 N D, " + ("non-embedding N" if name == "kaplan2020" else "all params"),
+                        "citation": pub.citation}
+    ns = [v["n_opt"] for v in spread.values() if v.get("n_opt")]
+    rec["spread"] = spread
+    rec["spread_factor_n_opt"] = max(ns) / min(ns) if len(ns) > 1 else 1.0
+    ours = [v["n_opt"] for key, v in spread.items() if key.startswith("approach") and v.get("n_opt")]
+    rec["spread_factor_approaches"] = max(ours) / min(ours) if len(ours) > 1 else 1.0
+    c_max = float(done["flops"].max())
+    factor = c / c_max
+    rec["extrapolation"] = {
+        "fitted_flops_min": float(done["flops"].min()), "fitted_flops_max": c_max, "factor": factor,
+        "decades": math.log10(factor) if factor > 0 else float("nan"),
+        "warning": (f"the budget is {factor:.3g}x the largest fitted run ({c_max:.3g} FLOPs): the law is "
+                    f"extrapolated over {math.log10(factor):.1f} decades of compute; treat N_opt, D_opt and the "
+                    "loss as a forecast, and check it with one run near the target before spending the budget"
+                    if factor > EXTRAPOLATION_WARN else None),
+    }
+    return rec
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating, float)):
+        v = float(x)
+        return v if math.isfinite(v) else None
+    if isinstance(x, (np.bool_,)):
+        return bool(x)
+    if x is None or isinstance(x, (str, int, bool)):
+        return x
+    return str(x)
+
+
+def _atomic_write(path: str, text: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def runs_table(runs) -> list[dict]:
+    cols = ["run_id", "status", "size", "params", "tokens", "flops", "pf_days", "enc_len", "dec_len", "budget",
+            "loss", "mfu", "wall_s"]
+    cols += [c for c in runs.columns if c.startswith("loss/")]
+    d = runs.copy()
+    if "flops" in d.columns:
+        d = d.sort_values("flops", na_position="last")
+    out = []
+    for _, r in d.iterrows():
+        out.append({c: _jsonable(r[c]) if c in d.columns else None for c in cols})
+    return out
+
+
+def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str | None = None,
+                 gpus: int | None = None, days: float | None = None, mfu: float | None = None,
+                 precision: str | None = None, flops: float | None = None, bootstrap: int = 200, seed: int = 0,
+                 batch_size: int = DEFAULT_BATCH, modality_bootstrap: int | None = None, fit_fn=None,
+                 figures: bool = True, progress=None) -> dict:
+    """Write ``report.md``, ``report.json`` and ``figures/*.{png,svg}`` under ``out_dir`` (default
+    ``RESULTS_DIR/report``); return the report dict. ``fit_fn`` defaults to ``medscale fit``'s ``fit_all``."""
+    from medscale.analysis import comparison
+
+    out_dir = out_dir or os.path.join(results_dir, "report")
+    step = progress or (lambda msg: None)
+    runs, curves = load_runs(results_dir)
+    done = plots.done_runs(runs)
+    if len(done) < 3:
+        raise UserError(f"only {len(done)} finished runs with a loss under {results_dir}; a law needs more "
+                        "(run more of the sweep)")
+    measured = done["mfu"].astype(float) if "mfu" in done.columns else None
+    measured_mfu = float(np.nanmedian(measured)) if measured is not None and np.isfinite(measured).any() else None
+    kinds = sorted({str(x) for x in done.get("device_kind", [])
+                    if x is not None and not (isinstance(x, float) and math.isnan(x))})
+    budget = resolve_budget(hardware, gpus, days, mfu, precision, flops, measured_mfu, ", ".join(kinds) or None)
+    fit_all = resolve_fit_all(fit_fn)
+    k = plots.compute_factor(runs)
+    model = compute_model(runs)
+    c = float(budget["flops"])
+    if isinstance(model, plots.LadderAccounting):  # medscale fit --accounting encdec at the budget itself
+        fit_budget = c
+        extra = {"accounting": "encdec", "n_convention": "non_embedding", "enc_len": model.enc_len,
+                 "dec_len": model.dec_len}
+    else:  # C = k N D: the fit's 6ND allocation at C6 = 6C/k is N_opt(C) under C = k N D
+        fit_budget = 6.0 * c / k
+        extra = {}
+    points, fcurves, _source = fit_points(results_dir, runs, curves)
+    approaches = default_approaches(points, fcurves)
+    step(f"fitting the total loss (approaches {', '.join(approaches)}, {bootstrap} bootstrap draws)")
+    fit = run_fit(fit_all, points, fcurves, approaches=approaches, bootstrap=bootstrap, seed=seed,
+                  budgets=[fit_budget], **extra)
+    approaches = tuple(a for a in approaches if f"approach{a}" in fit)  # those fitted (see run_fit)
+    cli = [f"--approach={a}" for a in approaches] + ["--bootstrap", str(bootstrap), "--seed", str(seed),
+                                                     "--budget-flops", repr(fit_budget)]
+    if extra:
+        cli += ["--accounting", "encdec", "--n-convention", "non_embedding"]
+        cli += [f"--enc-len={model.enc_len}"] if model.enc_len is not None else []
+        cli += [f"--dec-len={model.dec_len}"] if model.dec_len is not None else []
+    law = fitted_law(fit)
+    draws = bootstrap_laws(fit) or reproduce_draws(fit, points, seed=seed)
+    rec = recommend(fit, runs, budget, batch_size, draws=draws, model=model)
+    # per-modality laws: the same fit (Approach 3) on each modality's loss
+    modality_fits = {}
+    mb = bootstrap if modality_bootstrap is None else modality_bootstrap
+    for col in plots.modality_columns(done):
+        mod = col.split("/", 1)[1]
+        try:
+            mpoints = modality_points(runs, col)
+            if len(mpoints) < 3:
+                continue
+            step(f"fitting the {mod} loss")
+            mfit = run_fit(fit_all, mpoints, None, approaches=("3",), bootstrap=mb, seed=seed,
+                           budgets=[fit_budget], **extra)
+        except UserError as exc:
+            log.warning("no law for modality %s: %s", mod, exc)
+            continue
+        mlaw = fitted_law(mfit)
+        if mlaw is None:
+            continue
+        n_o, d_o = (float(x) for x in model.optimum(mlaw, c))
+        modality_fits[mod] = {"fit": mfit, "n_opt": n_o, "d_opt": d_o, "loss_at_budget": float(mlaw.loss(n_o, d_o))}
+    comp = comparison.place_models(law, model) if law is not None else comparison.table()
+    fig_paths = {}
+    if figures:
+        step("drawing figures")
+        power = {}
+        for name in ("approach2", "approach1"):
+            pa = power_allocation(fit.get(name))
+            if pa is not None:
+                power[name.replace("approach", "Approach ")] = pa
+        mlaws = {m: fitted_law(v["fit"]) for m, v in modality_fits.items()}
+        fig_dir = os.path.join(out_dir, "figures")
+        fig_paths = plots.write_all(runs, fig_dir, law=law, draws=draws, curves=curves, modality_laws=mlaws,
+                                    power_laws=power, budget=budget["flops"], k=figure_model(runs, model))
+    report = {
+        "results_dir": results_dir,  # as given (a relative path stays relative in the committed report)
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "n_runs": len(runs), "n_done": len(done),
+        "fit_args": {"approaches": list(approaches), "bootstrap": bootstrap, "seed": seed, "budgets": [fit_budget],
+                     **extra, "cli": cli, "command": f"medscale fit {results_dir} " + " ".join(cli) + " --json"},
+        "fit": _strip_draws(fit),
+        "budget": budget,
+        "recommendation": rec,
+        "modality_laws": {m: {**{k: v for k, v in d.items() if k != "fit"}, "fit": _strip_draws(d["fit"])}
+                          for m, d in modality_fits.items()},
+        "comparison": comp,
+        "figures": {k: [os.path.relpath(p, out_dir) for p in v] for k, v in fig_paths.items()},
+        "figures_not_drawn": plots.missing_data(runs, law) if figures else {},
+        "runs": runs_table(runs),
+    }
+    report = _jsonable(report)
+    _atomic_write(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1) + "\n")
+    _atomic_write(os.path.join(out_dir, "report.md"), render_markdown(report))
+    report["out_dir"] = os.path.abspath(out_dir)
+    return report
+
+
+def _strip_draws(fit: dict) -> dict:
+    """The fit dict without per-draw parameter lists (kept out of report.json; intervals stay)."""
+    def strip(d):
+        if not isinstance(d, dict):
+            return d
+        return {k: strip(v) for k, v in d.items()
+                if not (k in ("draws", "bootstrap_draws") or (k == "bootstrap" and isinstance(v, list)))}
+    return strip(fit or {})
+
+
+# ------------------------------------------------------------------------------------------- markdown
+
+
+def fmt(x, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, str):
+        return x
+    x = float(x)
+    if not math.isfinite(x):
+        return "–"
+    if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
+        s = f"{x:.{digits}g}"
+    else:
+        s = f"{x:.{digits}g}" if abs(x) < 10**digits else f"{x:.0f}"
+    return s.replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
+
+
+def _ci(d, digits=3):
+    if not d:
+        return "–"
+    v, ci = d.get("value"), d.get("ci")
+    s = fmt(v, digits)
+    if ci:
+        s += f" [{fmt(ci[0], digits)}, {fmt(ci[1], digits)}]"
+    return s
+
+
+def _law_row(name, p):
+    ci = p.get("ci") or {}
+
+    def cell(key):
+        v = fmt(p.get(key), 4)
+        if ci.get(key):
+            v += f" [{fmt(ci[key][0], 4)}, {fmt(ci[key][1], 4)}]"
+        return v
+
+    return f"| {name} | " + " | ".join(cell(k) for k in ("E", "A", "B", "alpha", "beta", "a", "b")) + " |"
+
+
+def render_markdown(r: dict) -> str:
+    rec, b = r["recommendation"], r["budget"]
+    level = round(100 * rec.get("ci_level", 0.9))
+    L = []
+    L.append("# Scaling study report\n")
+    L.append(f"Results: `{r['results_dir']}` — {r['n_done']} finished runs of {r['n_runs']}. "
+             f"Created {r['created']}. Regenerate with `medscale report {r['results_dir']}`.\n")
+    L.append("Conventions: N = non-embedding parameters, D = tokens seen (encoder + decoder), C = model FLOPs "
+             "(project accounting; 1 PF-day = 8.64e19 FLOPs). The fitted law is placed on the compute axis with "
+             f"{rec['compute_model']} (the sweep's median C/(ND) is k = {fmt(rec['compute_factor_k'], 4)}; 6 for a "
+             f"decoder-only LM). Intervals: {level}% bootstrap percentile intervals ({r['fit_args']['bootstrap']} "
+             f"refits resampling runs; N_opt/D_opt intervals from {rec['interval_source']}). "
+             f"Cross-check: `{r['fit_args']['command']}`.\n")
+    # recommendation
+    L.append("## Recommendation\n")
+    if b.get("hardware"):
+        L.append(f"Budget: {b['gpus']} x {b['hardware']} ({b['precision']} peak {fmt(b['peak_flops'])} FLOP/s "
+                 f"each) for {fmt(b['days'])} days at MFU {fmt(b['mfu'])} ({b['mfu_source']}) = "
+                 f"**{fmt(b['flops'])} FLOPs = {fmt(b['pf_days'])} PF-days**.\n")
+    else:
+        L.append(f"Budget: **{fmt(b['flops'])} FLOPs = {fmt(b['pf_days'])} PF-days** (given).\n")
+    L.append("| quantity | value [interval] |\n|---|---|")
+    L.append(f"| N_opt (non-embedding parameters) | {_ci(rec['n_opt'])} |")
+    L.append(f"| D_opt (tokens) | {_ci(rec['d_opt'])} |")
+    L.append(f"| tokens per parameter | {fmt(rec['tokens_per_param'])} |")
+    L.append(f"| predicted eval loss at the optimum | {_ci(rec['loss'], 4)} |")
+    lad = rec.get("ladder")
+    if lad:
+        s = lad["shape"]
+        L.append(f"| nearest ladder size | **{lad['name']}**: d_model {s['d_model']}, {s['enc_layers']}+"
+                 f"{s['dec_layers']} layers, {s['num_heads']} heads, d_ff {s['d_ff']}; "
+                 f"{fmt(lad['params_non_embedding'])} non-embedding / {fmt(lad['params_total'])} total params |")
+        L.append(f"| its tokens (fills the budget) | {fmt(lad['tokens'])} ({fmt(lad['tokens_per_param'])} per "
+                 f"parameter), {fmt(lad['flops_per_token'])} FLOPs/token at Le={lad['enc_len']}, "
+                 f"Ld={lad['dec_len']} |")
+        L.append(f"| steps x batch | {lad['steps']:,} steps x {lad['batch_size']} sequences "
+                 f"({fmt(lad['tokens_per_step'])} tokens/step) |" if lad.get("steps") else "| steps | – |")
+        L.append(f"| wall-clock | {fmt(lad['days'])} days on {b['gpus']} x {b['hardware']} at MFU {fmt(b['mfu'])} |"
+                 if b.get("hardware") else "| wall-clock | – (budget given in FLOPs; pass --hardware for days) |")
+        L.append(f"| predicted loss of the ladder run | {_ci(lad['loss'], 4)} "
+                 f"({lad['loss_penalty_vs_optimum']:+.2g} vs the optimum; the ladder size's own FLOPs/token "
+                 "decide its tokens) |")
+    L.append("")
+    ex = rec["extrapolation"]
+    L.append(f"Fitted compute range: {fmt(ex['fitted_flops_min'])} – {fmt(ex['fitted_flops_max'])} FLOPs; the "
+             f"budget is **{fmt(ex['factor'])}x** the largest run ({fmt(ex['decades'], 2)} decades).\n")
+    if ex.get("warning"):
+        L.append(f"> **Extrapolation warning:** {ex['warning']}.\n")
+    warns = list((r.get("fit") or {}).get("warnings") or [])
+    a3 = (r.get("fit") or {}).get("approach3") or {}
+    if a3.get("E") is not None and a3["E"] < 1e-3:
+        warns.append(f"E (the irreducible loss) fitted at {fmt(a3['E'])}: these runs do not pin it down, so "
+                     "losses predicted far beyond them (the optimum's loss above) are not to be trusted; the "
+                     "allocation exponents are better determined")
+    for m, d in (r.get("modality_laws") or {}).items():
+        warns += [f"{m}: {w}" for w in (d["fit"].get("warnings") or [])]
+    if warns:
+        L.append("Fit warnings:\n")
+        L.extend(f"- {w}" for w in warns)
+        L.append("")
+    L.append("### How much the answer moves\n")
+    L.append("| source | N_opt | D_opt | a (N ∝ C^a) | b (D ∝ C^b) | convention |\n|---|---|---|---|---|---|")
+    for name, v in rec["spread"].items():
+        L.append(f"| {name} | {fmt(v.get('n_opt'))} | {fmt(v.get('d_opt'))} | {fmt(v.get('a'))} | "
+                 f"{fmt(v.get('b'))} | {v.get('convention', '')} |")
+    L.append(f"\nN_opt spans a factor {fmt(rec['spread_factor_n_opt'])} across all rows and "
+             f"{fmt(rec['spread_factor_approaches'])} across this sweep's approaches. Published laws were fitted "
+             "on decoder-only text models (C = 6ND); their rows show the scale of disagreement, not a correction.\n")
+    # the fitted laws
+    L.append("## Fitted laws\n")
+    L.append("L(N, D) = E + A / N^alpha + B / D^beta (Approach 3; Huber on log-loss, delta 1e-3).\n")
+    L.append("| loss | E | A | B | alpha | beta | a | b |\n|---|---|---|---|---|---|---|---|")
+    fit = r.get("fit") or {}
+    if fit.get("approach3"):
+        L.append(_law_row("total", fit["approach3"]))
+    for m, d in (r.get("modality_laws") or {}).items():
+        if d["fit"].get("approach3"):
+            L.append(_law_row(m, d["fit"]["approach3"]))
+    L.append("")
+    for name in ("approach1", "approach2"):
+        p = fit.get(name)
+        if isinstance(p, dict) and "a" in p:
+            ci = p.get("ci") or {}
+            extra = ", ".join(f"{k} {fmt(p[k], 4)}" + (f" [{fmt(ci[k][0])}, {fmt(ci[k][1])}]" if ci.get(k) else "")
+                              for k in ("a", "b") if k in p)
+            L.append(f"- {name.replace('approach', 'Approach ')}: {extra}")
+    if r.get("modality_laws"):
+        L.append("\nPer-modality compute-optimal allocation at the budget:\n")
+        L.append("| modality | N_opt | D_opt | predicted loss |\n|---|---|---|---|")
+        for m, d in r["modality_laws"].items():
+            L.append(f"| {m} | {fmt(d['n_opt'])} | {fmt(d['d_opt'])} | {fmt(d['loss_at_budget'], 4)} |")
+    L.append("")
+    # figures
+    L.append("## Figures\n")
+    captions = {
+        "loss_vs_compute": "Final eval loss vs compute, the empirical frontier and the fitted law at its optimum.",
+        "isoflop": "IsoFLOP curves: loss vs N at fixed compute, parabola minima (stars), the fitted law (dashed).",
+        "allocation": "N_opt and D_opt vs compute: IsoFLOP minima, Approach 3 with its bootstrap band, "
+                      "Approaches 1/2, and Kaplan 2020 / Chinchilla 2022 / Epoch 2024 (their C = 6ND).",
+        "loss_vs_seqlen": "Loss vs sequence length at fixed size and tokens; loss vs compute by length.",
+        "loss_by_modality": "Per-modality eval loss vs compute with each modality's own law.",
+        "residuals": "Residuals of the fitted law (log observed − log fitted) vs compute and vs D/N.",
+        "task_metrics": "Task metrics (held-out) vs compute.",
+    }
+    for name, paths in (r.get("figures") or {}).items():
+        png = next((p for p in paths if p.endswith(".png")), paths[0])
+        svg = next((p for p in paths if p.endswith(".svg")), None)
+        L.append(f"**{name}** — {captions.get(name, '')} ({'[SVG](' + svg + ')' if svg else ''})\n")
+        L.append(f"![{name}]({png})\n")
+    for name, why in (r.get("figures_not_drawn") or {}).items():
+        L.append(f"*{name}* not drawn: {why}.\n")
+    # comparison
+    L.append("## Earlier, similarly sized models\n")
+    L.append("Facts as published (source per row). 'Our law' is the loss the fitted law predicts at that N and "
+             "D — **an extrapolation across domains, tokenizers and architectures**: it says where a model of that "
+             "size and data would sit on *this* study's curve, not how good that model is.\n")
+    L.append("| model | params | training data | tokens / samples seen | training compute | our law: loss at (N, D) "
+             "| our law: D_opt for that N | source |\n|---|---|---|---|---|---|---|---|")
+    for row in r.get("comparison") or []:
+        compute = row["compute_text"]
+        if row.get("compute_6nd"):
+            compute += f" (6ND ≈ {fmt(row['compute_6nd'])} FLOPs, our estimate)"
+        loss = fmt(row["predicted_loss"], 4) if row.get("predicted_loss") else "n/a (N or D not published)"
+        d_opt = fmt(row["d_opt_for_n"]) if row.get("d_opt_for_n") else "n/a"
+        L.append(f"| {row['model']} | {row['params_text']} | {row['data']} | {row['seen_text']} | {compute} | "
+                 f"{loss} | {d_opt} | {row['source']} |")
+    L.append("")
+    # runs
+    L.append("## Runs\n")
+    rows = r.get("runs") or []
+    mods = sorted({k for row in rows for k in row if k.startswith("loss/")})
+    head = ["run_id", "status", "size", "params", "tokens", "flops", "pf_days", "enc_len", "dec_len", "loss",
+            *mods, "mfu"]
+    L.append("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for row in rows:
+        L.append("| " + " | ".join(fmt(row.get(h)) if not isinstance(row.get(h), str) else row[h]
+                                   for h in head) + " |")
+    L.append("")
+    return "\n".join(L)
