@@ -207,7 +207,8 @@ def compile_cell(spec, batch_size: int, *, attention: str, remat: str, dtype: st
     row = {"attention": attention, "length": spec.enc_len, "remat": remat}
     with attention_options(**options):
         prog = build(spec, OptConfig(total_steps=1000, warmup_steps=10), dtype=dtype, remat=remat,
-                     attention=attention)
+                     attention=attention, attention_block=options.get("block"),
+                     attention_window=options.get("window"))
         t = time.perf_counter()
         try:
             lowered = prog.step.lower(prog.abstract_state, abstract_batch(prog, batch_size))
