@@ -207,7 +207,8 @@ def compile_cell(spec, batch_size: int, *, attention: str, remat: str, dtype: st
     row = {"attention": attention, "length": spec.enc_len, "remat": remat}
     with attention_options(**options):
         prog = build(spec, OptConfig(total_steps=1000, warmup_steps=10), dtype=dtype, remat=remat,
-                     attention=attention)
+                     attention=attention, attention_block=options.get("block"),
+                     attention_window=options.get("window"))
         t = time.perf_counter()
         try:
             lowered = prog.step.lower(prog.abstract_state, abstract_batch(prog, batch_size))
@@ -238,13 +239,22 @@ def time_cells(cells, batch_size: int, steps: int, peak: float | None) -> None:
     """Time the compiled steps of ``cells`` [(row, compiled, prog, spec)], filling each row's step figures.
 
     Steps are interleaved (one warm-up each, then ``steps`` rounds of one step per cell), so that the cells
-    compared share the machine's conditions (a shared CPU's load drifts over minutes).
+    compared share the machine's conditions (a shared CPU's load drifts over minutes). On CPU the matmul peak
+    is also measured just before and after the timing (``peak_now``, the best of the two): ``mfu_vs_peak_now``
+    is the MFU against what this process could get from the (possibly shared) CPU at the time.
     """
     import statistics
     import time
 
     import jax
 
+    if not cells:
+        return
+    on_cpu = jax.devices()[0].platform == "cpu"
+    if on_cpu:
+        from medscale.hardware import measure_cpu_flops
+
+        peak_now = measure_cpu_flops()
     live = []
     for row, compiled, prog, spec in cells:
         state = prog.init(0)
@@ -261,13 +271,19 @@ def time_cells(cells, batch_size: int, steps: int, peak: float | None) -> None:
             times.append(time.perf_counter() - t)
             cell[2] = state
             row["loss"] = float(metrics["loss"])
+    if on_cpu:
+        peak_now = max(peak_now, measure_cpu_flops())
+    n = jax.device_count()
     for row, _, _, _, times in live:
-        spec_tokens = batch_size * (row["length"] + row["dec_len"])
         row["step_s"] = statistics.median(times)
         row["step_s_all"] = times
-        row["tokens_per_s"] = spec_tokens / row["step_s"]
+        row["tokens_per_s"] = batch_size * (row["length"] + row["dec_len"]) / row["step_s"]
+        model_flops_per_s = row["model_flops"] / row["step_s"]
         if peak:
-            row["mfu"] = row["model_flops"] / row["step_s"] / (peak * jax.device_count())
+            row["mfu"] = model_flops_per_s / (peak * n)
+        if on_cpu:
+            row["peak_now"] = peak_now
+            row["mfu_vs_peak_now"] = model_flops_per_s / (peak_now * n)
 
 
 def bench_seqlen(lengths, attentions, remats, *, batch_size=2, d_model=256, enc_layers=2, dec_layers=2,
@@ -326,14 +342,19 @@ def bench_seqlen(lengths, attentions, remats, *, batch_size=2, d_model=256, enc_
 
 def format_table(rows, info) -> str:
     head = (f"{'attention':<10} {'remat':<9} {'length':>6} {'peak MiB':>9} {'fits':>4} {'step s':>8} "
-            f"{'tokens/s':>9} {'MFU':>6}")
+            f"{'tokens/s':>9} {'MFU':>6} {'MFU now':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         step = f"{r['step_s']:.3f}" if r["step_s"] is not None else "-"
         tps = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] is not None else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        now = f"{100 * r['mfu_vs_peak_now']:.1f}%" if r.get("mfu_vs_peak_now") is not None else "-"
         lines.append(f"{r['attention']:<10} {r['remat']:<9} {r['length']:>6} {r['peak_bytes'] / 2**20:>9.1f} "
-                     f"{'yes' if r['fits'] else 'no':>4} {step:>8} {tps:>9} {mfu:>6}")
+                     f"{'yes' if r['fits'] else 'no':>4} {step:>8} {tps:>9} {mfu:>6} {now:>7}")
+    lines.append(f"MFU: model FLOPs/s over the {info['hardware']} peak of medscale.hardware "
+                 f"({info['peak_flops'] / 1e9:.1f} GFLOP/s per device)"
+                 + ("; MFU now: over the CPU matmul peak measured around the timing" if any(
+                     r.get("peak_now") for r in rows) else ""))
     lines.append(f"memory limit {info['memory_limit'] / 2**30:.2f} GiB ({info['memory_limit_source']}); "
                  f"hardware {info['hardware']}; model d_model {info['d_model']}, layers "
                  f"{info['enc_layers']}+{info['dec_layers']}, heads {info['heads']}, batch {info['batch']}, "
