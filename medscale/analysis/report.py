@@ -780,7 +780,8 @@ def render_markdown(r: dict) -> str:
     L.append("## Figures\n")
     captions = {
         "loss_vs_compute": "Final eval loss vs compute, the empirical frontier and the fitted law at its optimum.",
-        "isoflop": "IsoFLOP curves: loss vs N at fixed compute, parabola minima (stars), the fitted law (dashed).",
+        "isoflop": "IsoFLOP curves: loss vs N at fixed compute, parabola minima (stars), the fitted law (dashed) at "
+                   "the (N, D) the runs of each budget had; its gap to the points is the law's residual there.",
         "allocation": "N_opt and D_opt vs compute: IsoFLOP minima, Approach 3 with its bootstrap band, "
                       "Approaches 1/2, and Kaplan 2020 / Chinchilla 2022 / Epoch 2024 (their C = 6ND).",
         "loss_vs_seqlen": "Loss vs sequence length at fixed size and tokens; loss vs compute by length.",
