@@ -690,7 +690,7 @@ def render_markdown(r: dict) -> str:
     L = []
     L.append("# Scaling study report\n")
     L.append(f"Results: `{r['results_dir']}` — {r['n_done']} finished runs of {r['n_runs']}. "
-             f"Created {r['created']}. Regenerate with `medscale report {r['results_dir']}`.\n")
+             f"Created {r['created']}. Regenerate with `medscale report {r['results_dir']}{' --mfu ' + fmt(b['mfu']) if str(b.get('mfu_source', '')).startswith('stated') else ''}`.\n")
     L.append("Conventions: N = non-embedding parameters, D = tokens seen (encoder + decoder), C = model FLOPs "
              "(project accounting; 1 PF-day = 8.64e19 FLOPs). The fitted law is placed on the compute axis with "
              f"{rec['compute_model']} (the sweep's median C/(ND) is k = {fmt(rec['compute_factor_k'], 4)}; 6 for a "
