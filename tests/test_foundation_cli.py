@@ -205,6 +205,17 @@ def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert hardware.cpu_peak_flops(refresh=True) > 0 and len(calls) == 2
 
 
+def test_cpu_peak_keeps_the_best_measurement(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(hardware, "measure_cpu_flops", lambda n=1024, repeats=5: 5e10)
+    assert hardware.cpu_peak_flops() == 5e10  # measured under load: low
+    assert hardware.record_cpu_peak(2e11) == 2e11  # a later, better measurement replaces it
+    assert hardware.peak_flops("cpu", "fp32") == 2e11
+    assert hardware.record_cpu_peak(1e11) == 2e11  # a worse one does not
+    cached = json.loads((tmp_path / "medscale" / "cpu_peak.json").read_text())
+    assert cached[hardware.cpu_cache_key()]["fp32"] == 2e11
+
+
 def test_default_modalities_vocab_is_base_config():
     assert [m.vocab_size for m in default_modalities()] == [512, 2048, 2048, 256]
 
