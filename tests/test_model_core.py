@@ -169,6 +169,7 @@ def test_loss_is_log_softmax_over_own_modality_slice_and_grads_match_autodiff(f3
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_loss_and_grads(f32):
     batch = _batch()
     l0, g0 = f32.grad(f32.params, batch)
@@ -186,3 +187,15 @@ def test_bfloat16_compute_keeps_float32_params_and_is_close(f32):
     assert {x.dtype for x in jax.tree.leaves(m16.params)} == {jnp.dtype(jnp.float32)}
     l32, l16 = float(m32.loss(m32.params, batch)[0]), float(m16.loss(m16.params, batch)[0])
     assert np.isfinite(l16) and abs(l16 - l32) < 0.05 * l32
+
+
+@pytest.mark.slow
+def test_attention_implementations_agree_with_dense(f32):
+    """blockwise is the same function; local with a window wider than the encoder equals dense, and its
+    decoder self- and cross-attention sites use the exact function (site_implementation)."""
+    batch = _batch()
+    ref = float(f32.loss(f32.params, batch)[0])
+    for kw in ({"attention": "blockwise", "attention_block": 16},
+               {"attention": "local", "attention_window": 4 * SMALL.enc_len, "attention_block": 16}):
+        m = Jitted(**kw)
+        assert np.isclose(float(m.loss(f32.params, batch)[0]), ref, rtol=1e-5), kw

@@ -122,3 +122,51 @@ def test_run_fit_leaves_out_the_approach_that_cannot_be_fitted():
     with pytest.raises(UserError):
         report.run_fit(lambda p, approaches, bootstrap=0, seed=0: (_ for _ in ()).throw(UserError("x")), None,
                        approaches=("3",))
+
+
+def _curved_fpt_sweep(seed=0):
+    """IsoFLOP groups whose FLOPs per token is far from 6N and not a power law of N (an extra 2e6 per token, as
+    attention/embedding work that does not scale with N), losses off the law by a few percent."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c in (1e15, 1e16, 1e17):
+        for n in np.logspace(4, 7, 7):
+            d = c / (6 * n + 2e6)
+            rows.append({"params": n, "tokens": d, "flops": c * (1 + 0.003 * rng.standard_normal()), "budget": c,
+                         "loss": float(LAW.loss(n, d)) * np.exp(0.03 * rng.standard_normal()), "status": "done"})
+    return pd.DataFrame(rows)
+
+
+def _assert_curves_pass_through_runs(df, law, k):
+    curves = plots.isoflop_law_curves(df, law, k)
+    iso, groups = plots.isoflop_groups(df)
+    assert sorted(curves) == sorted(float(b) for b in np.unique(groups))
+    for b, (ns, ds, ls) in curves.items():
+        g = iso[groups == b]
+        assert np.all(np.diff(ns) > 0) and np.all(np.isfinite(ls)) and np.all(ds > 0)
+        for n, d in zip(g["params"].astype(float), g["tokens"].astype(float)):
+            i = np.flatnonzero(np.isclose(ns, n, rtol=1e-12))
+            assert len(i) == 1, (b, n)  # every run's N is on the curve's grid
+            # the dashed curve at a run's N is the law at that run's own (N, D), not at a compute model's D
+            assert ls[i[0]] == pytest.approx(float(law.loss(n, d)), rel=1e-9), (b, n)
+            assert ds[i[0]] == pytest.approx(d, rel=1e-9)
+        assert ns.min() < g["params"].min() and ns.max() > g["params"].max()  # drawn a little beyond the runs
+
+
+def test_isoflop_law_curve_is_the_law_at_the_runs_own_n_and_d():
+    df = _curved_fpt_sweep()
+    _assert_curves_pass_through_runs(df, LAW, 6.0)  # a compute model (C = 6ND) that is wrong for these runs
+    # beyond the sampled sizes D follows the compute model's slope from the end run, continuously
+    (ns, ds, _), = [v for b, v in plots.isoflop_law_curves(df, LAW, 6.0).items() if b == 1e16]
+    out = ns > df["params"].max()
+    assert np.allclose(ns[out] * ds[out], ns[out][0] * ds[out][0], rtol=1e-9)  # C = 6ND: N D constant
+
+
+def test_isoflop_law_curve_on_the_reference_sweep():
+    ref = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "reference")
+    if not os.path.isdir(ref):
+        pytest.skip("no committed reference sweep in this checkout")
+    pytest.importorskip("medscale.sweep.registry")
+    df, _ = report.load_runs(ref)
+    law = ChinchillaLaw("ref", E=2.2e-9, A=20.19, B=366.5, alpha=0.37, beta=0.416)  # its reported fit
+    _assert_curves_pass_through_runs(df, law, report.figure_model(df, report.compute_model(df)))

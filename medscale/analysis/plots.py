@@ -410,9 +410,39 @@ def plot_loss_vs_compute(df, law=None, curves=None, k=None, extend_to: float | N
     return fig
 
 
+def isoflop_law_curves(df, law, k=None, pad_dex: float = 0.1, n: int = 100):
+    """``{C: (N, D, L)}`` per IsoFLOP group (``isoflop_groups``): the fitted law along the group at the tokens its
+    runs actually had. Inside the group's sampled sizes log D is interpolated in log N through its runs (each
+    run's own D = C_run / its FLOPs per token, so the curve passes through L(N_i, D_i) of every run); beyond them
+    (``pad_dex`` each side) D continues from the end run with the slope of the compute model ``k`` (``as_model``,
+    e.g. ``SweepAccounting``). The N grid contains every run's N."""
+    model = as_model(k, df)
+    iso, groups = isoflop_groups(df)
+    out = {}
+    for b in sorted(np.unique(groups)):
+        g = iso[groups == b]
+        ln_run = np.log(g["params"].to_numpy(dtype=float))
+        ld_run = np.log(g["tokens"].to_numpy(dtype=float))
+        xs = np.unique(ln_run)
+        ys = np.array([ld_run[ln_run == x].mean() for x in xs])  # repeated sizes (seeds): mean log D
+        pad = pad_dex * math.log(10)
+        ln = np.union1d(np.linspace(xs[0] - pad, xs[-1] + pad, n), xs)
+        ns = np.exp(ln)
+        ld = np.interp(ln, xs, ys)
+        with np.errstate(all="ignore"):
+            lm = np.log(model.tokens(ns, b))  # the compute model's log D at this budget, for the slope outside
+            lo, hi = ln < xs[0], ln > xs[-1]
+            ld[lo] = ys[0] + lm[lo] - np.log(model.tokens(np.exp(xs[0]), b))
+            ld[hi] = ys[-1] + lm[hi] - np.log(model.tokens(np.exp(xs[-1]), b))
+        ds = np.exp(ld)
+        out[float(b)] = (ns, ds, np.asarray(law.loss(ns, ds), dtype=float))
+    return out
+
+
 def plot_isoflop(df, law=None, k=None, y: str = "loss", minima=None, ax=None):
     """Loss vs parameters per IsoFLOP group, the parabola in log N through each and its minimum; the fitted law
-    along each group (D as the group's runs have it, log D linear in log N) dashed when given."""
+    along each group at the (N, D) its runs had (``isoflop_law_curves``) dashed when given: its gap to the points
+    is the law's residual there (``residuals``)."""
     plt = _plt()
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.2, 3.8))
     model = as_model(k, df)
@@ -420,6 +450,7 @@ def plot_isoflop(df, law=None, k=None, y: str = "loss", minima=None, ax=None):
     budgets = sorted(np.unique(groups))
     colors = _size_colors(budgets)
     mins = {m[0]: (m[1], m[2]) for m in (minima if minima is not None else isoflop_minima(df, y))}
+    curves = isoflop_law_curves(df, law, model) if law is not None else {}
     for b in budgets:
         g = iso[groups == b].sort_values("params")
         col = colors[b]
@@ -430,14 +461,9 @@ def plot_isoflop(df, law=None, k=None, y: str = "loss", minima=None, ax=None):
             coef = np.polyfit(x, g[y].to_numpy(dtype=float), 2)
             xs = np.linspace(x.min() - 0.1, x.max() + 0.1, 100)
             ax.plot(10**xs, np.polyval(coef, xs), color=col, lw=1.0)
-        if law is not None:
-            ns = np.logspace(math.log10(g["params"].min()) - 0.1, math.log10(g["params"].max()) + 0.1, 100)
-            if len(np.unique(x)) >= 2:  # D along this group as its runs have it (log D linear in log N)
-                cd = np.polyfit(x, np.log10(g["tokens"].to_numpy(dtype=float)), 1)
-                ds = 10 ** np.polyval(cd, np.log10(ns))
-            else:
-                ds = model.tokens(ns, b)
-            ax.plot(ns, law.loss(ns, ds), color=col, lw=0.9, ls="--", alpha=0.8)
+        if law is not None and b in curves:
+            ns, _ds, ls = curves[b]
+            ax.plot(ns, ls, color=col, lw=0.9, ls="--", alpha=0.8)
         if b in mins:
             ax.plot([mins[b][0]], [mins[b][1]], marker="*", ms=11, color=col, markeredgecolor="k", zorder=4)
     if len(budgets):

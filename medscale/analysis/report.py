@@ -690,7 +690,7 @@ def render_markdown(r: dict) -> str:
     L = []
     L.append("# Scaling study report\n")
     L.append(f"Results: `{r['results_dir']}` — {r['n_done']} finished runs of {r['n_runs']}. "
-             f"Created {r['created']}. Regenerate with `medscale report {r['results_dir']}`.\n")
+             f"Created {r['created']}. Regenerate with `medscale report {r['results_dir']}{' --mfu ' + fmt(b['mfu']) if str(b.get('mfu_source', '')).startswith('stated') else ''}`.\n")
     L.append("Conventions: N = non-embedding parameters, D = tokens seen (encoder + decoder), C = model FLOPs "
              "(project accounting; 1 PF-day = 8.64e19 FLOPs). The fitted law is placed on the compute axis with "
              f"{rec['compute_model']} (the sweep's median C/(ND) is k = {fmt(rec['compute_factor_k'], 4)}; 6 for a "
@@ -780,7 +780,8 @@ def render_markdown(r: dict) -> str:
     L.append("## Figures\n")
     captions = {
         "loss_vs_compute": "Final eval loss vs compute, the empirical frontier and the fitted law at its optimum.",
-        "isoflop": "IsoFLOP curves: loss vs N at fixed compute, parabola minima (stars), the fitted law (dashed).",
+        "isoflop": "IsoFLOP curves: loss vs N at fixed compute, parabola minima (stars), the fitted law (dashed) at "
+                   "the (N, D) the runs of each budget had; its gap to the points is the law's residual there.",
         "allocation": "N_opt and D_opt vs compute: IsoFLOP minima, Approach 3 with its bootstrap band, "
                       "Approaches 1/2, and Kaplan 2020 / Chinchilla 2022 / Epoch 2024 (their C = 6ND).",
         "loss_vs_seqlen": "Loss vs sequence length at fixed size and tokens; loss vs compute by length.",

@@ -237,7 +237,7 @@ class DecoderLayer(nnx.Module):
                                        same_segment=True, dtype=dtype, impl=impl, site="decoder")
         h = self.ln2(y_BLD, dtype)
         y_BLD = y_BLD + self.cross_attn(h, enc_BED, q_segment=qvalid_BL, kv_segment=eseg_BE, q_causal=None,
-                                        same_segment=False, dtype=dtype, impl=impl, site="encoder")
+                                        same_segment=False, dtype=dtype, impl=impl, site="cross")
         return y_BLD + self.mlp(self.ln3(y_BLD, dtype), dtype)
 
 

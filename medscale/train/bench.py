@@ -24,7 +24,12 @@ def _peak(hardware: str, dtype: str):
     from medscale import hardware as hw
 
     name = hw.hardware_for_jax_devices() if hardware == "auto" else hardware
-    return name, float(hw.peak_flops(name, hw.precision_for_dtype(name, dtype)))
+    try:
+        return name, float(hw.peak_flops(name, hw.precision_for_dtype(name, dtype)))
+    except UserError:
+        if hardware != "auto":
+            raise
+        return name, None  # e.g. bfloat16 on a CPU: no table peak, MFU is null
 
 
 def bench_step(spec: ModelSpec, batch_size: int, *, dtype="float32", remat="none", attention="dense", steps=5,
@@ -71,7 +76,7 @@ def bench_step(spec: ModelSpec, batch_size: int, *, dtype="float32", remat="none
     model_flops, hw_flops = float(flops["model_flops"]), float(flops["hardware_flops"])
     name, peak = _peak(hardware, dtype)
     peak_now = None
-    if jax.devices()[0].platform == "cpu":  # the machine may be shared: the peak measured around the timing too
+    if jax.devices()[0].platform == "cpu" and dtype == "float32":  # the machine may be shared: the peak measured around the timing too
         from medscale.hardware import measure_cpu_flops
 
         peak_now = max(peak_before, measure_cpu_flops())
@@ -79,7 +84,8 @@ def bench_step(spec: ModelSpec, batch_size: int, *, dtype="float32", remat="none
     mtf = model_flops / step_s / 1e12 if model_flops else None
     return {"step_s": step_s, "step_s_all": times, "tokens_per_s": tokens / step_s, "model_tflops_per_s": mtf,
             "hardware_tflops_per_s": hw_flops / step_s / 1e12 if hw_flops else None,
-            "peak_tflops_per_s": peak * n / 1e12, "mfu": (mtf * 1e12 / (peak * n)) if mtf else None,
+            "peak_tflops_per_s": peak * n / 1e12 if peak else None,
+            "mfu": (mtf * 1e12 / (peak * n)) if (mtf and peak) else None,
             "mfu_vs_peak_now": (mtf * 1e12 / (peak_now * n)) if (mtf and peak_now) else None,
             "peak_now_tflops_per_s": peak_now * n / 1e12 if peak_now else None,
             "compile_s": compile_s, "hardware": name, "devices": n, "dtype": dtype, "remat": remat,

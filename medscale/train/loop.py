@@ -151,7 +151,7 @@ class MetricWriter:
 
     def __init__(self, workdir: str, enabled: bool = True):
         self.path = os.path.join(workdir, METRICS)
-        self.f = open(self.path, "a") if enabled else None
+        self.f = open(self.path, "a") if enabled else None  # noqa: SIM115 - open for the run
         self.tb = None
         if enabled and os.environ.get("MEDSCALE_TENSORBOARD", "1") != "0":
             self.tb = _tensorboard(os.path.join(workdir, "tb"))
@@ -167,7 +167,8 @@ class MetricWriter:
                 if k not in ("kind", "step") and isinstance(v, (int, float)) and v is not None:
                     try:
                         self.tb.add_scalar(prefix + k, v, row["step"])
-                    except Exception:  # pragma: no cover - optional sink
+                    except Exception:  # noqa: BLE001 - an optional sink must not stop training
+                        log.warning("TensorBoard writer failed; continuing without it")
                         self.tb = None
                         break
 
@@ -177,8 +178,8 @@ class MetricWriter:
         if self.tb is not None:
             try:
                 self.tb.close()
-            except Exception:  # pragma: no cover
-                pass
+            except Exception:  # noqa: BLE001 - optional sink
+                log.warning("TensorBoard writer did not close cleanly")
 
 
 def _tensorboard(logdir):
@@ -186,8 +187,8 @@ def _tensorboard(logdir):
         try:
             module = __import__(mod, fromlist=[cls])
             return getattr(module, cls)(logdir)
-        except Exception:
-            continue
+        except Exception:  # noqa: BLE001 - absent or broken optional package
+            log.debug("no TensorBoard writer from %s", mod)
     return None
 
 
@@ -234,7 +235,7 @@ def train(cfg, workdir: str, progress: bool = True, data=None) -> dict:
     try:
         result = _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record, state)
     except BaseException as exc:
-        if isinstance(exc, UserError) or isinstance(exc, KeyboardInterrupt):
+        if isinstance(exc, (UserError, KeyboardInterrupt)):
             writer.close()
             raise
         record["error"] = f"{type(exc).__name__}: {exc}"
