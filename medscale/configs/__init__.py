@@ -7,6 +7,7 @@ and applies dotted overrides; every mistake is a :class:`medscale.errors.UserErr
 from __future__ import annotations
 
 import ast
+import hashlib
 import importlib.util
 import os
 
@@ -24,26 +25,40 @@ def _resolve_path(path: str) -> str:
     raise UserError(f"config file {path!r} not found; give a path to a .py config or a name in {CONFIG_DIR}")
 
 
+def call_get_config(path: str, arg: str = "", what: str = "config file", ignore_unused_arg: bool = False):
+    """Execute the Python file ``path`` and return its ``get_config(arg)`` (``get_config()`` without ``arg``).
+
+    Any failure in the user's file is a :class:`UserError` naming ``what`` and the file. With
+    ``ignore_unused_arg``, a ``get_config`` that takes no argument is called without it."""
+    name = "medscale_cfg_" + hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:10]
+    try:
+        mod_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a user's file: any failure is theirs to fix
+        raise UserError(f"{what} {path} does not load: {type(exc).__name__}: {exc}") from None
+    if not hasattr(module, "get_config"):
+        raise UserError(f"{what} {path} defines no get_config()")
+    try:
+        try:
+            return module.get_config(arg) if arg else module.get_config()
+        except TypeError:
+            if not (arg and ignore_unused_arg):
+                raise
+            return module.get_config()
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a user's file: any failure is theirs to fix
+        raise UserError(f"{what} {path}: get_config() failed: {type(exc).__name__}: {exc}") from None
+
+
 def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()):
     """Load ``FILE[:ARG]`` and apply ``dotted.key=value`` overrides."""
     path, _, arg = spec.partition(":")
     path = _resolve_path(path)
-    try:
-        mod_spec = importlib.util.spec_from_file_location(f"medscale_config_{abs(hash(path))}", path)
-        module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
-    except Exception as exc:  # a user's file: any failure is theirs to fix
-        raise UserError(f"config file {path} does not load: {type(exc).__name__}: {exc}") from None
-    if not hasattr(module, "get_config"):
-        raise UserError(f"config file {path} defines no get_config()")
-    try:
-        cfg = module.get_config(arg) if arg else module.get_config()
-    except TypeError:
-        cfg = module.get_config()
-    except UserError:
-        raise
-    except Exception as exc:
-        raise UserError(f"config file {path}: get_config() failed: {type(exc).__name__}: {exc}") from None
+    cfg = call_get_config(path, arg, what="config file", ignore_unused_arg=True)
     apply_overrides(cfg, overrides)
     return cfg
 

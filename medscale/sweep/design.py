@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import logging
 import math
@@ -132,23 +131,9 @@ def load_definition(path: str):
     file, _, arg = path.partition(":")
     if not os.path.isfile(file):
         raise UserError(f"sweep definition {file!r} not found; give the path of a sweep .py file (see sweeps/)")
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "medscale_sweep_" + hashlib.sha1(os.path.abspath(file).encode()).hexdigest()[:10], file)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    except UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a user's file: any failure is theirs to fix
-        raise UserError(f"sweep definition {file} does not load: {type(exc).__name__}: {exc}") from None
-    if not hasattr(module, "get_config"):
-        raise UserError(f"sweep definition {file} defines no get_config()")
-    try:
-        cfg = module.get_config(arg) if arg else module.get_config()
-    except UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a user's file: any failure is theirs to fix
-        raise UserError(f"sweep definition {file}: get_config() failed: {type(exc).__name__}: {exc}") from None
+    from medscale.configs import call_get_config
+
+    cfg = call_get_config(file, arg, what="sweep definition")
     if not isinstance(cfg, ml_collections.ConfigDict):
         raise UserError(f"sweep definition {file}: get_config() must return an ml_collections.ConfigDict")
     return normalize(cfg, source=file)
