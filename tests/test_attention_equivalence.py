@@ -75,7 +75,7 @@ def _dense_fp32(kind, window):
     return _value_and_grads(_dense_reference(vectors, window), qkv, w)
 
 
-CASES = [(kind, "xla", {}) for kind in ("encoder", "decoder", "cross")] + [
+CASES = [(kind, impl, {}) for kind in ("encoder", "decoder", "cross") for impl in ("dense", "xla")] + [
     # several key blocks, lengths not multiples of the block
     (kind, "blockwise", {"block": 8}) for kind in ("encoder", "decoder", "cross")] + [
     ("decoder", "blockwise", {"block": 16, "block_q": 4}),  # query blocks smaller than key blocks
@@ -120,7 +120,8 @@ def test_local_differs_from_full_attention():
 
 
 @pytest.mark.parametrize("kind,implementation,options", [
-    ("decoder", "blockwise", {"block": 8}), ("encoder", "local", {"window": 9, "block": 4})])
+    ("decoder", "blockwise", {"block": 8}), ("encoder", "local", {"window": 9, "block": 4}),
+    ("decoder", "dense", {}), ("cross", "dense", {})])
 def test_bfloat16_close_to_fp32_dense(kind, implementation, options):
     qkv, w, vectors = _inputs(kind, seed=1, dtype=jnp.bfloat16)
     window = options.get("window") if implementation == "local" else None
