@@ -166,9 +166,11 @@ def _fused(q, k, v, bias, rows):
 
 
 def _fused_fwd(q, k, v, bias, rows):
-    qh, kh, vh = _to_heads(q), _to_heads(k), _to_heads(v)
-    scale = q.shape[-1] ** -0.5
-    s = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, preferred_element_type=jnp.float32) * scale + bias
+    # the scale goes on q (a [.., Dh] operand): a scalar multiply of the scores would be handed to XLA:CPU's
+    # fused dot+softmax kernel as a materialised [B, H, Lq, Lk] constant
+    qh = _to_heads(q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype))
+    kh, vh = _to_heads(k), _to_heads(v)
+    s = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, preferred_element_type=jnp.float32) + bias
     p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
     p = p * (rows / jnp.sum(p, axis=-1, keepdims=True))
     o = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), vh, preferred_element_type=jnp.float32)
@@ -177,15 +179,15 @@ def _fused_fwd(q, k, v, bias, rows):
 
 
 def _fused_bwd(res, do):
-    qh, kh, vh, p, o, bias, rows = res
+    qh, kh, vh, p, o, bias, rows = res  # qh is the scaled q
     scale = qh.shape[-1] ** -0.5
     do = _to_heads(do)
     f32 = jnp.float32
     dv = jnp.einsum("bhqk,bhqd->bhkd", p.astype(do.dtype), do, preferred_element_type=f32)
     dp = jnp.einsum("bhqd,bhkd->bhqk", do, vh, preferred_element_type=f32)
     delta = jnp.sum(do.astype(f32) * o.astype(f32), axis=-1, keepdims=True)
-    ds = (p * (dp - delta) * scale).astype(qh.dtype)
-    dq = jnp.einsum("bhqk,bhkd->bhqd", ds, kh, preferred_element_type=f32)
+    ds = (p * (dp - delta)).astype(qh.dtype)  # d(scores); the scale is applied to dq below
+    dq = jnp.einsum("bhqk,bhkd->bhqd", ds, kh, preferred_element_type=f32) * scale
     dk = jnp.einsum("bhqk,bhqd->bhkd", ds, qh, preferred_element_type=f32)
     back = lambda x, like: jnp.transpose(x, (0, 2, 1, 3)).astype(like.dtype)
     return back(dq, qh), back(dk, kh), back(dv, vh), jnp.zeros_like(bias), jnp.zeros_like(rows)

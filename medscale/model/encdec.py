@@ -169,14 +169,20 @@ class Attention(nnx.Module):
         self.o = _param(rngs, oinit, (heads, k, d), ("heads", "kv", "embed"))
 
     def __call__(self, xq_BLD, xkv_BED, *, q_segment, kv_segment, q_causal, same_segment, dtype, impl, site):
-        def proj(x, w):
-            w = w[...].astype(dtype)
-            y = linear(x, w.reshape(w.shape[0], -1)).reshape(*x.shape[:-1], *w.shape[1:])
-            return constrain(y, _BLHK)
+        def proj(x, *ws):
+            # one matmul for the projections of the same input (q, k, v in self-attention; k, v in
+            # cross-attention): wider matmuls run closer to peak on CPU than three narrow ones
+            ws = [w[...].astype(dtype) for w in ws]
+            w = jnp.concatenate([w.reshape(w.shape[0], -1) for w in ws], axis=1) if len(ws) > 1 else \
+                ws[0].reshape(ws[0].shape[0], -1)
+            y = linear(x, w).reshape(*x.shape[:-1], len(ws), *ws[0].shape[1:])
+            return [constrain(y[..., i, :, :], _BLHK) for i in range(len(ws))]
 
-        q_BLHK = proj(xq_BLD, self.q)
-        k_BEHK = proj(xkv_BED, self.k)
-        v_BEHK = proj(xkv_BED, self.v)
+        if xkv_BED is xq_BLD:
+            q_BLHK, k_BEHK, v_BEHK = proj(xq_BLD, self.q, self.k, self.v)
+        else:
+            (q_BLHK,) = proj(xq_BLD, self.q)
+            k_BEHK, v_BEHK = proj(xkv_BED, self.k, self.v)
         name, opts = impl
         a_BLHK = attend(q_BLHK, k_BEHK, v_BEHK, q_segment=q_segment, kv_segment=kv_segment,
                         q_causal=q_causal, same_segment=same_segment,

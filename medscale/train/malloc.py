@@ -3,8 +3,13 @@
 XLA:CPU allocates its large buffers (logits, activations: tens of MB) with malloc each step; with glibc's
 defaults those come from fresh mmap()s, so every step pays page faults and zeroing on them: an 8M-element
 elementwise op measured 3-5x slower than with the buffers kept in the heap (``docs/model.md``). Raising
-the mmap and trim thresholds keeps freed memory for reuse. Applied once, on Linux/glibc, when the backend is
-CPU; ``MEDSCALE_MALLOPT=0`` turns it off.
+the mmap and trim thresholds keeps freed memory for reuse. XLA:CPU also allocates from its worker threads,
+and glibc gives each thread its own arena, whose memory is returned to the kernel (and faulted in again, about
+230,000 minor faults per ``bench step`` step) whatever the main arena's thresholds: one arena
+(``M_ARENA_MAX=1``) removes those faults. An arena is bound to a thread at its first malloc, so this must run
+before JAX starts its thread pools: ``medscale``'s CLI calls it first thing, and ``train.step.build`` calls it
+again (the thresholds still apply when JAX already runs). Applied once, on Linux/glibc;
+``MEDSCALE_MALLOPT=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import sys
 
 log = logging.getLogger(__name__)
 
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -2, -3, -8
 _done = False
 
 
@@ -27,7 +32,7 @@ def tune_malloc() -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6")
         ok = (libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
-              and libc.mallopt(_M_TOP_PAD, 1 << 28) == 1)
+              and libc.mallopt(_M_TOP_PAD, 1 << 28) == 1 and libc.mallopt(_M_ARENA_MAX, 1) == 1)
     except (OSError, AttributeError):
         return False
     _done = True
