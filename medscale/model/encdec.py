@@ -168,7 +168,10 @@ class Attention(nnx.Module):
         oinit = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=(0, 1), out_axis=2)
         self.o = _param(rngs, oinit, (heads, k, d), ("heads", "kv", "embed"))
 
-    def __call__(self, xq_BLD, xkv_BED, *, q_segment, kv_segment, q_causal, same_segment, dtype, impl, site):
+    def __call__(self, xq_BLD, xkv_BED, *, q_segment, kv_segment, q_causal, same_segment, dtype, impl, site,
+                 kv=None):
+        """``kv``: precomputed ``(k_BEHK, v_BEHK)`` (the decoder's cross-attention, :func:`cross_kv`); then
+        ``xkv_BED`` is not used."""
         def proj(x, *ws):
             # one matmul for the projections of the same input (q, k, v in self-attention; k, v in
             # cross-attention): wider matmuls run closer to peak on CPU than three narrow ones
@@ -178,7 +181,10 @@ class Attention(nnx.Module):
             y = linear(x, w).reshape(*x.shape[:-1], len(ws), *ws[0].shape[1:])
             return [constrain(y[..., i, :, :], _BLHK) for i in range(len(ws))]
 
-        if xkv_BED is xq_BLD:
+        if kv is not None:
+            (q_BLHK,) = proj(xq_BLD, self.q)
+            k_BEHK, v_BEHK = kv
+        elif xkv_BED is xq_BLD:
             q_BLHK, k_BEHK, v_BEHK = proj(xq_BLD, self.q, self.k, self.v)
         else:
             (q_BLHK,) = proj(xq_BLD, self.q)
@@ -237,14 +243,31 @@ class DecoderLayer(nnx.Module):
         self.ln3 = LayerNorm(spec.d_model)
         self.mlp = Mlp(spec.d_model, spec.d_ff, spec.mlp, rngs)
 
-    def __call__(self, y_BLD, enc_BED, dseg_BL, dcausal_BL, qvalid_BL, eseg_BE, dtype, impl):
+    def __call__(self, y_BLD, ck_BEHK, cv_BEHK, dseg_BL, dcausal_BL, qvalid_BL, eseg_BE, dtype, impl):
         h = self.ln1(y_BLD, dtype)
         y_BLD = y_BLD + self.self_attn(h, h, q_segment=dseg_BL, kv_segment=dseg_BL, q_causal=dcausal_BL,
                                        same_segment=True, dtype=dtype, impl=impl, site="decoder")
         h = self.ln2(y_BLD, dtype)
-        y_BLD = y_BLD + self.cross_attn(h, enc_BED, q_segment=qvalid_BL, kv_segment=eseg_BE, q_causal=None,
-                                        same_segment=False, dtype=dtype, impl=impl, site="cross")
+        y_BLD = y_BLD + self.cross_attn(h, None, q_segment=qvalid_BL, kv_segment=eseg_BE, q_causal=None,
+                                        same_segment=False, dtype=dtype, impl=impl, site="cross",
+                                        kv=(ck_BEHK, cv_BEHK))
         return y_BLD + self.mlp(self.ln3(y_BLD, dtype), dtype)
+
+
+def cross_kv(layers, enc_BED, dtype):
+    """Every decoder layer's cross-attention keys and values, ``[(k_BEHK, v_BEHK), ...]``, from one matmul.
+
+    All layers read the same encoder output, so their k and v projections are one ``[D, layers * 2 * H * K]``
+    weight (concatenated at call time; the parameters stay per layer): one wide matmul instead of
+    ``2 * layers`` narrow ones, forward and backward."""
+    ws = [w[...].astype(dtype) for lyr in layers for w in (lyr.cross_attn.k, lyr.cross_attn.v)]
+    if not ws:
+        return []
+    d, h, k = ws[0].shape
+    y = linear(enc_BED, jnp.concatenate([w.reshape(d, h * k) for w in ws], axis=1))
+    y = y.reshape(*enc_BED.shape[:-1], len(ws), h, k)
+    return [(constrain(y[..., 2 * i, :, :], _BLHK), constrain(y[..., 2 * i + 1, :, :], _BLHK))
+            for i in range(len(layers))]
 
 
 def _remat_policy(name):
@@ -321,8 +344,8 @@ class EncoderDecoder(nnx.Module):
         valid_BL = batch["dec_valid"]
         dseg_BL = jnp.where(valid_BL, batch["dec_modality"], -1).astype(jnp.int32)
         qvalid_BL = jnp.where(valid_BL, 0, -1).astype(jnp.int32)
-        for layer in self.decoder:
-            y_BLD = self._call_layer(layer, y_BLD, enc_BED, dseg_BL, causal_BL, qvalid_BL, eseg_BE)
+        for layer, (ck, cv) in zip(self.decoder, cross_kv(self.decoder, enc_BED, dtype)):
+            y_BLD = self._call_layer(layer, y_BLD, ck, cv, dseg_BL, causal_BL, qvalid_BL, eseg_BE)
         return self.dec_norm(y_BLD, dtype)
 
     def hidden(self, batch):
