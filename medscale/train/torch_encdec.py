@@ -1,9 +1,10 @@
 """A mainstream PyTorch encoder-decoder with the shapes of ``medscale bench step``, for a same-machine comparison.
 
-Not part of medscale (torch is not a dependency): run it from a separate environment, e.g.
+Run by ``medscale bench torch --python PATH`` (PATH: an interpreter with torch; torch is not a medscale
+dependency, and this file imports nothing from medscale), or directly:
 
-    python -m venv /work/venv-torch && /work/venv-torch/bin/pip install torch numpy
-    /work/venv-torch/bin/python benchmarks/torch_encdec.py --vocab-total 16832 --json
+    python -m venv /tmp/venv-torch && /tmp/venv-torch/bin/pip install torch numpy
+    /tmp/venv-torch/bin/python medscale/train/torch_encdec.py --vocab-total 8192 --json
 
 Model: token embedding over the combined vocabulary + learned modality embedding, ``torch.nn.Transformer``
 (pre-LN, GELU, no dropout; its linear layers carry biases), one bias-free output projection over the combined
@@ -14,6 +15,7 @@ is causal. One training step = forward, backward, clip, AdamW update, timed like
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -51,7 +53,7 @@ def main():
     p.add_argument("--dec-len", type=int, default=64)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     torch.manual_seed(0)
