@@ -24,7 +24,7 @@ TORCH_SCRIPT = Path(__file__).with_name("torch_encdec.py")
 
 def _run_json(cmd: list[str], what: str, timeout: float) -> dict:
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except FileNotFoundError:
         raise UserError(f"{what}: cannot run {cmd[0]!r} (give an existing Python interpreter)") from None
     except subprocess.TimeoutExpired:
