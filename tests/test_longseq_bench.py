@@ -71,8 +71,11 @@ def test_real_run_json_rows(capsys):
         assert r["peak_bytes"] == r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"] + r["temp_bytes"]
         assert r["model_flops"] > 0
     dense, blockwise = rows
-    # 256 x 256 float32 scores per (example, head) are kept by dense, never by blockwise (block 32)
-    assert blockwise["temp_bytes"] < dense["temp_bytes"] - 2 * 2 * 256 * 256 * 4
+    # dense keeps the 256 x 256 float32 probabilities per (example, head) for its backward (1 MiB here); blockwise
+    # (block 32) keeps only O(L) statistics, its block scores being far smaller
+    lxl = 2 * 2 * 256 * 256 * 4
+    assert dense["temp_bytes"] > lxl
+    assert blockwise["temp_bytes"] < dense["temp_bytes"] - lxl // 2
     assert abs(blockwise["loss"] - dense["loss"]) < 1e-3 * abs(dense["loss"])  # same function, same batch
 
 
