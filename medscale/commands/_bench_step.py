@@ -3,22 +3,27 @@
 import json
 
 
-def register(sub):
-    p = sub.add_parser("step", help="training-step throughput and MFU of one model shape",
-                       description="Times the compiled train step (compile excluded; median over timed steps "
-                                   "after warm-up) of the model with the given shape on random batches that "
-                                   "follow the batch contract.")
+def add_shape_args(p, vocab=None):
+    """The model-shape flags of the step benchmarks (``bench step``, ``bench torch``), with their defaults."""
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--enc-layers", type=int, default=4)
     p.add_argument("--dec-layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--d-ff", type=int, default=1024)
-    p.add_argument("--mlp", default="gelu", choices=("gelu", "swiglu"))
-    p.add_argument("--vocab", default=None,
+    p.add_argument("--vocab", default=vocab,
                    help="as for medscale flops: text vocabulary N (caption and boxes) or I,C,B,S per modality")
     p.add_argument("--enc-len", type=int, default=256)
     p.add_argument("--dec-len", type=int, default=64)
     p.add_argument("--batch", type=int, default=16)
+
+
+def register(sub):
+    p = sub.add_parser("step", help="training-step throughput and MFU of one model shape",
+                       description="Times the compiled train step (compile excluded; median over timed steps "
+                                   "after warm-up) of the model with the given shape on random batches that "
+                                   "follow the batch contract.")
+    add_shape_args(p)
+    p.add_argument("--mlp", default="gelu", choices=("gelu", "swiglu"))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--remat", default="none", choices=("none", "full", "save_dots"))
     p.add_argument("--attention", default="dense")

@@ -3,6 +3,8 @@
 import json
 import sys
 
+from medscale.commands._bench_step import add_shape_args
+
 
 def register(sub):
     p = sub.add_parser("torch", help="the training step against PyTorch (same shapes, same machine, one run)",
@@ -13,15 +15,7 @@ def register(sub):
     p.add_argument("--python", required=True, help="a Python interpreter that has torch installed")
     p.add_argument("--rounds", type=int, default=3, help="pairs of runs (default 3)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per run (after warm-up)")
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--enc-layers", type=int, default=4)
-    p.add_argument("--dec-layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--d-ff", type=int, default=1024)
-    p.add_argument("--vocab", default="2048,2048,2048,2048", help="I,C,B,S per modality or a text vocabulary N")
-    p.add_argument("--enc-len", type=int, default=256)
-    p.add_argument("--dec-len", type=int, default=64)
-    p.add_argument("--batch", type=int, default=16)
+    add_shape_args(p, vocab="2048,2048,2048,2048")
     p.add_argument("--json", action="store_true", help="one JSON line on stdout")
     p.set_defaults(func=run)
 

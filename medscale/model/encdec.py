@@ -176,8 +176,7 @@ class Attention(nnx.Module):
             # one matmul for the projections of the same input (q, k, v in self-attention; k, v in
             # cross-attention): wider matmuls run closer to peak on CPU than three narrow ones
             ws = [w[...].astype(dtype) for w in ws]
-            w = jnp.concatenate([w.reshape(w.shape[0], -1) for w in ws], axis=1) if len(ws) > 1 else \
-                ws[0].reshape(ws[0].shape[0], -1)
+            w = jnp.concatenate([w.reshape(w.shape[0], -1) for w in ws], axis=1)
             y = linear(x, w).reshape(*x.shape[:-1], len(ws), *ws[0].shape[1:])
             return [constrain(y[..., i, :, :], _BLHK) for i in range(len(ws))]
 
