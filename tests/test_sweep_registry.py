@@ -199,3 +199,32 @@ def test_status_cli(results, capsys):
     line = next(ln for ln in text.out.splitlines() if ln.startswith("a-done"))
     assert "done" in line and "2.5000" in line and "12s" in line and "10.0%" in line
     assert "b-failed: ValueError: boom" in text.err
+
+
+def test_relaunch_clears_a_dead_launchers_lock_on_a_finished_run(tmp_path):
+    """A launcher killed after its training process wrote the summary but before it released the run's lock:
+    the next launcher skips the finished run and removes that lock; a live holder's lock stays."""
+    from medscale.sweep.design import Run
+    from medscale.sweep.launcher import Launcher
+
+    def run(run_id):
+        return Run(run_id=run_id, sweep="sw", design="grid", size="d16l1", base="tiny", overrides=[], enc_len=32,
+                   dec_len=48, batch_size=4, steps=10, tokens=3200, model_flops=1e9, hardware_flops=1.1e9,
+                   params={"total": 10, "embedding": 4, "non_embedding": 5, "heads": 1}, lr=1e-3, seed=0,
+                   budget=None, token_budget=3200)
+
+    dead, held = run("dead-lock"), run("live-lock")
+    for r in (dead, held):
+        d = r.workdir(str(tmp_path))
+        os.makedirs(d)
+        with open(os.path.join(d, "summary.json"), "w") as fh:
+            json.dump(summary(r.run_id), fh)
+    with open(os.path.join(dead.workdir(str(tmp_path)), "run.lock"), "w") as fh:
+        json.dump({"pid": dead_pid(), "host": socket.gethostname(), "created": 1.0}, fh)
+    live = RunLock(held.workdir(str(tmp_path)))
+    assert live.acquire()
+    report = Launcher([dead, held], str(tmp_path), progress=False).launch()
+    assert report["counts"] == {"done": 2}
+    assert not os.path.exists(os.path.join(dead.workdir(str(tmp_path)), "run.lock"))
+    assert os.path.exists(live.path) and live.owned()
+    live.release()

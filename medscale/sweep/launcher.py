@@ -8,7 +8,8 @@ checkpoints; runs another launcher holds (live ``run.lock``) are left to it. Up 
 A training process that exits without a summary (a crash, a bad config, a signal) gets a ``failed``
 summary written here, atomically, with the error taken from its log; the sweep goes on. Training processes
 die with the launcher (``PR_SET_PDEATHSIG``), so a killed launcher leaves no orphan writing to a run it no
-longer holds, and its locks are reclaimed by the next launcher (dead pid).
+longer holds, and its locks are reclaimed by the next launcher (dead pid), also on runs that had finished
+before it was killed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 from medscale.errors import UserError
 from medscale.sweep import registry
 from medscale.sweep.design import Run
-from medscale.sweep.lock import RunLock
+from medscale.sweep.lock import LOCK_NAME, RunLock
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +216,7 @@ class Launcher:
             if state == "done" or state == "diverged" or (state == "failed" and not self.retry_failed):
                 self.outcome[run.run_id] = state
                 done_flops += run.model_flops
+                _clear_dead_lock(workdir)
             else:
                 queue.append(run)
         total = sum(r.model_flops for r in self.runs) or 1.0
@@ -290,6 +292,16 @@ class Launcher:
             bar.n = min(now_flops, total)
             bar.set_postfix_str(text, refresh=False)
             bar.refresh()
+
+
+def _clear_dead_lock(workdir: str) -> None:
+    """Remove the ``run.lock`` a killed launcher left on a run that had finished (its training process wrote
+    the summary, the launcher died before releasing): reclaimed like any dead lock, then released. A live
+    holder's lock is left alone."""
+    if os.path.exists(os.path.join(workdir, LOCK_NAME)):
+        lock = RunLock(workdir)
+        if lock.acquire():
+            lock.release()
 
 
 def _fmt_s(s: float) -> str:
