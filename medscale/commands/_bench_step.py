@@ -29,7 +29,7 @@ def register(sub):
     p.add_argument("--attention", default="dense")
     p.add_argument("--window", type=int, default=None, help="keys per encoder query for --attention local")
     p.add_argument("--block", type=int, default=None, help="key/value block for blockwise attention")
-    p.add_argument("--steps", type=int, default=5, help="timed steps (after 1 warm-up step)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (after 3 warm-up steps)")
     p.add_argument("--hardware", default="auto", help="hardware table key for the peak (auto: detect)")
     p.add_argument("--json", action="store_true", help="one JSON line on stdout")
     p.set_defaults(func=run)

@@ -8,6 +8,11 @@ import time
 from medscale.errors import UserError
 from medscale.spec import ModelSpec
 
+# untimed steps before timing: XLA:CPU frees a step's temporary buffer asynchronously, after the step's outputs
+# are ready, so the next step may allocate a second one; the heap (see train/malloc.py) reaches its steady size
+# within the first few steps, and the page faults of that growth are not part of a step's steady-state time
+WARMUP_STEPS = 3
+
 
 def bench_spec(d_model, enc_layers, dec_layers, heads, d_ff, vocab, enc_len, dec_len, mlp="gelu") -> ModelSpec:
     """The ModelSpec ``medscale flops`` builds from the same flags (``vocab``: text vocabulary N, or
@@ -60,8 +65,9 @@ def bench_step(spec: ModelSpec, batch_size: int, *, dtype="float32", remat="none
     t = time.perf_counter()
     compiled = prog.step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t
-    state, m = compiled(state, batch)
-    jax.block_until_ready(m)
+    for _ in range(WARMUP_STEPS):
+        state, m = compiled(state, batch)
+        jax.block_until_ready(m)
     times = []
     for _ in range(steps):
         t = time.perf_counter()

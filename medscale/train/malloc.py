@@ -6,7 +6,12 @@ elementwise op measured 3-5x slower than with the buffers kept in the heap (``do
 the mmap and trim thresholds keeps freed memory for reuse. XLA:CPU also allocates from its worker threads,
 and glibc gives each thread its own arena, whose memory is returned to the kernel (and faulted in again, about
 230,000 minor faults per ``bench step`` step) whatever the main arena's thresholds: one arena
-(``M_ARENA_MAX=1``) removes those faults. An arena is bound to a thread at its first malloc, so this must run
+(``M_ARENA_MAX=1``) removes those faults. The one arena is never trimmed and grows in steps of 2 GiB
+(``M_TOP_PAD``): a step's temporary buffer (820 MB for ``bench step``'s default shape) is freed asynchronously,
+after the step's outputs are ready, so the next step sometimes allocates a second one before the first is
+back; with a bounded trim threshold the heap then grew and was trimmed again every few steps, and each regrowth
+cost about 220,000 page faults (0.3-1.7 s of system time) in that step. Now the heap reaches its steady size
+in the first steps and stays there (its peak is held until the process ends). An arena is bound to a thread at its first malloc, so this must run
 before JAX starts its thread pools: ``medscale``'s CLI calls it first thing, and ``train.step.build`` calls it
 again (the thresholds still apply when JAX already runs). Applied once, on Linux/glibc;
 ``MEDSCALE_MALLOPT=0`` turns it off.
@@ -31,8 +36,9 @@ def tune_malloc() -> bool:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        ok = (libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
-              and libc.mallopt(_M_TOP_PAD, 1 << 28) == 1 and libc.mallopt(_M_ARENA_MAX, 1) == 1)
+        # trim threshold -1 is SIZE_MAX for glibc (never trim); top pad: the most mallopt's int allows
+        ok = (libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1
+              and libc.mallopt(_M_TOP_PAD, 2**31 - 1) == 1 and libc.mallopt(_M_ARENA_MAX, 1) == 1)
     except (OSError, AttributeError):
         return False
     _done = True

@@ -10,7 +10,7 @@ Model: token embedding over the combined vocabulary + learned modality embedding
 (pre-LN, GELU, no dropout; its linear layers carry biases), one bias-free output projection over the combined
 vocabulary and cross-entropy; AdamW with gradient clipping. Encoder padding is masked, decoder self-attention
 is causal. One training step = forward, backward, clip, AdamW update, timed like ``medscale bench step``
-(median of timed steps after a warm-up step).
+(median of timed steps after 3 warm-up steps).
 """
 
 import argparse
@@ -79,7 +79,8 @@ def main():
         opt.step()
         return float(loss)
 
-    step()
+    for _ in range(3):  # warm-up: as many as medscale's bench step (medscale/train/bench.py, WARMUP_STEPS)
+        step()
     times = []
     for _ in range(a.steps):
         t = time.perf_counter()
