@@ -47,12 +47,50 @@ def _linear_bwd(res, g):
     x, w = res
     x2 = x.reshape(-1, x.shape[-1])
     g2 = g.reshape(-1, g.shape[-1]).astype(x.dtype)
-    dw = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    if w.shape[0] > w.shape[1]:
+        # a narrowing weight (the MLP's down-projection): form dw^T [out, in] and transpose it. XLA:CPU runs the
+        # token-contracting matmul about 1.6x faster with the wide operand on the output's minor side; without
+        # the barrier XLA folds the transpose back into the matmul (``docs/model.md``, "Speed")
+        dw = jax.lax.optimization_barrier(
+            jax.lax.dot_general(g2, x2, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)).T
+    else:
+        dw = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     dx = jax.lax.dot_general(g2, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return dx.astype(x.dtype).reshape(x.shape), dw.astype(w.dtype)
 
 
 linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def _unstack(y, axis):
+    """The slices of ``y`` along ``axis``, by ``lax.split``: its gradient is one concatenate, where indexing
+    each slice gives one zero-padded full-size gradient per slice, summed (profiled: an elementwise pass over
+    the whole projection output per layer)."""
+    return [p.squeeze(axis) for p in jax.lax.split(y, [1] * y.shape[axis], axis=axis % y.ndim)]
+
+
+_GELU_C, _GELU_A = math.sqrt(2.0 / math.pi), 0.044715
+
+
+@jax.custom_vjp
+def gelu_tanh(x):
+    """``jax.nn.gelu(x, approximate=True)`` whose backward is one elementwise pass over ``x`` and the incoming
+    gradient (autodiff of the tanh form summed two gradient paths in separate passes over ``[tokens, d_ff]``)."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_fwd(x):
+    return jax.nn.gelu(x, approximate=True), x
+
+
+def _gelu_bwd(x, g):
+    xf = x.astype(jnp.float32)
+    t = jnp.tanh(_GELU_C * (xf + _GELU_A * xf ** 3))
+    d = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * _GELU_C * (1.0 + 3.0 * _GELU_A * xf * xf)
+    return ((g.astype(jnp.float32) * d).astype(x.dtype),)
+
+
+gelu_tanh.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 def _slice_stats(logits_NV, offset_N, size_N, index_N):
@@ -178,7 +216,7 @@ class Attention(nnx.Module):
             ws = [w[...].astype(dtype) for w in ws]
             w = jnp.concatenate([w.reshape(w.shape[0], -1) for w in ws], axis=1)
             y = linear(x, w).reshape(*x.shape[:-1], len(ws), *ws[0].shape[1:])
-            return [constrain(y[..., i, :, :], _BLHK) for i in range(len(ws))]
+            return [constrain(p, _BLHK) for p in _unstack(y, -3)]
 
         if kv is not None:
             (q_BLHK,) = proj(xq_BLD, self.q)
@@ -214,7 +252,7 @@ class Mlp(nnx.Module):
         if self.kind == "swiglu":
             h_BLF = jax.nn.silu(mm(x_BLD, self.gate)) * h_BLF
         else:
-            h_BLF = jax.nn.gelu(h_BLF, approximate=True)
+            h_BLF = gelu_tanh(h_BLF)
         h_BLF = constrain(h_BLF.astype(dtype), _BLF)
         return constrain(mm(h_BLF, self.down).astype(dtype), _BLD)
 
@@ -264,9 +302,8 @@ def cross_kv(layers, enc_BED, dtype):
         return []
     d, h, k = ws[0].shape
     y = linear(enc_BED, jnp.concatenate([w.reshape(d, h * k) for w in ws], axis=1))
-    y = y.reshape(*enc_BED.shape[:-1], len(ws), h, k)
-    return [(constrain(y[..., 2 * i, :, :], _BLHK), constrain(y[..., 2 * i + 1, :, :], _BLHK))
-            for i in range(len(layers))]
+    parts = [constrain(p, _BLHK) for p in _unstack(y.reshape(*enc_BED.shape[:-1], len(ws), h, k), -3)]
+    return list(zip(parts[0::2], parts[1::2]))
 
 
 def _remat_policy(name):
