@@ -169,7 +169,6 @@ def test_loss_is_log_softmax_over_own_modality_slice_and_grads_match_autodiff(f3
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4)
 
 
-
 @pytest.mark.parametrize("shape", [(64, 16), (16, 64), (32, 32)])  # narrowing (transposed dw), widening, square
 def test_hand_written_backward_passes_match_autodiff(shape):
     """``linear`` and ``gelu_tanh`` (custom VJPs written for speed) against plain autodiff of the same math."""
@@ -185,6 +184,7 @@ def test_hand_written_backward_passes_match_autodiff(shape):
         assert a.shape == b.shape
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
     assert jnp.array_equal(gelu_tanh(x), jax.nn.gelu(x, approximate=True))
+
 
 @pytest.mark.slow
 def test_remat_gives_the_same_loss_and_grads(f32):

@@ -47,14 +47,16 @@ def _linear_bwd(res, g):
     x, w = res
     x2 = x.reshape(-1, x.shape[-1])
     g2 = g.reshape(-1, g.shape[-1]).astype(x.dtype)
+    def over_tokens(a, b):  # a^T b: contracts the token axis
+        return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
     if w.shape[0] > w.shape[1]:
         # a narrowing weight (the MLP's down-projection): form dw^T [out, in] and transpose it. XLA:CPU runs the
         # token-contracting matmul about 1.6x faster with the wide operand on the output's minor side; without
         # the barrier XLA folds the transpose back into the matmul (``docs/model.md``, "Speed")
-        dw = jax.lax.optimization_barrier(
-            jax.lax.dot_general(g2, x2, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)).T
+        dw = jax.lax.optimization_barrier(over_tokens(g2, x2)).T
     else:
-        dw = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        dw = over_tokens(x2, g2)
     dx = jax.lax.dot_general(g2, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return dx.astype(x.dtype).reshape(x.shape), dw.astype(w.dtype)
 

@@ -24,7 +24,7 @@ import time
 from medscale.errors import UserError
 from medscale.sweep import registry
 from medscale.sweep.design import Run
-from medscale.sweep.lock import LOCK_NAME, RunLock
+from medscale.sweep.lock import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -298,10 +298,9 @@ def _clear_dead_lock(workdir: str) -> None:
     """Remove the ``run.lock`` a killed launcher left on a run that had finished (its training process wrote
     the summary, the launcher died before releasing): reclaimed like any dead lock, then released. A live
     holder's lock is left alone."""
-    if os.path.exists(os.path.join(workdir, LOCK_NAME)):
-        lock = RunLock(workdir)
-        if lock.acquire():
-            lock.release()
+    lock = RunLock(workdir)
+    if os.path.exists(lock.path) and lock.acquire():
+        lock.release()
 
 
 def _fmt_s(s: float) -> str:

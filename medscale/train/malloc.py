@@ -11,10 +11,10 @@ and glibc gives each thread its own arena, whose memory is returned to the kerne
 after the step's outputs are ready, so the next step sometimes allocates a second one before the first is
 back; with a bounded trim threshold the heap then grew and was trimmed again every few steps, and each regrowth
 cost about 220,000 page faults (0.3-1.7 s of system time) in that step. Now the heap reaches its steady size
-in the first steps and stays there (its peak is held until the process ends). An arena is bound to a thread at its first malloc, so this must run
-before JAX starts its thread pools: ``medscale``'s CLI calls it first thing, and ``train.step.build`` calls it
-again (the thresholds still apply when JAX already runs). Applied once, on Linux/glibc;
-``MEDSCALE_MALLOPT=0`` turns it off.
+in the first steps and stays there (its peak is held until the process ends). An arena is bound to a thread
+at its first malloc, so this must run before JAX starts its thread pools: ``medscale``'s CLI calls it first
+thing, and ``train.step.build`` calls it again (the thresholds still apply when JAX already runs). Applied once,
+on Linux/glibc; ``MEDSCALE_MALLOPT=0`` turns it off.
 """
 
 from __future__ import annotations

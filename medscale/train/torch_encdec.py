@@ -10,7 +10,7 @@ Model: token embedding over the combined vocabulary + learned modality embedding
 (pre-LN, GELU, no dropout; its linear layers carry biases), one bias-free output projection over the combined
 vocabulary and cross-entropy; AdamW with gradient clipping. Encoder padding is masked, decoder self-attention
 is causal. One training step = forward, backward, clip, AdamW update, timed like ``medscale bench step``
-(median of timed steps after 3 warm-up steps).
+(median of timed steps after ``--warmup`` untimed ones, 3 by default as in ``bench step``).
 """
 
 import argparse
@@ -53,6 +53,7 @@ def main():
     p.add_argument("--dec-len", type=int, default=64)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (bench torch passes medscale's)")
     # the cores this process may run on (so that ``taskset -c 0`` gives a one-core comparison, like XLA's pool)
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                    else os.cpu_count() or 1)
@@ -81,7 +82,7 @@ def main():
         opt.step()
         return float(loss)
 
-    for _ in range(3):  # warm-up: as many as medscale's bench step (medscale/train/bench.py, WARMUP_STEPS)
+    for _ in range(a.warmup):
         step()
     times = []
     for _ in range(a.steps):

@@ -46,7 +46,7 @@ def check_torch(python: str) -> str:
 def compare(python: str, *, d_model=256, enc_layers=4, dec_layers=4, heads=4, d_ff=1024, vocab="2048,2048,2048,2048",
             enc_len=256, dec_len=64, batch=16, steps=5, rounds=3, progress=None, timeout=1800.0) -> dict:
     """Run ``rounds`` alternating pairs; return per-round times, medians and the speedup of medscale."""
-    from medscale.train.bench import bench_spec
+    from medscale.train.bench import WARMUP_STEPS, bench_spec
 
     if rounds < 1 or steps < 1:
         raise UserError("--rounds and --steps must be positive")
@@ -55,7 +55,8 @@ def compare(python: str, *, d_model=256, enc_layers=4, dec_layers=4, heads=4, d_
     shape = ["--d-model", d_model, "--enc-layers", enc_layers, "--dec-layers", dec_layers, "--heads", heads,
              "--d-ff", d_ff, "--enc-len", enc_len, "--dec-len", dec_len, "--batch", batch, "--steps", steps]
     shape = [str(x) for x in shape]
-    torch_cmd = [python, str(TORCH_SCRIPT), *shape, "--vocab-total", str(spec.vocab_total), "--json"]
+    torch_cmd = [python, str(TORCH_SCRIPT), *shape, "--vocab-total", str(spec.vocab_total),
+                 "--warmup", str(WARMUP_STEPS), "--json"]
     ours_cmd = [sys.executable, "-m", "medscale", "bench", "step", *shape, "--vocab", str(vocab), "--json"]
     env_note = os.environ.get("XLA_FLAGS", "")
     rows = []
