@@ -1,5 +1,6 @@
 """Every attention implementation against dense: outputs and gradients, with the three mask kinds."""
 
+import contextlib
 import functools
 
 import jax
@@ -75,7 +76,9 @@ def _dense_fp32(kind, window):
     return _value_and_grads(_dense_reference(vectors, window), qkv, w)
 
 
-CASES = [(kind, impl, {}) for kind in ("encoder", "decoder", "cross") for impl in ("dense", "xla")] + [
+# "dense" runs the CPU kernel where it applies (float32 on XLA:CPU, medscale/kernels); "dense-xla" is the same
+# implementation traced as XLA operations (attention.xla_only), its path on GPUs, meshes and bfloat16.
+CASES = [(kind, impl, {}) for kind in ("encoder", "decoder", "cross") for impl in ("dense", "dense-xla", "xla")] + [
     # several key blocks, lengths not multiples of the block
     (kind, "blockwise", {"block": 8}) for kind in ("encoder", "decoder", "cross")] + [
     ("decoder", "blockwise", {"block": 16, "block_q": 4}),  # query blocks smaller than key blocks
@@ -105,8 +108,10 @@ def test_equals_dense_fp32(kind, implementation, options):
     qkv, w, vectors = _inputs(kind)
     window = options.get("window") if implementation == "local" else None
     want, want_grads = _dense_fp32(kind, window)
-    got, got_grads = _value_and_grads(
-        lambda q, k, v: attend(q, k, v, implementation=implementation, **vectors, **options), qkv, w)
+    with attention.xla_only() if implementation == "dense-xla" else contextlib.nullcontext():
+        got, got_grads = _value_and_grads(
+            lambda q, k, v: attend(q, k, v, implementation=implementation.removesuffix("-xla"), **vectors,
+                                   **options), qkv, w)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
     for g, gw in zip(got_grads, want_grads):
         np.testing.assert_allclose(g, gw, atol=5e-5, rtol=1e-4)

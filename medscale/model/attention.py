@@ -23,6 +23,11 @@ Implementations (``implementation=``; all compute the rule above except ``local`
   (``_fused``: the probabilities are the only O(Lq * Lk) residual per layer; the mask enters as an additive
   bias, over keys only for encoder and cross-attention). ``_dense`` is the same function by plain autodiff,
   kept as the tests' reference.
+  Traced for XLA:CPU in float32 on one device, ``dense`` runs as one native call per direction
+  (``_cpu_kernel``: ``medscale/kernels/attention_cpu.cc`` through ``jax.ffi``; each (batch, head) pair's
+  scores stay in cache from QK^T through the softmax to PV, same equations and residual). Elsewhere (GPU,
+  bfloat16, a mesh of several devices, no compiler, ``MEDSCALE_CPU_KERNELS=0``, or inside :func:`xla_only`)
+  it is ``_fused``.
 - ``xla``: ``jax.nn.dot_product_attention(implementation='xla')`` with the boolean mask built from the vectors.
 - ``cudnn``: ``jax.nn.dot_product_attention(implementation='cudnn')``: cuDNN's fused flash kernel. It needs an
   NVIDIA GPU and a bfloat16/float16 compute dtype; anywhere else it raises :class:`UserError` (no silent
@@ -198,7 +203,72 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 def _dense_fused(q, k, v, q_segment, kv_segment, q_causal, same_segment):
     bias, rows = _bias_and_rows(q_segment, kv_segment, q_causal, same_segment)
+    if _use_cpu_kernel(q, k, v):
+        return _cpu_kernel(q, k, v, bias, rows)
     return _fused(q, k, v, bias, rows)
+
+
+# ------------------------------------------------------------------------ dense on XLA:CPU: the FFI kernel
+
+_XLA_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("medscale_attention_xla_only", default=False)
+
+
+@contextlib.contextmanager
+def xla_only():
+    """Trace ``dense`` attention as XLA operations even where the CPU kernel applies (e.g. for XLA's FLOP
+    count, which cannot see inside a custom call). Read at trace time, like :func:`attention_options`: wrap
+    the ``lower(...)`` of a freshly built function."""
+    token = _XLA_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _XLA_ONLY.reset(token)
+
+
+def _use_cpu_kernel(q, k, v) -> bool:
+    """``dense`` runs as ``medscale/kernels/attention_cpu.cc`` when tracing for XLA:CPU, in float32, on one
+    device, and the kernel could be built here; anything else keeps the XLA implementation (``_fused``)."""
+    from medscale.kernels import attention_targets
+    from medscale.model.sharding import active_mesh_size
+
+    return (not _XLA_ONLY.get() and jax.default_backend() == "cpu"
+            and all(x.dtype == jnp.float32 for x in (q, k, v)) and active_mesh_size() == 1
+            and attention_targets() is not None)
+
+
+@jax.custom_vjp
+def _cpu_kernel(q, k, v, bias, rows):
+    """``_fused``'s equations in one native call per direction (same inputs, same result to float
+    rounding)."""
+    return _cpu_kernel_fwd(q, k, v, bias, rows)[0]
+
+
+def _cpu_kernel_fwd(q, k, v, bias, rows):
+    from medscale.kernels import attention_targets
+
+    forward, _ = attention_targets()
+    b, lq, h, _ = q.shape
+    lk = k.shape[1]
+    qs = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    bias = jnp.broadcast_to(bias, (b, 1, bias.shape[2], lk)).reshape(b, bias.shape[2], lk)
+    rows = jnp.broadcast_to(rows, (b, 1, lq, 1)).reshape(b, lq)
+    o, p = jax.ffi.ffi_call(forward, (jax.ShapeDtypeStruct(q.shape, q.dtype),
+                                      jax.ShapeDtypeStruct((b, h, lq, lk), jnp.float32)))(qs, k, v, bias, rows)
+    return o, (qs, k, v, p, o)
+
+
+def _cpu_kernel_bwd(res, do):
+    from medscale.kernels import attention_targets
+
+    _, backward = attention_targets()
+    qs, k, v, p, o = res
+    dq, dk, dv = jax.ffi.ffi_call(backward, (jax.ShapeDtypeStruct(qs.shape, qs.dtype),
+                                             jax.ShapeDtypeStruct(k.shape, k.dtype),
+                                             jax.ShapeDtypeStruct(v.shape, v.dtype)))(qs, k, v, p, o, do)
+    return dq, dk, dv, None, None
+
+
+_cpu_kernel.defvjp(_cpu_kernel_fwd, _cpu_kernel_bwd)
 
 
 # ------------------------------------------------------------------------------------ jax.nn (xla / cudnn)

@@ -70,6 +70,15 @@ def sharding_context(mesh: Mesh | None, rules):
         _CTX.reset(token)
 
 
+def active_mesh_size() -> int:
+    """Devices of the mesh that code traced here is partitioned over (1 when none is active)."""
+    ctx = _CTX.get()
+    if ctx is not None:
+        return ctx[0].size
+    abstract = jax.sharding.get_abstract_mesh()
+    return 1 if abstract.empty else abstract.size
+
+
 def constrain(x, names):
     """``with_sharding_constraint`` by logical names, when a sharding context with a real mesh is active."""
     ctx = _CTX.get()
