@@ -139,14 +139,22 @@ def memory_bytes(name: str) -> float:
 # ---------------------------------------------------------------- CPU: measured peak
 
 
-def _cpu_model() -> str:
+def cpuinfo_field(name: str) -> str | None:
+    """The value of the first ``/proc/cpuinfo`` line whose key starts with ``name`` (``None`` if absent)."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
-                if line.lower().startswith("model name"):
+                if line.lower().startswith(name):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return None
+
+
+def _cpu_model() -> str:
+    model = cpuinfo_field("model name")
+    if model is not None:
+        return model
     import platform
 
     return platform.processor() or platform.machine() or "unknown-cpu"

@@ -37,13 +37,9 @@ def _cache_dir() -> Path:
 
 
 def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    from medscale.hardware import cpuinfo_field
+
+    return cpuinfo_field("flags") or ""
 
 
 def _build() -> Path:
