@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from medscale import kernels
 from medscale.errors import UserError
 from medscale.model import attention
 from medscale.model.attention import allowed_mask, attend, site_implementation
@@ -108,7 +109,7 @@ def test_equals_dense_fp32(kind, implementation, options):
     qkv, w, vectors = _inputs(kind)
     window = options.get("window") if implementation == "local" else None
     want, want_grads = _dense_fp32(kind, window)
-    with attention.xla_only() if implementation == "dense-xla" else contextlib.nullcontext():
+    with kernels.xla_only() if implementation == "dense-xla" else contextlib.nullcontext():
         got, got_grads = _value_and_grads(
             lambda q, k, v: attend(q, k, v, implementation=implementation.removesuffix("-xla"), **vectors,
                                    **options), qkv, w)

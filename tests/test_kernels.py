@@ -1,6 +1,7 @@
-"""The CPU attention kernel (medscale/kernels/attention_cpu.cc): built here, used by the training step, and
+"""The CPU kernels: attention (medscale/kernels/attention_cpu.cc) built here, used by the training step, and
 equal to the XLA implementation of ``dense`` at the benchmark's head shapes (tests/test_attention_equivalence.py
-checks both against plain autodiff on small masked cases)."""
+checks both against plain autodiff on small masked cases); the OpenBLAS matmul (matmul_cpu.cc) equal to a
+float64 product for every transpose combination and used for every projection and the head."""
 
 import os
 import shutil
@@ -16,14 +17,23 @@ from medscale.train import step as S
 from medscale.train.batches import random_batch
 from medscale.train.bench import bench_spec
 
-CAN_BUILD = ("avx512f" in kernels._cpu_flags().split() and shutil.which("g++") is not None
+CAN_BUILD = (kernels.simd_supported() and shutil.which("g++") is not None
              and os.environ.get("MEDSCALE_CPU_KERNELS", "1") != "0")
+
+
+try:
+    import scipy_openblas32  # noqa: F401
+
+    CAN_BUILD_MATMUL = (shutil.which("g++") is not None and os.environ.get("MEDSCALE_CPU_KERNELS", "1") != "0"
+                        and os.environ.get("MEDSCALE_CPU_MATMUL", "1") != "0")
+except ImportError:
+    CAN_BUILD_MATMUL = False
 
 
 def test_kernel_builds_where_it_can():
     if not CAN_BUILD:
         assert kernels.attention_targets() is None and kernels.unavailable_reason()
-        pytest.skip(f"no AVX-512 or g++ here: {kernels.unavailable_reason()}")
+        pytest.skip(f"no AVX-512/AVX2 or g++ here: {kernels.unavailable_reason()}")
     assert kernels.attention_targets() == (kernels.FORWARD, kernels.BACKWARD), kernels.unavailable_reason()
     libs = list(kernels._cache_dir().glob("attention_cpu-*.so"))
     assert libs and kernels._build() in libs  # a second build finds the cached library
@@ -57,9 +67,30 @@ def test_training_step_calls_the_kernel_and_flop_count_does_not():
     prog = S.build(spec, S.OptConfig())
     state, batch = prog.init(0), prog.put_batch(random_batch(spec, 2, 0))
     with_kernel = prog.step.lower(state, batch).compile().as_text()
-    with attention.xla_only():  # read at trace time: a freshly built step
+    with kernels.xla_only():  # read at trace time: a freshly built step
         plain = S.build(spec, S.OptConfig()).step.lower(state, batch).compile().as_text()
     # encoder self, decoder self and cross-attention: one forward and one backward call each
     assert with_kernel.count(f'custom_call_target="{kernels.FORWARD}"') == 3
     assert with_kernel.count(f'custom_call_target="{kernels.BACKWARD}"') == 3
     assert kernels.FORWARD not in plain
+    if CAN_BUILD_MATMUL:
+        # every linear (encoder 4, decoder 6, the cross-attention k/v of all layers 1) and the head: forward,
+        # input gradient, weight gradient
+        assert with_kernel.count(f'custom_call_target="{kernels.MATMUL}"') == 3 * (4 + 6 + 1 + 1)
+        assert kernels.MATMUL not in plain
+
+
+@pytest.mark.skipif(not CAN_BUILD_MATMUL, reason="the matmul kernel cannot be built here")
+@pytest.mark.parametrize("m,k,n", [(300, 70, 45), (40, 33, 700), (1, 5, 1), (130, 1, 64)])
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False), (True, True)])
+def test_matmul_kernel_equals_float64_product(m, k, n, trans_a, trans_b):
+    from medscale.model.matmul import matmul, use_native
+
+    rng = np.random.default_rng(m * n + k)
+    a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(np.float32)
+    b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(np.float32)
+    assert use_native(jnp.asarray(a), jnp.asarray(b)), kernels.unavailable_reason("matmul")
+    got = np.asarray(jax.jit(lambda a, b: matmul(a, b, trans_a, trans_b))(a, b))
+    want = (a.T if trans_a else a).astype(np.float64) @ (b.T if trans_b else b).astype(np.float64)
+    assert got.shape == (m, n) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(k) * np.abs(want).max())

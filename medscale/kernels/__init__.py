@@ -1,15 +1,23 @@
 """Native CPU kernels called from JAX through the XLA FFI, built on first use with the system C++ compiler.
 
-``attention_cpu.cc``: the ``dense`` attention's forward and backward for float32 on XLA:CPU (see its header
-and docs/model.md, "Speed"). The shared library is compiled once per source, compiler flags, JAX version and
-CPU (``-march=native``) into ``kernels/`` of medscale's cache directory (``$XDG_CACHE_HOME/medscale``, default
-``~/.cache/medscale``) and registered with ``jax.ffi``. Without a C++ compiler, without AVX-512, or with ``MEDSCALE_CPU_KERNELS=0``,
-:func:`attention_targets` returns ``None`` and the model uses its XLA implementation instead; the reason is
-in :func:`unavailable_reason`.
+- ``attention_cpu.cc``: the ``dense`` attention's forward and backward for float32 on XLA:CPU (see its header
+  and docs/model.md, "Speed"); :func:`attention_targets`.
+- ``matmul_cpu.cc``: float32 matmuls by OpenBLAS's sgemm (the ``scipy-openblas32`` wheel, a dependency), in
+  single-threaded blocks on XLA's thread pool; :func:`matmul_target`.
+
+Each shared library is compiled once per source, compiler flags, JAX version and CPU (``-march=native``:
+AVX-512 where the CPU has it, else AVX2 with FMA) into ``kernels/`` of medscale's cache directory
+(``$XDG_CACHE_HOME/medscale``, default ``~/.cache/medscale``) and registered with ``jax.ffi``. Without a C++
+compiler, on a CPU with neither instruction set (attention), without OpenBLAS (matmul), or with
+``MEDSCALE_CPU_KERNELS=0`` (all kernels; ``MEDSCALE_CPU_MATMUL=0``: the matmul only), the target functions
+return ``None`` and the model uses its XLA implementation instead; the reason is in
+:func:`unavailable_reason`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import hashlib
 import os
@@ -22,12 +30,16 @@ from pathlib import Path
 
 import jax
 
-SOURCE = Path(__file__).with_name("attention_cpu.cc")
+HERE = Path(__file__).parent
+SOURCE = HERE / "attention_cpu.cc"
+MATMUL_SOURCE = HERE / "matmul_cpu.cc"
+HEADERS = (HERE / "parallel.h",)
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
 FORWARD, BACKWARD = "medscale_attention_cpu_fwd", "medscale_attention_cpu_bwd"
+MATMUL = "medscale_matmul_cpu"
 
 _lock = threading.Lock()
-_state: dict = {}
+_state: dict = {}  # kernel name -> {"lib": CDLL} or {"error": str}
 
 
 def _cache_dir() -> Path:
@@ -42,51 +54,112 @@ def _cpu_flags() -> str:
     return cpuinfo_field("flags") or ""
 
 
-def _build() -> Path:
-    """Compile the library if this (source, flags, JAX, CPU) has none yet; return its path."""
+def simd_supported(flags: str | None = None) -> bool:
+    """Whether this CPU (or the /proc/cpuinfo ``flags`` given) has an instruction set the attention kernel is
+    written for: AVX-512F, or AVX2 with FMA."""
+    have = set((_cpu_flags() if flags is None else flags).split())
+    return platform.machine() in ("x86_64", "AMD64") and ("avx512f" in have or {"avx2", "fma"} <= have)
+
+
+def _build(source: Path = SOURCE, extra: tuple[str, ...] = ()) -> Path:
+    """Compile ``source`` if this (source, headers, flags, JAX, CPU) has no library yet; return its path."""
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if not cxx:
         raise RuntimeError("no C++ compiler (g++, c++ or clang++) on PATH")
-    include = jax.ffi.include_dir()
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), jax.__version__, cxx,
-                                    platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"attention_cpu-{key}.so"
+    flags = [*FLAGS, f"-I{HERE}", f"-I{jax.ffi.include_dir()}", *extra]
+    text = "\0".join([source.read_text(), *(h.read_text() for h in HEADERS)])
+    key = hashlib.sha256("\0".join([text, " ".join(flags), jax.__version__, cxx, platform.machine(),
+                                    _cpu_flags()]).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"{source.stem}-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         part = Path(tmp) / out.name
-        proc = subprocess.run([cxx, *FLAGS, f"-I{include}", str(SOURCE), "-o", str(part)],
-                              capture_output=True, text=True)
+        proc = subprocess.run([cxx, str(source), "-o", str(part), *flags], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{cxx} failed: {proc.stderr.strip()[-2000:]}")
         os.replace(part, out)  # atomic: concurrent builders each publish a complete file
     return out
 
 
-def _load() -> None:
-    if os.environ.get("MEDSCALE_CPU_KERNELS", "1") == "0":
-        raise RuntimeError("disabled by MEDSCALE_CPU_KERNELS=0")
-    if platform.machine() not in ("x86_64", "AMD64") or "avx512f" not in _cpu_flags().split():
-        raise RuntimeError("the kernel needs an x86-64 CPU with AVX-512")
+def _openblas() -> tuple[str, ...]:
+    """Compiler flags that include and link the scipy-openblas32 wheel's OpenBLAS."""
+    try:
+        import scipy_openblas32 as ob
+    except ImportError:
+        raise RuntimeError("scipy-openblas32 is not installed (pip install scipy-openblas32)") from None
+    lib = ob.get_lib_dir()
+    return (f"-I{ob.get_include_dir()}", f"-L{lib}", f"-l{ob.get_library()}", f"-Wl,-rpath,{lib}")
+
+
+def _load_attention() -> ctypes.CDLL:
+    if not simd_supported():
+        raise RuntimeError("the kernel needs an x86-64 CPU with AVX-512 or AVX2 and FMA")
     lib = ctypes.cdll.LoadLibrary(str(_build()))
     jax.ffi.register_ffi_target(FORWARD, jax.ffi.pycapsule(lib.MedscaleAttentionForward), platform="cpu")
     jax.ffi.register_ffi_target(BACKWARD, jax.ffi.pycapsule(lib.MedscaleAttentionBackward), platform="cpu")
-    _state["lib"] = lib
+    return lib
+
+
+def _load_matmul() -> ctypes.CDLL:
+    if os.environ.get("MEDSCALE_CPU_MATMUL", "1") == "0":
+        raise RuntimeError("disabled by MEDSCALE_CPU_MATMUL=0")
+    lib = ctypes.cdll.LoadLibrary(str(_build(MATMUL_SOURCE, _openblas())))
+    lib.MedscaleMatmulInit()  # OpenBLAS single-threaded: the blocks run on XLA's pool
+    jax.ffi.register_ffi_target(MATMUL, jax.ffi.pycapsule(lib.MedscaleMatmul), platform="cpu")
+    return lib
+
+
+_LOADERS = {"attention": _load_attention, "matmul": _load_matmul}
+
+
+def _ready(kernel: str) -> bool:
+    with _lock:
+        st = _state.get(kernel)
+        if st is None:
+            try:
+                if os.environ.get("MEDSCALE_CPU_KERNELS", "1") == "0":
+                    raise RuntimeError("disabled by MEDSCALE_CPU_KERNELS=0")
+                st = {"lib": _LOADERS[kernel]()}
+            except Exception as e:  # any failure leaves the XLA implementation in charge
+                st = {"error": f"{type(e).__name__}: {e}"}
+            _state[kernel] = st
+        return "lib" in st
+
+
+_XLA_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("medscale_xla_only", default=False)
+
+
+@contextlib.contextmanager
+def xla_only():
+    """Trace the model's attention and matmuls as XLA operations even where a CPU kernel applies (e.g. for
+    XLA's FLOP count, which cannot see inside a custom call). Read at trace time: wrap the ``lower(...)`` of
+    a freshly built function (a jitted function caches its trace)."""
+    token = _XLA_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _XLA_ONLY.reset(token)
+
+
+def kernels_allowed() -> bool:
+    """False inside :func:`xla_only`."""
+    return not _XLA_ONLY.get()
 
 
 def attention_targets() -> tuple[str, str] | None:
     """The registered (forward, backward) FFI target names, building the library on first call; ``None``
     when the kernel cannot be used here (see :func:`unavailable_reason`)."""
-    with _lock:
-        if "lib" not in _state and "error" not in _state:
-            try:
-                _load()
-            except Exception as e:  # any failure leaves the XLA implementation in charge
-                _state["error"] = f"{type(e).__name__}: {e}"
-        return (FORWARD, BACKWARD) if "lib" in _state else None
+    return (FORWARD, BACKWARD) if _ready("attention") else None
 
 
-def unavailable_reason() -> str | None:
-    attention_targets()
-    return _state.get("error")
+def matmul_target() -> str | None:
+    """The registered FFI target of the OpenBLAS matmul, building it on first call; ``None`` when it cannot
+    be used here (see :func:`unavailable_reason`)."""
+    return MATMUL if _ready("matmul") else None
+
+
+def unavailable_reason(kernel: str = "attention") -> str | None:
+    _ready(kernel)
+    return _state[kernel].get("error")

@@ -20,98 +20,191 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
-#include <functional>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using medscale::ParallelFor;
 
 namespace {
 
+// ------------------------------------------------------------------------------------------------ SIMD
+// The same code for two instruction sets, chosen at compile time (-march=native): AVX-512 (16 float lanes,
+// mask registers, 32 vector registers: an 8 x 32 matmul tile) or AVX2 with FMA (8 lanes, lane masks in a
+// vector, 16 registers: a 6 x 16 tile). Masked loads read 0 in inactive lanes and never touch their memory.
+
+#if defined(__AVX512F__)
+using VF = __m512;
+using VM = __mmask16;
+constexpr int kW = 16;  // lanes
+constexpr int kMR = 8;  // rows of the matmul tile
+inline VM Mask(int64_t n) { return n >= kW ? VM(0xFFFF) : n <= 0 ? VM(0) : VM((1u << n) - 1); }
+inline VF LoadM(VM m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+inline VF Load(const float* p) { return _mm512_loadu_ps(p); }
+inline void StoreM(float* p, VM m, VF v) { _mm512_mask_storeu_ps(p, m, v); }
+inline void Store(float* p, VF v) { _mm512_storeu_ps(p, v); }
+inline VF Set1(float x) { return _mm512_set1_ps(x); }
+inline VF Fma(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
+inline VF Fnma(VF a, VF b, VF c) { return _mm512_fnmadd_ps(a, b, c); }
+inline VF Add(VF a, VF b) { return _mm512_add_ps(a, b); }
+inline VF Sub(VF a, VF b) { return _mm512_sub_ps(a, b); }
+inline VF Mul(VF a, VF b) { return _mm512_mul_ps(a, b); }
+inline VF Max(VF a, VF b) { return _mm512_max_ps(a, b); }
+inline VF Select(VM m, VF a, VF b) { return _mm512_mask_blend_ps(m, b, a); }  // m ? a : b
+inline float HMax(VF v) { return _mm512_reduce_max_ps(v); }
+inline float HSum(VF v) { return _mm512_reduce_add_ps(v); }
+inline VM Below(VF a, VF b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+inline VF Round(VF x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline VF Pow2Times(VF p, VF n) { return _mm512_scalef_ps(p, n); }  // p * 2^n
+// lanes i < active of (src[i * ld]): one column of a row-major block
+inline VF GatherColumn(VM m, const float* src, int64_t ld) {
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(int(ld)));
+  return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, src, 4);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+using VF = __m256;
+using VM = __m256i;  // all-ones lanes are active
+constexpr int kW = 8;
+constexpr int kMR = 6;
+inline VM Mask(int64_t n) {
+  const int c = int(std::max<int64_t>(0, std::min<int64_t>(n, kW)));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(c), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline VF LoadM(VM m, const float* p) { return _mm256_maskload_ps(p, m); }
+inline VF Load(const float* p) { return _mm256_loadu_ps(p); }
+inline void StoreM(float* p, VM m, VF v) { _mm256_maskstore_ps(p, m, v); }
+inline void Store(float* p, VF v) { _mm256_storeu_ps(p, v); }
+inline VF Set1(float x) { return _mm256_set1_ps(x); }
+inline VF Fma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
+inline VF Fnma(VF a, VF b, VF c) { return _mm256_fnmadd_ps(a, b, c); }
+inline VF Add(VF a, VF b) { return _mm256_add_ps(a, b); }
+inline VF Sub(VF a, VF b) { return _mm256_sub_ps(a, b); }
+inline VF Mul(VF a, VF b) { return _mm256_mul_ps(a, b); }
+inline VF Max(VF a, VF b) { return _mm256_max_ps(a, b); }
+inline VF Select(VM m, VF a, VF b) { return _mm256_blendv_ps(b, a, _mm256_castsi256_ps(m)); }
+inline float HMax(VF v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+}
+inline float HSum(VF v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+inline VM Below(VF a, VF b) { return _mm256_castps_si256(_mm256_cmp_ps(a, b, _CMP_LT_OQ)); }
+inline VF Round(VF x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline VF Pow2Times(VF p, VF n) {  // p * 2^n for integral n in [-126, 127]: n into the exponent bits
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+inline VF GatherColumn(VM m, const float* src, int64_t ld) {
+  const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(int(ld)));
+  return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), src, idx, _mm256_castsi256_ps(m), 4);
+}
+#else
+#error "attention_cpu.cc needs AVX-512 or AVX2 with FMA"
+#endif
+
+inline VF Zero() { return Set1(0.0f); }
+
+// the first min(n, kW) lanes at p (0 beyond): a plain load when all lanes are in range (masked stores, and
+// masked loads less so, are slow on AMD's AVX2 cores)
+inline VF LoadN(const float* p, int64_t n) { return n >= kW ? Load(p) : LoadM(Mask(n), p); }
+inline void StoreN(float* p, int64_t n, VF v) {
+  if (n >= kW)
+    Store(p, v);
+  else
+    StoreM(p, Mask(n), v);
+}
+
 // ------------------------------------------------------------------------------------------------ matmul
 
-// C[R x 32] (+)= A[R x K] B[K x 32] with masks for a partial last column block. AT: A is stored transposed
-// (element (i, k) at A[k * lda + i]).
-template <int R, bool AT>
+// C[R x 2kW] (+)= A[R x K] B[K x 2kW], of which the first ``cols`` columns exist (FULL: all 2kW of them,
+// plain loads in the inner loop). AT: A is stored transposed (element (i, k) at A[k * lda + i]).
+template <int R, bool AT, bool FULL>
 inline void Micro(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                  int64_t ldc, __mmask16 m0, __mmask16 m1, bool accumulate) {
-  __m512 c0[R], c1[R];
+                  int64_t ldc, int64_t cols, bool accumulate) {
+  const VM m0 = Mask(cols), m1 = Mask(cols - kW);
+  VF c0[R], c1[R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    c0[r] = _mm512_setzero_ps();
-    c1[r] = _mm512_setzero_ps();
+    c0[r] = Zero();
+    c1[r] = Zero();
   }
   for (int64_t k = 0; k < K; ++k) {
     const float* b = B + k * ldb;
-    const __m512 b0 = _mm512_maskz_loadu_ps(m0, b);
-    const __m512 b1 = _mm512_maskz_loadu_ps(m1, b + 16);
+    const VF b0 = FULL ? Load(b) : LoadM(m0, b);
+    const VF b1 = FULL ? Load(b + kW) : LoadM(m1, b + kW);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const __m512 a = _mm512_set1_ps(AT ? A[k * lda + r] : A[r * lda + k]);
-      c0[r] = _mm512_fmadd_ps(a, b0, c0[r]);
-      c1[r] = _mm512_fmadd_ps(a, b1, c1[r]);
+      const VF a = Set1(AT ? A[k * lda + r] : A[r * lda + k]);
+      c0[r] = Fma(a, b0, c0[r]);
+      c1[r] = Fma(a, b1, c1[r]);
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     float* c = C + r * ldc;
     if (accumulate) {
-      c0[r] = _mm512_add_ps(c0[r], _mm512_maskz_loadu_ps(m0, c));
-      c1[r] = _mm512_add_ps(c1[r], _mm512_maskz_loadu_ps(m1, c + 16));
+      c0[r] = Add(c0[r], LoadN(c, cols));
+      c1[r] = Add(c1[r], LoadN(c + kW, cols - kW));
     }
-    _mm512_mask_storeu_ps(c, m0, c0[r]);
-    _mm512_mask_storeu_ps(c + 16, m1, c1[r]);
+    StoreN(c, cols, c0[r]);
+    StoreN(c + kW, cols - kW, c1[r]);
   }
+}
+
+template <int R, bool AT>
+inline void MicroAny(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                     int64_t ldc, int64_t cols, bool acc) {
+  if (cols >= 2 * kW)
+    Micro<R, AT, true>(K, A, lda, B, ldb, C, ldc, cols, acc);
+  else
+    Micro<R, AT, false>(K, A, lda, B, ldb, C, ldc, cols, acc);
 }
 
 template <bool AT>
 void MicroRows(int rows, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-               int64_t ldc, __mmask16 m0, __mmask16 m1, bool acc) {
+               int64_t ldc, int64_t cols, bool acc) {
   switch (rows) {
-    case 8: return Micro<8, AT>(K, A, lda, B, ldb, C, ldc, m0, m1, acc);
-    case 7: return Micro<7, AT>(K, A, lda, B, ldb, C, ldc, m0, m1, acc);
-    case 6: return Micro<6, AT>(K, A, lda, B, ldb, C, ldc, m0, m1, acc);
-    case 5: return Micro<5, AT>(K, A, lda, B, ldb, C, ldc, m0, m1, acc);
-    case 4: return Micro<4, AT>(K, A, lda, B, ldb, C, ldc, m0, m1, acc);
-    case 3: return Micro<3, AT>(K, A, lda, B, ldb, C, ldc, m0, m1, acc);
-    case 2: return Micro<2, AT>(K, A, lda, B, ldb, C, ldc, m0, m1, acc);
-    default: return Micro<1, AT>(K, A, lda, B, ldb, C, ldc, m0, m1, acc);
+#if defined(__AVX512F__)
+    case 8: return MicroAny<8, AT>(K, A, lda, B, ldb, C, ldc, cols, acc);
+    case 7: return MicroAny<7, AT>(K, A, lda, B, ldb, C, ldc, cols, acc);
+#endif
+    case 6: return MicroAny<6, AT>(K, A, lda, B, ldb, C, ldc, cols, acc);
+    case 5: return MicroAny<5, AT>(K, A, lda, B, ldb, C, ldc, cols, acc);
+    case 4: return MicroAny<4, AT>(K, A, lda, B, ldb, C, ldc, cols, acc);
+    case 3: return MicroAny<3, AT>(K, A, lda, B, ldb, C, ldc, cols, acc);
+    case 2: return MicroAny<2, AT>(K, A, lda, B, ldb, C, ldc, cols, acc);
+    default: return MicroAny<1, AT>(K, A, lda, B, ldb, C, ldc, cols, acc);
   }
 }
-
-inline __mmask16 Mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? 0 : __mmask16((1u << n) - 1); }
 
 // C[M x N] (+)= op(A) B, B [K x N]; op(A) = A [M x K] or (AT) A^T with A [K x M].
 template <bool AT>
 void Gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
           float* C, int64_t ldc, bool accumulate = false) {
-  for (int64_t j = 0; j < N; j += 32) {
-    const __mmask16 m0 = Mask(N - j), m1 = Mask(N - j - 16);
-    for (int64_t i = 0; i < M; i += 8) {
-      const int rows = int(std::min<int64_t>(8, M - i));
+  for (int64_t j = 0; j < N; j += 2 * kW) {
+    for (int64_t i = 0; i < M; i += kMR) {
+      const int rows = int(std::min<int64_t>(kMR, M - i));
       const float* a = AT ? A + i : A + i * lda;
-      MicroRows<AT>(rows, K, a, lda, B + j, ldb, C + i * ldc + j, ldc, m0, m1, accumulate);
+      MicroRows<AT>(rows, K, a, lda, B + j, ldb, C + i * ldc + j, ldc, N - j, accumulate);
     }
   }
 }
 
-// dst [cols x rows] = src^T, src rows strided by ld: 16 rows at a time, one gather per column.
+// dst [cols x rows] = src^T, src rows strided by ld: kW rows at a time, one gather per column.
 void Transpose(int64_t rows, int64_t cols, const float* src, int64_t ld, float* dst) {
-  const __m512i step = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                          _mm512_set1_epi32(int(ld)));
-  for (int64_t r = 0; r < rows; r += 16) {
-    const __mmask16 m = Mask(rows - r);
+  for (int64_t r = 0; r < rows; r += kW) {
+    const VM m = Mask(rows - r);
     const float* s = src + r * ld;
-    for (int64_t c = 0; c < cols; ++c)
-      _mm512_mask_storeu_ps(dst + c * rows + r, m,
-                            _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, step, s + c, 4));
+    for (int64_t c = 0; c < cols; ++c) StoreN(dst + c * rows + r, rows - r, GatherColumn(m, s + c, ld));
   }
 }
 
@@ -119,91 +212,48 @@ void Transpose(int64_t rows, int64_t cols, const float* src, int64_t ld, float* 
 
 // exp(x) for x <= 0 (softmax arguments): 2^n * poly(r), |r| <= ln2/2, degree-7 Taylor (relative error below
 // float epsilon); arguments below -87 give exactly 0, as XLA's exp of a masked score does.
-inline __m512 Exp(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.0f);
-  const __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-  x = _mm512_max_ps(lo, x);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_mask_mov_ps(_mm512_scalef_ps(p, n), tiny, _mm512_setzero_ps());
+inline VF Exp(VF x) {
+  const VF lo = Set1(-87.0f);
+  const VM tiny = Below(x, lo);
+  x = Max(lo, x);
+  const VF n = Round(Mul(x, Set1(1.44269504088896341f)));
+  VF r = Fnma(n, Set1(0.693359375f), x);
+  r = Fnma(n, Set1(-2.12194440e-4f), r);
+  VF p = Set1(1.0f / 5040.0f);
+  p = Fma(p, r, Set1(1.0f / 720.0f));
+  p = Fma(p, r, Set1(1.0f / 120.0f));
+  p = Fma(p, r, Set1(1.0f / 24.0f));
+  p = Fma(p, r, Set1(1.0f / 6.0f));
+  p = Fma(p, r, Set1(0.5f));
+  p = Fma(p, r, Set1(1.0f));
+  p = Fma(p, r, Set1(1.0f));
+  return Select(tiny, Zero(), Pow2Times(p, n));
 }
 
 // row[0:n] = rowscale * softmax(row + bias)
 void SoftmaxRow(float* row, const float* bias, int64_t n, float rowscale) {
-  __m512 mx = _mm512_set1_ps(-INFINITY);
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 m = Mask(n - j);
-    const __m512 s = _mm512_add_ps(_mm512_maskz_loadu_ps(m, row + j), _mm512_maskz_loadu_ps(m, bias + j));
-    _mm512_mask_storeu_ps(row + j, m, s);
-    mx = _mm512_mask_max_ps(mx, m, mx, s);
+  const VF ninf = Set1(-INFINITY);
+  VF mx = ninf;
+  for (int64_t j = 0; j < n; j += kW) {
+    const VF s = Add(LoadN(row + j, n - j), LoadN(bias + j, n - j));
+    StoreN(row + j, n - j, s);
+    mx = Max(mx, n - j >= kW ? s : Select(Mask(n - j), s, ninf));
   }
-  const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 m = Mask(n - j);
-    const __m512 e = Exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + j), vmax));
-    _mm512_mask_storeu_ps(row + j, m, e);
-    sum = _mm512_mask_add_ps(sum, m, sum, e);
+  const VF vmax = Set1(HMax(mx));
+  VF sum = Zero();
+  for (int64_t j = 0; j < n; j += kW) {
+    const VF e = Exp(Sub(LoadN(row + j, n - j), vmax));
+    StoreN(row + j, n - j, e);
+    sum = Add(sum, n - j >= kW ? e : Select(Mask(n - j), e, Zero()));
   }
-  const __m512 f = _mm512_set1_ps(rowscale / _mm512_reduce_add_ps(sum));
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 m = Mask(n - j);
-    _mm512_mask_storeu_ps(row + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + j), f));
-  }
+  const VF f = Set1(rowscale / HSum(sum));
+  for (int64_t j = 0; j < n; j += kW) StoreN(row + j, n - j, Mul(LoadN(row + j, n - j), f));
 }
 
 float Dot(const float* a, const float* b, int64_t n) {
-  __m512 s = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 m = Mask(n - j);
-    s = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + j), _mm512_maskz_loadu_ps(m, b + j), s);
-  }
-  return _mm512_reduce_add_ps(s);
-}
-
-// ------------------------------------------------------------------------------------------------ threads
-
-// Runs body(0..n-1) on the caller and on up to num_threads - 1 helpers from XLA's pool. The caller waits
-// only for tasks that have started, never for a helper to be scheduled, so two such calls running at once
-// on a small pool cannot wait on each other.
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, std::function<void(int64_t)> body) {
-  const int64_t workers = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), n);
-  if (workers <= 1) {
-    for (int64_t i = 0; i < n; ++i) body(i);
-    return;
-  }
-  struct State {
-    std::function<void(int64_t)> body;
-    int64_t n;
-    std::atomic<int64_t> next{0};
-    int64_t done = 0;
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto st = std::make_shared<State>();
-  st->body = std::move(body);
-  st->n = n;
-  auto work = [](const std::shared_ptr<State>& s) {
-    for (int64_t i; (i = s->next.fetch_add(1)) < s->n;) {
-      s->body(i);
-      std::lock_guard<std::mutex> lock(s->mu);
-      if (++s->done == s->n) s->cv.notify_all();
-    }
-  };
-  for (int64_t w = 1; w < workers; ++w) pool.Schedule([st, work]() { work(st); });
-  work(st);
-  std::unique_lock<std::mutex> lock(st->mu);
-  st->cv.wait(lock, [&] { return st->done == st->n; });
+  VF s = Zero();
+  for (int64_t j = 0; j < n; j += kW) s = Fma(LoadN(a + j, n - j), LoadN(b + j, n - j), s);
+  return HSum(s);
 }
 
 // ------------------------------------------------------------------------------------------------ handlers
@@ -282,14 +332,11 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
       // dP = dO V^T, then dS = P (dP - rowsum(dO * O)) in place
       Gemm<false>(m, Lk, D, dob, ld, vt.data(), Lk, ds.data(), Lk);
       for (int64_t i = 0; i < m; ++i) {
-        const __m512 delta = _mm512_set1_ps(Dot(dob + i * ld, oh + (i0 + i) * ld, D));
+        const VF delta = Set1(Dot(dob + i * ld, oh + (i0 + i) * ld, D));
         float* row = ds.data() + i * Lk;
         const float* prow = pb + i * Lk;
-        for (int64_t j = 0; j < Lk; j += 16) {
-          const __mmask16 mk = Mask(Lk - j);
-          const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(mk, row + j), delta);
-          _mm512_mask_storeu_ps(row + j, mk, _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, prow + j), x));
-        }
+        for (int64_t j = 0; j < Lk; j += kW)
+          StoreN(row + j, Lk - j, Mul(LoadN(prow + j, Lk - j), Sub(LoadN(row + j, Lk - j), delta)));
       }
       // dQ = dS K / sqrt(D);  dK += dS^T Q
       Gemm<false>(m, D, Lk, ds.data(), Lk, K + koff, ld, dqh + i0 * ld, ld);

@@ -26,7 +26,8 @@ Implementations (``implementation=``; all compute the rule above except ``local`
   Traced for XLA:CPU in float32 on one device, ``dense`` runs as one native call per direction
   (``_cpu_kernel``: ``medscale/kernels/attention_cpu.cc`` through ``jax.ffi``; each (batch, head) pair's
   scores stay in cache from QK^T through the softmax to PV, same equations and residual). Elsewhere (GPU,
-  bfloat16, a mesh of several devices, no compiler, ``MEDSCALE_CPU_KERNELS=0``, or inside :func:`xla_only`)
+  bfloat16, a mesh of several devices, no compiler, ``MEDSCALE_CPU_KERNELS=0``, or inside
+  :func:`medscale.kernels.xla_only`)
   it is ``_fused``.
 - ``xla``: ``jax.nn.dot_product_attention(implementation='xla')`` with the boolean mask built from the vectors.
 - ``cudnn``: ``jax.nn.dot_product_attention(implementation='cudnn')``: cuDNN's fused flash kernel. It needs an
@@ -210,28 +211,13 @@ def _dense_fused(q, k, v, q_segment, kv_segment, q_causal, same_segment):
 
 # ------------------------------------------------------------------------ dense on XLA:CPU: the FFI kernel
 
-_XLA_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("medscale_attention_xla_only", default=False)
-
-
-@contextlib.contextmanager
-def xla_only():
-    """Trace ``dense`` attention as XLA operations even where the CPU kernel applies (e.g. for XLA's FLOP
-    count, which cannot see inside a custom call). Read at trace time, like :func:`attention_options`: wrap
-    the ``lower(...)`` of a freshly built function."""
-    token = _XLA_ONLY.set(True)
-    try:
-        yield
-    finally:
-        _XLA_ONLY.reset(token)
-
-
 def _use_cpu_kernel(q, k, v) -> bool:
     """``dense`` runs as ``medscale/kernels/attention_cpu.cc`` when tracing for XLA:CPU, in float32, on one
     device, and the kernel could be built here; anything else keeps the XLA implementation (``_fused``)."""
-    from medscale.kernels import attention_targets
+    from medscale.kernels import attention_targets, kernels_allowed
     from medscale.model.sharding import active_mesh_size
 
-    return (not _XLA_ONLY.get() and jax.default_backend() == "cpu"
+    return (kernels_allowed() and jax.default_backend() == "cpu"
             and all(x.dtype == jnp.float32 for x in (q, k, v)) and active_mesh_size() == 1
             and attention_targets() is not None)
 

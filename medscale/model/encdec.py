@@ -16,6 +16,8 @@ import numpy as np
 from flax import nnx
 
 from medscale.model.attention import attend, site_implementation
+from medscale.model.matmul import matmul
+from medscale.model.matmul import use_native as use_native_matmul
 from medscale.model.sharding import constrain
 from medscale.spec import ModelSpec
 
@@ -39,7 +41,7 @@ def linear(x, w):
 
 
 def _linear_fwd(x, w):
-    y = jnp.dot(x.reshape(-1, x.shape[-1]), w, preferred_element_type=jnp.float32).astype(x.dtype)
+    y = matmul(x.reshape(-1, x.shape[-1]), w).astype(x.dtype)
     return y.reshape(*x.shape[:-1], w.shape[-1]), (x, w)
 
 
@@ -47,17 +49,14 @@ def _linear_bwd(res, g):
     x, w = res
     x2 = x.reshape(-1, x.shape[-1])
     g2 = g.reshape(-1, g.shape[-1]).astype(x.dtype)
-    def over_tokens(a, b):  # a^T b: contracts the token axis
-        return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-    if w.shape[0] > w.shape[1]:
-        # a narrowing weight (the MLP's down-projection): form dw^T [out, in] and transpose it. XLA:CPU runs the
-        # token-contracting matmul about 1.6x faster with the wide operand on the output's minor side; without
-        # the barrier XLA folds the transpose back into the matmul (``docs/model.md``, "Speed")
-        dw = jax.lax.optimization_barrier(over_tokens(g2, x2)).T
+    if use_native_matmul(x2, w) or w.shape[0] <= w.shape[1]:
+        dw = matmul(x2, g2, trans_a=True)  # x^T g: contracts the token axis
     else:
-        dw = over_tokens(x2, g2)
-    dx = jax.lax.dot_general(g2, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        # XLA, a narrowing weight (the MLP's down-projection): form dw^T [out, in] and transpose it. XLA:CPU
+        # runs the token-contracting matmul about 1.6x faster with the wide operand on the output's minor
+        # side; without the barrier XLA folds the transpose back into the matmul (``docs/model.md``, "Speed")
+        dw = jax.lax.optimization_barrier(matmul(g2, x2, trans_a=True)).T
+    dx = matmul(g2, w, trans_b=True)
     return dx.astype(x.dtype).reshape(x.shape), dw.astype(w.dtype)
 
 
@@ -122,7 +121,7 @@ def sliced_softmax_nll(h_ND, w_DV, offset_N, size_N, index_N):
 
 
 def _nll_fwd(h_ND, w_DV, offset_N, size_N, index_N):
-    logits = jnp.dot(h_ND, w_DV, preferred_element_type=jnp.float32)
+    logits = matmul(h_ND, w_DV)
     nll, dlogits = _slice_stats(logits, offset_N, size_N, index_N)
     return nll, (h_ND, w_DV, dlogits.astype(h_ND.dtype), offset_N, size_N, index_N)
 
@@ -130,8 +129,8 @@ def _nll_fwd(h_ND, w_DV, offset_N, size_N, index_N):
 def _nll_bwd(res, g_N):
     h, w, dlogits, offset_N, size_N, index_N = res
     dl = dlogits * g_N[:, None].astype(dlogits.dtype)
-    dh = jax.lax.dot_general(dl, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    dw = jax.lax.dot_general(h, dl, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    dh = matmul(dl, w, trans_b=True)
+    dw = matmul(h, dl, trans_a=True)
     zero = np.zeros((), jax.dtypes.float0)
     return (dh.astype(h.dtype), dw.astype(w.dtype), np.broadcast_to(zero, offset_N.shape),
             np.broadcast_to(zero, size_N.shape), np.broadcast_to(zero, index_N.shape))

@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from medscale.model.attention import xla_only
+from medscale.kernels import xla_only
 from medscale.model.encdec import EncoderDecoder
 from medscale.model.sharding import batch_sharding, logical_to_spec, make_mesh, rules_dict, sharding_context
 from medscale.spec import ModelSpec
@@ -207,7 +207,7 @@ def xla_step_flops(spec: ModelSpec, batch_size: int, *, dtype="float32", remat="
     mesh = make_mesh(mesh_shape, jax.devices()[:n])
     prog = build(spec, OptConfig(), mesh=mesh, dtype=dtype, remat=remat, attention=attention,
                  attention_block=block, attention_window=window if attention == "local" else None, donate=False)
-    with xla_only():  # XLA cannot count FLOPs inside the CPU attention kernel's custom call
+    with xla_only():  # XLA cannot count FLOPs inside the CPU kernels' custom calls
         compiled = prog.step.lower(prog.abstract_state, abstract_batch(prog, batch_size)).compile()
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
