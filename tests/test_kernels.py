@@ -39,6 +39,17 @@ def test_kernel_builds_where_it_can():
     assert libs and kernels._build() in libs  # a second build finds the cached library
 
 
+def test_matmul_kernel_builds_where_it_can_and_can_be_turned_off(monkeypatch):
+    if not CAN_BUILD_MATMUL:
+        assert kernels.matmul_target() is None and kernels.unavailable_reason("matmul")
+        pytest.skip(f"no scipy-openblas32 or g++ here: {kernels.unavailable_reason('matmul')}")
+    assert kernels.matmul_target() == kernels.MATMUL, kernels.unavailable_reason("matmul")
+    assert list(kernels._cache_dir().glob("matmul_cpu-*.so"))
+    monkeypatch.setenv("MEDSCALE_CPU_MATMUL", "0")
+    with pytest.raises(RuntimeError, match="MEDSCALE_CPU_MATMUL=0"):
+        kernels._load_matmul()
+
+
 @pytest.mark.skipif(not CAN_BUILD, reason="the CPU kernel cannot be built here")
 @pytest.mark.parametrize("lq,lk,same_segment", [(256, 256, False), (64, 256, False), (64, 64, True), (37, 50, True)])
 def test_kernel_equals_xla_dense(lq, lk, same_segment):
