@@ -47,7 +47,7 @@ def run(args):
     else:
         for k in ("step_s", "tokens_per_s", "model_tflops_per_s", "peak_tflops_per_s", "mfu", "peak_now_tflops_per_s",
                   "mfu_vs_peak_now", "compile_s",
-                  "hardware", "devices"):
+                  "hardware", "cpu", "cpu_kernels", "devices"):
             v = out.get(k)
             print(f"{k:20s} {v:.4g}" if isinstance(v, float) else f"{k:20s} {v}")
     return 0

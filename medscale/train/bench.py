@@ -90,6 +90,15 @@ def bench_step(spec: ModelSpec, batch_size: int, *, dtype="float32", remat="none
             from medscale.hardware import record_cpu_peak
 
             peak = record_cpu_peak(peak_now)
+    cpu = cpu_kernels = None
+    if jax.devices()[0].platform == "cpu":  # which CPU, and whether the native kernels ran (docs/model.md, "Speed")
+        from medscale import kernels
+        from medscale.hardware import _cpu_model
+
+        cpu = _cpu_model()
+        cpu_kernels = {"attention": attention == "dense" and dtype == "float32" and n == 1
+                       and kernels.attention_targets() is not None,
+                       "matmul": dtype == "float32" and n == 1 and kernels.matmul_target() is not None}
     tokens = batch_size * (spec.enc_len + spec.dec_len)
     mtf = model_flops / step_s / 1e12 if model_flops else None
     return {"step_s": step_s, "step_s_all": times, "tokens_per_s": tokens / step_s, "model_tflops_per_s": mtf,
@@ -98,6 +107,6 @@ def bench_step(spec: ModelSpec, batch_size: int, *, dtype="float32", remat="none
             "mfu": (mtf * 1e12 / (peak * n)) if (mtf and peak) else None,
             "mfu_vs_peak_now": (mtf * 1e12 / (peak_now * n)) if (mtf and peak_now) else None,
             "peak_now_tflops_per_s": peak_now * n / 1e12 if peak_now else None,
-            "compile_s": compile_s, "hardware": name, "devices": n, "dtype": dtype, "remat": remat,
+            "compile_s": compile_s, "hardware": name, "cpu": cpu, "cpu_kernels": cpu_kernels, "devices": n, "dtype": dtype, "remat": remat,
             "attention": attention, "batch": batch_size, "loss": float(m["loss"]),
             "model_flops_per_step": model_flops, "hardware_flops_per_step": hw_flops}
