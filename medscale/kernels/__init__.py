@@ -54,10 +54,10 @@ def _cpu_flags() -> str:
     return cpuinfo_field("flags") or ""
 
 
-def simd_supported(flags: str | None = None) -> bool:
-    """Whether this CPU (or the /proc/cpuinfo ``flags`` given) has an instruction set the attention kernel is
-    written for: AVX-512F, or AVX2 with FMA."""
-    have = set((_cpu_flags() if flags is None else flags).split())
+def simd_supported() -> bool:
+    """Whether this CPU has an instruction set the attention kernel is written for: AVX-512F, or AVX2 with
+    FMA."""
+    have = set(_cpu_flags().split())
     return platform.machine() in ("x86_64", "AMD64") and ("avx512f" in have or {"avx2", "fma"} <= have)
 
 

@@ -96,9 +96,9 @@ def bench_step(spec: ModelSpec, batch_size: int, *, dtype="float32", remat="none
         from medscale.hardware import _cpu_model
 
         cpu = _cpu_model()
-        cpu_kernels = {"attention": attention == "dense" and dtype == "float32" and n == 1
-                       and kernels.attention_targets() is not None,
-                       "matmul": dtype == "float32" and n == 1 and kernels.matmul_target() is not None}
+        hlo = compiled.as_text()  # read off the timed executable, not decided again here
+        cpu_kernels = {"attention": f'custom_call_target="{kernels.FORWARD}"' in hlo,
+                       "matmul": f'custom_call_target="{kernels.MATMUL}"' in hlo}
     tokens = batch_size * (spec.enc_len + spec.dec_len)
     mtf = model_flops / step_s / 1e12 if model_flops else None
     return {"step_s": step_s, "step_s_all": times, "tokens_per_s": tokens / step_s, "model_tflops_per_s": mtf,
