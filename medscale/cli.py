@@ -19,7 +19,7 @@ from medscale.errors import UserError
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors follow the project's one-line convention."""
 
-    def error(self, message: str):  # noqa: D401 - argparse API
+    def error(self, message: str):
         raise UserError(f"{self.prog}: {message}")
 
 
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "encoder-decoder: budget, flops, train, sweep, fit, report, generate, evaluate, bench.")
     parser.add_argument("--version", action="version", version=f"medscale {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    import medscale.commands as commands
+    from medscale import commands
 
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         if info.name.startswith("_"):

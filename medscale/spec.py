@@ -44,9 +44,8 @@ class ModalitySpec:
             raise UserError(f"modality {self.name!r}: kind must be 'image' or 'sequence', not {self.kind!r}")
         if self.vocab_size <= 0 or self.max_tokens <= 0:
             raise UserError(f"modality {self.name!r}: vocab_size and max_tokens must be positive")
-        if self.kind == "image":
-            if self.grid is None or self.grid[0] * self.grid[1] != self.max_tokens:
-                raise UserError(f"modality {self.name!r}: an image-like modality needs grid h*w == max_tokens")
+        if self.kind == "image" and (self.grid is None or self.grid[0] * self.grid[1] != self.max_tokens):
+            raise UserError(f"modality {self.name!r}: an image-like modality needs grid h*w == max_tokens")
 
 
 def default_modalities(text_vocab: int = 2048, image_vocab: int = 512, seg_vocab: int = 256,
@@ -123,5 +122,5 @@ class ModelSpec:
                 return i
         raise UserError(f"unknown modality {name!r}; known: {', '.join(m.name for m in self.modalities)}")
 
-    def replace(self, **kw) -> "ModelSpec":
+    def replace(self, **kw) -> ModelSpec:
         return dataclasses.replace(self, **kw)

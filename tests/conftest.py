@@ -13,7 +13,7 @@ def run_cli(*args, env=None, timeout=600):
     full_env = dict(os.environ)
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "medscale", *map(str, args)], capture_output=True,
-                          text=True, env=full_env, timeout=timeout, cwd=REPO)
+                          text=True, env=full_env, timeout=timeout, cwd=REPO, check=False)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ equal to the XLA implementation of ``dense`` at the benchmark's head shapes (tes
 checks both against plain autodiff on small masked cases); the OpenBLAS matmul (matmul_cpu.cc) equal to a
 float64 product for every transpose combination and used for every projection and the head."""
 
+import functools
 import os
 import shutil
 
@@ -65,8 +66,8 @@ def test_kernel_equals_xla_dense(lq, lk, same_segment):
         out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, bias, rows), q, k, v)
         return (out, *vjp(w))
 
-    got, want = ([np.asarray(x) for x in jax.jit(lambda: run(fn))()] for fn in (attention._cpu_kernel,
-                                                                                attention._fused))
+    got, want = ([np.asarray(x) for x in jax.jit(functools.partial(run, fn))()]
+                 for fn in (attention._cpu_kernel, attention._fused))
     assert np.abs(want[0]).max() > 0.1 and (np.asarray(rows) == 0).any()  # non-trivial, with empty rows
     for g, x in zip(got, want):
         np.testing.assert_allclose(g, x, atol=1e-5 * np.abs(x).max(), rtol=1e-5)

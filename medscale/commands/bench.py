@@ -8,7 +8,7 @@ import pkgutil
 def register(sub):
     parser = sub.add_parser("bench", help="benchmarks: speed and memory as ratios or MFU")
     inner = parser.add_subparsers(dest="bench", metavar="WHAT", parser_class=type(parser))
-    import medscale.commands as commands
+    from medscale import commands
 
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         if info.name.startswith("_bench_"):

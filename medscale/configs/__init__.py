@@ -98,7 +98,7 @@ def apply_overrides(cfg, overrides) -> None:
                 raise UserError(f"--set {key}: expected {type(old).__name__}, got {raw!r}")
         try:
             node[leaf] = value
-        except Exception as exc:
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise UserError(f"--set {key}: {exc}") from None
 
 

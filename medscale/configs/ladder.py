@@ -22,8 +22,8 @@ def ladder_shape(name: str) -> dict:
         raise UserError(f"unknown size {name!r}; known sizes: {', '.join(DEPTHS)}")
     depth = DEPTHS[name]
     d_model = 64 * depth
-    return dict(d_model=d_model, enc_layers=depth, dec_layers=depth, num_heads=max(2, d_model // 64),
-                d_ff=4 * d_model, mlp="gelu")
+    return {"d_model": d_model, "enc_layers": depth, "dec_layers": depth,
+            "num_heads": max(2, d_model // 64), "d_ff": 4 * d_model, "mlp": "gelu"}
 
 
 def ladder_names() -> list[str]:
