@@ -1,6 +1,8 @@
 """The model specification: the one form the model is built from and the accounting counts from.
 
-`ModelSpec` is pure Python (no JAX) so that ``medscale.accounting`` and ``medscale budget`` stay light.
+`ModelSpec` is pure Python (no JAX) so that ``medscale.accounting`` and ``medscale budget`` stay light. Its
+modalities are :class:`ModalitySpec` of the modality registry (``medscale.modalities``, which also gives
+``default_modalities``: every registered modality with its default sizes).
 The Flax model (``medscale.model``) is built from a `ModelSpec` and nothing else; a test requires the
 analytic parameter count (``medscale.accounting.param_counts``) to equal the instantiated model's exactly.
 
@@ -22,43 +24,13 @@ Architecture the spec describes (every weight is listed; nothing else has parame
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
 from medscale.errors import UserError
+from medscale.modalities import ModalitySpec, default_modalities
+
+__all__ = ["MLP_KINDS", "ModalitySpec", "ModelSpec", "default_modalities"]
 
 MLP_KINDS = ("gelu", "swiglu")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModalitySpec:
-    """What the model needs to know of one modality (the data registry holds the rest)."""
-
-    name: str
-    kind: Literal["image", "sequence"]  # image-like: predicted in parallel, 2D positions
-    vocab_size: int
-    max_tokens: int  # tokens one example can hold of this modality (grid h*w for image-like)
-    grid: tuple[int, int] | None = None  # (h, w) for image-like modalities
-
-    def __post_init__(self):
-        if self.kind not in ("image", "sequence"):
-            raise UserError(f"modality {self.name!r}: kind must be 'image' or 'sequence', not {self.kind!r}")
-        if self.vocab_size <= 0 or self.max_tokens <= 0:
-            raise UserError(f"modality {self.name!r}: vocab_size and max_tokens must be positive")
-        if self.kind == "image" and (self.grid is None or self.grid[0] * self.grid[1] != self.max_tokens):
-            raise UserError(f"modality {self.name!r}: an image-like modality needs grid h*w == max_tokens")
-
-
-def default_modalities(text_vocab: int = 2048, image_vocab: int = 512, seg_vocab: int = 256,
-                       grid: tuple[int, int] = (8, 8), caption_tokens: int = 64,
-                       box_tokens: int = 32) -> tuple[ModalitySpec, ...]:
-    """The four modalities of the design with default sizes (64x64 images in 8x8 patches)."""
-    n = grid[0] * grid[1]
-    return (
-        ModalitySpec("image", "image", image_vocab, n, grid),
-        ModalitySpec("caption", "sequence", text_vocab, caption_tokens),
-        ModalitySpec("boxes", "sequence", text_vocab, box_tokens),
-        ModalitySpec("segmentation", "image", seg_vocab, n, grid),
-    )
 
 
 @dataclasses.dataclass(frozen=True)

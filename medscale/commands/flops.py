@@ -6,13 +6,16 @@ Examples:
   medscale flops --config medscale/configs/tiny.py --set data.enc_len=256 --remat full
   medscale flops --size xs --attention local --window 32 --xla
 
-Modalities: the design's four (image, caption, boxes, segmentation; ``medscale.spec.default_modalities``).
-``--vocab N`` sets the text vocabulary (caption and boxes, each with its own N rows in the combined table);
-``--vocab I,C,B,S`` sets each modality's vocabulary in that order. Without ``--vocab`` (and without
-``--config``) the base config's sizes apply: image 512, caption 2048, boxes 2048, segmentation 256.
+Modalities: every registered one (``medscale.modalities``; built in: image, caption, boxes, segmentation).
+``--vocab N`` sets the text vocabulary (every sequence modality -- caption and boxes -- each with its own N rows
+in the combined table); ``--vocab I,C,B,S`` sets each modality's vocabulary, one integer per registered
+modality in registry order. Without ``--vocab`` (and without ``--config``) the registry's defaults apply (the
+base config's sizes): image 512, caption 2048, boxes 2048, segmentation 256.
 """
 
 import json
+
+from medscale import modalities
 
 SHAPE_FLAGS = (("d_model", "d_model"), ("enc_layers", "enc_layers"), ("dec_layers", "dec_layers"),
                ("heads", "num_heads"), ("d_ff", "d_ff"), ("mlp", "mlp"))
@@ -30,7 +33,7 @@ def register(sub):
     p.add_argument("--heads", type=int)
     p.add_argument("--d-ff", type=int, help="MLP width (default 4 x d_model)")
     p.add_argument("--mlp", choices=("gelu", "swiglu"))
-    p.add_argument("--vocab", help="text vocabulary N, or I,C,B,S: image, caption, boxes, segmentation")
+    p.add_argument("--vocab", help=modalities.vocab_flag_help())
     p.add_argument("--enc-len", type=int, help="encoder tokens per example (default 128)")
     p.add_argument("--dec-len", type=int, help="decoder tokens per example (default 64)")
     p.add_argument("--batch", type=int, help="examples per step (default 16)")
@@ -44,31 +47,8 @@ def register(sub):
 
 
 def _modalities(vocab: str | None):
-    from medscale.errors import UserError
-    from medscale.spec import default_modalities
-
-    if vocab is None:
-        return default_modalities()
-    try:
-        values = [int(v) for v in str(vocab).split(",")]
-    except ValueError:
-        raise UserError(f"--vocab {vocab!r}: give an integer or four comma-separated integers") from None
-    if any(v <= 0 for v in values):
-        raise UserError(f"--vocab {vocab!r}: vocabulary sizes must be positive")
-    if len(values) == 1:
-        return default_modalities(text_vocab=values[0])
-    if len(values) == 4:
-        return _four(values)
-    raise UserError(f"--vocab {vocab!r}: give one size (text) or four (image,caption,boxes,segmentation)")
-
-
-def _four(values):
-    import dataclasses
-
-    from medscale.spec import default_modalities
-
-    mods = default_modalities()
-    return tuple(dataclasses.replace(m, vocab_size=v) for m, v in zip(mods, values))
+    """The registered modalities with the vocabularies of a ``--vocab`` flag (``modalities.from_vocab_flag``)."""
+    return modalities.from_vocab_flag(vocab)
 
 
 def build_spec(args):

@@ -39,8 +39,10 @@ def _split_list(text, flag):
 def run(args):
     import json
 
+    from medscale import modalities
     from medscale.errors import UserError
     from medscale.generate.cli_impl import generate
+    from medscale.generate.render import renderer
 
     if args.temperature < 0:
         raise UserError("--temperature must be >= 0")
@@ -67,15 +69,11 @@ def run(args):
         return 0
     if args.quiet:
         return 0
-    if "caption" in out:
-        print(f"caption: {out['caption']}")
-    if "boxes" in out:
-        shown = ", ".join(f"{b[0]} ({b[1]:.0f},{b[2]:.0f})-({b[3]:.0f},{b[4]:.0f})" for b in out["boxes"])
-        print(f"boxes: {shown or 'none'}")
-    if "segmentation" in out:
-        fr = out["segmentation"]["class_fractions"]
-        print("segmentation: " + ", ".join(f"{k} {v:.1%}" for k, v in fr.items()))
-    if "truth" in out and "caption" in out["truth"]:
-        print(f"truth caption: {out['truth']['caption']}")
+    for name in out["targets"]:  # each modality's lines, by its registry entry's renderer
+        for line in renderer(name).lines(name, out):
+            print(line)
+    for name in modalities.names() if "truth" in out else ():
+        for line in renderer(name).truth_lines(name, out["truth"]):
+            print(line)
     print(f"picture: {out['picture']}")
     return 0

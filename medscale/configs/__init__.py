@@ -11,7 +11,10 @@ import hashlib
 import importlib.util
 import os
 
+from medscale import modalities
+from medscale.configs.ladder import ladder_shape
 from medscale.errors import UserError
+from medscale.spec import ModelSpec
 
 CONFIG_DIR = os.path.dirname(__file__)
 
@@ -103,10 +106,8 @@ def apply_overrides(cfg, overrides) -> None:
 
 
 def spec_from_config(cfg):
-    """Build the :class:`medscale.spec.ModelSpec` a config describes."""
-    from medscale.configs.ladder import ladder_shape
-    from medscale.spec import ModelSpec, default_modalities
-
+    """Build the :class:`medscale.spec.ModelSpec` a config describes (its modalities: ``cfg.data.modalities``,
+    in registry order, sized by the registry's ``cfg.data`` keys)."""
     m, d = cfg.model, cfg.data
     shape = ladder_shape(m.size) if m.get("size") else {}
     for key in ("d_model", "enc_layers", "dec_layers", "num_heads", "d_ff", "mlp"):
@@ -118,13 +119,11 @@ def spec_from_config(cfg):
     grid = (d.image_size // d.patch_size,) * 2
     if d.image_size % d.patch_size:
         raise UserError(f"data.image_size {d.image_size} is not divisible by data.patch_size {d.patch_size}")
-    mods = default_modalities(text_vocab=d.text_vocab, image_vocab=d.image_vocab, seg_vocab=d.seg_vocab,
-                              grid=grid, caption_tokens=d.caption_tokens, box_tokens=d.box_tokens)
     wanted = list(d.modalities)
-    unknown = [w for w in wanted if w not in {x.name for x in mods}]
+    unknown = [w for w in wanted if w not in modalities.names()]
     if unknown:
         raise UserError(f"unknown modality {unknown[0]!r} in data.modalities; known: "
-                        + ", ".join(x.name for x in mods))
-    mods = tuple(x for x in mods if x.name in wanted)
+                        + ", ".join(modalities.names()))
+    mods = modalities.specs(d, grid, wanted)
     return ModelSpec(modalities=mods, enc_len=d.enc_len, dec_len=d.dec_len,
                      name=m.get("size") or "custom", **shape)

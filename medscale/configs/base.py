@@ -5,6 +5,8 @@ Run:  medscale train --config medscale/configs/base.py --set model.size=xs --wor
 
 import ml_collections
 
+from medscale import modalities
+
 
 def get_config():
     c = ml_collections.ConfigDict()
@@ -33,12 +35,9 @@ def get_config():
     c.data.num_eval = 512
     c.data.image_size = 64
     c.data.patch_size = 8
-    c.data.modalities = ("image", "caption", "boxes", "segmentation")
-    c.data.text_vocab = 2048
-    c.data.image_vocab = 512
-    c.data.seg_vocab = 256
-    c.data.caption_tokens = 64
-    c.data.box_tokens = 32
+    c.data.modalities = modalities.names()  # every registered modality (medscale/modalities.py)
+    for key, default in modalities.config_defaults().items():  # image_vocab 512, text_vocab 2048,
+        c.data[key] = default  # caption_tokens 64, box_tokens 32, seg_vocab 256
     c.data.enc_len = 128
     c.data.dec_len = 64
     c.data.dirichlet_alpha = 0.5

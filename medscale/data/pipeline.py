@@ -25,6 +25,10 @@ import sys
 
 import numpy as np
 
+from medscale import modalities
+from medscale.data.masking import Masker
+from medscale.data.registry import Tokenizers, build_registry, tokenizer_order
+from medscale.data.tokenizers import atomic_write
 from medscale.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -206,9 +210,6 @@ class Data:
     """A prepared dataset with its tokenizers, registry, token caches and masker (see the module docstring)."""
 
     def __init__(self, cfg, spec, progress: bool = False):
-        from medscale.data.masking import Masker
-        from medscale.data.registry import build_registry
-
         self.cfg, self.spec, self.dcfg = cfg, spec, cfg.data
         self.progress = bool(progress)
         self.root = cache_root(self.dcfg)
@@ -263,54 +264,45 @@ class Data:
         return [ex[i] for i in np.unique(idx)]
 
     def _tokenizers(self):
-        from medscale.data import tokenizers as T
-        from medscale.data.registry import Tokenizers
-
+        """Every registered modality's tokenizer (one per tokenizer name), trained on first use."""
         d = self.dcfg
-        ps = int(d.patch_size)
-        ns, bins = int(d.get("num_sentinels", 16)), int(d.get("box_bins", 32))
+        groups: dict = {}  # tokenizer name -> (class, vocabulary, artifact path, modalities sharing it)
+        for m in modalities.registered():
+            if m.tokenizer_name not in groups:
+                cls = modalities.resolve(m.tokenizer)
+                vocab = int(d.get(m.vocab[0], m.vocab[1]))
+                groups[m.tokenizer_name] = (cls, vocab, self._artifact(cls.artifact(d, vocab)), [])
+            groups[m.tokenizer_name][3].append(m)
         limit = int(d.get("tokenizer_examples", 2000))
-        names = {"text": f"text_v{d.text_vocab}_s{ns}_b{bins}_n{limit}.npz",
-                 "image": f"vq_v{d.image_vocab}_p{ps}_n{limit}.npz",
-                 "segmentation": f"seg_v{d.seg_vocab}_p{ps}_n{limit}.npz"}
-        paths = {k: self._artifact(v) for k, v in names.items()}
         with file_lock(self._artifact("build.lock")):
-            if not all(os.path.exists(p) for p in paths.values()):
+            missing = [g for g in groups.values() if not os.path.exists(g[2])]
+            if missing:
                 train = self._train_examples(limit)
-            if not os.path.exists(paths["text"]):
-                texts = [e["caption"] for e in train] + [" ".join(b[0] for b in e["boxes"]) for e in train]
-                texts.append("none")
-                T.train_text_tokenizer(texts, int(d.text_vocab), ns, bins, seed=0).save(paths["text"])
-            if not os.path.exists(paths["image"]):
-                imgs = np.stack([e["image"] for e in train])
-                T.train_vq(imgs, int(d.image_vocab), ps, iters=int(d.get("vq_iters", 15))).save(paths["image"])
-            if not os.path.exists(paths["segmentation"]):
-                masks = [e["mask"] for e in train if e["mask"] is not None]
-                if masks:
-                    T.train_seg(np.stack(masks), int(d.seg_vocab), ps, 4,
-                                iters=int(d.get("vq_iters", 15))).save(paths["segmentation"])
-        seg = T.SegTokenizer.load(paths["segmentation"]) if os.path.exists(paths["segmentation"]) else None
-        return Tokenizers(text=T.TextTokenizer.load(paths["text"]), image=T.VQTokenizer.load(paths["image"]),
-                          segmentation=seg)
+            for cls, vocab, path, mods in missing:
+                values = {m.name: [v for v in map(m.value, train) if v is not None] for m in mods}
+                tok = cls.train(values, d, vocab)
+                if tok is not None:  # None: the data holds nothing to learn it from (no masks in real data)
+                    tok.save(path)
+        return Tokenizers({name: groups[name][0].load(groups[name][2]) if os.path.exists(groups[name][2])
+                           else None for name in tokenizer_order()})
 
     # ------------------------------------------------------------------ token cache
     def tokens(self, split: str) -> dict:
-        """Token arrays of a split (cached on disk, keyed by the tokenizers' hash): per modality ``name``
-        [N, max_tokens] int32 and ``name_len`` [N]."""
+        """Token arrays of a split (cached on disk, keyed by the tokenizers' hash and the sequences' lengths):
+        per modality ``name`` [N, max_tokens] int32 and ``name_len`` [N]. Every registered modality is
+        tokenised once; a run reads those of its spec."""
         split = self._split(split)
         if split in self._tokens:
             return self._tokens[split]
-        sizes = {m: int(getattr(self.dcfg, k)) for m, k in (("caption", "caption_tokens"),
-                                                              ("boxes", "box_tokens"))}
-        key = f"{self.tokenizers.hash}-c{sizes['caption']}-b{sizes['boxes']}-v2"
+        sizes = self._sizes()
+        lengths = "-".join(f"{m.name[0]}{sizes[m.name]}" for m in modalities.registered() if m.kind == "sequence")
+        key = f"{self.tokenizers.hash}-{lengths}-v2"  # e.g. HASH-c64-b32-v2
         path = os.path.join(self.root, "tokens", self.key.replace("/", "_"), f"{split}-{key}.npz")
         with file_lock(path + ".lock"):
             if not os.path.exists(path):
                 arrays, stats = self._tokenize(split, sizes)
                 buf = io.BytesIO()
                 np.savez(buf, stats=json.dumps(stats), **arrays)
-                from medscale.data.tokenizers import atomic_write
-
                 atomic_write(path, buf.getvalue())
         with np.load(path) as z:
             arrays = {k: z[k] for k in z.files if k != "stats"}
@@ -322,16 +314,26 @@ class Data:
         self._tokens[split] = arrays
         return arrays
 
+    def _sizes(self) -> dict:
+        """Tokens per example of every registered modality (image-like: the patch grid)."""
+        G = (self.image_size // int(self.dcfg.patch_size)) ** 2
+        return {m.name: G if m.kind == "image" else int(self.dcfg.get(*m.max_tokens))
+                for m in modalities.registered()}
+
     def _tokenize(self, split: str, sizes: dict):
-        tok = self.tokenizers
         ex = self.examples(split)
         n = len(ex)
-        G = (self.image_size // int(self.dcfg.patch_size)) ** 2
-        out = {"image": np.zeros((n, G), np.int32), "image_len": np.zeros(n, np.int32),
-               "segmentation": np.zeros((n, G), np.int32), "segmentation_len": np.zeros(n, np.int32),
-               "caption": np.zeros((n, sizes["caption"]), np.int32), "caption_len": np.zeros(n, np.int32),
-               "boxes": np.zeros((n, sizes["boxes"]), np.int32), "boxes_len": np.zeros(n, np.int32)}
-        stats = {"examples": n, "empty_caption": 0, "truncated_caption": 0, "truncated_boxes": 0, "no_mask": 0}
+        mods = modalities.registered()
+        out = {}
+        for m in mods:
+            out[m.name] = np.zeros((n, sizes[m.name]), np.int32)
+            out[m.name + "_len"] = np.zeros(n, np.int32)
+        stats = {"examples": n}
+        for m in mods:
+            if m.absent_stat:
+                stats[m.absent_stat] = 0
+            if m.kind == "sequence":
+                stats[f"truncated_{m.name}"] = 0
         chunk = 1024
         from tqdm import tqdm
 
@@ -339,34 +341,27 @@ class Data:
         for s in range(0, n, chunk):
             bar.update(min(chunk, n - s))
             recs = [ex[i] for i in range(s, min(n, s + chunk))]
-            imgs = np.stack([r["image"] for r in recs])
-            out["image"][s:s + len(recs)] = tok.image.encode(imgs)
-            out["image_len"][s:s + len(recs)] = G
-            has = [j for j, r in enumerate(recs) if r["mask"] is not None]
-            stats["no_mask"] += len(recs) - len(has)
-            if has and tok.segmentation is not None:
-                ids = tok.segmentation.encode(np.stack([recs[j]["mask"] for j in has]))
-                out["segmentation"][[s + j for j in has]] = ids
-                out["segmentation_len"][[s + j for j in has]] = G
-            for j, r in enumerate(recs):
-                i = s + j
-                cap = " ".join(r["caption"].split())
-                if cap:
-                    ids = tok.text.encode(cap)
-                    if len(ids) > sizes["caption"] - 1:  # room for </s> within max_tokens
-                        stats["truncated_caption"] += 1
-                    ids = ids[: sizes["caption"] - 1]
-                    out["caption"][i, :len(ids)] = ids
-                    out["caption_len"][i] = len(ids)
-                else:
-                    stats["empty_caption"] += 1
-                if r["mask"] is not None or r["boxes"]:  # boxes are known (possibly none) where masks are
-                    ids = tok.text.encode(tok.text.boxes_to_text(r["boxes"], self.image_size))
-                    if len(ids) > sizes["boxes"] - 1:  # room for </s> within max_tokens
-                        stats["truncated_boxes"] += 1
-                    ids = ids[: sizes["boxes"] - 1]
-                    out["boxes"][i, :len(ids)] = ids
-                    out["boxes_len"][i] = len(ids)
+            for m in mods:
+                values = [m.value(r) for r in recs]
+                has = [j for j, v in enumerate(values) if v is not None]
+                if m.absent_stat:
+                    stats[m.absent_stat] += len(recs) - len(has)
+                tok = self.tokenizers.get(m.tokenizer_name)
+                if not has or tok is None:
+                    continue
+                ids = m.encode_values(tok, [values[j] for j in has], self.image_size)
+                rows = [s + j for j in has]
+                if m.kind == "image":
+                    out[m.name][rows] = ids
+                    out[m.name + "_len"][rows] = sizes[m.name]
+                    continue
+                room = sizes[m.name] - 1  # room for </s> within max_tokens
+                for i, t in zip(rows, ids):
+                    if len(t) > room:
+                        stats[f"truncated_{m.name}"] += 1
+                    t = t[:room]
+                    out[m.name][i, :len(t)] = t
+                    out[m.name + "_len"][i] = len(t)
         bar.close()
         return out, stats
 
@@ -412,11 +407,7 @@ class Data:
         m = self.modality(name)
         if m.tokenizer is None:
             raise UserError(f"dataset {self.key} has no {name} tokenizer (its examples carry no {m.field})")
-        if name == "caption":
-            return m.tokenizer.decode(ids)
-        if name == "boxes":
-            return m.tokenizer.text_to_boxes(m.tokenizer.decode(ids), self.image_size)
-        return m.tokenizer.decode(np.asarray(ids), self.image_size)
+        return m.entry.decode_ids(m.tokenizer, np.asarray(ids), self.image_size)
 
 
 def build_data(cfg, spec=None, progress: bool = False) -> Data:

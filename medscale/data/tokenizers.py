@@ -32,6 +32,7 @@ import re
 
 import numpy as np
 
+from medscale.data.synthetic import MASK_CLASSES
 from medscale.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,11 @@ def _sha(*parts: bytes) -> str:
     for p in parts:
         h.update(p)
     return h.hexdigest()[:16]
+
+
+def _limit(dcfg) -> int:
+    """Training examples the tokenizers learn from (``data.tokenizer_examples``); part of artifact names."""
+    return int(dcfg.get("tokenizer_examples", 2000))
 
 
 def atomic_write(path: str, data: bytes) -> None:
@@ -171,6 +177,22 @@ class TextTokenizer:
         buf = io.BytesIO()
         np.savez(buf, model=np.frombuffer(self.model_bytes, np.uint8), meta=json.dumps(meta))
         atomic_write(path, buf.getvalue())
+
+    # the registry's tokenizer interface (medscale.modalities)
+    @classmethod
+    def artifact(cls, dcfg, vocab_size: int) -> str:
+        ns, bins = int(dcfg.get("num_sentinels", 16)), int(dcfg.get("box_bins", 32))
+        return f"text_v{vocab_size}_s{ns}_b{bins}_n{_limit(dcfg)}.npz"
+
+    @classmethod
+    def train(cls, values: dict, dcfg, vocab_size: int) -> TextTokenizer:
+        """Sentencepiece on the texts of every modality sharing the tokenizer (a list of boxes contributes its
+        class names; coordinates have fixed ids), plus the word ``none`` (the text of no box)."""
+        texts = [v if isinstance(v, str) else " ".join(str(b[0]) for b in v)
+                 for vals in values.values() for v in vals]
+        texts.append("none")
+        return train_text_tokenizer(texts, vocab_size, int(dcfg.get("num_sentinels", 16)),
+                                    int(dcfg.get("box_bins", 32)), seed=0)
 
     @classmethod
     def load(cls, path: str) -> TextTokenizer:
@@ -308,6 +330,17 @@ class VQTokenizer:
         atomic_write(path, buf.getvalue())
 
     @classmethod
+    def artifact(cls, dcfg, vocab_size: int) -> str:
+        return f"vq_v{vocab_size}_p{int(dcfg.patch_size)}_n{_limit(dcfg)}.npz"
+
+    @classmethod
+    def train(cls, values: dict, dcfg, vocab_size: int) -> VQTokenizer | None:
+        images = [v for vals in values.values() for v in vals]
+        if not images:
+            return None
+        return train_vq(np.stack(images), vocab_size, int(dcfg.patch_size), iters=int(dcfg.get("vq_iters", 15)))
+
+    @classmethod
     def load(cls, path: str):
         with np.load(path) as z:
             tok = cls(z["codebook"], int(z["patch"]))
@@ -378,6 +411,19 @@ class SegTokenizer:
         buf = io.BytesIO()
         np.savez(buf, codebook=self.codebook, patch=self.patch, num_classes=self.num_classes, hash=self.hash)
         atomic_write(path, buf.getvalue())
+
+    @classmethod
+    def artifact(cls, dcfg, vocab_size: int) -> str:
+        return f"seg_v{vocab_size}_p{int(dcfg.patch_size)}_n{_limit(dcfg)}.npz"
+
+    @classmethod
+    def train(cls, values: dict, dcfg, vocab_size: int) -> SegTokenizer | None:
+        """Codebook over the masks of the training examples; None when no example has a mask (real data)."""
+        masks = [v for vals in values.values() for v in vals]
+        if not masks:
+            return None
+        return train_seg(np.stack(masks), vocab_size, int(dcfg.patch_size), len(MASK_CLASSES),
+                         iters=int(dcfg.get("vq_iters", 15)))
 
     @classmethod
     def load(cls, path: str):

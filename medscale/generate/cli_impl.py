@@ -6,37 +6,17 @@ import os
 
 import numpy as np
 
+from medscale import modalities
 from medscale.errors import UserError
-
-
-def _jsonable_boxes(boxes):
-    return [[str(b[0]), *(round(float(v), 2) for v in b[1:])] for b in boxes]
-
-
-def _mask_summary(mask: np.ndarray) -> dict:
-    from medscale.generate.metrics import SEG_CLASSES
-
-    m = np.asarray(mask)
-    return {"shape": list(m.shape),
-            "class_fractions": {c: float((m == i).mean()) for i, c in enumerate(SEG_CLASSES)}}
-
-
-def _save_mask(path: str, mask: np.ndarray) -> None:
-    from PIL import Image
-
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    Image.fromarray(np.asarray(mask, np.uint8), "L").save(tmp)
-    os.replace(tmp, path)
+from medscale.generate.predict import DecodeOptions, predict
+from medscale.generate.render import draw, load_image, renderer
+from medscale.generate.run import example as get_example
+from medscale.generate.run import load_run, read_config
 
 
 def generate(workdir: str, *, checkpoint=None, image_path=None, example=None, inputs=("image",),
              targets=("caption", "boxes", "segmentation"), out_dir: str, temperature=0.0, top_k=0,
              refine_steps=1, seed=0) -> dict:
-    from medscale.generate.predict import DecodeOptions, predict
-    from medscale.generate.render import draw, load_image
-    from medscale.generate.run import example as get_example
-    from medscale.generate.run import load_run, read_config
-
     cfg = read_config(workdir)  # cheap checks before the model loads
     size = int(cfg.data.image_size)
     known = list(cfg.data.modalities)
@@ -66,10 +46,10 @@ def generate(workdir: str, *, checkpoint=None, image_path=None, example=None, in
         image = ex.get("image")
         raw = {}
         for name in inputs:
-            key = "mask" if name == "segmentation" else name
-            if ex.get(key) is None:
+            value = modalities.get(name).value(ex)
+            if value is None:
                 raise UserError(f"--inputs: example {split}:{index} has no {name}")
-            raw[name] = [ex[key]]
+            raw[name] = [value]
         stem = f"{split}-{index}"
     else:
         raw = {"image": [image]}
@@ -80,31 +60,18 @@ def generate(workdir: str, *, checkpoint=None, image_path=None, example=None, in
 
     picture = os.path.join(out_dir, f"{stem}.png")
     base = image if image is not None else np.zeros((size, size), np.uint8)
-    generated = pred.get("image")  # image tokens decoded: the prediction panel shows the generated image
-    draw(picture, generated if generated is not None else base, caption=pred.get("caption"),
-         boxes=pred.get("boxes"), mask=pred.get("segmentation"),
-         true_caption=truth.get("caption") if truth else None,
-         true_boxes=truth.get("boxes") if truth else None,
-         true_mask=truth.get("mask") if truth is not None and "segmentation" in targets else None,
-         true_image=base if generated is not None and truth is not None else None,
+    panels = {"image": base}  # each modality's part of the picture (a generated image replaces the input)
+    for name in modalities.names():
+        panels.update(renderer(name).picture(name, pred, truth, base))
+    draw(picture, panels.pop("image"), **panels,
          title=f"{os.path.basename(os.path.abspath(workdir))} step {run.step}: "
                f"{'+'.join(inputs)} -> {'+'.join(targets)}")
     out = {"workdir": workdir, "checkpoint_step": run.step, "inputs": list(inputs), "targets": list(targets),
            "picture": picture}
-    if "caption" in pred:
-        out["caption"] = pred["caption"]
-    if "boxes" in pred:
-        out["boxes"] = _jsonable_boxes(pred["boxes"])
-        out["box_scores"] = [round(float(s), 4) for s in pred["box_scores"]]
-    if "segmentation" in pred:
-        mask_path = os.path.join(out_dir, f"{stem}_mask.png")
-        _save_mask(mask_path, pred["segmentation"])
-        out["segmentation"] = _mask_summary(pred["segmentation"]) | {"path": mask_path}
-    if "image" in pred:
-        img_path = os.path.join(out_dir, f"{stem}_image.png")
-        _save_mask(img_path, pred["image"])
-        out["image"] = {"path": img_path}
+    for name in targets:
+        out.update(renderer(name).outputs(name, pred, out_dir, stem))
     if truth is not None:
-        out["truth"] = {k: v for k, v in (("caption", truth.get("caption")),
-                                          ("boxes", _jsonable_boxes(truth.get("boxes") or []))) if v is not None}
+        out["truth"] = {}
+        for name in modalities.names():
+            out["truth"].update(renderer(name).truth(name, truth))
     return out

@@ -1,8 +1,11 @@
 """Task metrics of a model on held-out examples, and of a finished run (stored in its ``summary.json``).
 
-``task_metrics(decoder, tokenizers, examples, image_size)`` decodes caption, boxes and segmentation from the
-image alone (greedy; one parallel pass for the mask unless ``refine_steps`` > 1) in fixed-size batches (the last one padded by repeating
-examples, so nothing recompiles) and scores them with :mod:`medscale.generate.metrics`. The result is a flat
+``task_metrics(decoder, tokenizers, examples, image_size)`` decodes every modality whose registry entry
+(``medscale.modalities``) names ``metrics`` -- caption, boxes and segmentation -- from the image alone (greedy;
+one parallel pass for the mask unless ``refine_steps`` > 1) in fixed-size batches (the last one padded by
+repeating examples, so nothing recompiles) and scores them with its ``metrics`` function (here
+:func:`caption_metrics`, :func:`boxes_metrics`, :func:`segmentation_metrics`, on
+:mod:`medscale.generate.metrics`). The result is a flat
 dict of scalars (``None`` where undefined), keys named ``<target>/<metric>``:
 
 - ``caption/bleu4`` (corpus BLEU-4, unsmoothed), ``caption/bleu4_add1`` (add-one smoothed);
@@ -28,6 +31,8 @@ import os
 
 import numpy as np
 
+from medscale import modalities
+from medscale.data.synthetic import parse_caption
 from medscale.errors import UserError
 from medscale.generate import metrics as M
 from medscale.generate.predict import DecodeOptions, predict
@@ -41,51 +46,75 @@ def _batches(items: list, size: int):
         yield chunk + [chunk[-1]] * (size - len(chunk)), len(chunk)
 
 
+def caption_metrics(preds: list[dict], examples: list[dict]) -> dict:
+    """BLEU-4 (unsmoothed and add-one) on examples with a caption; finding accuracy where they carry facts."""
+    res: dict = {}
+    idx = [i for i, e in enumerate(examples) if e.get("caption")]
+    if idx:
+        hyp = [preds[i]["caption"] for i in idx]
+        ref = [examples[i]["caption"] for i in idx]
+        res["caption/bleu4"] = M.corpus_bleu(hyp, ref)["bleu"]
+        res["caption/bleu4_add1"] = M.corpus_bleu(hyp, ref, smooth="add1")["bleu"]
+    idx = [i for i, e in enumerate(examples) if e.get("facts")]
+    if idx:
+        found = M.finding_scores([parse_caption(preds[i]["caption"]) for i in idx],
+                                 [examples[i]["facts"] for i in idx])
+        res.update({f"caption/{k}": v for k, v in found.items() if k != "n"})
+    return res
+
+
+def _known(examples: list[dict]) -> list[int]:
+    # boxes and masks are known together (the data package: boxes, possibly none, where a mask is)
+    return [i for i, e in enumerate(examples) if e.get("mask") is not None]
+
+
+def boxes_metrics(preds: list[dict], examples: list[dict]) -> dict:
+    """Matched IoU, AP@0.5 and predicted boxes per image, on examples whose boxes are known."""
+    known = _known(examples)
+    if not known:
+        return {}
+    pb = [preds[i]["boxes"] for i in known]
+    tb = [list(examples[i].get("boxes") or ()) for i in known]
+    return {"boxes/mean_iou": M.box_matched_iou(pb, tb)["mean_iou"],
+            "boxes/ap50": M.average_precision(pb, tb, [preds[i]["box_scores"] for i in known])["map"],
+            "boxes/num_pred_per_image": float(np.mean([len(b) for b in pb]))}
+
+
+def segmentation_metrics(preds: list[dict], examples: list[dict]) -> dict:
+    """mIoU, pixel accuracy and per-class IoU on examples with a mask."""
+    known = _known(examples)
+    if not known:
+        return {}
+    seg = M.segmentation_iou([preds[i]["segmentation"] for i in known], [examples[i]["mask"] for i in known])
+    return {"segmentation/miou": seg["miou"], "segmentation/pixel_acc": seg["pixel_acc"],
+            **{f"segmentation/iou_{k}": v for k, v in seg["per_class"].items()}}
+
+
+SOURCE = "image"  # task metrics decode every scored modality from the image alone
+
+
 def task_metrics(decoder, tokenizers: dict, examples: list[dict], image_size: int, *, batch_size: int = 16,
                  options: DecodeOptions | None = None, progress=None) -> dict:
-    """Metrics (module docstring) of ``decoder`` on ``examples`` (dicts with ``image`` and any of
-    ``caption``, ``boxes``, ``mask``, ``facts``)."""
+    """Metrics (module docstring) of ``decoder`` on ``examples`` (raw example dicts): every modality of the
+    model whose registry entry has ``metrics`` is decoded from the image and scored by them."""
     options = options or DecodeOptions()
     if not examples:
         raise UserError("no examples to evaluate; ask for at least one")
-    names = {m.name for m in decoder.spec.modalities}
-    if "image" not in names:
+    names = [m.name for m in decoder.spec.modalities]
+    if SOURCE not in names:
         raise UserError("task metrics decode from the image; this run's model has no image modality")
-    targets = [t for t in ("caption", "boxes", "segmentation") if t in names]
+    scored = [(n, modalities.resolve(modalities.get(n).metrics)) for n in names
+              if n != SOURCE and n in modalities.names() and modalities.get(n).metrics is not None]
+    targets = [n for n, _ in scored]
     preds = []
     for chunk, real in _batches(examples, min(batch_size, len(examples))):
-        out = predict(decoder, tokenizers, {"image": [e["image"] for e in chunk]}, targets, image_size, options)
+        out = predict(decoder, tokenizers, {SOURCE: [e[SOURCE] for e in chunk]}, targets, image_size, options)
         preds.extend(out[:real])
         if progress is not None:
             progress(real)
     res: dict = {}
-    if "caption" in targets:
-        idx = [i for i, e in enumerate(examples) if e.get("caption")]
-        if idx:
-            hyp = [preds[i]["caption"] for i in idx]
-            ref = [examples[i]["caption"] for i in idx]
-            res["caption/bleu4"] = M.corpus_bleu(hyp, ref)["bleu"]
-            res["caption/bleu4_add1"] = M.corpus_bleu(hyp, ref, smooth="add1")["bleu"]
-        idx = [i for i, e in enumerate(examples) if e.get("facts")]
-        if idx:
-            from medscale.data.synthetic import parse_caption
-
-            found = M.finding_scores([parse_caption(preds[i]["caption"]) for i in idx],
-                                     [examples[i]["facts"] for i in idx])
-            res.update({f"caption/{k}": v for k, v in found.items() if k != "n"})
-    # boxes and masks are known together (the data package: boxes, possibly none, where a mask is)
-    known = [i for i, e in enumerate(examples) if e.get("mask") is not None]
-    if "boxes" in targets and known:
-        pb = [preds[i]["boxes"] for i in known]
-        tb = [list(examples[i].get("boxes") or ()) for i in known]
-        res["boxes/mean_iou"] = M.box_matched_iou(pb, tb)["mean_iou"]
-        res["boxes/ap50"] = M.average_precision(pb, tb, [preds[i]["box_scores"] for i in known])["map"]
-        res["boxes/num_pred_per_image"] = float(np.mean([len(b) for b in pb]))
-    if "segmentation" in targets and known:
-        seg = M.segmentation_iou([preds[i]["segmentation"] for i in known], [examples[i]["mask"] for i in known])
-        res["segmentation/miou"] = seg["miou"]
-        res["segmentation/pixel_acc"] = seg["pixel_acc"]
-        res.update({f"segmentation/iou_{k}": v for k, v in seg["per_class"].items()})
+    for _, metrics in scored:
+        res.update(metrics(preds, examples))
     return res
 
 

@@ -2,8 +2,10 @@
 
 Raw forms (those of the data package): ``image`` uint8 ``[S, S]``; ``caption`` str; ``boxes`` a list of
 ``(class, x0, y0, x1, y1)`` in pixels (x1, y1 exclusive); ``segmentation`` uint8 ``[S, S]`` class mask
-(``medscale.data.synthetic.MASK_CLASSES``). ``tokenizers`` maps ``"text"``, ``"image"`` and
-``"segmentation"`` to the run's tokenizers (``medscale.data.tokenizers``).
+(``medscale.data.synthetic.MASK_CLASSES``); other registered modalities as their registry entry reads them.
+``tokenizers`` maps tokenizer names (``"text"``, ``"image"``, ``"segmentation"``, ...; a modality's
+``tokenizer_name`` in ``medscale.modalities``) to the run's tokenizers. Each modality is encoded and decoded
+through its registry entry; sequence targets are generated with their entry's ``decoding`` hooks.
 
 Each predicted box carries a confidence: the mean log-probability of its tokens (its four coordinates and
 its class words) under the model, which ``metrics.average_precision`` uses to rank boxes.
@@ -16,9 +18,8 @@ import itertools
 
 import numpy as np
 
+from medscale import modalities
 from medscale.errors import UserError
-
-SEQUENCE_TEXT = ("caption", "boxes")  # sequence modalities written in the shared text vocabulary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,26 +38,22 @@ def _tok(tokenizers: dict, key: str):
 
 def tokenize_inputs(spec, tokenizers: dict, raw: dict[str, list], image_size: int) -> dict:
     """``{modality: [raw value per example]}`` -> ``{modality: tokens}`` / ``(tokens, valid)`` for
-    :meth:`medscale.generate.decode.Decoder.encoder_inputs`."""
+    :meth:`medscale.generate.decode.Decoder.encoder_inputs` (each modality through its registry entry)."""
     out = {}
     for name, values in raw.items():
         mod = spec.modalities[spec.modality_index(name)]
-        if name == "image":
-            out[name] = np.asarray(_tok(tokenizers, "image").encode(np.stack(values)), np.int32)
-        elif name == "segmentation":
-            out[name] = np.asarray(_tok(tokenizers, "segmentation").encode(np.stack(values)), np.int32)
-        elif name in SEQUENCE_TEXT:
-            text = _tok(tokenizers, "text")
-            ids = np.zeros((len(values), mod.max_tokens), np.int32)
-            valid = np.zeros(ids.shape, bool)
-            for i, v in enumerate(values):
-                s = v if name == "caption" else text.boxes_to_text(v, image_size)
-                t = text.encode(s)[:mod.max_tokens]
-                ids[i, :len(t)] = t
-                valid[i, :len(t)] = True
-            out[name] = (ids, valid)
-        else:
-            raise UserError(f"no tokenizer for input modality {name!r}")
+        entry = modalities.get(name)
+        ids = entry.encode_values(_tok(tokenizers, entry.tokenizer_name), list(values), image_size)
+        if mod.kind == "image":
+            out[name] = np.asarray(ids, np.int32)
+            continue
+        arr = np.zeros((len(values), mod.max_tokens), np.int32)
+        valid = np.zeros(arr.shape, bool)
+        for i, t in enumerate(ids):
+            t = list(t)[:mod.max_tokens]
+            arr[i, :len(t)] = t
+            valid[i, :len(t)] = True
+        out[name] = (arr, valid)
     return out
 
 
@@ -95,42 +92,93 @@ def boxes_from_ids(text_tok, ids, logprobs, image_size: int) -> tuple[list, list
     return boxes, scores
 
 
+class SequenceDecoding:
+    """How a sequence modality is generated (a registry entry's ``decoding``): the ids it may not produce, the
+    id groups of grouped greedy decoding, and the prediction entries made of its generated ids. This default
+    bans padding, unknown and start, the sentinels when the modality is not also an input, and unused rows
+    above a trained vocabulary; its output is the decoded value under the modality's name."""
+
+    def banned(self, tok, target: str, given: set) -> list[int]:
+        ids = [getattr(tok, "pad_id", 0), getattr(tok, "unk_id", 1), getattr(tok, "start_id", 2)]
+        if target not in given:
+            ids += [int(i) for i in getattr(tok, "sentinel_ids", ())]
+        trained = getattr(tok, "trained_size", None)
+        if trained is not None:
+            ids += list(range(trained, tok.vocab_size))
+        return ids
+
+    def groups(self, tok) -> list[list[int]]:
+        return []
+
+    def outputs(self, entry, tok, ids, logprobs, image_size: int) -> dict:
+        return {entry.name: entry.decode_ids(tok, ids, image_size)}
+
+
+class CaptionDecoding(SequenceDecoding):
+    """Captions: :func:`banned_text_ids` (no box coordinates)."""
+
+    def banned(self, tok, target, given):
+        return banned_text_ids(tok, target, given)
+
+
+class BoxesDecoding(SequenceDecoding):
+    """Boxes: boxes start at a ``v0=`` coordinate (one group); outputs ``boxes`` and their ``box_scores``."""
+
+    def banned(self, tok, target, given):
+        return banned_text_ids(tok, target, given)
+
+    def groups(self, tok):
+        return [box_start_ids(tok)]
+
+    def outputs(self, entry, tok, ids, logprobs, image_size):
+        boxes, scores = boxes_from_ids(tok, ids, logprobs, image_size)
+        return {"boxes": boxes, "box_scores": scores}
+
+
+def decoding(entry) -> SequenceDecoding:
+    """The generation hooks of a sequence modality's registry entry (default :class:`SequenceDecoding`)."""
+    hooks = modalities.resolve(entry.decoding) if entry.decoding is not None else SequenceDecoding
+    return hooks() if isinstance(hooks, type) else hooks
+
+
 def predict(decoder, tokenizers: dict, raw_inputs: dict[str, list], targets: list[str], image_size: int,
             options: DecodeOptions | None = None) -> list[dict]:
-    """Decode ``targets`` for a batch of examples; one dict per example with the detokenised outputs:
-    ``caption`` (str), ``boxes`` (list), ``box_scores`` (list), ``segmentation`` (uint8 ``[S, S]``),
-    ``image`` (uint8 ``[S, S]``), and ``tokens`` per target (list of ids)."""
+    """Decode ``targets`` for a batch of examples; one dict per example with the detokenised outputs
+    (per the registry: ``caption`` (str), ``boxes`` (list), ``box_scores`` (list), ``segmentation`` (uint8
+    ``[S, S]``), ``image`` (uint8 ``[S, S]``), ...) and ``tokens`` per target (list of ids)."""
     options = options or DecodeOptions()
     spec = decoder.spec
     n = len(next(iter(raw_inputs.values())))
     enc = decoder.encoder_inputs(tokenize_inputs(spec, tokenizers, raw_inputs, image_size))
     results = [{} for _ in range(n)]
     seq_targets = [t for t in targets if spec.modalities[spec.modality_index(t)].kind == "sequence"]
-    if seq_targets:  # all text targets share one vocabulary: decoded together, one compiled step
-        text = _tok(tokenizers, "text")
-        given = set(raw_inputs)
-        seqs = decoder.generate_sequences(enc, seq_targets, start_id=text.start_id, eos_id=text.eos_id,
+    by_tokenizer: dict[str, list[str]] = {}
+    for t in seq_targets:
+        by_tokenizer.setdefault(modalities.get(t).tokenizer_name, []).append(t)
+    given = set(raw_inputs)
+    for tok_name, group in by_tokenizer.items():  # targets sharing a vocabulary: decoded together, one step
+        tok = _tok(tokenizers, tok_name)
+        entries = {t: modalities.get(t) for t in group}
+        hooks = {t: decoding(entries[t]) for t in group}
+        seqs = decoder.generate_sequences(enc, group, start_id=tok.start_id, eos_id=tok.eos_id,
                                           temperature=options.temperature, top_k=options.top_k,
                                           seed=options.seed,
-                                          banned_ids={t: banned_text_ids(text, t, given) for t in seq_targets},
-                                          groups={"boxes": [box_start_ids(text)]})
+                                          banned_ids={t: hooks[t].banned(tok, t, given) for t in group},
+                                          groups={t: g for t in group if (g := hooks[t].groups(tok))})
         for target, seq in seqs.items():
             for i in range(n):
                 ids = seq.tokens[i, :seq.lengths[i]]
                 results[i].setdefault("tokens", {})[target] = ids.tolist()
-                if target == "boxes":
-                    boxes, scores = boxes_from_ids(text, ids, seq.logprobs[i, :seq.lengths[i]], image_size)
-                    results[i]["boxes"], results[i]["box_scores"] = boxes, scores
-                else:
-                    results[i][target] = text.decode(ids)
+                results[i].update(hooks[target].outputs(entries[target], tok, ids, seq.logprobs[i, :seq.lengths[i]],
+                                                        image_size))
     for target in targets:
         if target in seq_targets:
             continue
+        entry = modalities.get(target)
+        tok = _tok(tokenizers, entry.tokenizer_name)
         grid = decoder.generate_grid(enc, target, steps=options.refine_steps,
                                      temperature=options.temperature, seed=options.seed)
-        key = "segmentation" if target == "segmentation" else "image"
-        arrays = _tok(tokenizers, key).decode(grid.tokens, image_size)
         for i in range(n):
             results[i].setdefault("tokens", {})[target] = grid.tokens[i].tolist()
-            results[i][target] = np.asarray(arrays[i])
+            results[i][target] = np.asarray(entry.decode_ids(tok, grid.tokens[i], image_size))
     return results

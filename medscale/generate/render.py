@@ -7,6 +7,12 @@
 - ``draw(path, ...)``: a PNG with the input image, the predicted mask overlaid (background transparent; body,
   organ, lesion in distinct colours), the predicted boxes (solid) and, when known, the true boxes (dashed), and
   the predicted caption with the true caption beside it. Written to a temp file and moved into place.
+- Renderers: how ``medscale generate`` shows each modality (a registry entry's ``renderer``, see
+  ``medscale.modalities``): its entries in the command's JSON output and files, its part of the picture
+  (``draw``'s keyword arguments), its terminal lines. :class:`Renderer` is the default (an image-like
+  prediction becomes ``STEM_<name>.png``, a sequence's decoded value goes into the JSON as it is);
+  :class:`CaptionRenderer`, :class:`BoxesRenderer`, :class:`MaskRenderer` and :class:`ImageRenderer` are the
+  built-in modalities'.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ import textwrap
 
 import numpy as np
 
+from medscale import modalities
 from medscale.errors import UserError
+from medscale.generate.metrics import SEG_CLASSES
 
 MASK_COLOURS = ((0, 0, 0, 0), (0.2, 0.5, 1.0, 0.25), (0.1, 0.9, 0.3, 0.35), (1.0, 0.15, 0.1, 0.55))
 
@@ -107,3 +115,131 @@ def draw(path: str, image: np.ndarray, *, caption: str | None = None, boxes=None
         plt.close(fig)
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_png(path: str, array: np.ndarray) -> None:
+    """A uint8 ``[H, W]`` array as a grey-scale PNG (written to a temp file, then moved into place)."""
+    from PIL import Image
+
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    Image.fromarray(np.asarray(array, np.uint8), "L").save(tmp)
+    os.replace(tmp, path)
+
+
+def jsonable_boxes(boxes) -> list:
+    return [[str(b[0]), *(round(float(v), 2) for v in b[1:])] for b in boxes]
+
+
+class Renderer:
+    """How ``medscale generate`` shows a modality (module docstring). ``pred``: the prediction dict of
+    ``medscale.generate.predict.predict`` for one example; ``truth``: the raw example (None for a user image);
+    ``out``: the command's JSON output."""
+
+    def outputs(self, name: str, pred: dict, out_dir: str, stem: str) -> dict:
+        """Entries of the JSON output for target ``name`` (files it writes go into ``out_dir``)."""
+        value = pred.get(name)
+        if value is None:
+            return {}
+        if isinstance(value, np.ndarray) and value.ndim == 2:
+            path = os.path.join(out_dir, f"{stem}_{name}.png")
+            save_png(path, value)
+            return {name: {"path": path}}
+        return {name: value.tolist() if isinstance(value, np.ndarray) else value}
+
+    def picture(self, name: str, pred: dict, truth: dict | None, background: np.ndarray) -> dict:
+        """Keyword arguments of :func:`draw` (called for every registered modality, target or not)."""
+        return {}
+
+    def truth(self, name: str, example: dict) -> dict:
+        """Entries of the JSON output's ``truth`` from the raw example."""
+        return {}
+
+    def lines(self, name: str, out: dict) -> list[str]:
+        """Terminal lines for target ``name``."""
+        return []
+
+    def truth_lines(self, name: str, truth: dict) -> list[str]:
+        return []
+
+
+class CaptionRenderer(Renderer):
+    def outputs(self, name, pred, out_dir, stem):
+        return {"caption": pred["caption"]} if "caption" in pred else {}
+
+    def picture(self, name, pred, truth, background):
+        return {"caption": pred.get("caption"), "true_caption": truth.get("caption") if truth else None}
+
+    def truth(self, name, example):
+        return {"caption": example["caption"]} if example.get("caption") is not None else {}
+
+    def lines(self, name, out):
+        return [f"caption: {out['caption']}"] if "caption" in out else []
+
+    def truth_lines(self, name, truth):
+        return [f"truth caption: {truth['caption']}"] if "caption" in truth else []
+
+
+class BoxesRenderer(Renderer):
+    def outputs(self, name, pred, out_dir, stem):
+        if "boxes" not in pred:
+            return {}
+        return {"boxes": jsonable_boxes(pred["boxes"]), "box_scores": [round(float(s), 4) for s in pred["box_scores"]]}
+
+    def picture(self, name, pred, truth, background):
+        return {"boxes": pred.get("boxes"), "true_boxes": truth.get("boxes") if truth else None}
+
+    def truth(self, name, example):
+        return {"boxes": jsonable_boxes(example.get("boxes") or [])}
+
+    def lines(self, name, out):
+        if "boxes" not in out:
+            return []
+        shown = ", ".join(f"{b[0]} ({b[1]:.0f},{b[2]:.0f})-({b[3]:.0f},{b[4]:.0f})" for b in out["boxes"])
+        return [f"boxes: {shown or 'none'}"]
+
+
+class MaskRenderer(Renderer):
+    """Segmentation: ``STEM_mask.png`` and the predicted share of each class; the mask overlaid on the picture."""
+
+    def outputs(self, name, pred, out_dir, stem):
+        if name not in pred:
+            return {}
+        mask = np.asarray(pred[name])
+        path = os.path.join(out_dir, f"{stem}_mask.png")
+        save_png(path, mask)
+        return {name: {"shape": list(mask.shape),
+                       "class_fractions": {c: float((mask == i).mean()) for i, c in enumerate(SEG_CLASSES)},
+                       "path": path}}
+
+    def picture(self, name, pred, truth, background):
+        return {"mask": pred.get(name),
+                "true_mask": truth.get("mask") if truth is not None and name in pred else None}
+
+    def lines(self, name, out):
+        if name not in out:
+            return []
+        fr = out[name]["class_fractions"]
+        return [f"{name}: " + ", ".join(f"{k} {v:.1%}" for k, v in fr.items())]
+
+
+class ImageRenderer(Renderer):
+    """Generated image tokens: ``STEM_image.png``; the picture's prediction panel shows the generated image."""
+
+    def outputs(self, name, pred, out_dir, stem):
+        if name not in pred:
+            return {}
+        path = os.path.join(out_dir, f"{stem}_image.png")
+        save_png(path, pred[name])
+        return {name: {"path": path}}
+
+    def picture(self, name, pred, truth, background):
+        if pred.get(name) is None:
+            return {}
+        return {"image": pred[name], "true_image": background if truth is not None else None}
+
+
+def renderer(name: str) -> Renderer:
+    """The renderer of a registered modality (default :class:`Renderer`)."""
+    ref = modalities.get(name).renderer
+    obj = modalities.resolve(ref) if ref is not None else Renderer
+    return obj() if isinstance(obj, type) else obj

@@ -137,11 +137,8 @@ def load_run(workdir: str, checkpoint: int | None = None, data=None) -> LoadedRu
 
 
 def tokenizer_dict(tokenizers) -> dict:
-    """The data package's ``Tokenizers`` (attributes text, image, segmentation) as a dict, absent ones left out."""
-    if isinstance(tokenizers, dict):
-        return {k: v for k, v in tokenizers.items() if v is not None}
-    return {k: getattr(tokenizers, k) for k in ("text", "image", "segmentation")
-            if getattr(tokenizers, k, None) is not None}
+    """The data package's ``Tokenizers`` (or a dict) as ``{tokenizer name: tokenizer}``, absent ones left out."""
+    return {k: v for k, v in tokenizers.items() if v is not None}
 
 
 def heldout_examples(run: LoadedRun, num: int, split: str = HELDOUT_SPLIT) -> list[dict]:
