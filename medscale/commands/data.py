@@ -60,7 +60,7 @@ def run_show(args):
         out[f"tokens/{m.name}"] = toks[m.name][args.index][:n].tolist()
     if "caption" in toks:
         n = int(toks["caption_len"][args.index])
-        out["caption_detokenized"] = data.tokenizers.text.decode(toks["caption"][args.index][:n])
+        out["caption_detokenized"] = data.detokenize("caption", toks["caption"][args.index][:n])
     if args.json:
         print(json.dumps(out))
     else:
