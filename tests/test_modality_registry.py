@@ -5,14 +5,17 @@ import hashlib
 import io
 import json
 import math
+import os
 
 import numpy as np
+import PIL.Image
 import pytest
 
 from medscale import modalities
 from medscale.configs import load_config, spec_from_config
 from medscale.data.pipeline import build_data
 from medscale.errors import UserError
+from medscale.generate.cli_impl import generate
 from medscale.spec import ModalitySpec
 from medscale.train.loop import train
 
@@ -69,14 +72,25 @@ def _cfg(root, *extra):
                                 "train.steps=1", "train.task_eval_examples=0", "train.eval_batches=1", *extra])
 
 
-def test_a_modality_added_in_one_place_trains_a_step(tmp_path):
+@pytest.fixture(scope="module")
+def depth_run(tmp_path_factory):
+    """(config, run directory) of one training step with the depth modality registered for that time only."""
+    root = tmp_path_factory.mktemp("depth")
     with modalities.extended(DEPTH):
-        cfg = _cfg(tmp_path / "cache", "data.modalities=('image', 'caption', 'depth')", "data.depth_vocab=12",
+        cfg = _cfg(root / "cache", "data.modalities=('image', 'caption', 'depth')", "data.depth_vocab=12",
                    "data.mixture='image2all:1'")
+        summary = train(cfg, str(root / "run"), progress=False)
+    return cfg, str(root / "run"), summary
+
+
+def test_a_modality_added_in_one_place_trains_a_step(depth_run):
+    cfg, run, summary = depth_run
+    assert "depth" not in modalities.names() and "depth_vocab" not in load_config("tiny").data
+    with modalities.extended(DEPTH):
         spec = spec_from_config(cfg)
         assert spec.modalities[-1] == ModalitySpec("depth", "image", 12, 64, (8, 8))
         assert [m.name for m in spec.modalities] == ["image", "caption", "depth"]
-        data = build_data(cfg, spec)
+        data = build_data(cfg, spec)  # the run's, from its cache
         assert isinstance(data.tokenizers["depth"], DepthTokenizer)
         # the cached tokens are the entry's tokenizer applied to what the entry reads
         ex = data.examples("train")
@@ -91,17 +105,30 @@ def test_a_modality_added_in_one_place_trains_a_step(tmp_path):
         d = spec.modality_index("depth")
         assert (batch["dec_valid"] & (batch["dec_modality"] == d)).sum() > 0
         assert batch["dec_target"][batch["dec_modality"] == d].max() < 12
-        summary = train(cfg, str(tmp_path / "run"), progress=False, data=data)
-    assert "depth" not in modalities.names() and "depth_vocab" not in load_config("tiny").data
     assert summary["status"] == "done" and summary["steps"] == 1
     assert math.isfinite(summary["final_train_loss"])
     by_mod = summary["final_train_loss_by_modality"]
     assert set(by_mod) == {"image", "caption", "depth"}
     # a uniform guess over 12 levels has loss log 12; one step from a random start is near it, never zero
     assert 0.1 * math.log(12) < by_mod["depth"] < 3 * math.log(12)
-    with open(tmp_path / "run" / "metrics.jsonl") as f:
+    with open(os.path.join(run, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     assert any(math.isfinite(r.get("loss/depth") or math.nan) for r in rows if r["kind"] == "train")
+
+
+def test_generate_decodes_and_writes_the_new_modality(depth_run, tmp_path):
+    _, run, _ = depth_run
+    with modalities.extended(DEPTH):
+        out = generate(run, example=("validation", 1), inputs=("image",), targets=("depth",),
+                       out_dir=str(tmp_path))
+    # no renderer in the entry: the default writes the decoded map as STEM_depth.png
+    assert out["targets"] == ["depth"] and out["depth"]["path"] == str(tmp_path / "validation-1_depth.png")
+    with PIL.Image.open(out["depth"]["path"]) as im:
+        depth = np.asarray(im)
+    assert depth.shape == (64, 64)
+    levels = {int((i + 0.5) * 256 / 12) for i in range(12)}
+    assert set(np.unique(depth).tolist()) <= levels
+    assert os.path.getsize(out["picture"]) > 0
 
 
 def test_registry_changes_are_checked_and_reversible():
