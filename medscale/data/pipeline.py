@@ -144,6 +144,12 @@ class Examples:
             yield self[i]
 
 
+def _holds(path: str, sizes: dict) -> bool:
+    """Whether the token cache ``path`` holds an array of every modality in ``sizes``."""
+    with np.load(path) as z:
+        return all(name in z.files and name + "_len" in z.files for name in sizes)
+
+
 def _count(arrays: dict) -> int:
     return len(next(iter(arrays.values())))
 
@@ -299,7 +305,7 @@ class Data:
         key = f"{self.tokenizers.hash}-{lengths}-v2"  # e.g. HASH-c64-b32-v2
         path = os.path.join(self.root, "tokens", self.key.replace("/", "_"), f"{split}-{key}.npz")
         with file_lock(path + ".lock"):
-            if not os.path.exists(path):
+            if not os.path.exists(path) or not _holds(path, sizes):  # the key names sequences by first letter
                 arrays, stats = self._tokenize(split, sizes)
                 buf = io.BytesIO()
                 np.savez(buf, stats=json.dumps(stats), **arrays)
