@@ -151,3 +151,16 @@ def test_registry_changes_are_checked_and_reversible():
     assert modalities.registered() == before
     with pytest.raises(UserError, match=r"four \(image,caption,boxes,segmentation\)"):
         modalities.from_vocab_flag("1,2")
+
+
+def test_raw_examples_carry_a_datasets_further_features():
+    from medscale.data.pipeline import _decode_example
+
+    depth = np.arange(16, dtype=np.uint8).reshape(4, 4, 1)
+    rec = {"image": np.zeros((4, 4, 1), np.uint8), "mask": np.zeros((4, 4, 1), np.uint8), "has_mask": False,
+           "caption": b"a scan", "boxes": np.zeros((0, 4), np.float32), "box_labels": b"", "facts": b"{}",
+           "meta": b"{}", "id": b"x-3", "index": 3, "depth": depth, "note": b"left"}
+    ex = _decode_example(rec)
+    assert set(ex) == {"image", "mask", "caption", "boxes", "facts", "meta", "id", "index", "depth", "note"}
+    np.testing.assert_array_equal(ex["depth"], depth[..., 0])
+    assert ex["note"] == "left" and ex["mask"] is None and ex["caption"] == "a scan"

@@ -118,10 +118,15 @@ def _decode_example(rec: dict) -> dict:
 
     labels = s(rec["box_labels"]).split("|") if s(rec["box_labels"]) else []
     boxes = [(lab, *map(float, b)) for lab, b in zip(labels, np.asarray(rec["boxes"]).reshape(-1, 4))]
-    return {"image": np.asarray(rec["image"])[..., 0], "mask": np.asarray(rec["mask"])[..., 0]
-                if bool(rec["has_mask"]) else None, "caption": s(rec["caption"]), "boxes": boxes,
-                "facts": json.loads(s(rec["facts"]) or "{}"), "id": s(rec["id"]), "index": int(rec["index"]),
-                "meta": json.loads(s(rec["meta"]) or "{}") if "meta" in rec else {}}
+    out = {"image": np.asarray(rec["image"])[..., 0], "mask": np.asarray(rec["mask"])[..., 0]
+           if bool(rec["has_mask"]) else None, "caption": s(rec["caption"]), "boxes": boxes,
+           "facts": json.loads(s(rec["facts"]) or "{}"), "id": s(rec["id"]), "index": int(rec["index"]),
+           "meta": json.loads(s(rec["meta"]) or "{}") if "meta" in rec else {}}
+    for key in rec.keys() - out.keys() - {"has_mask", "box_labels"}:  # a builder's further features, as they are
+        v = rec[key]  # (text as str; a one-channel image as [H, W]), for the modalities that read them
+        a = np.asarray(v)
+        out[key] = s(v) if isinstance(v, (bytes, str)) else a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a
+    return out
 
 
 class Examples:
