@@ -261,15 +261,14 @@ def default_modalities(grid: tuple[int, int] = (8, 8), **sizes: int) -> tuple[Mo
 def specs(values, grid: tuple[int, int], wanted=None) -> tuple[ModalitySpec, ...]:
     """Model specs of the registered modalities named in ``wanted`` (default: all), in registry order; sizes
     read from ``values`` (a mapping of ``cfg.data`` keys, e.g. ``cfg.data``; a key it lacks takes the default)."""
+    def size(key, default):
+        v = values.get(key, default)
+        return int(default if v is None else v)
+
     out = []
     for m in registered():
         if wanted is not None and m.name not in wanted:
             continue
-
-        def size(key, default):
-            v = values.get(key, default) if hasattr(values, "get") else default
-            return int(default if v is None else v)
-
         vocab = size(*m.vocab)
         if m.kind == "image":
             out.append(ModalitySpec(m.name, m.kind, vocab, int(grid[0]) * int(grid[1]), tuple(grid)))
