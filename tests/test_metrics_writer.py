@@ -54,9 +54,14 @@ def test_a_restart_hides_the_earlier_attempts_later_steps(tmp_path):
     params = {"dense": {"kernel": jax.ShapeDtypeStruct((3, 5), np.float32)}}
     first = MetricWriter(str(tmp_path / "metrics.jsonl"), str(tmp_path / "tb"))
     first.begin(0, params)
-    for s in range(1, 7):  # killed after step 6; its last checkpoint was step 4
+    for s in range(1, 5):
         first.write(_row("train", s, 1.0 / s))
     first.write(_row("eval", 4, 0.3))
+    first.flush()  # as before a checkpoint at step 4: what was written is in the file
+    with open(tmp_path / "metrics.jsonl") as f:
+        assert scalars_and_texts(read_events(tmp_path / "tb"))[0] == expected_scalars(map(json.loads, f))
+    for s in range(5, 7):  # steps after the checkpoint, then the process ends
+        first.write(_row("train", s, 1.0 / s))
     first.close()
     again = MetricWriter(str(tmp_path / "metrics.jsonl"), str(tmp_path / "tb"))
     again.begin(4, params)

@@ -282,6 +282,7 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
     def save(step):
         if step in mgr.all_steps():
             return
+        writer.flush()  # the metrics up to a checkpoint are on disk before it exists
         mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(train_state),
                                                 data=ocp.args.JsonSave(it.get_state())))
         mgr.wait_until_finished()
