@@ -1,5 +1,6 @@
 """`medscale train`: loss falls on tiny.py (real synthetic data), kill -9 + relaunch equals an uninterrupted
-run bit for bit, absurd lr -> diverged, bad configs -> `error:` and exit 2."""
+run bit for bit (metrics.jsonl and the TensorBoard view of it), absurd lr -> diverged, bad configs -> `error:`
+and exit 2."""
 
 import json
 import os
@@ -9,6 +10,7 @@ import sys
 import time
 
 import pytest
+from _events import expected_scalars, read_events, scalars_and_texts
 
 from medscale.cli import main
 
@@ -35,19 +37,28 @@ def _env(**extra):
 
 def _rows(workdir, kind):
     rows = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            if r["kind"] == kind:
-                rows[r["step"]] = r  # readers keep the last row per (kind, step)
+    for r in _all_rows(workdir):
+        if r["kind"] == kind:
+            rows[r["step"]] = r  # readers keep the last row per (kind, step)
     return rows
+
+
+def _all_rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _tensorboard(workdir):
+    """The scalars TensorBoard shows for the run (a killed process may leave a file ending inside a record)."""
+    return scalars_and_texts(read_events(os.path.join(workdir, "tb"), truncated_tail_ok=True))[0]
 
 
 @pytest.mark.slow
 def test_loss_falls_and_kill_resume_is_bit_exact(tmp_path):
     sets = ["train.steps=60", "train.ckpt_every=10", "train.eval_every=30", "train.log_every=1"]
     full, cut = tmp_path / "full", tmp_path / "cut"
-    ref = subprocess.run(_cmd(full, *sets), check=False, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=900)
+    tb = _env(MEDSCALE_TENSORBOARD="1")
+    ref = subprocess.run(_cmd(full, *sets), check=False, capture_output=True, text=True, env=tb, cwd=REPO, timeout=900)
     assert ref.returncode == 0, ref.stderr[-2000:]
     summary = json.loads(ref.stdout.strip().splitlines()[-1])
     assert summary["status"] == "done" and summary["steps"] == 60
@@ -69,7 +80,7 @@ def test_loss_falls_and_kill_resume_is_bit_exact(tmp_path):
     assert summary["params"]["total"] > 0 and summary["final_eval_loss"] < first
 
     # the same command, killed with SIGKILL after a checkpoint, then relaunched
-    proc = subprocess.Popen(_cmd(cut, *sets), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
+    proc = subprocess.Popen(_cmd(cut, *sets), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tb,
                             cwd=REPO)
     ckpt = cut / "checkpoints"
     deadline = time.time() + 600
@@ -84,7 +95,7 @@ def test_loss_falls_and_kill_resume_is_bit_exact(tmp_path):
     assert not (cut / "summary.json").exists()
     killed_at = max(_rows(cut, "train"))
     assert killed_at < 60
-    again = subprocess.run(_cmd(cut, *sets), check=False, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=900)
+    again = subprocess.run(_cmd(cut, *sets), check=False, capture_output=True, text=True, env=tb, cwd=REPO, timeout=900)
     assert again.returncode == 0, again.stderr[-2000:]
     resumed = json.loads(again.stdout.strip().splitlines()[-1])
     for key in ("final_train_loss", "final_eval_loss", "final_train_loss_by_modality",
@@ -93,6 +104,11 @@ def test_loss_falls_and_kill_resume_is_bit_exact(tmp_path):
     cut_rows = _rows(cut, "train")
     for s in range(1, 61):
         assert cut_rows[s]["loss"] == train[s]["loss"], s
+    # TensorBoard shows what metrics.jsonl holds, the killed attempt's later steps hidden by the relaunch
+    full_tb, cut_tb = _tensorboard(full), _tensorboard(cut)
+    assert full_tb == expected_scalars(_all_rows(full)) and cut_tb == expected_scalars(_all_rows(cut))
+    for s in range(1, 61):
+        assert cut_tb[("train/loss", s)] == full_tb[("train/loss", s)], s
 
 
 def _error(capsys, *argv):

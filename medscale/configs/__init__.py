@@ -11,6 +11,8 @@ import hashlib
 import importlib.util
 import os
 
+import ml_collections
+
 from medscale import modalities
 from medscale.configs.ladder import ladder_shape
 from medscale.errors import UserError
@@ -74,31 +76,37 @@ def _parse_value(text: str):
 
 
 def apply_overrides(cfg, overrides) -> None:
-    """Apply ``a.b.c=value`` overrides in place; an unknown key is a UserError."""
+    """Apply ``a.b.c=value`` overrides in place; an unknown key is a UserError.
+
+    ``value`` is a Python literal, or else text; it must fit the field's declared type (``ConfigDict.get_type``,
+    a ``FieldReference``'s type included): an int becomes a float for a float field, a list a tuple, and a
+    text field takes ``value`` as written. Why not ``ml_collections.config_flags``: docs/interfaces.md."""
     for item in overrides or ():
         if "=" not in item:
             raise UserError(f"--set {item!r}: write dotted.key=value")
         key, _, raw = item.partition("=")
         parts = key.strip().split(".")
         node = cfg
-        for p in parts[:-1]:
+        for i, p in enumerate(parts):
+            if not isinstance(node, ml_collections.ConfigDict):
+                raise UserError(f"--set {key}: {'.'.join(parts[:i]) or 'the config'} is a {type(node).__name__}, "
+                                "not a group of keys")
             if p not in node:
                 raise UserError(f"--set {key}: unknown config key {p!r}")
-            node = node[p]
+            if i < len(parts) - 1:
+                node = node[p]
         leaf = parts[-1]
-        if leaf not in node:
-            raise UserError(f"--set {key}: unknown config key {leaf!r}")
+        expected = node.get_type(leaf)
         value = _parse_value(raw)
-        old = node[leaf]
-        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if old is not None and value is not None and type(old) is not type(value):
-            if isinstance(old, tuple) and isinstance(value, list):
+        if value is not None and expected is not type(None) and type(value) is not expected:
+            if expected is float and type(value) is int:
+                value = float(value)
+            elif expected is tuple and isinstance(value, list):
                 value = tuple(value)
-            elif isinstance(old, str):
+            elif expected is str:
                 value = str(raw)
             else:
-                raise UserError(f"--set {key}: expected {type(old).__name__}, got {raw!r}")
+                raise UserError(f"--set {key}: expected {expected.__name__}, got {raw!r}")
         try:
             node[leaf] = value
         except (TypeError, ValueError, KeyError, AttributeError) as exc:

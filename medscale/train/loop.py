@@ -16,6 +16,7 @@ import socket
 import time
 
 from medscale.errors import UserError
+from medscale.train.metrics import MetricWriter
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,7 @@ SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 CONFIG = "config.json"
 LOCK = "lock"
+TENSORBOARD = "tb"  # TensorBoard event files (MEDSCALE_TENSORBOARD=0: none)
 CKPT_DIR = "checkpoints"
 
 
@@ -146,52 +148,6 @@ def _peak(cfg):
 
 
 # ---------------------------------------------------------------------------------------------- metrics
-class MetricWriter:
-    """metrics.jsonl always; TensorBoard when a writer is importable (clu, tensorboardX or torch)."""
-
-    def __init__(self, workdir: str, enabled: bool = True):
-        self.path = os.path.join(workdir, METRICS)
-        self.f = open(self.path, "a") if enabled else None  # noqa: SIM115 - open for the run
-        self.tb = None
-        if enabled and os.environ.get("MEDSCALE_TENSORBOARD", "1") != "0":
-            self.tb = _tensorboard(os.path.join(workdir, "tb"))
-
-    def write(self, row: dict) -> None:
-        if self.f is None:
-            return
-        self.f.write(json.dumps(row, default=_json_default) + "\n")
-        self.f.flush()
-        if self.tb is not None:
-            prefix = "eval/" if row.get("kind") == "eval" else "train/"
-            for k, v in row.items():
-                if k not in ("kind", "step") and isinstance(v, (int, float)) and v is not None:
-                    try:
-                        self.tb.add_scalar(prefix + k, v, row["step"])
-                    except Exception:  # noqa: BLE001 - an optional sink must not stop training
-                        log.warning("TensorBoard writer failed; continuing without it")
-                        self.tb = None
-                        break
-
-    def close(self):
-        if self.f is not None:
-            self.f.close()
-        if self.tb is not None:
-            try:
-                self.tb.close()
-            except Exception:  # noqa: BLE001 - optional sink
-                log.warning("TensorBoard writer did not close cleanly")
-
-
-def _tensorboard(logdir):
-    for mod, cls in (("tensorboardX", "SummaryWriter"), ("torch.utils.tensorboard", "SummaryWriter")):
-        try:
-            module = __import__(mod, fromlist=[cls])
-            return getattr(module, cls)(logdir)
-        except Exception:  # noqa: BLE001 - absent or broken optional package
-            log.debug("no TensorBoard writer from %s", mod)
-    return None
-
-
 def _modality_losses(names, sums, counts) -> dict:
     out = {}
     for name, s, c in zip(names, sums, counts):
@@ -229,7 +185,8 @@ def train(cfg, workdir: str, progress: bool = True, data=None) -> dict:
         with open(os.path.join(workdir, LOCK), "w") as f:
             json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, f)
     t_start = time.time()
-    writer = MetricWriter(workdir, enabled=is_main)
+    tb_dir = os.path.join(workdir, TENSORBOARD) if os.environ.get("MEDSCALE_TENSORBOARD", "1") != "0" else None
+    writer = MetricWriter(os.path.join(workdir, METRICS), tb_dir, enabled=is_main)
     record = {"status": "failed", "error": None}
     state = {}
     try:
@@ -320,10 +277,12 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
         log.info("resumed from step %d", start)
     else:
         train_state = prog.init(seed)
+    writer.begin(start, prog.abstract_state["params"])
 
     def save(step):
         if step in mgr.all_steps():
             return
+        writer.flush()  # the metrics up to a checkpoint are on disk before it exists
         mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(train_state),
                                                 data=ocp.args.JsonSave(it.get_state())))
         mgr.wait_until_finished()
