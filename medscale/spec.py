@@ -124,3 +124,22 @@ class ModelSpec:
 
     def replace(self, **kw) -> ModelSpec:
         return dataclasses.replace(self, **kw)
+
+
+def modalities_for_vocab(vocab: str | None) -> tuple:
+    """The default modalities with the vocabulary sizes of a ``--vocab`` flag (``medscale flops``, ``bench``):
+    one integer (the text vocabulary, caption and boxes) or four comma-separated ones (image, caption, boxes,
+    segmentation); None: the defaults."""
+    if vocab is None:
+        return default_modalities()
+    try:
+        values = [int(v) for v in str(vocab).split(",")]
+    except ValueError:
+        raise UserError(f"--vocab {vocab!r}: give an integer or four comma-separated integers") from None
+    if any(v <= 0 for v in values):
+        raise UserError(f"--vocab {vocab!r}: vocabulary sizes must be positive")
+    if len(values) == 1:
+        return default_modalities(text_vocab=values[0])
+    if len(values) == 4:
+        return tuple(dataclasses.replace(m, vocab_size=v) for m, v in zip(default_modalities(), values))
+    raise UserError(f"--vocab {vocab!r}: give one size (text) or four (image,caption,boxes,segmentation)")

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from medscale import accounting
 from medscale.errors import UserError
 
 
 def ladder_family(n_convention: str = "non_embedding", enc_len=None, dec_len=None):
     """(log N, log flops_per_token) of the ladder sizes, N counted under ``n_convention``."""
-    from medscale import accounting
 
     if n_convention not in ("total", "non_embedding"):
         raise UserError(f"n_convention must be total or non_embedding, not {n_convention!r}")

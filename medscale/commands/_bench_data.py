@@ -3,6 +3,10 @@
 import json
 import sys
 
+from medscale.bench.data import bench_pipeline
+from medscale.configs import load_config, spec_from_config
+from medscale.errors import UserError
+
 
 def register(sub):
     p = sub.add_parser("data", help="input-pipeline throughput (examples/s, batches/s) without a model",
@@ -19,10 +23,6 @@ def register(sub):
 
 
 def run(args):
-    from medscale.configs import load_config, spec_from_config
-    from medscale.data.bench import bench_pipeline
-    from medscale.errors import UserError
-
     if args.batches <= 0:
         raise UserError("--batches must be positive")
     cfg = load_config(args.config, args.set)

@@ -3,6 +3,10 @@
 import json
 import sys
 
+from medscale.analysis import inputs
+from medscale.bench import fit as benchfit
+from medscale.errors import UserError
+
 
 def register(sub):
     p = sub.add_parser("fit", help="Approach 3 fit: vectorised multistart vs plain scipy loop (time, objective)",
@@ -24,9 +28,6 @@ def register(sub):
 
 
 def run(args):
-    from medscale.analysis import benchfit, inputs
-    from medscale.errors import UserError
-
     if args.starts < 1 or args.bootstrap < 0:
         raise UserError("--starts must be >= 1 and --bootstrap >= 0")
     bar = None

@@ -2,6 +2,8 @@
 
 import json
 
+from medscale.bench.step import bench_spec, bench_step
+
 
 def add_shape_args(p, vocab=None):
     """The model-shape flags of the step benchmarks (``bench step``, ``bench torch``), with their defaults."""
@@ -36,8 +38,6 @@ def register(sub):
 
 
 def run(args):
-    from medscale.train.bench import bench_spec, bench_step
-
     spec = bench_spec(args.d_model, args.enc_layers, args.dec_layers, args.heads, args.d_ff, args.vocab,
                       args.enc_len, args.dec_len, args.mlp)
     out = bench_step(spec, args.batch, dtype=args.dtype, remat=args.remat, attention=args.attention,

@@ -4,11 +4,13 @@
 import importlib
 import pkgutil
 
+from medscale import commands
+from medscale.commands import COMMANDS
+
 
 def register(sub):
-    parser = sub.add_parser("bench", help="benchmarks: speed and memory as ratios or MFU")
+    parser = sub.add_parser("bench", help=COMMANDS["bench"])
     inner = parser.add_subparsers(dest="bench", metavar="WHAT", parser_class=type(parser))
-    from medscale import commands
 
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         if info.name.startswith("_bench_"):

@@ -8,9 +8,12 @@ Examples:
 
 import json
 
+from medscale.analysis.budget import BUDGET_JSON_KEYS, budget_plan
+from medscale.commands import COMMANDS
+
 
 def register(sub):
-    p = sub.add_parser("budget", help="compute budget -> compute-optimal size, tokens, loss, days",
+    p = sub.add_parser("budget", help=COMMANDS["budget"],
                        description=__doc__.splitlines()[0])
     src = p.add_argument_group("budget (exactly one of: --hardware with --days, --flops, --pf-days, --params)")
     src.add_argument("--hardware", help="device or system name (e.g. v100-sxm2-32gb, a100-80gb, h100-sxm, h200, "
@@ -42,8 +45,6 @@ def _fmt(x, unit=""):
 
 
 def run(args):
-    from medscale.accounting import BUDGET_JSON_KEYS, budget_plan
-
     plan = budget_plan(args.law, flops=args.flops, pf_days=args.pf_days, hardware=args.hardware, gpus=args.gpus,
                        days=args.days, mfu=args.mfu, precision=args.precision, params=args.params,
                        batch_tokens=args.batch_tokens)

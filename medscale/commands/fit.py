@@ -4,9 +4,13 @@ compute-optimal allocation. See docs/fit.md."""
 import json
 import sys
 
+from medscale.analysis import approach3, fitting, inputs, isoflop
+from medscale.commands import COMMANDS
+from medscale.errors import UserError
+
 
 def register(sub):
-    p = sub.add_parser("fit", help="fit scaling laws (Approaches 1/2/3) with bootstrap intervals",
+    p = sub.add_parser("fit", help=COMMANDS["fit"],
                        description=__doc__)
     p.add_argument("input", help="CSV/Parquet table of runs, or a results folder of the registry")
     p.add_argument("--col", action="append", default=[], metavar="NAME=SOURCE",
@@ -37,9 +41,6 @@ def register(sub):
 
 
 def _approaches(args, points, curves):
-    from medscale.analysis import isoflop
-    from medscale.errors import UserError
-
     asked = set()
     for a in args.approach:
         for part in a.split(","):
@@ -61,8 +62,6 @@ def _approaches(args, points, curves):
 
 
 def _starts(kind):
-    from medscale.analysis import approach3
-
     if kind == "paper":
         return None
     return approach3.start_grid(alphas=[0.5, 1.0, 1.5], betas=[0.5, 1.0, 1.5], es=[-1.0, 0.0, 1.0],
@@ -70,9 +69,6 @@ def _starts(kind):
 
 
 def run(args):
-    from medscale.analysis import fitting, inputs
-    from medscale.errors import UserError
-
     if args.bootstrap < 0:
         raise UserError("--bootstrap must be >= 0")
     if args.max_iter < 1:

@@ -14,12 +14,20 @@ Modalities: the design's four (image, caption, boxes, segmentation; ``medscale.s
 
 import json
 
+from medscale import accounting
+from medscale.commands import COMMANDS
+from medscale.configs import load_config, spec_from_config
+from medscale.configs.ladder import ladder_shape
+from medscale.errors import UserError
+from medscale.spec import ModelSpec, modalities_for_vocab
+from medscale.train.step import xla_step_flops
+
 SHAPE_FLAGS = (("d_model", "d_model"), ("enc_layers", "enc_layers"), ("dec_layers", "dec_layers"),
                ("heads", "num_heads"), ("d_ff", "d_ff"), ("mlp", "mlp"))
 
 
 def register(sub):
-    p = sub.add_parser("flops", help="parameters and FLOPs per training step, by component",
+    p = sub.add_parser("flops", help=COMMANDS["flops"],
                        description=__doc__.splitlines()[0])
     p.add_argument("--size", help="a ladder size (medscale/configs/ladder.py); explicit flags override its shape")
     p.add_argument("--config", help="a config file FILE[:ARG] (shape, vocabularies, lengths, batch, remat, attention)")
@@ -43,44 +51,11 @@ def register(sub):
     p.set_defaults(func=run)
 
 
-def _modalities(vocab: str | None):
-    from medscale.errors import UserError
-    from medscale.spec import default_modalities
-
-    if vocab is None:
-        return default_modalities()
-    try:
-        values = [int(v) for v in str(vocab).split(",")]
-    except ValueError:
-        raise UserError(f"--vocab {vocab!r}: give an integer or four comma-separated integers") from None
-    if any(v <= 0 for v in values):
-        raise UserError(f"--vocab {vocab!r}: vocabulary sizes must be positive")
-    if len(values) == 1:
-        return default_modalities(text_vocab=values[0])
-    if len(values) == 4:
-        return _four(values)
-    raise UserError(f"--vocab {vocab!r}: give one size (text) or four (image,caption,boxes,segmentation)")
-
-
-def _four(values):
-    import dataclasses
-
-    from medscale.spec import default_modalities
-
-    mods = default_modalities()
-    return tuple(dataclasses.replace(m, vocab_size=v) for m, v in zip(mods, values))
-
-
 def build_spec(args):
     """(spec, batch, remat, attention, window) from the flags."""
-    from medscale.configs.ladder import ladder_shape
-    from medscale.errors import UserError
-    from medscale.spec import ModelSpec
 
     remat, attention, window, batch = "none", "dense", 128, 16
     if args.config:
-        from medscale.configs import load_config, spec_from_config
-
         cfg = load_config(args.config, args.set)
         if args.size:
             cfg.model.size = args.size
@@ -105,7 +80,7 @@ def build_spec(args):
     if "d_ff" not in shape:
         shape["d_ff"] = 4 * shape["d_model"]
     if args.vocab is not None or base["modalities"] is None:
-        base["modalities"] = _modalities(args.vocab)
+        base["modalities"] = modalities_for_vocab(args.vocab)
     for flag in ("enc_len", "dec_len"):
         if getattr(args, flag) is not None:
             base[flag] = getattr(args, flag)
@@ -119,9 +94,6 @@ def build_spec(args):
 
 
 def run(args):
-    from medscale import accounting
-    from medscale.errors import UserError
-
     spec, batch, remat, attention, window = build_spec(args)
     counts = accounting.param_counts(spec)
     opts = {"remat": remat, "attention": attention, "window": window}
@@ -135,10 +107,6 @@ def run(args):
         "ratio_to_6nd": accounting.ratio_to_6nd(spec, batch, **opts),
     }
     if args.xla:
-        try:
-            from medscale.train.step import xla_step_flops
-        except ImportError:
-            raise UserError("--xla needs the model (not built yet)") from None
         xla = float(xla_step_flops(spec, batch, **opts))
         out["xla_flops_per_step"] = xla
         out["xla_ratio"] = xla / step["hardware_flops"]

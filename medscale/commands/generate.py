@@ -3,9 +3,13 @@ example of a trained run; writes a picture and prints the outputs (see docs/gene
 
 import os
 
+from medscale.commands import COMMANDS
+from medscale.errors import UserError
+from medscale.generate.cli_impl import generate
+
 
 def register(sub):
-    p = sub.add_parser("generate", help="decode caption/boxes/segmentation of an image with a trained run")
+    p = sub.add_parser("generate", help=COMMANDS["generate"])
     p.add_argument("--workdir", required=True, help="run directory of `medscale train`")
     p.add_argument("--checkpoint", type=int, default=None, help="checkpoint step (default: the latest)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -26,8 +30,6 @@ def register(sub):
 
 
 def _split_list(text, flag):
-    from medscale.errors import UserError
-
     items = [t.strip() for t in (text or "").split(",") if t.strip()]
     if not items:
         raise UserError(f"{flag}: give at least one modality")
@@ -38,9 +40,6 @@ def _split_list(text, flag):
 
 def run(args):
     import json
-
-    from medscale.errors import UserError
-    from medscale.generate.cli_impl import generate
 
     if args.temperature < 0:
         raise UserError("--temperature must be >= 0")

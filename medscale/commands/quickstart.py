@@ -10,9 +10,13 @@ import json
 import sys
 import time
 
+from medscale.analysis import quickstart
+from medscale.commands import COMMANDS
+from medscale.errors import UserError
+
 
 def register(sub):
-    p = sub.add_parser("quickstart", help="the whole loop on CPU: sweep, fit, report, recommendation",
+    p = sub.add_parser("quickstart", help=COMMANDS["quickstart"],
                        description=__doc__.splitlines()[0])
     p.add_argument("--results", default="results", metavar="DIR", help="results root (default results/)")
     p.add_argument("--workers", type=int, default=2, help="runs trained at the same time (default 2)")
@@ -36,9 +40,6 @@ def _fmt(x, digits=3):
 
 
 def run(args):
-    from medscale.errors import UserError
-    from medscale.sweep import quickstart
-
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
     mfu = quickstart.DEFAULT_MFU if args.mfu is None else args.mfu

@@ -11,7 +11,9 @@ import hashlib
 import importlib.util
 import os
 
+from medscale.configs.ladder import ladder_shape
 from medscale.errors import UserError
+from medscale.spec import ModelSpec, default_modalities
 
 CONFIG_DIR = os.path.dirname(__file__)
 
@@ -104,8 +106,6 @@ def apply_overrides(cfg, overrides) -> None:
 
 def spec_from_config(cfg):
     """Build the :class:`medscale.spec.ModelSpec` a config describes."""
-    from medscale.configs.ladder import ladder_shape
-    from medscale.spec import ModelSpec, default_modalities
 
     m, d = cfg.model, cfg.data
     shape = ladder_shape(m.size) if m.get("size") else {}

@@ -27,11 +27,11 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 
 import numpy as np
 
+from medscale import rundir
 from medscale.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -44,14 +44,6 @@ def _sha(*parts: bytes) -> str:
     for p in parts:
         h.update(p)
     return h.hexdigest()[:16]
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------- text
@@ -170,7 +162,7 @@ class TextTokenizer:
                     "hash": self.hash}
         buf = io.BytesIO()
         np.savez(buf, model=np.frombuffer(self.model_bytes, np.uint8), meta=json.dumps(meta))
-        atomic_write(path, buf.getvalue())
+        rundir.write_bytes(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: str) -> TextTokenizer:
@@ -305,7 +297,7 @@ class VQTokenizer:
     def save(self, path: str) -> None:
         buf = io.BytesIO()
         np.savez(buf, codebook=self.codebook, patch=self.patch, hash=self.hash)
-        atomic_write(path, buf.getvalue())
+        rundir.write_bytes(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: str):
@@ -377,7 +369,7 @@ class SegTokenizer:
     def save(self, path: str) -> None:
         buf = io.BytesIO()
         np.savez(buf, codebook=self.codebook, patch=self.patch, num_classes=self.num_classes, hash=self.hash)
-        atomic_write(path, buf.getvalue())
+        rundir.write_bytes(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: str):

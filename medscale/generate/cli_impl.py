@@ -5,8 +5,15 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from PIL import Image
 
+from medscale import rundir
 from medscale.errors import UserError
+from medscale.generate.metrics import SEG_CLASSES
+from medscale.generate.predict import DecodeOptions, predict
+from medscale.generate.render import draw, load_image
+from medscale.generate.run import example as get_example
+from medscale.generate.run import load_run, read_config
 
 
 def _jsonable_boxes(boxes):
@@ -14,29 +21,19 @@ def _jsonable_boxes(boxes):
 
 
 def _mask_summary(mask: np.ndarray) -> dict:
-    from medscale.generate.metrics import SEG_CLASSES
-
     m = np.asarray(mask)
     return {"shape": list(m.shape),
             "class_fractions": {c: float((m == i).mean()) for i, c in enumerate(SEG_CLASSES)}}
 
 
 def _save_mask(path: str, mask: np.ndarray) -> None:
-    from PIL import Image
-
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    Image.fromarray(np.asarray(mask, np.uint8), "L").save(tmp)
-    os.replace(tmp, path)
+    with rundir.atomic_path(path) as tmp:
+        Image.fromarray(np.asarray(mask, np.uint8), "L").save(tmp)
 
 
 def generate(workdir: str, *, checkpoint=None, image_path=None, example=None, inputs=("image",),
              targets=("caption", "boxes", "segmentation"), out_dir: str, temperature=0.0, top_k=0,
              refine_steps=1, seed=0) -> dict:
-    from medscale.generate.predict import DecodeOptions, predict
-    from medscale.generate.render import draw, load_image
-    from medscale.generate.run import example as get_example
-    from medscale.generate.run import load_run, read_config
-
     cfg = read_config(workdir)  # cheap checks before the model loads
     size = int(cfg.data.image_size)
     known = list(cfg.data.modalities)

@@ -16,6 +16,7 @@ import textwrap
 
 import numpy as np
 
+from medscale import rundir
 from medscale.errors import UserError
 
 MASK_COLOURS = ((0, 0, 0, 0), (0.2, 0.5, 1.0, 0.25), (0.1, 0.9, 0.3, 0.35), (1.0, 0.15, 0.1, 0.55))
@@ -98,12 +99,8 @@ def draw(path: str, image: np.ndarray, *, caption: str | None = None, boxes=None
     if title:
         fig.suptitle(title, fontsize=9)
     fig.subplots_adjust(bottom=0.28, top=0.9, left=0.03, right=0.97)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}.png"
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with rundir.atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
