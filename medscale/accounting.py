@@ -34,10 +34,11 @@ import math
 
 from medscale.configs.ladder import ladder_names, ladder_shape
 from medscale.errors import UserError
+from medscale.options import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 from medscale.spec import ModelSpec, default_modalities
 
-REMAT = ("none", "full", "save_dots")
-ATTENTION = ("dense", "xla", "cudnn", "blockwise", "local")
+REMAT = REMAT_POLICIES
+ATTENTION = ATTENTION_IMPLEMENTATIONS
 COMPONENTS = ("enc_attn_proj", "enc_attn_scores", "enc_mlp", "dec_self_proj", "dec_self_scores",
               "cross_proj", "cross_scores", "dec_mlp", "heads")
 LAYER_COMPONENTS = COMPONENTS[:-1]

@@ -111,8 +111,10 @@ def test_no_import_cycle_between_top_level_units():
 
 
 def test_lower_layers_import_nothing_above_them():
-    """The bottom layer (accounting, hardware, laws, spec, rundir, configs, errors) imports only within itself."""
-    bottom = {f"medscale.{m}" for m in ("accounting", "hardware", "laws", "spec", "rundir", "configs", "errors")}
+    """The bottom layer (accounting, hardware, laws, spec, rundir, configs, options, errors) imports only within
+    itself."""
+    bottom = {f"medscale.{m}" for m in ("accounting", "hardware", "laws", "spec", "rundir", "configs", "options",
+                                                    "errors")}
     edges, _ = _graph()
     for unit in bottom:
         assert edges.get(unit, set()) <= bottom, (unit, edges.get(unit, set()) - bottom)

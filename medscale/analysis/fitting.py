@@ -201,6 +201,20 @@ def check(points, approaches, curves=None, bin_dex=0.1) -> None:
                         "folder); this input has one row per run")
 
 
+def default_approaches(points, curves, bin_dex: float = 0.1) -> tuple:
+    """The approaches ``points`` support (``medscale fit``'s and the report's default): Approach 3, plus 2 when the runs form 2+ IsoFLOP groups, plus 1 with curves."""
+    out = ["3"]
+    try:
+        groups = len(isoflop.assign_groups(points, bin_dex)[1])
+    except UserError:
+        groups = int(points["budget"].nunique()) if "budget" in points.columns else 0
+    if groups >= 2:
+        out.append("2")
+    if curves is not None and len(curves):
+        out.append("1")
+    return tuple(out)
+
+
 def fit_all(points, approaches=("3", "2"), bootstrap=0, seed=0, budgets=(), curves=None, source=None,
             starts=None, delta=approach3.DELTA, bin_dex=0.1, max_iter=300, accounting="6nd",
             n_convention="non_embedding", enc_len=None, dec_len=None, progress=None) -> dict:

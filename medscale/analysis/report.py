@@ -29,8 +29,9 @@ import numpy as np
 
 from medscale import accounting, rundir
 from medscale import hardware as hw
-from medscale.analysis import approach3, comparison, inputs, isoflop, plots
+from medscale.analysis import approach3, comparison, inputs, plots
 from medscale.analysis.budget import DEFAULT_MFU
+from medscale.analysis.fitting import default_approaches
 from medscale.analysis.fitting import fit_all as default_fit_all
 from medscale.errors import UserError
 from medscale.hardware import PF_DAY
@@ -97,20 +98,6 @@ def modality_points(runs, col: str):
     d["loss"] = d[col].astype(float)
     keep = [c for c in inputs.CANONICAL if c in d.columns]
     return inputs.canonicalise(d[keep].reset_index(drop=True), {}, where=col)
-
-
-def default_approaches(points, curves, bin_dex: float = 0.1) -> tuple:
-    """``medscale fit``'s default: Approach 3, plus 2 when the runs form 2+ IsoFLOP groups, plus 1 with curves."""
-    out = ["3"]
-    try:
-        groups = len(isoflop.assign_groups(points, bin_dex)[1])
-    except UserError:
-        groups = int(points["budget"].nunique()) if "budget" in points.columns else 0
-    if groups >= 2:
-        out.append("2")
-    if curves is not None and len(curves):
-        out.append("1")
-    return tuple(out)
 
 
 def run_fit(fit_fn, points, curves=None, approaches=("3", "2", "1"), bootstrap: int = 0, seed: int = 0,

@@ -34,7 +34,6 @@ from medscale.spec import ModelSpec, default_modalities
 from medscale.train.batches import random_batch
 from medscale.train.step import OptConfig, abstract_batch, build
 
-REMATS = ("none", "full", "save_dots")
 ROW_KEYS = ("attention", "length", "remat", "peak_bytes", "step_s", "tokens_per_s", "mfu", "fits")
 
 

@@ -30,18 +30,6 @@ def bench_spec(d_model, enc_layers, dec_layers, heads, d_ff, vocab, enc_len, dec
                      dec_len=dec_len, name="bench")
 
 
-def _peak(hardware: str, dtype: str):
-    """(table key, peak FLOP/s per device): the hardware table (on CPU: the measured fp32 peak)."""
-
-    name = hw.hardware_for_jax_devices() if hardware == "auto" else hardware
-    try:
-        return name, float(hw.peak_flops(name, hw.precision_for_dtype(name, dtype)))
-    except UserError:
-        if hardware != "auto":
-            raise
-        return name, None  # e.g. bfloat16 on a CPU: no table peak, MFU is null
-
-
 def bench_step(spec: ModelSpec, batch_size: int, *, dtype="float32", remat="none", attention="dense", steps=5,
                hardware="auto", window=None, block=None) -> dict:
     import jax
@@ -77,7 +65,7 @@ def bench_step(spec: ModelSpec, batch_size: int, *, dtype="float32", remat="none
     flops = accounting.step_flops(spec, batch_size, remat=remat, attention=attention,
                                   window=window if attention == "local" else None)
     model_flops, hw_flops = float(flops["model_flops"]), float(flops["hardware_flops"])
-    name, peak = _peak(hardware, dtype)
+    name, peak = hw.device_peak(hardware, dtype)  # e.g. bfloat16 on a CPU: no table peak, MFU null
     peak_now = None
     if jax.devices()[0].platform == "cpu" and dtype == "float32":  # the machine may be shared: the peak measured around the timing too
 

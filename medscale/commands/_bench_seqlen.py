@@ -6,7 +6,6 @@ import os
 
 from medscale import rundir
 from medscale.bench.seqlen import (
-    REMATS,
     bench_seqlen,
     format_table,
     parse_bytes,
@@ -15,6 +14,7 @@ from medscale.bench.seqlen import (
     plot,
 )
 from medscale.errors import UserError
+from medscale.options import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 
 
 def register(sub):
@@ -50,8 +50,8 @@ def register(sub):
 
 def run(args) -> int:
     lengths = parse_lengths(args.lengths)
-    attentions = parse_choices(args.attention, ("dense", "xla", "cudnn", "blockwise", "local"), "--attention")
-    remats = parse_choices(args.remat, REMATS, "--remat")
+    attentions = parse_choices(args.attention, ATTENTION_IMPLEMENTATIONS, "--attention")
+    remats = parse_choices(args.remat, REMAT_POLICIES, "--remat")
     limit = parse_bytes(args.memory_limit) if args.memory_limit is not None else None
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UserError(f"--out {args.out} exists and is not a folder")

@@ -3,6 +3,7 @@
 import json
 
 from medscale.bench.step import bench_spec, bench_step
+from medscale.options import REMAT_POLICIES
 
 
 def add_shape_args(p, vocab=None):
@@ -27,7 +28,7 @@ def register(sub):
     add_shape_args(p)
     p.add_argument("--mlp", default="gelu", choices=("gelu", "swiglu"))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--remat", default="none", choices=("none", "full", "save_dots"))
+    p.add_argument("--remat", default="none", choices=REMAT_POLICIES)
     p.add_argument("--attention", default="dense")
     p.add_argument("--window", type=int, default=None, help="keys per encoder query for --attention local")
     p.add_argument("--block", type=int, default=None, help="key/value block for blockwise attention")

@@ -2,9 +2,10 @@
 compute-optimal allocation. See docs/fit.md."""
 
 import json
+import os
 import sys
 
-from medscale.analysis import approach3, fitting, inputs, isoflop
+from medscale.analysis import approach3, fitting, inputs
 from medscale.commands import COMMANDS
 from medscale.errors import UserError
 
@@ -53,12 +54,7 @@ def _approaches(args, points, curves):
                 raise UserError(f"--approach {part!r}: use 1, 2, 3 or all")
     if asked:
         return tuple(sorted(asked, reverse=True))
-    out = ["3"]
-    if len(isoflop.assign_groups(points, args.bin_dex)[1]) >= 2:
-        out.append("2")
-    if curves is not None:
-        out.append("1")
-    return tuple(out)
+    return fitting.default_approaches(points, curves, args.bin_dex)
 
 
 def _starts(kind):
@@ -76,8 +72,6 @@ def run(args):
     if not args.delta > 0:
         raise UserError("--delta must be positive")
     if args.out:
-        import os
-
         folder = os.path.dirname(os.path.abspath(args.out))
         if not os.path.isdir(folder):
             raise UserError(f"--out {args.out}: folder {folder} does not exist")

@@ -19,6 +19,7 @@ from medscale.commands import COMMANDS
 from medscale.configs import load_config, spec_from_config
 from medscale.configs.ladder import ladder_shape
 from medscale.errors import UserError
+from medscale.options import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 from medscale.spec import ModelSpec, modalities_for_vocab
 from medscale.train.step import xla_step_flops
 
@@ -42,8 +43,8 @@ def register(sub):
     p.add_argument("--enc-len", type=int, help="encoder tokens per example (default 128)")
     p.add_argument("--dec-len", type=int, help="decoder tokens per example (default 64)")
     p.add_argument("--batch", type=int, help="examples per step (default 16)")
-    p.add_argument("--remat", choices=("none", "full", "save_dots"), help="recomputation policy (default none)")
-    p.add_argument("--attention", choices=("dense", "xla", "cudnn", "blockwise", "local"),
+    p.add_argument("--remat", choices=REMAT_POLICIES, help="recomputation policy (default none)")
+    p.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS,
                    help="attention implementation (default dense)")
     p.add_argument("--window", type=int, help="keys per encoder query for --attention local (default 128)")
     p.add_argument("--xla", action="store_true", help="also compile the real training step and report XLA's count")

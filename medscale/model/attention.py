@@ -66,8 +66,9 @@ import jax.numpy as jnp
 from medscale.errors import UserError
 from medscale.kernels import attention_targets, kernels_allowed
 from medscale.model.sharding import active_mesh_size
+from medscale.options import ATTENTION_IMPLEMENTATIONS
 
-IMPLEMENTATIONS = ("dense", "xla", "cudnn", "blockwise", "local")
+IMPLEMENTATIONS = ATTENTION_IMPLEMENTATIONS
 OPTIONS = ("block", "block_q", "window")
 DEFAULT_BLOCK = 512
 DEFAULT_WINDOW = 128

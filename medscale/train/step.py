@@ -25,15 +25,11 @@ from medscale.data.batch import BATCH_SPEC
 from medscale.kernels import xla_only
 from medscale.model.encdec import EncoderDecoder
 from medscale.model.sharding import batch_sharding, logical_to_spec, make_mesh, rules_dict, sharding_context
+from medscale.options import SHARDING_RULES
 from medscale.spec import ModelSpec
 from medscale.train.malloc import tune_malloc
 
-DEFAULT_RULES = (
-    ("activation_batch", ("data", "fsdp")), ("activation_length", None), ("activation_embed", None),
-    ("activation_heads", "tensor"), ("activation_mlp", "tensor"), ("activation_vocab", "tensor"),
-    ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("kv", None), ("vocab", "tensor"),
-    ("modality", None), ("norm", None),
-)
+DEFAULT_RULES = SHARDING_RULES
 
 
 @dataclasses.dataclass(frozen=True)
