@@ -42,7 +42,8 @@ def _imports(tree, module, is_package):
                     name = child.module or ""
                 if name.split(".")[0] == "medscale":
                     for a in child.names:  # "from medscale import accounting" imports medscale.accounting
-                        out.append((f"{name}.{a.name}" if name == "medscale" else name, in_fn, child.lineno))
+                        sub = name == "medscale" and ((ROOT / a.name).is_dir() or (ROOT / f"{a.name}.py").is_file())
+                        out.append((f"{name}.{a.name}" if sub else name, in_fn, child.lineno))
             walk(child, fn)
 
     walk(tree, False)
@@ -108,6 +109,22 @@ def test_no_import_cycle_between_top_level_units():
     edges, _ = _graph()
     cycle = _cycle(edges)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# DESIGN.md's layers, top first; a unit imports only from units of lower layers (or its own)
+LAYERS = (("__main__",), ("cli",), ("commands",), ("bench",), ("analysis",), ("sweep",), ("generate",), ("train",),
+          ("model", "data"), ("kernels",),
+          ("accounting", "laws", "hardware", "spec", "options", "rundir", "configs", "errors"))
+
+
+def test_every_import_goes_down_the_layers():
+    rank = {f"medscale.{unit}": i for i, layer in enumerate(LAYERS) for unit in layer}
+    edges, _ = _graph()
+    assert set(edges) <= set(rank), set(edges) - set(rank)  # a new unit gets a place in LAYERS and DESIGN.md
+    upward = [(a, b) for a, bs in edges.items() for b in bs
+              if rank[b] < rank[a] or (rank[b] == rank[a] and len(LAYERS[rank[a]]) > 1
+                                       and LAYERS[rank[a]] != LAYERS[-1])]
+    assert not upward, upward
 
 
 def test_lower_layers_import_nothing_above_them():
