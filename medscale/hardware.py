@@ -278,15 +278,24 @@ def hardware_for_jax_devices(devices=None) -> str:
     return hardware_for_device_kind(next(iter(kinds)))
 
 
-def device_peak(hardware: str | None, dtype: str) -> tuple[str, float | None]:
+def device_peak(hardware: str | None, dtype: str, required: bool = False) -> tuple[str, float | None]:
     """(table key, peak FLOP/s of one device computing in ``dtype``) for a hardware name, or for the JAX devices
     in use when it is ``"auto"`` (on CPU: the measured fp32 peak). For ``"auto"``, a dtype the table has no peak
-    for gives None (MFU is then null); for a named hardware it is a UserError."""
+    for gives None (MFU is then null) unless ``required``; for a named hardware it is a UserError."""
     auto = hardware in ("auto", None, "")
     name = hardware_for_jax_devices() if auto else resolve(hardware)[0]
     try:
         return name, float(peak_flops(name, precision_for_dtype(name, dtype)))
     except UserError:
-        if not auto:
+        if required or not auto:
             raise
         return name, None
+
+
+def system_peak(hardware: str, precision: str | None = None) -> tuple[str, int, str, float]:
+    """(device key, its default device count, precision, peak FLOP/s per device) of a device or system name
+    (``medscale budget``, the report's budget); ``precision`` defaults to the device's best
+    (:func:`default_precision`)."""
+    device, default_count = resolve(hardware)
+    precision = precision or default_precision(device)
+    return device, default_count, precision, peak_flops(device, precision)

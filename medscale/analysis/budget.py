@@ -68,13 +68,11 @@ def budget_plan(law: str = "chinchilla", *, flops=None, pf_days=None, hardware=N
     peak = None
     device = None
     if hardware is not None:
-        device, default_gpus = hw.resolve(hardware)
+        device, default_gpus, precision, peak = hw.system_peak(hardware, precision)
         gpus = default_gpus if gpus is None else gpus
         if int(gpus) != gpus or gpus <= 0:
             raise UserError(f"--gpus must be a positive whole number, got {gpus}")
         gpus = int(gpus)
-        precision = precision or hw.default_precision(device)
-        peak = hw.peak_flops(device, precision)
     elif gpus is not None or precision is not None:
         raise UserError("--gpus and --precision need --hardware NAME")
 

@@ -29,8 +29,8 @@ import os
 
 import numpy as np
 
-from medscale import accounting, rundir
-from medscale.analysis.allocation import ladder_family, n_opt_encdec
+from medscale import rundir
+from medscale.analysis.allocation import ladder_family, log_flops_per_token, n_opt_encdec
 from medscale.analysis.isoflop import assign_groups
 from medscale.hardware import PF_DAY
 from medscale.laws import PUBLISHED
@@ -125,12 +125,7 @@ class Accounting:
         self._n_opt = n_opt_encdec
 
     def flops_per_token(self, n):
-        x, y = self.fam
-        ln = np.log(np.asarray(n, dtype=float))
-        out = np.interp(ln, x, y)
-        lo, hi = (y[1] - y[0]) / (x[1] - x[0]), (y[-1] - y[-2]) / (x[-1] - x[-2])
-        out = np.where(ln < x[0], y[0] + lo * (ln - x[0]), out)
-        return np.exp(np.where(ln > x[-1], y[-1] + hi * (ln - x[-1]), out))
+        return np.exp(log_flops_per_token(np.log(np.asarray(n, dtype=float)), self.fam))
 
     def tokens(self, n, c):
         return np.asarray(c, dtype=float) / self.flops_per_token(n)
@@ -148,14 +143,6 @@ class Accounting:
         par = [np.array([getattr(g, f) for g in laws]) for f in ("E", "A", "B", "alpha", "beta")]
         cols = [self._n_opt(*par, ci, self.fam) for ci in cs]
         return np.stack([np.ravel(a) for a, _ in cols], 1), np.stack([np.ravel(b) for _, b in cols], 1)
-
-
-def _ladder_knots(enc_len, dec_len, n_convention="non_embedding"):
-    specs = accounting.ladder_specs(enc_len=enc_len, dec_len=dec_len)
-    n = np.array([accounting.param_counts(s)[n_convention] for s in specs], np.float64)
-    fpt = np.array([accounting.flops_per_token(s) for s in specs], np.float64)
-    order = np.argsort(n)
-    return np.log(n[order]), np.log(fpt[order])
 
 
 class LadderAccounting(Accounting):
@@ -179,7 +166,7 @@ class SweepAccounting(Accounting):
             d = d[d["enc_len"].astype(float) == float(enc_len)]
         per = (d["flops"].astype(float) / d["tokens"].astype(float)).groupby(d["params"].astype(float)).median()
         x, y = np.log(per.index.to_numpy(dtype=float)), np.log(per.to_numpy(dtype=float))
-        lx, ly = _ladder_knots(enc_len, dec_len)
+        lx, ly = ladder_family("non_embedding", enc_len, dec_len)
         keep = lx > (x.max() if len(x) else -np.inf) + 0.1
         fx, fy = np.concatenate([x, lx[keep]]), np.concatenate([y, ly[keep]])
         if len(fx) < 2:

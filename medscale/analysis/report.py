@@ -264,12 +264,10 @@ def resolve_budget(hardware: str | None = None, gpus: int | None = None, days: f
     out = {"flops": flops, "hardware": None, "gpus": None, "days": days, "precision": None, "peak_flops": None,
            "mfu": None, "mfu_source": None}
     if hardware is not None:
-        device, default_gpus = hw.resolve(hardware)
+        device, default_gpus, precision, peak = hw.system_peak(hardware, precision)
         gpus = default_gpus if gpus is None else int(gpus)
         if gpus <= 0:
             raise UserError(f"--gpus must be a positive whole number, got {gpus}")
-        precision = precision or hw.default_precision(device)
-        peak = hw.peak_flops(device, precision)
         if mfu is not None:
             src = "stated (--mfu)"
         elif measured_mfu is not None and math.isfinite(measured_mfu) and measured_mfu > 0:

@@ -152,12 +152,9 @@ def device_memory_bytes() -> tuple[int, str]:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), "machine RAM"
 
 
-def peak_flops(hardware: str, dtype: str) -> tuple[str, float | None]:
-    """(hardware name, peak FLOP/s of one device) from ``medscale.hardware``; None if unknown."""
-
-    name = hw.hardware_for_jax_devices() if hardware == "auto" else hw.resolve(hardware)[0]
-    precision = hw.precision_for_dtype(name, dtype)
-    return name, float(hw.peak_flops(name, precision))
+def peak_flops(hardware: str, dtype: str) -> tuple[str, float]:
+    """(hardware name, peak FLOP/s of one device) from ``medscale.hardware``; a UserError when unknown."""
+    return hw.device_peak(hardware, dtype, required=True)
 
 
 def compile_cell(spec, batch_size: int, *, attention: str, remat: str, dtype: str, memory_limit: int,
