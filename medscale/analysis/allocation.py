@@ -21,7 +21,6 @@ from medscale.errors import UserError
 
 def ladder_family(n_convention: str = "non_embedding", enc_len=None, dec_len=None):
     """(log N, log flops_per_token) of the ladder sizes, N counted under ``n_convention``."""
-
     if n_convention not in ("total", "non_embedding"):
         raise UserError(f"n_convention must be total or non_embedding, not {n_convention!r}")
     specs = accounting.ladder_specs(enc_len=enc_len, dec_len=dec_len)

@@ -51,7 +51,6 @@ EXTRAPOLATION_WARN = 10.0  # warn when the budget exceeds the largest fitted run
 def load_runs(results_dir: str):
     """``(runs, curves)`` of a sweep folder: the registry's run table (``task_metrics`` added from the summaries
     when the table lacks them) and eval curves."""
-
     if not os.path.isdir(results_dir):
         raise UserError(f"results folder {results_dir} not found; give a sweep folder (results/<sweep>)")
     runs = load_sweep(results_dir)
@@ -69,9 +68,9 @@ def load_runs(results_dir: str):
 
 def _task_metrics(results_dir: str, run_id: str, sweep=None):
     """``task_metrics`` of a run's summary.json (evaluation adds them; the registry table does not carry them)."""
-    for path in (os.path.join(results_dir, str(run_id), "summary.json"),
-                 os.path.join(results_dir, str(sweep), str(run_id), "summary.json"),
-                 os.path.join(results_dir, "summary.json")):
+    for path in (os.path.join(results_dir, str(run_id), rundir.SUMMARY),
+                 os.path.join(results_dir, str(sweep), str(run_id), rundir.SUMMARY),
+                 os.path.join(results_dir, rundir.SUMMARY)):
         if os.path.isfile(path):
             try:
                 with open(path) as fh:
@@ -86,13 +85,11 @@ def _task_metrics(results_dir: str, run_id: str, sweep=None):
 def fit_points(results_dir: str, runs=None, curves=None):
     """``(points, curves, source)``: exactly the table ``medscale fit RESULTS_DIR`` fits
     (``medscale.analysis.inputs.read_table``)."""
-
     return inputs.read_table(results_dir)
 
 
 def modality_points(runs, col: str):
     """The finished runs with ``loss`` replaced by a modality's loss column, in the fit's canonical form."""
-
     d = plots.done_runs(runs)
     d = d[np.isfinite(d[col].astype(float))].copy()
     d["loss"] = d[col].astype(float)
@@ -469,7 +466,6 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
                  figures: bool = True, progress=None) -> dict:
     """Write ``report.md``, ``report.json`` and ``figures/*.{png,svg}`` under ``out_dir`` (default
     ``RESULTS_DIR/report``); return the report dict. ``fit_fn`` defaults to ``medscale fit``'s ``fit_all``."""
-
     out_dir = out_dir or os.path.join(results_dir, "report")
     step = progress or (lambda msg: None)
     runs, curves = load_runs(results_dir)

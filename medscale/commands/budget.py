@@ -8,7 +8,7 @@ Examples:
 
 import json
 
-from medscale.analysis.budget import BUDGET_JSON_KEYS, budget_plan
+from medscale.analysis.budget import BUDGET_JSON_KEYS, DEFAULT_MFU, budget_plan
 from medscale.commands import COMMANDS
 
 
@@ -20,7 +20,8 @@ def register(sub):
                      "cpu, dgx-1 = 8 x v100-sxm2-32gb)")
     src.add_argument("--gpus", type=int, help="number of devices (default 1; 8 for dgx-1)")
     src.add_argument("--days", type=float, help="wall-clock days of training on --hardware")
-    src.add_argument("--mfu", type=float, default=0.35, help="model FLOPs utilisation in (0, 1] (default 0.35)")
+    src.add_argument("--mfu", type=float, default=DEFAULT_MFU,
+                     help=f"model FLOPs utilisation in (0, 1] (default {DEFAULT_MFU})")
     src.add_argument("--precision", choices=("fp32", "tf32", "fp16", "bf16"),
                      help="peak to use (default: bf16, else fp16, else fp32, as the device has)")
     src.add_argument("--flops", type=float, help="budget in FLOPs")

@@ -54,7 +54,6 @@ def register(sub):
 
 def build_spec(args):
     """(spec, batch, remat, attention, window) from the flags."""
-
     remat, attention, window, batch = "none", "dense", 128, 16
     if args.config:
         cfg = load_config(args.config, args.set)

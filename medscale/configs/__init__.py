@@ -106,7 +106,6 @@ def apply_overrides(cfg, overrides) -> None:
 
 def spec_from_config(cfg):
     """Build the :class:`medscale.spec.ModelSpec` a config describes."""
-
     m, d = cfg.model, cfg.data
     shape = ladder_shape(m.size) if m.get("size") else {}
     for key in ("d_model", "enc_layers", "dec_layers", "num_heads", "d_ff", "mlp"):

@@ -217,7 +217,6 @@ def _dense_fused(q, k, v, q_segment, kv_segment, q_causal, same_segment):
 def _use_cpu_kernel(q, k, v) -> bool:
     """``dense`` runs as ``medscale/kernels/attention_cpu.cc`` when tracing for XLA:CPU, in float32, on one
     device, and the kernel could be built here; anything else keeps the XLA implementation (``_fused``)."""
-
     return (kernels_allowed() and jax.default_backend() == "cpu"
             and all(x.dtype == jnp.float32 for x in (q, k, v)) and active_mesh_size() == 1
             and attention_targets() is not None)

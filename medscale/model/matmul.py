@@ -19,7 +19,6 @@ from medscale.model.sharding import active_mesh_size
 
 def use_native(a, b) -> bool:
     """Whether :func:`matmul` of these operands, traced now, is the native call."""
-
     return (kernels_allowed() and jax.default_backend() == "cpu" and a.dtype == jnp.float32
             and b.dtype == jnp.float32 and active_mesh_size() == 1 and matmul_target() is not None)
 

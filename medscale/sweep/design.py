@@ -276,7 +276,6 @@ def isoflop_sizes(sweep, budget: float, acc: _Accountant, enc_len: int) -> list[
     """The sizes an IsoFLOP design trains at ``budget``: candidates nearest (in log params) to ``per_budget``
     targets spread log-uniformly over ``spread`` around the law's expected optimum, among candidates that
     would train at least ``min_steps`` steps."""
-
     law = load_law(sweep.law)
     convention = PUBLISHED_CONVENTION.get(sweep.law, sweep.params)  # the parameter count the law's N means
     center = float(law.n_opt(budget)) * float(sweep.center_factor)

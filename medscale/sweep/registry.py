@@ -18,10 +18,10 @@ import os
 from medscale import accounting, rundir
 from medscale.configs import spec_from_config
 from medscale.errors import UserError
+from medscale.hardware import PF_DAY
 from medscale.rundir import read_json
 from medscale.sweep.design import expand, load_definition
 
-PF_DAY = 1e15 * 86_400
 STATES = ("pending", "running", "interrupted", "done", "failed", "diverged")
 COLUMNS = ["run_id", "sweep", "status", "size", "params", "params_total", "params_embedding", "tokens", "flops",
            "hardware_flops", "pf_days", "enc_len", "dec_len", "batch_size", "steps", "loss", "train_loss",

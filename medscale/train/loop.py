@@ -394,7 +394,7 @@ def _write_summary(cfg, cfg_dict, workdir, spec, steps, state, record, t_start):
         "model_flops": None if model_flops is None else model_flops * step_done,
         "hardware_flops": None if hw_flops is None else hw_flops * step_done,
         "xla_flops": None,
-        "pf_days": None if model_flops is None else model_flops * step_done / 8.64e19,
+        "pf_days": None if model_flops is None else model_flops * step_done / hardware.PF_DAY,
         "wall_s": state.get("wall_end", time.time()) - t_start, "step_s": step_s,
         "device_kind": state.get("device_kind") or jax.devices()[0].device_kind,
         "device_count": state.get("device_count") or jax.device_count(),
