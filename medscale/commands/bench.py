@@ -1,5 +1,6 @@
 """``medscale bench <what>``: benchmarks. Each one is a module ``medscale/commands/_bench_<what>.py`` with
-``register(subparsers)``, found automatically (same rules as the top-level commands)."""
+``register(subparsers)``, found automatically; it parses and prints, the benchmark itself is in
+``medscale/bench/``."""
 
 import importlib
 import pkgutil

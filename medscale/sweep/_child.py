@@ -23,8 +23,13 @@ from medscale.train.loop import train
 from medscale.train.malloc import tune_malloc
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message}")
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="medscale train")
+    p = _Parser(prog="medscale train")
     p.add_argument("command", choices=["train"])
     p.add_argument("--config", required=True)
     p.add_argument("--set", dest="overrides", action="append", default=[])
@@ -41,9 +46,9 @@ def main() -> int:
         pass
     if os.getppid() != parent:
         return 1
-    args = parse(sys.argv[2:])
     tune_malloc()  # before JAX starts its thread pools
     try:
+        args = parse(sys.argv[2:])
         cfg = load_config(args.config, args.overrides)
         summary = train(cfg, args.workdir, progress=not args.quiet, locked=True,
                         finish=lambda workdir, data: task_eval(cfg, workdir, data))
