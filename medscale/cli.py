@@ -14,7 +14,7 @@ import importlib
 import sys
 
 from medscale import __version__
-from medscale.commands import COMMANDS
+from medscale.commands import COMMANDS, command_word
 from medscale.errors import UserError
 from medscale.train.malloc import tune_malloc
 
@@ -33,21 +33,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                      "encoder-decoder: budget, flops, train, sweep, fit, report, generate, evaluate, bench.")
     parser.add_argument("--version", action="version", version=f"medscale {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    chosen = set(COMMANDS) if argv is None else {_command(argv)}
+    chosen, rest = (None, ()) if argv is None else command_word(argv)
     for name in sorted(COMMANDS):
-        if name in chosen:
-            importlib.import_module(f"medscale.commands.{name}").register(sub)
+        if argv is None or name == chosen:
+            importlib.import_module(f"medscale.commands.{name}").register(sub, rest)
         else:
             sub.add_parser(name, help=COMMANDS[name])
     return parser
-
-
-def _command(argv: list[str]) -> str | None:
-    """The command ``argv`` runs: its first word that is not an option."""
-    for word in argv:
-        if not word.startswith("-"):
-            return word
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,9 +2,11 @@
 
 ``COMMANDS`` names every command with its one-line help; ``medscale.cli`` lists them all in ``--help`` and
 imports only the module of the command being run, so a command's module imports its library at module level
-without every ``medscale X`` paying for JAX. Each module defines ``register(subparsers)``, which adds its parser
-(help ``COMMANDS[name]``) and sets ``func`` with ``parser.set_defaults(func=run)``; ``run(args) -> int | None``
-calls the library and prints.
+without every ``medscale X`` paying for JAX. Each module defines ``register(subparsers, argv=())``, which adds its
+parser (help ``COMMANDS[name]``) and sets ``func`` with ``parser.set_defaults(func=run)``; ``run(args) -> int |
+None`` calls the library and prints. ``argv`` holds the words after the command's name (all of them when the
+whole parser is built: empty); a command with subcommands of its own (``bench``) imports only the one it
+names, in the same way.
 """
 
 COMMANDS = {
@@ -20,3 +22,11 @@ COMMANDS = {
     "sweep": "run, inspect and export sweeps of training runs",
     "train": "train one model (resumes when the workdir has a checkpoint)",
 }
+
+
+def command_word(argv) -> tuple[str | None, list[str]]:
+    """(the first word of ``argv`` that is not an option, the words after it): the (sub)command it runs."""
+    for i, word in enumerate(argv):
+        if not word.startswith("-"):
+            return word, list(argv[i + 1:])
+    return None, []

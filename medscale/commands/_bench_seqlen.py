@@ -13,13 +13,13 @@ from medscale.bench.seqlen import (
     parse_lengths,
     plot,
 )
+from medscale.commands.bench import BENCHMARKS
 from medscale.errors import UserError
 from medscale.options import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 
 
-def register(sub):
-    p = sub.add_parser("seqlen", help="peak memory, step time and MFU of the train step vs encoder length, "
-                                      "per attention implementation and remat policy")
+def register(sub, argv=()):
+    p = sub.add_parser("seqlen", help=BENCHMARKS["seqlen"])
     p.add_argument("--lengths", default="256,512,...,4096",
                    help="encoder lengths, comma-separated; 'a,b,...,c' continues the ratio b/a up to c")
     p.add_argument("--attention", default="dense,blockwise",

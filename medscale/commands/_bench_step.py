@@ -3,6 +3,7 @@
 import json
 
 from medscale.bench.step import bench_spec, bench_step
+from medscale.commands.bench import BENCHMARKS
 from medscale.options import REMAT_POLICIES
 
 
@@ -20,8 +21,8 @@ def add_shape_args(p, vocab=None):
     p.add_argument("--batch", type=int, default=16)
 
 
-def register(sub):
-    p = sub.add_parser("step", help="training-step throughput and MFU of one model shape",
+def register(sub, argv=()):
+    p = sub.add_parser("step", help=BENCHMARKS["step"],
                        description="Times the compiled train step (compile excluded; median over timed steps "
                                    "after warm-up) of the model with the given shape on random batches that "
                                    "follow the batch contract.")

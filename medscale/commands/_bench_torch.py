@@ -5,10 +5,11 @@ import sys
 
 from medscale.bench.versus_torch import compare
 from medscale.commands._bench_step import add_shape_args
+from medscale.commands.bench import BENCHMARKS
 
 
-def register(sub):
-    p = sub.add_parser("torch", help="the training step against PyTorch (same shapes, same machine, one run)",
+def register(sub, argv=()):
+    p = sub.add_parser("torch", help=BENCHMARKS["torch"],
                        description="Alternates fresh processes of `medscale bench step` and a torch.nn.Transformer "
                                    "encoder-decoder of the same shapes (medscale/bench/torch_encdec.py, run by "
                                    "--python), ABBA order, and reports the median step time of each and "

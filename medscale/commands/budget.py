@@ -12,7 +12,7 @@ from medscale.analysis.budget import BUDGET_JSON_KEYS, DEFAULT_MFU, budget_plan
 from medscale.commands import COMMANDS
 
 
-def register(sub):
+def register(sub, argv=()):
     p = sub.add_parser("budget", help=COMMANDS["budget"],
                        description=__doc__.splitlines()[0])
     src = p.add_argument_group("budget (exactly one of: --hardware with --days, --flops, --pf-days, --params)")

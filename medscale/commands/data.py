@@ -15,7 +15,7 @@ def _common(p):
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
-def register(sub):
+def register(sub, argv=()):
     parser = sub.add_parser("data", help=COMMANDS["data"])
     inner = parser.add_subparsers(dest="data_command", metavar="ACTION", parser_class=type(parser))
     p = inner.add_parser("prepare", help="build (or check) everything a config's training reads",

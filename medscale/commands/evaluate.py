@@ -6,7 +6,7 @@ from medscale.errors import UserError
 from medscale.generate.evaluate import evaluate_run_with_meta
 
 
-def register(sub):
+def register(sub, argv=()):
     p = sub.add_parser("evaluate", help=COMMANDS["evaluate"])
     p.add_argument("--workdir", required=True, help="run directory of `medscale train`")
     p.add_argument("--num", type=int, default=64, help="held-out examples to decode (default 64)")

@@ -10,7 +10,7 @@ from medscale.commands import COMMANDS
 from medscale.errors import UserError
 
 
-def register(sub):
+def register(sub, argv=()):
     p = sub.add_parser("fit", help=COMMANDS["fit"],
                        description=__doc__)
     p.add_argument("input", help="CSV/Parquet table of runs, or a results folder of the registry")

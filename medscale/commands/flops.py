@@ -27,7 +27,7 @@ SHAPE_FLAGS = (("d_model", "d_model"), ("enc_layers", "enc_layers"), ("dec_layer
                ("heads", "num_heads"), ("d_ff", "d_ff"), ("mlp", "mlp"))
 
 
-def register(sub):
+def register(sub, argv=()):
     p = sub.add_parser("flops", help=COMMANDS["flops"],
                        description=__doc__.splitlines()[0])
     p.add_argument("--size", help="a ladder size (medscale/configs/ladder.py); explicit flags override its shape")

@@ -8,7 +8,7 @@ from medscale.errors import UserError
 from medscale.generate.cli_impl import generate
 
 
-def register(sub):
+def register(sub, argv=()):
     p = sub.add_parser("generate", help=COMMANDS["generate"])
     p.add_argument("--workdir", required=True, help="run directory of `medscale train`")
     p.add_argument("--checkpoint", type=int, default=None, help="checkpoint step (default: the latest)")

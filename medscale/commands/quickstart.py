@@ -16,7 +16,7 @@ from medscale.commands import COMMANDS
 from medscale.errors import UserError
 
 
-def register(sub):
+def register(sub, argv=()):
     p = sub.add_parser("quickstart", help=COMMANDS["quickstart"],
                        description=__doc__.splitlines()[0])
     p.add_argument("--results", default="results", metavar="DIR", help="results root (default results/)")

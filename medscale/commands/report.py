@@ -14,7 +14,7 @@ from medscale.commands import COMMANDS
 from medscale.errors import UserError
 
 
-def register(sub):
+def register(sub, argv=()):
     p = sub.add_parser("report", help=COMMANDS["report"],
                        description=__doc__.splitlines()[0])
     p.add_argument("results_dir", metavar="RESULTS_DIR", help="a sweep folder (results/<sweep>) of run directories")

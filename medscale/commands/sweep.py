@@ -9,7 +9,7 @@ from medscale.commands import COMMANDS
 from medscale.sweep import design, emit, launcher, registry
 
 
-def register(sub):
+def register(sub, argv=()):
     parser = sub.add_parser("sweep", help=COMMANDS["sweep"])
     inner = parser.add_subparsers(dest="sweep_command", metavar="ACTION", parser_class=type(parser))
 

@@ -10,7 +10,7 @@ from medscale.rundir import summary_line
 from medscale.train.loop import train
 
 
-def register(sub):
+def register(sub, argv=()):
     p = sub.add_parser("train", help=COMMANDS["train"],
                        description="Train one model from a config file; resumes from DIR's latest checkpoint.")
     p.add_argument("--config", required=True, help="config file FILE.py[:ARG] (or a name in medscale/configs)")
