@@ -67,7 +67,7 @@ def scaling_curves():
                       'runs.sort_values("flops")[cols]'),
         new_markdown_cell("## The fitted law (Approach 3) with bootstrap intervals"),
         new_code_cell(
-            "fit_all = report.resolve_fit_all()\n"
+            "from medscale.analysis.fitting import fit_all\n\n"
             "approaches = report.default_approaches(points, fit_curves)\n"
             "fit = report.run_fit(fit_all, points, fit_curves, approaches=approaches, bootstrap=BOOTSTRAP, seed=SEED)\n"
             "law = report.fitted_law(fit)\n"
@@ -111,7 +111,7 @@ def isoflop():
             "band, next to Kaplan 2020, Chinchilla 2022 and Epoch 2024 (their C = 6ND convention)."),
         new_code_cell(setup('import pandas as pd')),
         new_code_cell(
-            "fit_all = report.resolve_fit_all()\n"
+            "from medscale.analysis.fitting import fit_all\n\n"
             "approaches = report.default_approaches(points, fit_curves)\n"
             "fit = report.run_fit(fit_all, points, fit_curves, approaches=approaches, bootstrap=BOOTSTRAP, seed=SEED)\n"
             "law = report.fitted_law(fit)\n"

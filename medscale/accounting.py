@@ -1,6 +1,7 @@
 """Parameter counts and analytic FLOPs of a :class:`medscale.spec.ModelSpec`, by component.
 
-Pure Python (numpy only through the laws): ``medscale budget`` imports this without JAX.
+Pure Python: ``medscale budget`` imports this without JAX. Budget planning (the laws' compute-optimal allocation
+mapped onto these counts) is ``medscale.analysis.budget``.
 All formulas are written out in ``docs/foundation.md``; in short, with d = d_model, f = d_ff, V = total
 vocabulary (all modalities' tables side by side), M = modalities, B = batch, Le/Ld = encoder/decoder length,
 Lenc/Ldec = encoder/decoder layers, m = 2 (GELU) or 3 (SwiGLU) weight matrices in the MLP:
@@ -29,13 +30,15 @@ Encoder weights see encoder tokens only, decoder weights decoder tokens only.
 
 from __future__ import annotations
 
-import json
 import math
 
+from medscale.configs.ladder import ladder_names, ladder_shape
 from medscale.errors import UserError
+from medscale.options import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+from medscale.spec import ModelSpec, default_modalities
 
-REMAT = ("none", "full", "save_dots")
-ATTENTION = ("dense", "xla", "cudnn", "blockwise", "local")
+REMAT = REMAT_POLICIES
+ATTENTION = ATTENTION_IMPLEMENTATIONS
 COMPONENTS = ("enc_attn_proj", "enc_attn_scores", "enc_mlp", "dec_self_proj", "dec_self_scores",
               "cross_proj", "cross_scores", "dec_mlp", "heads")
 LAYER_COMPONENTS = COMPONENTS[:-1]
@@ -147,55 +150,8 @@ def ratio_to_6nd(spec, batch_size: int = 1, **opts) -> float:
     return step_flops(spec, batch_size, **opts)["model_flops"] / (6.0 * n * tokens_per_step(spec, batch_size))
 
 
-# ------------------------------------------------------------------ compute-optimal allocation (laws)
-
-N_CONVENTIONS = ("total", "non_embedding")
-# which parameter count each published law's N means (laws.py's docstring)
-PUBLISHED_CONVENTION = {"chinchilla": "total", "chinchilla-rounded": "total", "epoch2024": "total",
-                        "kaplan2020": "non_embedding"}
-
-
-def load_law_with_convention(name_or_path: str):
-    """``(law, n_convention)``: a published law or a fit file, and which parameter count its N means.
-
-    A fit file may say ``"n_convention": "total" | "non_embedding"`` in its ``law`` object or at the top
-    level; without it, ``non_embedding`` (the project's fits use non-embedding parameters by default)."""
-    from medscale.analysis.laws import load_law
-
-    law = load_law(name_or_path)
-    if name_or_path in PUBLISHED_CONVENTION:
-        return law, PUBLISHED_CONVENTION[name_or_path]
-    with open(name_or_path) as fh:  # load_law has parsed it already
-        data = json.load(fh)
-    conv = data["law"].get("n_convention", data.get("n_convention", "non_embedding"))
-    if conv not in N_CONVENTIONS:
-        raise UserError(f"law file {name_or_path}: n_convention must be one of {', '.join(N_CONVENTIONS)}, "
-                        f"not {conv!r}")
-    return law, conv
-
-
-def compute_optimal(law, flops: float) -> tuple[float, float]:
-    """``(N_opt, D_opt)`` for ``flops`` under the law's own convention C = 6 N D."""
-    return float(law.n_opt(flops)), float(law.d_opt(flops))
-
-
-def compute_for_params(law, n_params: float) -> float:
-    """The compute C whose optimal size is ``n_params`` (inverts N_opt(C), a power law C^a in every form)."""
-    c0 = 1e21
-    n0 = float(law.n_opt(c0))
-    return c0 * (float(n_params) / n0) ** (1.0 / law.a)
-
-
-def compute_optimal_tokens(law, n_params: float) -> float:
-    """Tokens to train a model of ``n_params`` (the law's N) compute-optimally: D_opt(C(N)) = C / (6 N)."""
-    return compute_for_params(law, n_params) / (6.0 * float(n_params))
-
-
 def ladder_specs(enc_len: int | None = None, dec_len: int | None = None) -> list:
     """The ladder sizes as ModelSpecs with the base config's modalities and lengths (no ml_collections)."""
-    from medscale.configs.ladder import ladder_names, ladder_shape
-    from medscale.spec import ModelSpec, default_modalities
-
     kw = {}
     if enc_len is not None:
         kw["enc_len"] = enc_len
@@ -208,107 +164,3 @@ def nearest_ladder(n_params: float, convention: str = "total", specs=None):
     """The ladder spec whose parameter count (under ``convention``) is nearest to ``n_params`` in log."""
     specs = specs if specs is not None else ladder_specs()
     return min(specs, key=lambda s: abs(math.log(param_counts(s)[convention] / float(n_params))))
-
-
-def _positive(name: str, value) -> float:
-    if value is None:
-        return None
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise UserError(f"{name} must be a positive number, got {value:g}")
-    return value
-
-
-def budget_plan(law: str = "chinchilla", *, flops=None, pf_days=None, hardware=None, gpus=None, days=None,
-                mfu: float = 0.35, precision: str | None = None, params=None, batch_tokens: int = 2**19) -> dict:
-    """The compute-budget calculator (``medscale budget``). Give exactly one budget: ``hardware`` with
-    ``days`` (and ``gpus``, ``mfu``, ``precision``), or ``flops``, or ``pf_days``; or reverse mode ``params``.
-    Hardware with ``flops``/``pf_days``/``params`` adds GPU-hours and wall-clock days.
-
-    Returns the JSON keys of ``medscale budget --json`` and more (``details``) for the table."""
-    from medscale import hardware as hw
-
-    flops, pf_days, params = _positive("--flops", flops), _positive("--pf-days", pf_days), \
-        _positive("--params", params)
-    days = _positive("--days", days)
-    batch_tokens = _positive("--batch-tokens", batch_tokens)
-    given = [name for name, v in (("--flops", flops), ("--pf-days", pf_days), ("--params", params),
-                                  ("--days", days)) if v is not None]
-    if len(given) != 1:
-        raise UserError("give exactly one budget: --hardware NAME --days D, or --flops X, or --pf-days X, "
-                        f"or --params N (got {', '.join(given) or 'none'})")
-    if days is not None and hardware is None:
-        raise UserError("--days needs --hardware (and --gpus, --mfu) to turn time into FLOPs")
-    mfu = float(mfu)
-    if not (0.0 < mfu <= 1.0) or not math.isfinite(mfu):
-        raise UserError(f"--mfu must be in (0, 1], got {mfu:g}")
-
-    peak = None
-    device = None
-    if hardware is not None:
-        device, default_gpus = hw.resolve(hardware)
-        gpus = default_gpus if gpus is None else gpus
-        if int(gpus) != gpus or gpus <= 0:
-            raise UserError(f"--gpus must be a positive whole number, got {gpus}")
-        gpus = int(gpus)
-        precision = precision or hw.default_precision(device)
-        peak = hw.peak_flops(device, precision)
-    elif gpus is not None or precision is not None:
-        raise UserError("--gpus and --precision need --hardware NAME")
-
-    law_obj, conv = load_law_with_convention(law)
-    if days is not None:
-        flops = gpus * peak * mfu * days * 86_400
-    elif pf_days is not None:
-        flops = pf_days * hw.PF_DAY
-    if params is not None:
-        n_opt = params
-        flops = compute_for_params(law_obj, n_opt)
-        d_opt = flops / (6.0 * n_opt)
-    else:
-        n_opt, d_opt = compute_optimal(law_obj, flops)
-
-    def wall(c):
-        return None if peak is None else c / (gpus * peak * mfu)  # seconds
-
-    specs = ladder_specs()
-    near = nearest_ladder(n_opt, conv, specs)
-    counts = param_counts(near)
-    n_ladder = counts[conv]
-    tokens_ladder = compute_optimal_tokens(law_obj, n_ladder)
-    flops_ladder_6nd = 6.0 * n_ladder * tokens_ladder
-    flops_ladder_model = flops_per_token(near) * tokens_ladder  # the project's encoder-decoder accounting
-    secs = wall(flops)
-    secs_ladder = wall(flops_ladder_model)
-    return {
-        "flops": flops,
-        "pf_days": flops / hw.PF_DAY,
-        "gpu_hours": None if secs is None else secs * gpus / 3600.0,
-        "n_params_opt": n_opt,
-        "tokens_opt": d_opt,
-        "tokens_per_param": d_opt / n_opt,
-        "predicted_loss": float(law_obj.loss(n_opt, d_opt)),
-        "law": law,
-        "ladder": {"name": near.name, "params": n_ladder, "tokens": tokens_ladder},
-        "days": None if secs is None else secs / 86_400.0,
-        "details": {
-            "mode": "params" if params is not None else "budget",
-            "law_citation": law_obj.citation,
-            "n_convention": conv,
-            "hardware": device, "gpus": gpus if hardware is not None else None, "precision": precision,
-            "peak_flops_per_gpu": peak, "mfu": mfu, "batch_tokens": batch_tokens,
-            "steps_opt": math.ceil(d_opt / batch_tokens),
-            "ladder_counts": counts,
-            "ladder_shape": {k: getattr(near, k) for k in ("d_model", "enc_layers", "dec_layers",
-                                                             "num_heads", "d_ff", "mlp", "enc_len", "dec_len")},
-            "ladder_steps": math.ceil(tokens_ladder / batch_tokens),
-            "ladder_flops_6nd": flops_ladder_6nd,
-            "ladder_model_flops": flops_ladder_model,
-            "ladder_predicted_loss": float(law_obj.loss(n_ladder, tokens_ladder)),
-            "ladder_days": None if secs_ladder is None else secs_ladder / 86_400.0,
-        },
-    }
-
-
-BUDGET_JSON_KEYS = ("flops", "pf_days", "gpu_hours", "n_params_opt", "tokens_opt", "tokens_per_param",
-                    "predicted_loss", "law", "ladder", "days")

@@ -1,6 +1,8 @@
 """The ``medscale`` entry point: parse, call the library, print.
 
-Subcommands live in ``medscale/commands/<name>.py`` (see that package's docstring). This module owns the
+Subcommands live in ``medscale/commands/<name>.py``; ``medscale.commands.COMMANDS`` names them with their help.
+Only the module of the command being run is imported (by name, like a plugin), so ``medscale budget`` never
+loads JAX while ``medscale --help`` still lists every command. This module owns the
 error convention for every command: a :class:`medscale.errors.UserError` (or an argparse usage error)
 prints one line ``error: ...`` to stderr and exits with status 2, never a traceback.
 """
@@ -9,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import pkgutil
 import sys
 
 from medscale import __version__
+from medscale.commands import COMMANDS, command_word
 from medscale.errors import UserError
+from medscale.train.malloc import tune_malloc
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,28 +26,28 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of ``medscale``: every command listed; the one ``argv`` names (all, when ``argv`` is None)
+    is imported and registers its own arguments."""
     parser = _Parser(prog="medscale", description="Compute-optimal scaling studies of a multimodal medical "
                      "encoder-decoder: budget, flops, train, sweep, fit, report, generate, evaluate, bench.")
     parser.add_argument("--version", action="version", version=f"medscale {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    from medscale import commands
-
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"medscale.commands.{info.name}")
-        module.register(sub)
+    chosen, rest = (None, ()) if argv is None else command_word(argv)
+    for name in sorted(COMMANDS):
+        if argv is None or name == chosen:
+            importlib.import_module(f"medscale.commands.{name}").register(sub, rest)
+        else:
+            sub.add_parser(name, help=COMMANDS[name])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     # before any command starts JAX's thread pools (medscale/train/malloc.py: one malloc arena for XLA:CPU)
-    from medscale.train.malloc import tune_malloc
-
     tune_malloc()
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        parser = build_parser()
+        parser = build_parser(argv)
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help()

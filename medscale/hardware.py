@@ -21,6 +21,7 @@ import json
 import os
 import time
 
+from medscale import rundir
 from medscale.errors import UserError
 
 PF_DAY = 1e15 * 86_400
@@ -235,11 +236,7 @@ def _store_cpu_peak(path: str, cache: dict, key: str, value: float) -> None:
     cache[key] = {"fp32": value, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "method": "numpy float32 1024x1024 matmul, best of 5 (best measurement kept)"}
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(cache, fh, indent=1)
-        os.replace(tmp, path)
+        rundir.write_json(path, cache, sort_keys=False)
     except OSError:  # a read-only home: the measurement still stands for this call
         pass
 
@@ -279,3 +276,26 @@ def hardware_for_jax_devices(devices=None) -> str:
     if len(kinds) > 1:
         raise UserError(f"devices of several kinds {sorted(kinds)}: set the config's hardware explicitly")
     return hardware_for_device_kind(next(iter(kinds)))
+
+
+def device_peak(hardware: str | None, dtype: str, required: bool = False) -> tuple[str, float | None]:
+    """(table key, peak FLOP/s of one device computing in ``dtype``) for a hardware name, or for the JAX devices
+    in use when it is ``"auto"`` (on CPU: the measured fp32 peak). For ``"auto"``, a dtype the table has no peak
+    for gives None (MFU is then null) unless ``required``; for a named hardware it is a UserError."""
+    auto = hardware in ("auto", None, "")
+    name = hardware_for_jax_devices() if auto else resolve(hardware)[0]
+    try:
+        return name, float(peak_flops(name, precision_for_dtype(name, dtype)))
+    except UserError:
+        if required or not auto:
+            raise
+        return name, None
+
+
+def system_peak(hardware: str, precision: str | None = None) -> tuple[str, int, str, float]:
+    """(device key, its default device count, precision, peak FLOP/s per device) of a device or system name
+    (``medscale budget``, the report's budget); ``precision`` defaults to the device's best
+    (:func:`default_precision`)."""
+    device, default_count = resolve(hardware)
+    precision = precision or default_precision(device)
+    return device, default_count, precision, peak_flops(device, precision)

@@ -3,7 +3,7 @@
 Run:  medscale sweep run sweeps/quickstart.py --workers 2      (then: medscale report results/quickstart)
 """
 
-from medscale.sweep.quickstart import quickstart_sweep
+from medscale.analysis.quickstart import quickstart_sweep
 
 
 def get_config():

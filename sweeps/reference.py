@@ -4,7 +4,7 @@ Made by:  medscale quickstart --sweep sweeps/reference.py --workers 2
 (records, metrics and the report are committed; checkpoints and logs are git-ignored)
 """
 
-from medscale.sweep.quickstart import quickstart_sweep
+from medscale.analysis.quickstart import quickstart_sweep
 
 
 def get_config():

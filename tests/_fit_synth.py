@@ -3,7 +3,7 @@
 import numpy as np
 import pandas as pd
 
-from medscale.analysis.laws import ChinchillaLaw
+from medscale.laws import ChinchillaLaw
 
 # two laws with different exponents and allocation (a = 0.52 and a = 0.38)
 LAW_X = ChinchillaLaw("x", E=1.8, A=400.0, B=2000.0, alpha=0.34, beta=0.37)

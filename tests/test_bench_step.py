@@ -6,7 +6,7 @@ import json
 import pytest
 
 from medscale import accounting, kernels
-from medscale.train.bench import bench_spec
+from medscale.bench.step import bench_spec
 
 
 def test_bench_step_json_line_is_consistent(cli):

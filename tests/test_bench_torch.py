@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
+from medscale.bench import versus_torch
 from medscale.cli import main
-from medscale.train import versus_torch
 
 
 @pytest.mark.parametrize("argv,needle", [

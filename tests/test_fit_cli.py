@@ -42,7 +42,7 @@ def test_json_and_fit_file(sweep_csv, tmp_path, capsys):
     assert set(a3["ci"]) >= {"E", "A", "B", "alpha", "beta", "a", "b"}
     assert a3["allocation"][0]["C"] == 1e21 and "n_opt" in a3["allocation"][0]["ci"]
     assert {"a", "b", "parabola", "spline", "groups"} <= set(res["approach2"])
-    from medscale.analysis.laws import load_law
+    from medscale.laws import load_law
 
     law = load_law(str(out))
     assert law.alpha == pytest.approx(a3["alpha"]) and law.E == pytest.approx(a3["E"])

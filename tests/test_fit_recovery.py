@@ -121,11 +121,11 @@ def test_encdec_allocation_with_project_accounting():
                           starts=approach3.start_grid()[::50])
     row = res["approach3"]["allocation_encdec"][0]
     fam = allocation.ladder_family("non_embedding")
-    fpt = np.exp(allocation._log_fpt(np.log(row["n_opt"]), fam))
+    fpt = np.exp(allocation.log_flops_per_token(np.log(row["n_opt"]), fam))
     assert row["d_opt"] * fpt == pytest.approx(1e20, rel=1e-6)   # spends the budget
     # and is the minimum of the law along that budget line
     a3 = res["approach3"]
     def loss_at(nn):
-        dd = 1e20 / np.exp(allocation._log_fpt(np.log(nn), fam))
+        dd = 1e20 / np.exp(allocation.log_flops_per_token(np.log(nn), fam))
         return a3["E"] + a3["A"] / nn ** a3["alpha"] + a3["B"] / dd ** a3["beta"]
     assert loss_at(row["n_opt"]) <= min(loss_at(row["n_opt"] * 1.05), loss_at(row["n_opt"] / 1.05))

@@ -5,7 +5,6 @@ import json
 import os
 
 import numpy as np
-import pytest
 from _fit_synth import LAW_X
 
 from medscale.cli import main
@@ -28,7 +27,6 @@ def _write_run(root, run_id, n, d, c, loss, status="done", curve=True):
 
 
 def test_results_folder(tmp_path, capsys):
-    pytest.importorskip("medscale.sweep.registry")
     rng = np.random.default_rng(0)
     k = 0
     for c in np.logspace(17, 20, 4):

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from medscale import accounting
+from medscale import accounting, laws
+from medscale.analysis import budget
 from medscale.cli import main
 from medscale.errors import UserError
 
@@ -18,10 +19,10 @@ def _budget_json(capsys, *args):
 def test_chinchilla_gopher_budget_is_about_40b():
     # Hoffmann et al. 2022, Sec. 3.3 / Table 3: approach 3 puts the compute-optimal model for Gopher's budget
     # (5.76e23 FLOPs) at about 40B parameters.
-    plan = accounting.budget_plan("chinchilla", flops=5.76e23)
+    plan = budget.budget_plan("chinchilla", flops=5.76e23)
     assert 38e9 < plan["n_params_opt"] < 42e9
     assert plan["tokens_opt"] == pytest.approx(5.76e23 / (6 * plan["n_params_opt"]))
-    rounded = accounting.budget_plan("chinchilla-rounded", flops=5.76e23)
+    rounded = budget.budget_plan("chinchilla-rounded", flops=5.76e23)
     assert 30e9 < rounded["n_params_opt"] < 50e9
 
 
@@ -57,21 +58,21 @@ def test_dgx1_week_by_hand(capsys):
 
 
 def test_pf_days_and_flops_agree():
-    a = accounting.budget_plan("epoch2024", pf_days=10)
-    b = accounting.budget_plan("epoch2024", flops=10 * 8.64e19)
+    a = budget.budget_plan("epoch2024", pf_days=10)
+    b = budget.budget_plan("epoch2024", flops=10 * 8.64e19)
     assert a["n_params_opt"] == pytest.approx(b["n_params_opt"])
     assert a["gpu_hours"] is None and a["days"] is None  # no hardware, no time
 
 
 def test_epoch_replication_near_20_tokens_per_param():
     # Besiroglu et al. 2024: their fit implies roughly 20 tokens per parameter at Chinchilla's scale
-    plan = accounting.budget_plan("epoch2024", flops=5.76e23)
+    plan = budget.budget_plan("epoch2024", flops=5.76e23)
     assert 15 < plan["tokens_per_param"] < 26
 
 
 def test_kaplan_one_pf_day_is_1_3b():
     # Kaplan et al. 2020, Eq. 6.1: N_opt = 1.3e9 (C / PF-day)^0.73; N non-embedding
-    plan = accounting.budget_plan("kaplan2020", pf_days=1)
+    plan = budget.budget_plan("kaplan2020", pf_days=1)
     assert plan["n_params_opt"] == pytest.approx(1.3e9)
     assert plan["details"]["n_convention"] == "non_embedding"
     spec = {s.name: s for s in accounting.ladder_specs()}[plan["ladder"]["name"]]
@@ -79,8 +80,8 @@ def test_kaplan_one_pf_day_is_1_3b():
 
 
 def test_reverse_mode_round_trip_and_days():
-    fwd = accounting.budget_plan("chinchilla", flops=3e21)
-    rev = accounting.budget_plan("chinchilla", params=fwd["n_params_opt"], hardware="dgx-1", mfu=0.5)
+    fwd = budget.budget_plan("chinchilla", flops=3e21)
+    rev = budget.budget_plan("chinchilla", params=fwd["n_params_opt"], hardware="dgx-1", mfu=0.5)
     assert rev["flops"] == pytest.approx(3e21, rel=1e-9)
     assert rev["tokens_opt"] == pytest.approx(fwd["tokens_opt"], rel=1e-9)
     assert rev["days"] == pytest.approx(3e21 / (8 * 125e12 * 0.5) / 86400)  # dgx-1: 8 x V100 SXM2, fp16 default
@@ -98,11 +99,11 @@ def test_fit_file_with_convention(tmp_path, capsys):
     assert out["predicted_loss"] == pytest.approx(1.5 + 300 / n**0.3 + 500 / (1e20 / 6 / n) ** 0.3)
     law.pop("n_convention")  # default: the project's fits count non-embedding parameters
     path.write_text(json.dumps({"law": law}))
-    assert accounting.load_law_with_convention(str(path))[1] == "non_embedding"
+    assert laws.load_law_with_convention(str(path))[1] == "non_embedding"
     law["n_convention"] = "everything"
     path.write_text(json.dumps({"law": law}))
     with pytest.raises(UserError, match="n_convention"):
-        accounting.load_law_with_convention(str(path))
+        laws.load_law_with_convention(str(path))
 
 
 def test_human_table_names_the_essentials(capsys):

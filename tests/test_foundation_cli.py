@@ -157,7 +157,7 @@ def test_datasheet_peaks():
     with pytest.raises(UserError, match="cpu has no peak"):
         hardware.precision_for_dtype("cpu", "bfloat16")
     assert hardware.PF_DAY == 8.64e19
-    from medscale.analysis import laws
+    from medscale import laws
 
     assert laws.PF_DAY is hardware.PF_DAY
     with pytest.raises(UserError, match="h100-sxm"):

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from medscale import kernels
+from medscale.bench.step import bench_spec
 from medscale.model import attention
 from medscale.train import step as S
 from medscale.train.batches import random_batch
-from medscale.train.bench import bench_spec
 
 CAN_BUILD = (kernels.simd_supported() and shutil.which("g++") is not None
              and os.environ.get("MEDSCALE_CPU_KERNELS", "1") != "0")

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from medscale import cli
-from medscale.commands._bench_seqlen import ROW_KEYS, parse_bytes, parse_lengths
+from medscale.bench.seqlen import ROW_KEYS, parse_bytes, parse_lengths
 from medscale.errors import UserError
 
 SMALL = ["--d-model", "32", "--heads", "2", "--enc-layers", "1", "--dec-layers", "1", "--vocab", "256",
@@ -44,8 +44,7 @@ def test_bad_input_is_one_line_error(capsys, argv, message):
 
 
 def test_bench_batch_follows_the_contract():
-    pytest.importorskip("medscale.train.batches")
-    from medscale.commands._bench_seqlen import bench_batch, bench_spec
+    from medscale.bench.seqlen import bench_batch, bench_spec
     from medscale.data.batch import check_batch
 
     spec = bench_spec(300, d_model=32, enc_layers=1, dec_layers=1, heads=2, d_ff=64, vocab=256, dec_len=16)
@@ -57,7 +56,6 @@ def test_bench_batch_follows_the_contract():
 
 
 def test_real_run_json_rows(capsys):
-    pytest.importorskip("medscale.train.step")
     assert cli.main(["bench", "seqlen", "--lengths", "256", "--attention", "dense,blockwise", "--json",
                      *SMALL]) == 0
     out = capsys.readouterr().out.strip().splitlines()
@@ -80,7 +78,6 @@ def test_real_run_json_rows(capsys):
 
 
 def test_cells_over_the_limit_are_not_run_and_files_are_written(tmp_path, capsys):
-    pytest.importorskip("medscale.train.step")
     out = tmp_path / "bench"
     assert cli.main(["bench", "seqlen", "--lengths", "64", "--attention", "blockwise", "--memory-limit", "1KiB",
                      "--out", str(out), *SMALL]) == 0

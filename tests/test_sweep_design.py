@@ -137,7 +137,7 @@ def test_cli_dry_run_json(tmp_path, capsys):
 
 
 def test_quickstart_design_is_an_isoflop_sweep_over_two_lengths_and_several_budgets():
-    from medscale.sweep.quickstart import quickstart_sweep
+    from medscale.analysis.quickstart import quickstart_sweep
 
     sweep = quickstart_sweep()
     runs = design.expand(sweep)

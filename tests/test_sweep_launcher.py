@@ -97,7 +97,7 @@ def test_kill_and_relaunch_matches_the_uninterrupted_sweep_and_failures_are_reco
             children.append(lock["child_pid"])
     time.sleep(1.0)
     for pid in children:  # training processes died with their launcher
-        from medscale.sweep.lock import pid_alive
+        from medscale.rundir import pid_alive
 
         assert not pid_alive(pid), f"orphan training process {pid}"
     proc = _launch(sweep, results)

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medscale.analysis.laws import ChinchillaLaw
+from medscale.laws import ChinchillaLaw
 
 
 def law_runs(seed=0):
@@ -20,12 +20,13 @@ def law_runs(seed=0):
     return law, pd.DataFrame(rows)
 
 
-def test_supported_fit_drops_what_the_runs_cannot_support():
-    pytest.importorskip("medscale.analysis.fitting")
-    from medscale.sweep.quickstart import exponents, supported_fit
+def test_the_fit_drops_what_the_runs_cannot_support():
+    from medscale.analysis import report
+    from medscale.analysis.fitting import fit_all
+    from medscale.analysis.quickstart import exponents
 
     law, df = law_runs()
-    fit = supported_fit(df, approaches=(1, 2, 3), bootstrap=0, seed=0, curves=None)  # no curves: no Approach 1
+    fit = report.run_fit(fit_all, df, None, approaches=report.default_approaches(df, None))  # no curves: no 1
     assert "approach1" not in fit and {"approach2", "approach3"} <= set(fit)
     a3 = fit["approach3"]
     assert a3["alpha"] == pytest.approx(law.alpha, abs=0.05) and a3["beta"] == pytest.approx(law.beta, abs=0.05)
@@ -35,7 +36,7 @@ def test_supported_fit_drops_what_the_runs_cannot_support():
 
 
 def test_exponent_rows_carry_intervals():
-    from medscale.sweep.quickstart import exponents
+    from medscale.analysis.quickstart import exponents
 
     fit = {"approach3": {"alpha": 0.3, "beta": 0.4, "a": 0.57, "b": 0.43, "ci": {"a": [0.5, 0.6]}},
            "approach2": {"a": 0.5, "b": 0.5, "ci": {}}}

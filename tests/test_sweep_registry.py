@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from medscale.errors import UserError
+from medscale.rundir import RunLock, lock_live
 from medscale.sweep import registry
-from medscale.sweep.lock import RunLock, lock_live
 
 
 def make_run(root, run_id, *, summary=None, metrics=(), plan=None, ckpt=False, lock=None):
@@ -150,7 +150,7 @@ def test_two_processes_racing_for_one_lock(tmp_path):
     d = tmp_path / "run"
     d.mkdir()
     (d / "run.lock").write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname()}))
-    code = ("import sys, time; from medscale.sweep.lock import RunLock; l = RunLock(sys.argv[1]); "
+    code = ("import sys, time; from medscale.rundir import RunLock; l = RunLock(sys.argv[1]); "
             "ok = l.acquire(); print(int(ok), flush=True); time.sleep(1.5)")
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     procs = [subprocess.Popen([sys.executable, "-c", code, str(d)], stdout=subprocess.PIPE, text=True, env=env)

@@ -133,6 +133,25 @@ def test_bad_configs_are_one_line_errors(capsys, tmp_path):
     assert not os.path.exists("/nonexistent/never-written")
 
 
+def test_a_run_another_live_process_holds_is_not_trained(capsys, tmp_path):
+    """One lock per run (medscale.rundir.RunLock): while a live process holds run.lock, medscale train refuses
+    the workdir with a one-line error and writes nothing; once released, the lock is free again."""
+    from medscale.rundir import RunLock
+
+    workdir = tmp_path / "held"
+    holder = RunLock(str(workdir))
+    assert holder.acquire()  # this (live) process holds the run
+    args = ["train", "--config", TINY, "--workdir", str(workdir), "--quiet"]
+    for s in FAST:
+        args += ["--set", s]
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "run.lock" in err[0], err
+    assert sorted(os.listdir(workdir)) == ["run.lock"]  # no config.json, no metrics
+    holder.release()
+    assert not (workdir / "run.lock").exists()
+
+
 def test_batch_not_divisible_by_data_axes_exits_2(tmp_path):
     env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
     proc = subprocess.run(_cmd(tmp_path / "w", "train.batch_size=12"), check=False, capture_output=True, text=True, env=env,

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from medscale import accounting
 from medscale.errors import UserError
 
 
 def ladder_family(n_convention: str = "non_embedding", enc_len=None, dec_len=None):
     """(log N, log flops_per_token) of the ladder sizes, N counted under ``n_convention``."""
-    from medscale import accounting
-
     if n_convention not in ("total", "non_embedding"):
         raise UserError(f"n_convention must be total or non_embedding, not {n_convention!r}")
     specs = accounting.ladder_specs(enc_len=enc_len, dec_len=dec_len)
@@ -31,7 +30,9 @@ def ladder_family(n_convention: str = "non_embedding", enc_len=None, dec_len=Non
     return np.log(n[order]), np.log(fpt[order])
 
 
-def _log_fpt(logn, fam):
+def log_flops_per_token(logn, fam):
+    """log flops_per_token at log N ``logn`` from the knots ``fam`` = (log N, log flops_per_token): linear between
+    them, extrapolated with the end slopes."""
     x, y = fam
     out = np.interp(logn, x, y)
     lo_s = (y[1] - y[0]) / (x[1] - x[0])
@@ -46,7 +47,7 @@ def n_opt_encdec(E, A, B, alpha, beta, C, fam, grid=4000):
     logC = np.log(float(C))
     # search N from 1e3 up to the size that would leave 1 token: flops_per_token(N) <= C
     ln = np.linspace(np.log(1e3), logC - 1.0, grid)
-    lf = _log_fpt(ln, fam)
+    lf = log_flops_per_token(ln, fam)
     ln, lf = ln[lf < logC], lf[lf < logC]
     if len(ln) < 3:
         raise UserError(f"compute {C:g} FLOPs is below one token of the smallest model")
@@ -60,6 +61,6 @@ def n_opt_encdec(E, A, B, alpha, beta, C, fam, grid=4000):
         if step is None:
             break
         ln = centre[..., None] + np.linspace(-2 * step, 2 * step, 401)
-        lf = _log_fpt(ln, fam)
-    logd_best = logC - _log_fpt(centre, fam)
+        lf = log_flops_per_token(ln, fam)
+    logd_best = logC - log_flops_per_token(centre, fam)
     return np.exp(centre), np.exp(logd_best)

@@ -1,7 +1,7 @@
 """All fits of a table of runs in one call, as one JSON-ready dict (what ``medscale fit --json`` prints).
 
 ``fit_all(points, approaches=("3", "2"), bootstrap=0, seed=0, budgets=(), curves=None)``; ``write_fit_file``
-writes the fit file that ``medscale.analysis.laws.load_law`` (and ``medscale budget --law FILE``) reads.
+writes the fit file that ``medscale.laws.load_law`` (and ``medscale budget --law FILE``) reads.
 Allocation of a fitted Approach 3 law: closed form under C = 6 N D (``laws.ChinchillaLaw.n_opt``), or under the
 project's encoder-decoder accounting with ``allocation.n_opt_accounting``.
 """
@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 
 import numpy as np
 
-from medscale.analysis import approach3, envelope, isoflop
-from medscale.analysis.laws import ChinchillaLaw
+from medscale import rundir
+from medscale.analysis import allocation, approach3, envelope, isoflop
 from medscale.errors import UserError
+from medscale.laws import ChinchillaLaw
 
 N_PARAMS = 5
 
@@ -86,8 +86,6 @@ def fit_approach3(points, bootstrap=0, seed=0, budgets=(), starts=None, delta=ap
     res["allocation"] = _at_budgets(lambda c: (law.n_opt(c), law.d_opt(c)), draws_fn, budgets, draws is not None)
     res["allocation_convention"] = "C = 6 N D (closed form)"
     if accounting == "encdec":
-        from medscale.analysis import allocation
-
         fam = allocation.ladder_family(n_convention, enc_len, dec_len)
         rows = []
         for c in budgets:
@@ -203,6 +201,20 @@ def check(points, approaches, curves=None, bin_dex=0.1) -> None:
                         "folder); this input has one row per run")
 
 
+def default_approaches(points, curves, bin_dex: float = 0.1) -> tuple:
+    """The approaches ``points`` support (``medscale fit``'s and the report's default): Approach 3, plus 2 when the runs form 2+ IsoFLOP groups, plus 1 with curves."""
+    out = ["3"]
+    try:
+        groups = len(isoflop.assign_groups(points, bin_dex)[1])
+    except UserError:
+        groups = int(points["budget"].nunique()) if "budget" in points.columns else 0
+    if groups >= 2:
+        out.append("2")
+    if curves is not None and len(curves):
+        out.append("1")
+    return tuple(out)
+
+
 def fit_all(points, approaches=("3", "2"), bootstrap=0, seed=0, budgets=(), curves=None, source=None,
             starts=None, delta=approach3.DELTA, bin_dex=0.1, max_iter=300, accounting="6nd",
             n_convention="non_embedding", enc_len=None, dec_len=None, progress=None) -> dict:
@@ -269,12 +281,4 @@ def write_fit_file(path: str, result: dict, points=None) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UserError(f"--out {path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".fit-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(clean(doc), fh, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    rundir.write_text(path, json.dumps(clean(doc), indent=1))

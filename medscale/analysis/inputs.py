@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from medscale.errors import UserError
+from medscale.sweep.registry import load_curves, load_sweep
 
 CANONICAL = ("params", "tokens", "loss", "flops", "budget", "run_id", "step")
 POSITIVE = ("params", "tokens", "loss", "flops")
@@ -87,11 +88,6 @@ def last_rows(curves):
 def _read_registry(path):
     import pandas as pd
 
-    try:
-        from medscale.sweep.registry import load_curves, load_sweep
-    except ImportError:
-        raise UserError("results folders need medscale.sweep.registry (not in this installation); "
-                        "export the runs to a CSV with columns params, tokens, loss") from None
     runs = load_sweep(path)
     if "status" in runs.columns:
         runs = runs[runs["status"] == "done"]

@@ -4,7 +4,7 @@ Inputs are the registry's run table (``medscale.sweep.registry.load_sweep``: one
 (non-embedding), ``tokens``, ``flops`` (model FLOPs), ``loss``, ``loss/<modality>``, ``enc_len``, ``dec_len``,
 ``budget`` (IsoFLOP budget or NaN), ``size``, optional ``task/<metric>`` columns or a ``task_metrics`` dict
 column), the training curves (``load_curves``: run_id, params, step, tokens, flops, loss) and laws
-(:class:`medscale.analysis.laws.ChinchillaLaw` or ``KaplanLaw``).
+(:class:`medscale.laws.ChinchillaLaw` or ``KaplanLaw``).
 
 Conventions, stated on every figure that depends on them:
 - compute is the run's model FLOPs (``docs/interfaces.md``), with a PF-day axis on top (1 PF-day = 8.64e19 FLOPs);
@@ -26,11 +26,14 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 
 import numpy as np
 
-from medscale.analysis.laws import PF_DAY, PUBLISHED
+from medscale import rundir
+from medscale.analysis.allocation import ladder_family, log_flops_per_token, n_opt_encdec
+from medscale.analysis.isoflop import assign_groups
+from medscale.hardware import PF_DAY
+from medscale.laws import PUBLISHED
 
 log = logging.getLogger(__name__)
 
@@ -111,53 +114,18 @@ class KND:
         return n, c[None, :] / (self.k * n)
 
 
-def _n_opt_tabulated(E, A, B, alpha, beta, c, fam, grid: int = 2000):
-    """N_opt, D_opt under C = D x flops_per_token(N) (``fam``: knots of log N, log flops_per_token) for laws given
-    as arrays: a grid over log N, refined once around the minimum (used when the fit's allocation module is
-    absent)."""
-    E, A, B, alpha, beta = (np.asarray(v, np.float64)[..., None] for v in (E, A, B, alpha, beta))
-    x, y = fam
-
-    def lf(ln):
-        out = np.interp(ln, x, y)
-        lo, hi = (y[1] - y[0]) / (x[1] - x[0]), (y[-1] - y[-2]) / (x[-1] - x[-2])
-        out = np.where(ln < x[0], y[0] + lo * (ln - x[0]), out)
-        return np.where(ln > x[-1], y[-1] + hi * (ln - x[-1]), out)
-
-    lc = np.log(float(c))
-    ln = np.linspace(np.log(1e2), lc - 1.0, grid)
-    ln = ln[lf(ln) < lc]
-    with np.errstate(over="ignore", under="ignore"):
-        L = E + A * np.exp(-alpha * ln) + B * np.exp(-beta * (lc - lf(ln)))
-    centre = ln[np.argmin(np.where(np.isfinite(L), L, np.inf), axis=-1)]
-    fine = centre[..., None] + np.linspace(-2, 2, 401) * (ln[1] - ln[0])
-    with np.errstate(over="ignore", under="ignore"):
-        L = E + A * np.exp(-alpha * fine) + B * np.exp(-beta * (lc - lf(fine)))
-    best = np.take_along_axis(fine, np.argmin(np.where(np.isfinite(L), L, np.inf), axis=-1)[..., None], -1)[..., 0]
-    return np.exp(best), np.exp(lc - lf(best))
-
-
 class Accounting:
     """Compute model C = D x flops_per_token(N) with log flops_per_token piecewise linear in log N through the
     knots ``fam = (log N, log flops_per_token)`` (extrapolated with the end slopes). N_opt(C) minimises
-    L(N, C / flops_per_token(N)) (``medscale.analysis.allocation.n_opt_encdec`` when present)."""
+    L(N, C / flops_per_token(N)) (``medscale.analysis.allocation.n_opt_encdec``)."""
 
     def __init__(self, fam, label: str):
         self.fam = (np.asarray(fam[0], dtype=float), np.asarray(fam[1], dtype=float))
         self.label = label
-        try:
-            from medscale.analysis.allocation import n_opt_encdec
-        except ImportError:
-            n_opt_encdec = _n_opt_tabulated
         self._n_opt = n_opt_encdec
 
     def flops_per_token(self, n):
-        x, y = self.fam
-        ln = np.log(np.asarray(n, dtype=float))
-        out = np.interp(ln, x, y)
-        lo, hi = (y[1] - y[0]) / (x[1] - x[0]), (y[-1] - y[-2]) / (x[-1] - x[-2])
-        out = np.where(ln < x[0], y[0] + lo * (ln - x[0]), out)
-        return np.exp(np.where(ln > x[-1], y[-1] + hi * (ln - x[-1]), out))
+        return np.exp(log_flops_per_token(np.log(np.asarray(n, dtype=float)), self.fam))
 
     def tokens(self, n, c):
         return np.asarray(c, dtype=float) / self.flops_per_token(n)
@@ -177,27 +145,12 @@ class Accounting:
         return np.stack([np.ravel(a) for a, _ in cols], 1), np.stack([np.ravel(b) for _, b in cols], 1)
 
 
-def _ladder_knots(enc_len, dec_len, n_convention="non_embedding"):
-    from medscale import accounting
-
-    specs = accounting.ladder_specs(enc_len=enc_len, dec_len=dec_len)
-    n = np.array([accounting.param_counts(s)[n_convention] for s in specs], np.float64)
-    fpt = np.array([accounting.flops_per_token(s) for s in specs], np.float64)
-    order = np.argsort(n)
-    return np.log(n[order]), np.log(fpt[order])
-
-
 class LadderAccounting(Accounting):
     """The project's accounting along the ladder's shape family at the given sequence lengths — the model of
     ``medscale fit --accounting encdec`` (the recommended run is a ladder size)."""
 
     def __init__(self, enc_len=None, dec_len=None, n_convention: str = "non_embedding"):
-        try:
-            from medscale.analysis.allocation import ladder_family
-
-            fam = ladder_family(n_convention, enc_len, dec_len)
-        except ImportError:
-            fam = _ladder_knots(enc_len, dec_len, n_convention)
+        fam = ladder_family(n_convention, enc_len, dec_len)
         super().__init__(fam, f"C = D x flops_per_token(N) (ladder family, Le={enc_len}, Ld={dec_len})")
         self.enc_len, self.dec_len = enc_len, dec_len
 
@@ -213,7 +166,7 @@ class SweepAccounting(Accounting):
             d = d[d["enc_len"].astype(float) == float(enc_len)]
         per = (d["flops"].astype(float) / d["tokens"].astype(float)).groupby(d["params"].astype(float)).median()
         x, y = np.log(per.index.to_numpy(dtype=float)), np.log(per.to_numpy(dtype=float))
-        lx, ly = _ladder_knots(enc_len, dec_len)
+        lx, ly = ladder_family("non_embedding", enc_len, dec_len)
         keep = lx > (x.max() if len(x) else -np.inf) + 0.1
         fx, fy = np.concatenate([x, lx[keep]]), np.concatenate([y, ly[keep]])
         if len(fx) < 2:
@@ -270,15 +223,8 @@ def save_figure(fig, out_dir: str, name: str, formats=("png", "svg")) -> list[st
     paths = []
     for fmt in formats:
         path = os.path.join(out_dir, f"{name}.{fmt}")
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=f".{fmt}")
-        os.close(fd)
-        try:
+        with rundir.atomic_path(path) as tmp:
             fig.savefig(tmp, format=fmt, bbox_inches="tight", metadata={"Date": None} if fmt == "svg" else None)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
         paths.append(path)
     _plt().close(fig)
     return paths
@@ -324,22 +270,8 @@ def isoflop_groups(df, bin_dex: float = 0.1):
     d = done_runs(df)
     if len(d) == 0:
         return d, np.array([])
-    try:
-        from medscale.analysis.isoflop import assign_groups
-
-        gid, centres, _ = assign_groups(d.reset_index(drop=True), bin_dex)
-        return d, np.asarray(centres, dtype=float)[np.asarray(gid)]
-    except ImportError:
-        pass
-    b = d["budget"].to_numpy(dtype=float) if "budget" in d.columns else np.full(len(d), np.nan)
-    if np.isfinite(b).all():
-        return d, b
-    lc = np.log10(d["flops"].to_numpy(dtype=float))
-    order = np.argsort(lc)
-    gid = np.zeros(len(lc), int)
-    gid[order] = np.concatenate([[0], np.cumsum(np.diff(lc[order]) > bin_dex)])
-    centres = np.array([10 ** lc[gid == g].mean() for g in range(gid.max() + 1)])
-    return d, centres[gid]
+    gid, centres, _ = assign_groups(d.reset_index(drop=True), bin_dex)
+    return d, np.asarray(centres, dtype=float)[np.asarray(gid)]
 
 
 def isoflop_minima(df, y: str = "loss"):

@@ -19,28 +19,30 @@ Conventions (stated in the report too):
 from __future__ import annotations
 
 import datetime
-import importlib
-import inspect
 import json
 import logging
 import math
 import os
-import tempfile
+import types
 
 import numpy as np
 
-from medscale.analysis import plots
-from medscale.analysis.laws import PUBLISHED, ChinchillaLaw
+from medscale import accounting, rundir
+from medscale import hardware as hw
+from medscale.analysis import approach3, comparison, inputs, plots
+from medscale.analysis.budget import DEFAULT_MFU
+from medscale.analysis.fitting import default_approaches
+from medscale.analysis.fitting import fit_all as default_fit_all
 from medscale.errors import UserError
+from medscale.hardware import PF_DAY
+from medscale.laws import PUBLISHED, ChinchillaLaw
+from medscale.sweep.registry import load_curves, load_sweep
 
 log = logging.getLogger(__name__)
 
-PF_DAY = plots.PF_DAY
 DEFAULT_BUDGET = {"hardware": "dgx-1", "gpus": None, "days": 7.0}
-DEFAULT_MFU = 0.35  # used only when the sweep measured none and none is given; always stated
 DEFAULT_BATCH = 256  # sequences per optimizer step for the recommended run (global batch), stated
 EXTRAPOLATION_WARN = 10.0  # warn when the budget exceeds the largest fitted run by more than this factor
-FIT_MODULES = ("medscale.analysis.fitting", "medscale.analysis.fit")
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -49,8 +51,6 @@ FIT_MODULES = ("medscale.analysis.fitting", "medscale.analysis.fit")
 def load_runs(results_dir: str):
     """``(runs, curves)`` of a sweep folder: the registry's run table (``task_metrics`` added from the summaries
     when the table lacks them) and eval curves."""
-    from medscale.sweep.registry import load_curves, load_sweep
-
     if not os.path.isdir(results_dir):
         raise UserError(f"results folder {results_dir} not found; give a sweep folder (results/<sweep>)")
     runs = load_sweep(results_dir)
@@ -68,9 +68,9 @@ def load_runs(results_dir: str):
 
 def _task_metrics(results_dir: str, run_id: str, sweep=None):
     """``task_metrics`` of a run's summary.json (evaluation adds them; the registry table does not carry them)."""
-    for path in (os.path.join(results_dir, str(run_id), "summary.json"),
-                 os.path.join(results_dir, str(sweep), str(run_id), "summary.json"),
-                 os.path.join(results_dir, "summary.json")):
+    for path in (os.path.join(results_dir, str(run_id), rundir.SUMMARY),
+                 os.path.join(results_dir, str(sweep), str(run_id), rundir.SUMMARY),
+                 os.path.join(results_dir, rundir.SUMMARY)):
         if os.path.isfile(path):
             try:
                 with open(path) as fh:
@@ -82,33 +82,14 @@ def _task_metrics(results_dir: str, run_id: str, sweep=None):
     return None
 
 
-def resolve_fit_all(fit_fn=None):
-    """The law-fitting function of ``medscale fit``: ``fit_all(points, approaches, bootstrap, seed, budgets,
-    curves, ...) -> dict`` (``medscale.analysis.fitting``)."""
-    if fit_fn is not None:
-        return fit_fn
-    for name in FIT_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            continue
-        if hasattr(mod, "fit_all"):
-            return mod.fit_all
-    raise RuntimeError("medscale.analysis has no fit_all yet (the law-fitting module is missing)")
-
-
 def fit_points(results_dir: str, runs=None, curves=None):
     """``(points, curves, source)``: exactly the table ``medscale fit RESULTS_DIR`` fits
     (``medscale.analysis.inputs.read_table``)."""
-    from medscale.analysis import inputs
-
     return inputs.read_table(results_dir)
 
 
 def modality_points(runs, col: str):
     """The finished runs with ``loss`` replaced by a modality's loss column, in the fit's canonical form."""
-    from medscale.analysis import inputs
-
     d = plots.done_runs(runs)
     d = d[np.isfinite(d[col].astype(float))].copy()
     d["loss"] = d[col].astype(float)
@@ -116,42 +97,17 @@ def modality_points(runs, col: str):
     return inputs.canonicalise(d[keep].reset_index(drop=True), {}, where=col)
 
 
-def default_approaches(points, curves, bin_dex: float = 0.1) -> tuple:
-    """``medscale fit``'s default: Approach 3, plus 2 when the runs form 2+ IsoFLOP groups, plus 1 with curves."""
-    out = ["3"]
-    try:
-        from medscale.analysis import isoflop
-
-        groups = len(isoflop.assign_groups(points, bin_dex)[1])
-    except (ImportError, UserError):
-        groups = int(points["budget"].nunique()) if "budget" in points.columns else 0
-    if groups >= 2:
-        out.append("2")
-    if curves is not None and len(curves):
-        out.append("1")
-    return tuple(out)
-
-
 def run_fit(fit_fn, points, curves=None, approaches=("3", "2", "1"), bootstrap: int = 0, seed: int = 0,
             budgets=(), **extra) -> dict:
-    """Call ``fit_fn`` as ``medscale fit`` does (arguments it does not take are left out). When Approach 1 or 2
+    """Call ``fit_fn`` (``fitting.fit_all``'s signature) as ``medscale fit`` does. When Approach 1 or 2
     cannot be fitted on these runs (a UserError naming why), it is dropped and the reason kept in
     ``warnings``, so the report still shows what can be fitted."""
-    try:
-        params = set(inspect.signature(fit_fn).parameters)
-    except (TypeError, ValueError):
-        params = {"approaches", "bootstrap", "seed"}
     dropped = []
     approaches = tuple(str(a) for a in approaches)
     while True:
-        kwargs = {"approaches": approaches, "bootstrap": bootstrap, "seed": seed}
-        if "budgets" in params:
-            kwargs["budgets"] = list(budgets)
-        if "curves" in params and "1" in approaches:
-            kwargs["curves"] = curves
-        kwargs.update({k: v for k, v in extra.items() if k in params})
         try:
-            fit = fit_fn(points, **kwargs)
+            fit = fit_fn(points, approaches=approaches, bootstrap=bootstrap, seed=seed, budgets=list(budgets),
+                         curves=curves if "1" in approaches else None, **extra)
             break
         except UserError as exc:
             optional = [a for a in approaches if a in ("1", "2")]
@@ -213,18 +169,12 @@ def bootstrap_laws(fit: dict) -> list[ChinchillaLaw]:
 def reproduce_draws(fit: dict, points, seed: int = 0, delta: float | None = None) -> list[ChinchillaLaw]:
     """Approach 3's bootstrap refits when the fit dict reports only their percentiles: the fit module's own
     ``approach3.bootstrap`` (runs resampled with the same seed, each refit warm-started at the fitted optimum).
-    Empty when that module is absent or its interface differs."""
+    Empty when the refits cannot be reproduced."""
     app = (fit or {}).get("approach3") or {}
     n_boot = int(((app.get("bootstrap") or {}).get("n") if isinstance(app.get("bootstrap"), dict) else 0) or 0)
     if n_boot <= 0 or fitted_law(fit) is None:
         return []
     try:
-        from medscale.analysis import approach3
-    except ImportError:
-        return []
-    try:
-        import types
-
         law = fitted_law(fit)
         base = types.SimpleNamespace(optima=[{"theta": approach3.law_to_theta(law.E, law.A, law.B, law.alpha,
                                                                               law.beta).tolist()}])
@@ -311,14 +261,10 @@ def resolve_budget(hardware: str | None = None, gpus: int | None = None, days: f
     out = {"flops": flops, "hardware": None, "gpus": None, "days": days, "precision": None, "peak_flops": None,
            "mfu": None, "mfu_source": None}
     if hardware is not None:
-        from medscale import hardware as hw
-
-        device, default_gpus = hw.resolve(hardware)
+        device, default_gpus, precision, peak = hw.system_peak(hardware, precision)
         gpus = default_gpus if gpus is None else int(gpus)
         if gpus <= 0:
             raise UserError(f"--gpus must be a positive whole number, got {gpus}")
-        precision = precision or hw.default_precision(device)
-        peak = hw.peak_flops(device, precision)
         if mfu is not None:
             src = "stated (--mfu)"
         elif measured_mfu is not None and math.isfinite(measured_mfu) and measured_mfu > 0:
@@ -344,10 +290,6 @@ def resolve_budget(hardware: str | None = None, gpus: int | None = None, days: f
 
 def _ladder(n_target: float, enc_len: int | None, dec_len: int | None):
     """``(name, non-embedding params, model FLOPs per token, shape)`` of the ladder size nearest to n_target."""
-    try:
-        from medscale import accounting
-    except ImportError:
-        return None
     specs = accounting.ladder_specs(enc_len=enc_len, dec_len=dec_len)
     spec = accounting.nearest_ladder(n_target, "non_embedding", specs)
     counts = accounting.param_counts(spec)
@@ -369,7 +311,7 @@ def compute_model(runs):
     dec = _mode(done["dec_len"]) if "dec_len" in done.columns else None
     try:
         return plots.LadderAccounting(enc, dec)
-    except (ImportError, AttributeError, UserError):
+    except UserError:
         return plots.KND(plots.compute_factor(runs))
 
 
@@ -380,7 +322,7 @@ def figure_model(runs, model=None):
     if isinstance(model, plots.LadderAccounting):
         try:
             return plots.SweepAccounting(runs, model.enc_len, model.dec_len)
-        except (ValueError, ImportError, UserError):
+        except (ValueError, UserError):
             pass
     return model
 
@@ -504,20 +446,6 @@ def _jsonable(x):
     return str(x)
 
 
-def _atomic_write(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def runs_table(runs) -> list[dict]:
     cols = ["run_id", "status", "size", "params", "tokens", "flops", "pf_days", "enc_len", "dec_len", "budget",
             "loss", "mfu", "wall_s"]
@@ -538,8 +466,6 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
                  figures: bool = True, progress=None) -> dict:
     """Write ``report.md``, ``report.json`` and ``figures/*.{png,svg}`` under ``out_dir`` (default
     ``RESULTS_DIR/report``); return the report dict. ``fit_fn`` defaults to ``medscale fit``'s ``fit_all``."""
-    from medscale.analysis import comparison
-
     out_dir = out_dir or os.path.join(results_dir, "report")
     step = progress or (lambda msg: None)
     runs, curves = load_runs(results_dir)
@@ -552,7 +478,7 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
     kinds = sorted({str(x) for x in done.get("device_kind", [])
                     if x is not None and not (isinstance(x, float) and math.isnan(x))})
     budget = resolve_budget(hardware, gpus, days, mfu, precision, flops, measured_mfu, ", ".join(kinds) or None)
-    fit_all = resolve_fit_all(fit_fn)
+    fit_all = fit_fn or default_fit_all
     k = plots.compute_factor(runs)
     model = compute_model(runs)
     c = float(budget["flops"])
@@ -628,8 +554,8 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
         "runs": runs_table(runs),
     }
     report = _jsonable(report)
-    _atomic_write(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1) + "\n")
-    _atomic_write(os.path.join(out_dir, "report.md"), render_markdown(report))
+    rundir.write_text(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1) + "\n")
+    rundir.write_text(os.path.join(out_dir, "report.md"), render_markdown(report))
     report["out_dir"] = os.path.abspath(out_dir)
     return report
 

@@ -3,9 +3,14 @@
 import json
 import sys
 
+from medscale.bench.data import bench_pipeline
+from medscale.commands.bench import BENCHMARKS
+from medscale.configs import load_config, spec_from_config
+from medscale.errors import UserError
 
-def register(sub):
-    p = sub.add_parser("data", help="input-pipeline throughput (examples/s, batches/s) without a model",
+
+def register(sub, argv=()):
+    p = sub.add_parser("data", help=BENCHMARKS["data"],
                        description="Builds (or loads from cache) the config's dataset, then times: raw reads "
                                    "through tfds.data_source (PNG decode), 4M masking alone, and the grain "
                                    "iterator end to end (synchronous and with its background thread).")
@@ -19,10 +24,6 @@ def register(sub):
 
 
 def run(args):
-    from medscale.configs import load_config, spec_from_config
-    from medscale.data.bench import bench_pipeline
-    from medscale.errors import UserError
-
     if args.batches <= 0:
         raise UserError("--batches must be positive")
     cfg = load_config(args.config, args.set)

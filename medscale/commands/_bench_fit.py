@@ -3,9 +3,14 @@
 import json
 import sys
 
+from medscale.analysis import inputs
+from medscale.bench import fit as benchfit
+from medscale.commands.bench import BENCHMARKS
+from medscale.errors import UserError
 
-def register(sub):
-    p = sub.add_parser("fit", help="Approach 3 fit: vectorised multistart vs plain scipy loop (time, objective)",
+
+def register(sub, argv=()):
+    p = sub.add_parser("fit", help=BENCHMARKS["fit"],
                        description="Times the vectorised Approach 3 fit on the paper's 4,500 starts and a plain "
                                    "scipy.optimize.minimize(L-BFGS-B) loop on an evenly spread subset of the "
                                    "same starts (extrapolated to 4,500 and labelled so), with both objectives, "
@@ -24,9 +29,6 @@ def register(sub):
 
 
 def run(args):
-    from medscale.analysis import benchfit, inputs
-    from medscale.errors import UserError
-
     if args.starts < 1 or args.bootstrap < 0:
         raise UserError("--starts must be >= 1 and --bootstrap >= 0")
     bar = None

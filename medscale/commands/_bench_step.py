@@ -2,6 +2,10 @@
 
 import json
 
+from medscale.bench.step import bench_spec, bench_step
+from medscale.commands.bench import BENCHMARKS
+from medscale.options import REMAT_POLICIES
+
 
 def add_shape_args(p, vocab=None):
     """The model-shape flags of the step benchmarks (``bench step``, ``bench torch``), with their defaults."""
@@ -17,15 +21,15 @@ def add_shape_args(p, vocab=None):
     p.add_argument("--batch", type=int, default=16)
 
 
-def register(sub):
-    p = sub.add_parser("step", help="training-step throughput and MFU of one model shape",
+def register(sub, argv=()):
+    p = sub.add_parser("step", help=BENCHMARKS["step"],
                        description="Times the compiled train step (compile excluded; median over timed steps "
                                    "after warm-up) of the model with the given shape on random batches that "
                                    "follow the batch contract.")
     add_shape_args(p)
     p.add_argument("--mlp", default="gelu", choices=("gelu", "swiglu"))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--remat", default="none", choices=("none", "full", "save_dots"))
+    p.add_argument("--remat", default="none", choices=REMAT_POLICIES)
     p.add_argument("--attention", default="dense")
     p.add_argument("--window", type=int, default=None, help="keys per encoder query for --attention local")
     p.add_argument("--block", type=int, default=None, help="key/value block for blockwise attention")
@@ -36,8 +40,6 @@ def register(sub):
 
 
 def run(args):
-    from medscale.train.bench import bench_spec, bench_step
-
     spec = bench_spec(args.d_model, args.enc_layers, args.dec_layers, args.heads, args.d_ff, args.vocab,
                       args.enc_len, args.dec_len, args.mlp)
     out = bench_step(spec, args.batch, dtype=args.dtype, remat=args.remat, attention=args.attention,

@@ -3,13 +3,15 @@
 import json
 import sys
 
+from medscale.bench.versus_torch import compare
 from medscale.commands._bench_step import add_shape_args
+from medscale.commands.bench import BENCHMARKS
 
 
-def register(sub):
-    p = sub.add_parser("torch", help="the training step against PyTorch (same shapes, same machine, one run)",
+def register(sub, argv=()):
+    p = sub.add_parser("torch", help=BENCHMARKS["torch"],
                        description="Alternates fresh processes of `medscale bench step` and a torch.nn.Transformer "
-                                   "encoder-decoder of the same shapes (medscale/train/torch_encdec.py, run by "
+                                   "encoder-decoder of the same shapes (medscale/bench/torch_encdec.py, run by "
                                    "--python), ABBA order, and reports the median step time of each and "
                                    "speedup = torch / medscale.")
     p.add_argument("--python", required=True, help="a Python interpreter that has torch installed")
@@ -21,8 +23,6 @@ def register(sub):
 
 
 def run(args):
-    from medscale.train.versus_torch import compare
-
     progress = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = compare(args.python, d_model=args.d_model, enc_layers=args.enc_layers, dec_layers=args.dec_layers,
                   heads=args.heads, d_ff=args.d_ff, vocab=args.vocab, enc_len=args.enc_len, dec_len=args.dec_len,

@@ -1,16 +1,28 @@
 """``medscale bench <what>``: benchmarks. Each one is a module ``medscale/commands/_bench_<what>.py`` with
-``register(subparsers)``, found automatically (same rules as the top-level commands)."""
+``register(subparsers)`` (help ``BENCHMARKS[what]``); it parses and prints, the benchmark itself is in
+``medscale/bench/``. Only the module of the benchmark being run is imported (as for the top-level commands)."""
 
 import importlib
-import pkgutil
+
+from medscale.commands import COMMANDS, command_word
+
+BENCHMARKS = {
+    "data": "input-pipeline throughput (examples/s, batches/s) without a model",
+    "fit": "Approach 3 fit: vectorised multistart vs plain scipy loop (time, objective)",
+    "seqlen": "peak memory, step time and MFU of the train step vs encoder length, per attention implementation "
+              "and remat policy",
+    "step": "training-step throughput and MFU of one model shape",
+    "torch": "the training step against PyTorch (same shapes, same machine, one run)",
+}
 
 
-def register(sub):
-    parser = sub.add_parser("bench", help="benchmarks: speed and memory as ratios or MFU")
+def register(sub, argv=()):
+    parser = sub.add_parser("bench", help=COMMANDS["bench"])
     inner = parser.add_subparsers(dest="bench", metavar="WHAT", parser_class=type(parser))
-    from medscale import commands
-
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        if info.name.startswith("_bench_"):
-            importlib.import_module(f"medscale.commands.{info.name}").register(inner)
+    chosen, _ = command_word(argv)
+    for name in sorted(BENCHMARKS):
+        if not argv or name == chosen:
+            importlib.import_module(f"medscale.commands._bench_{name}").register(inner)
+        else:
+            inner.add_parser(name, help=BENCHMARKS[name])
     parser.set_defaults(func=lambda args: parser.print_help() or 2)

@@ -8,16 +8,20 @@ Examples:
 
 import json
 
+from medscale.analysis.budget import BUDGET_JSON_KEYS, DEFAULT_MFU, budget_plan
+from medscale.commands import COMMANDS
 
-def register(sub):
-    p = sub.add_parser("budget", help="compute budget -> compute-optimal size, tokens, loss, days",
+
+def register(sub, argv=()):
+    p = sub.add_parser("budget", help=COMMANDS["budget"],
                        description=__doc__.splitlines()[0])
     src = p.add_argument_group("budget (exactly one of: --hardware with --days, --flops, --pf-days, --params)")
     src.add_argument("--hardware", help="device or system name (e.g. v100-sxm2-32gb, a100-80gb, h100-sxm, h200, "
                      "cpu, dgx-1 = 8 x v100-sxm2-32gb)")
     src.add_argument("--gpus", type=int, help="number of devices (default 1; 8 for dgx-1)")
     src.add_argument("--days", type=float, help="wall-clock days of training on --hardware")
-    src.add_argument("--mfu", type=float, default=0.35, help="model FLOPs utilisation in (0, 1] (default 0.35)")
+    src.add_argument("--mfu", type=float, default=DEFAULT_MFU,
+                     help=f"model FLOPs utilisation in (0, 1] (default {DEFAULT_MFU})")
     src.add_argument("--precision", choices=("fp32", "tf32", "fp16", "bf16"),
                      help="peak to use (default: bf16, else fp16, else fp32, as the device has)")
     src.add_argument("--flops", type=float, help="budget in FLOPs")
@@ -42,8 +46,6 @@ def _fmt(x, unit=""):
 
 
 def run(args):
-    from medscale.accounting import BUDGET_JSON_KEYS, budget_plan
-
     plan = budget_plan(args.law, flops=args.flops, pf_days=args.pf_days, hardware=args.hardware, gpus=args.gpus,
                        days=args.days, mfu=args.mfu, precision=args.precision, params=args.params,
                        batch_tokens=args.batch_tokens)

@@ -2,6 +2,11 @@
 
 import json
 
+from medscale.commands import COMMANDS
+from medscale.configs import load_config, spec_from_config
+from medscale.data.pipeline import build_data, prepare_report
+from medscale.errors import UserError
+
 
 def _common(p):
     p.add_argument("--config", default="tiny", help="config FILE[:ARG] (default: tiny)")
@@ -10,8 +15,8 @@ def _common(p):
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
-def register(sub):
-    parser = sub.add_parser("data", help="prepare the dataset, tokenizers and token caches; show examples")
+def register(sub, argv=()):
+    parser = sub.add_parser("data", help=COMMANDS["data"])
     inner = parser.add_subparsers(dest="data_command", metavar="ACTION", parser_class=type(parser))
     p = inner.add_parser("prepare", help="build (or check) everything a config's training reads",
                          description="Generates or converts the TFDS dataset (ArrayRecord), trains the "
@@ -28,9 +33,6 @@ def register(sub):
 
 
 def run_prepare(args):
-    from medscale.configs import load_config, spec_from_config
-    from medscale.data.pipeline import prepare_report
-
     cfg = load_config(args.config, args.set)
     out = prepare_report(cfg, spec_from_config(cfg), progress=not args.quiet)
     if args.json:
@@ -42,10 +44,6 @@ def run_prepare(args):
 
 
 def run_show(args):
-    from medscale.configs import load_config, spec_from_config
-    from medscale.data.pipeline import build_data
-    from medscale.errors import UserError
-
     cfg = load_config(args.config, args.set)
     data = build_data(cfg, spec_from_config(cfg), progress=not args.quiet)
     ex = data.examples(args.split)

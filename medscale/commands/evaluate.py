@@ -1,9 +1,13 @@
 """``medscale evaluate``: task metrics (caption BLEU-4 and finding accuracy, box IoU and AP@0.5,
 segmentation mIoU) of a run on its held-out split, stored in its summary.json under ``task_metrics``."""
 
+from medscale.commands import COMMANDS
+from medscale.errors import UserError
+from medscale.generate.evaluate import evaluate_run_with_meta
 
-def register(sub):
-    p = sub.add_parser("evaluate", help="task metrics of a trained run on held-out data (into summary.json)")
+
+def register(sub, argv=()):
+    p = sub.add_parser("evaluate", help=COMMANDS["evaluate"])
     p.add_argument("--workdir", required=True, help="run directory of `medscale train`")
     p.add_argument("--num", type=int, default=64, help="held-out examples to decode (default 64)")
     p.add_argument("--checkpoint", type=int, default=None, help="checkpoint step (default: the latest)")
@@ -18,9 +22,6 @@ def register(sub):
 
 def run(args):
     import json
-
-    from medscale.errors import UserError
-    from medscale.generate.evaluate import evaluate_run_with_meta
 
     if args.num < 1:
         raise UserError(f"--num must be at least 1, got {args.num}")

@@ -2,11 +2,16 @@
 compute-optimal allocation. See docs/fit.md."""
 
 import json
+import os
 import sys
 
+from medscale.analysis import approach3, fitting, inputs
+from medscale.commands import COMMANDS
+from medscale.errors import UserError
 
-def register(sub):
-    p = sub.add_parser("fit", help="fit scaling laws (Approaches 1/2/3) with bootstrap intervals",
+
+def register(sub, argv=()):
+    p = sub.add_parser("fit", help=COMMANDS["fit"],
                        description=__doc__)
     p.add_argument("input", help="CSV/Parquet table of runs, or a results folder of the registry")
     p.add_argument("--col", action="append", default=[], metavar="NAME=SOURCE",
@@ -37,9 +42,6 @@ def register(sub):
 
 
 def _approaches(args, points, curves):
-    from medscale.analysis import isoflop
-    from medscale.errors import UserError
-
     asked = set()
     for a in args.approach:
         for part in a.split(","):
@@ -52,17 +54,10 @@ def _approaches(args, points, curves):
                 raise UserError(f"--approach {part!r}: use 1, 2, 3 or all")
     if asked:
         return tuple(sorted(asked, reverse=True))
-    out = ["3"]
-    if len(isoflop.assign_groups(points, args.bin_dex)[1]) >= 2:
-        out.append("2")
-    if curves is not None:
-        out.append("1")
-    return tuple(out)
+    return fitting.default_approaches(points, curves, args.bin_dex)
 
 
 def _starts(kind):
-    from medscale.analysis import approach3
-
     if kind == "paper":
         return None
     return approach3.start_grid(alphas=[0.5, 1.0, 1.5], betas=[0.5, 1.0, 1.5], es=[-1.0, 0.0, 1.0],
@@ -70,9 +65,6 @@ def _starts(kind):
 
 
 def run(args):
-    from medscale.analysis import fitting, inputs
-    from medscale.errors import UserError
-
     if args.bootstrap < 0:
         raise UserError("--bootstrap must be >= 0")
     if args.max_iter < 1:
@@ -80,8 +72,6 @@ def run(args):
     if not args.delta > 0:
         raise UserError("--delta must be positive")
     if args.out:
-        import os
-
         folder = os.path.dirname(os.path.abspath(args.out))
         if not os.path.isdir(folder):
             raise UserError(f"--out {args.out}: folder {folder} does not exist")

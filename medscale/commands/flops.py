@@ -15,14 +15,21 @@ base config's sizes): image 512, caption 2048, boxes 2048, segmentation 256.
 
 import json
 
-from medscale import modalities
+from medscale import accounting, modalities
+from medscale.commands import COMMANDS
+from medscale.configs import load_config, spec_from_config
+from medscale.configs.ladder import ladder_shape
+from medscale.errors import UserError
+from medscale.options import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+from medscale.spec import ModelSpec
+from medscale.train.step import xla_step_flops
 
 SHAPE_FLAGS = (("d_model", "d_model"), ("enc_layers", "enc_layers"), ("dec_layers", "dec_layers"),
                ("heads", "num_heads"), ("d_ff", "d_ff"), ("mlp", "mlp"))
 
 
-def register(sub):
-    p = sub.add_parser("flops", help="parameters and FLOPs per training step, by component",
+def register(sub, argv=()):
+    p = sub.add_parser("flops", help=COMMANDS["flops"],
                        description=__doc__.splitlines()[0])
     p.add_argument("--size", help="a ladder size (medscale/configs/ladder.py); explicit flags override its shape")
     p.add_argument("--config", help="a config file FILE[:ARG] (shape, vocabularies, lengths, batch, remat, attention)")
@@ -37,8 +44,8 @@ def register(sub):
     p.add_argument("--enc-len", type=int, help="encoder tokens per example (default 128)")
     p.add_argument("--dec-len", type=int, help="decoder tokens per example (default 64)")
     p.add_argument("--batch", type=int, help="examples per step (default 16)")
-    p.add_argument("--remat", choices=("none", "full", "save_dots"), help="recomputation policy (default none)")
-    p.add_argument("--attention", choices=("dense", "xla", "cudnn", "blockwise", "local"),
+    p.add_argument("--remat", choices=REMAT_POLICIES, help="recomputation policy (default none)")
+    p.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS,
                    help="attention implementation (default dense)")
     p.add_argument("--window", type=int, help="keys per encoder query for --attention local (default 128)")
     p.add_argument("--xla", action="store_true", help="also compile the real training step and report XLA's count")
@@ -46,21 +53,10 @@ def register(sub):
     p.set_defaults(func=run)
 
 
-def _modalities(vocab: str | None):
-    """The registered modalities with the vocabularies of a ``--vocab`` flag (``modalities.from_vocab_flag``)."""
-    return modalities.from_vocab_flag(vocab)
-
-
 def build_spec(args):
     """(spec, batch, remat, attention, window) from the flags."""
-    from medscale.configs.ladder import ladder_shape
-    from medscale.errors import UserError
-    from medscale.spec import ModelSpec
-
     remat, attention, window, batch = "none", "dense", 128, 16
     if args.config:
-        from medscale.configs import load_config, spec_from_config
-
         cfg = load_config(args.config, args.set)
         if args.size:
             cfg.model.size = args.size
@@ -85,7 +81,7 @@ def build_spec(args):
     if "d_ff" not in shape:
         shape["d_ff"] = 4 * shape["d_model"]
     if args.vocab is not None or base["modalities"] is None:
-        base["modalities"] = _modalities(args.vocab)
+        base["modalities"] = modalities.from_vocab_flag(args.vocab)
     for flag in ("enc_len", "dec_len"):
         if getattr(args, flag) is not None:
             base[flag] = getattr(args, flag)
@@ -99,9 +95,6 @@ def build_spec(args):
 
 
 def run(args):
-    from medscale import accounting
-    from medscale.errors import UserError
-
     spec, batch, remat, attention, window = build_spec(args)
     counts = accounting.param_counts(spec)
     opts = {"remat": remat, "attention": attention, "window": window}
@@ -115,10 +108,6 @@ def run(args):
         "ratio_to_6nd": accounting.ratio_to_6nd(spec, batch, **opts),
     }
     if args.xla:
-        try:
-            from medscale.train.step import xla_step_flops
-        except ImportError:
-            raise UserError("--xla needs the model (not built yet)") from None
         xla = float(xla_step_flops(spec, batch, **opts))
         out["xla_flops_per_step"] = xla
         out["xla_ratio"] = xla / step["hardware_flops"]

@@ -1,11 +1,18 @@
 """``medscale generate``: caption, boxes and segmentation (any target subset) from an image or a held-out
 example of a trained run; writes a picture and prints the outputs (see docs/generate.md)."""
 
+import json
 import os
 
+from medscale import modalities
+from medscale.commands import COMMANDS
+from medscale.errors import UserError
+from medscale.generate.cli_impl import generate
+from medscale.generate.render import renderer
 
-def register(sub):
-    p = sub.add_parser("generate", help="decode caption/boxes/segmentation of an image with a trained run")
+
+def register(sub, argv=()):
+    p = sub.add_parser("generate", help=COMMANDS["generate"])
     p.add_argument("--workdir", required=True, help="run directory of `medscale train`")
     p.add_argument("--checkpoint", type=int, default=None, help="checkpoint step (default: the latest)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -26,8 +33,6 @@ def register(sub):
 
 
 def _split_list(text, flag):
-    from medscale.errors import UserError
-
     items = [t.strip() for t in (text or "").split(",") if t.strip()]
     if not items:
         raise UserError(f"{flag}: give at least one modality")
@@ -37,13 +42,6 @@ def _split_list(text, flag):
 
 
 def run(args):
-    import json
-
-    from medscale import modalities
-    from medscale.errors import UserError
-    from medscale.generate.cli_impl import generate
-    from medscale.generate.render import renderer
-
     if args.temperature < 0:
         raise UserError("--temperature must be >= 0")
     if args.top_k < 0:

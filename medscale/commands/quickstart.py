@@ -10,15 +10,20 @@ import json
 import sys
 import time
 
+from medscale.analysis import quickstart
+from medscale.analysis.budget import DEFAULT_MFU
+from medscale.commands import COMMANDS
+from medscale.errors import UserError
 
-def register(sub):
-    p = sub.add_parser("quickstart", help="the whole loop on CPU: sweep, fit, report, recommendation",
+
+def register(sub, argv=()):
+    p = sub.add_parser("quickstart", help=COMMANDS["quickstart"],
                        description=__doc__.splitlines()[0])
     p.add_argument("--results", default="results", metavar="DIR", help="results root (default results/)")
     p.add_argument("--workers", type=int, default=2, help="runs trained at the same time (default 2)")
     p.add_argument("--sweep", metavar="SWEEP.py", help="another sweep definition instead of the built-in one")
     p.add_argument("--mfu", type=float, default=None,
-                   help="model FLOPs utilisation assumed on the V100s for the recommendation (default 0.35)")
+                   help=f"model FLOPs utilisation assumed on the V100s for the recommendation (default {DEFAULT_MFU})")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits for the intervals (default 200)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -36,12 +41,9 @@ def _fmt(x, digits=3):
 
 
 def run(args):
-    from medscale.errors import UserError
-    from medscale.sweep import quickstart
-
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
-    mfu = quickstart.DEFAULT_MFU if args.mfu is None else args.mfu
+    mfu = DEFAULT_MFU if args.mfu is None else args.mfu
     if not 0 < mfu <= 1:
         raise UserError(f"--mfu must be in (0, 1], got {mfu:g}")
     t0 = time.time()

@@ -9,9 +9,13 @@ Examples:
 import json
 import sys
 
+from medscale.analysis.report import build_report, fmt
+from medscale.commands import COMMANDS
+from medscale.errors import UserError
 
-def register(sub):
-    p = sub.add_parser("report", help="the study report: laws, recommendation for a budget, figures, comparison",
+
+def register(sub, argv=()):
+    p = sub.add_parser("report", help=COMMANDS["report"],
                        description=__doc__.splitlines()[0])
     p.add_argument("results_dir", metavar="RESULTS_DIR", help="a sweep folder (results/<sweep>) of run directories")
     g = p.add_argument_group("budget (default: --hardware dgx-1 --days 7)")
@@ -36,9 +40,6 @@ def register(sub):
 
 
 def run(args):
-    from medscale.analysis.report import build_report, fmt
-    from medscale.errors import UserError
-
     if args.bootstrap < 0:
         raise UserError(f"--bootstrap must be >= 0, got {args.bootstrap}")
     if args.batch_size <= 0:

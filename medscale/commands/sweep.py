@@ -5,9 +5,12 @@ import math
 import os
 import sys
 
+from medscale.commands import COMMANDS
+from medscale.sweep import design, emit, launcher, registry
 
-def register(sub):
-    parser = sub.add_parser("sweep", help="run, inspect and export sweeps of training runs")
+
+def register(sub, argv=()):
+    parser = sub.add_parser("sweep", help=COMMANDS["sweep"])
     inner = parser.add_subparsers(dest="sweep_command", metavar="ACTION", parser_class=type(parser))
 
     p = inner.add_parser("run", help="train every run of a sweep locally, each in its own process")
@@ -63,8 +66,6 @@ def register(sub):
 
 
 def _run(args):
-    from medscale.sweep import design, launcher
-
     if args.dry_run:
         sweep = design.load_definition(args.sweep)
         runs = design.filter_runs(design.expand(sweep), args.only)
@@ -107,8 +108,6 @@ def _finite(x) -> bool:
 
 
 def _status(args):
-    from medscale.sweep import registry
-
     df = registry.load_sweep(args.path, results=args.results)
     counts = df["status"].value_counts().to_dict()
     if args.json:
@@ -131,8 +130,6 @@ def _status(args):
 
 
 def _emit(args):
-    from medscale.sweep import design, emit
-
     sweep = design.load_definition(args.sweep)
     runs = design.filter_runs(design.expand(sweep), args.only)
     opts = {"gpus": args.gpus, "cpus": args.cpus, "python": args.python, "extra_sets": tuple(args.extra_sets)}
@@ -151,8 +148,6 @@ def _emit(args):
 
 
 def _export(args):
-    from medscale.sweep import registry
-
     out = registry.export(args.path, args.out, results=args.results)
     print(out)
     return 0

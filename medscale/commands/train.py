@@ -3,9 +3,15 @@
 import json
 import sys
 
+from medscale.commands import COMMANDS
+from medscale.configs import load_config
+from medscale.generate.evaluate import task_eval
+from medscale.rundir import summary_line
+from medscale.train.loop import train
 
-def register(sub):
-    p = sub.add_parser("train", help="train one model (resumes when the workdir has a checkpoint)",
+
+def register(sub, argv=()):
+    p = sub.add_parser("train", help=COMMANDS["train"],
                        description="Train one model from a config file; resumes from DIR's latest checkpoint.")
     p.add_argument("--config", required=True, help="config file FILE.py[:ARG] (or a name in medscale/configs)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -17,20 +23,13 @@ def register(sub):
 
 
 def run(args):
-    from medscale.configs import load_config
-    from medscale.train.loop import train
-
     cfg = load_config(args.config, args.overrides)
-    summary = train(cfg, args.workdir, progress=not args.quiet)
+    summary = train(cfg, args.workdir, progress=not args.quiet,
+                    finish=lambda workdir, data: task_eval(cfg, workdir, data))
     if args.json:
         print(json.dumps(summary, default=str))
     else:
-        def fmt(x):
-            return "-" if x is None else f"{x:.4f}"
-
-        print(f"status {summary.get('status')}  steps {summary.get('steps')}  tokens {summary.get('tokens')}  "
-              f"train loss {fmt(summary.get('final_train_loss'))}  eval loss {fmt(summary.get('final_eval_loss'))}"
-              f"  mfu {fmt(summary.get('mfu'))}")
+        print(summary_line(summary))
         if summary.get("error"):
             print(f"  {summary['error']}", file=sys.stderr)
     return 0 if summary.get("status") == "done" else 1

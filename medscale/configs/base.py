@@ -6,6 +6,7 @@ Run:  medscale train --config medscale/configs/base.py --set model.size=xs --wor
 import ml_collections
 
 from medscale import modalities
+from medscale.options import SHARDING_RULES
 
 
 def get_config():
@@ -21,8 +22,8 @@ def get_config():
     c.model.d_ff = ml_collections.FieldReference(None, field_type=int)
     c.model.mlp = ml_collections.FieldReference(None, field_type=str)
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
-    c.model.remat = "none"  # none | full | save_dots
-    c.model.attention = "dense"  # dense | xla | cudnn | blockwise | local
+    c.model.remat = "none"  # one of medscale.options.REMAT_POLICIES: none | full | save_dots
+    c.model.attention = "dense"  # one of medscale.options.ATTENTION_IMPLEMENTATIONS
     c.model.attention_block = 512  # key/value block for blockwise attention
     c.model.attention_window = 128  # encoder window for local attention
 
@@ -68,23 +69,7 @@ def get_config():
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1, 1)  # ('data', 'fsdp', 'tensor'); one axis may be -1
-    c.mesh.axes = ("data", "fsdp", "tensor")
-    # logical axis -> mesh axis (or None); changing parallelism is a config change, never a model edit
-    c.mesh.rules = (
-        ("activation_batch", ("data", "fsdp")),
-        ("activation_length", None),
-        ("activation_embed", None),
-        ("activation_heads", "tensor"),
-        ("activation_mlp", "tensor"),
-        ("activation_vocab", "tensor"),
-        ("embed", "fsdp"),
-        ("mlp", "tensor"),
-        ("heads", "tensor"),
-        ("kv", None),
-        ("vocab", "tensor"),
-        ("modality", None),
-        ("norm", None),
-    )
+    c.mesh.rules = SHARDING_RULES  # logical axis -> mesh axis (or None); medscale/options.py
 
     c.hardware = "auto"  # hardware table key for MFU; auto: from jax.devices()
     return c

@@ -24,6 +24,8 @@ import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from medscale.data.synthetic import render_scene
+
 log = logging.getLogger(__name__)
 
 VERSION = tfds.core.Version("1.1.0")  # 1.1.0: + meta
@@ -97,8 +99,6 @@ class SyntheticMed(tfds.core.GeneratorBasedBuilder):
                 "test": self._generate_examples(c.num_train + c.num_eval, c.num_eval)}
 
     def _generate_examples(self, start: int, count: int):
-        from medscale.data.synthetic import render_scene
-
         c = self.builder_config
         for index in range(start, start + count):
             s = render_scene(c.seed, index, c.image_size)

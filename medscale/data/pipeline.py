@@ -25,10 +25,12 @@ import sys
 
 import numpy as np
 
-from medscale import modalities
+from medscale import modalities, rundir
+from medscale.configs import spec_from_config
+from medscale.data import real
+from medscale.data.builders import SyntheticMed, SyntheticMedConfig
 from medscale.data.masking import Masker
 from medscale.data.registry import Tokenizers, build_registry, tokenizer_order
-from medscale.data.tokenizers import atomic_write
 from medscale.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -76,14 +78,10 @@ def _make_builder(dcfg, root: str):
     name = dcfg.dataset
     tfds_dir = os.path.join(root, "tfds")
     if name == "synthetic_med":
-        from medscale.data.builders import SyntheticMed, SyntheticMedConfig
-
         cfg = SyntheticMedConfig(image_size=int(dcfg.image_size), num_train=int(dcfg.num_train),
                                  num_eval=int(dcfg.num_eval), seed=int(dcfg.get("data_seed", 0)))
         return SyntheticMed(config=cfg, data_dir=tfds_dir, file_format="array_record")
     if name in ("roco", "rocov2", "medmnist"):
-        from medscale.data import real
-
         return real.make_real_builder(name, dcfg, tfds_dir)
     raise UserError(f"unknown data.dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
@@ -314,7 +312,7 @@ class Data:
                 arrays, stats = self._tokenize(split, sizes)
                 buf = io.BytesIO()
                 np.savez(buf, stats=json.dumps(stats), **arrays)
-                atomic_write(path, buf.getvalue())
+                rundir.write_bytes(path, buf.getvalue())
         with np.load(path) as z:
             arrays = {k: z[k] for k in z.files if k != "stats"}
             self.stats[split] = json.loads(str(z["stats"]))
@@ -424,8 +422,6 @@ class Data:
 def build_data(cfg, spec=None, progress: bool = False) -> Data:
     """Build (or load from cache) the dataset, tokenizers and token caches a config names."""
     if spec is None:
-        from medscale.configs import spec_from_config
-
         spec = spec_from_config(cfg)
     return Data(cfg, spec, progress=progress)
 

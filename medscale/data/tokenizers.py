@@ -27,11 +27,11 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 
 import numpy as np
 
+from medscale import rundir
 from medscale.data.synthetic import MASK_CLASSES
 from medscale.errors import UserError
 
@@ -50,14 +50,6 @@ def _sha(*parts: bytes) -> str:
 def _limit(dcfg) -> int:
     """Training examples the tokenizers learn from (``data.tokenizer_examples``); part of artifact names."""
     return int(dcfg.get("tokenizer_examples", 2000))
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------- text
@@ -176,7 +168,7 @@ class TextTokenizer:
                     "hash": self.hash}
         buf = io.BytesIO()
         np.savez(buf, model=np.frombuffer(self.model_bytes, np.uint8), meta=json.dumps(meta))
-        atomic_write(path, buf.getvalue())
+        rundir.write_bytes(path, buf.getvalue())
 
     # the registry's tokenizer interface (medscale.modalities)
     @classmethod
@@ -327,7 +319,7 @@ class VQTokenizer:
     def save(self, path: str) -> None:
         buf = io.BytesIO()
         np.savez(buf, codebook=self.codebook, patch=self.patch, hash=self.hash)
-        atomic_write(path, buf.getvalue())
+        rundir.write_bytes(path, buf.getvalue())
 
     @classmethod
     def artifact(cls, dcfg, vocab_size: int) -> str:
@@ -410,7 +402,7 @@ class SegTokenizer:
     def save(self, path: str) -> None:
         buf = io.BytesIO()
         np.savez(buf, codebook=self.codebook, patch=self.patch, num_classes=self.num_classes, hash=self.hash)
-        atomic_write(path, buf.getvalue())
+        rundir.write_bytes(path, buf.getvalue())
 
     @classmethod
     def artifact(cls, dcfg, vocab_size: int) -> str:

@@ -25,17 +25,19 @@ split) and writes ``task_metrics`` and ``task_eval`` into its ``summary.json`` (
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import time
 
+import jax
 import numpy as np
 
-from medscale import modalities
+from medscale import modalities, rundir
 from medscale.data.synthetic import parse_caption
 from medscale.errors import UserError
 from medscale.generate import metrics as M
 from medscale.generate.predict import DecodeOptions, predict
+from medscale.generate.run import heldout_examples, load_run
 
 log = logging.getLogger(__name__)
 
@@ -121,21 +123,17 @@ def task_metrics(decoder, tokenizers: dict, examples: list[dict], image_size: in
 def write_task_metrics(workdir: str, metrics: dict, meta: dict | None = None) -> dict:
     """Set ``task_metrics`` (and ``task_eval`` when given) in ``workdir/summary.json`` (atomic); returns the
     summary."""
-    path = os.path.join(workdir, "summary.json")
+    path = rundir.path(workdir, rundir.SUMMARY)
     if not os.path.exists(path):
         raise UserError(f"{workdir} has no summary.json: the run has not finished; evaluate it when it has")
     try:
-        with open(path) as f:
-            summary = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
+        summary = rundir.read_json(path)
+    except UserError as exc:
         raise UserError(f"{path} is unreadable ({exc}); re-run the training to rewrite it") from None
     summary["task_metrics"] = metrics
     if meta is not None:
         summary["task_eval"] = meta
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    rundir.write_json(path, summary)
     return summary
 
 
@@ -153,13 +151,11 @@ def evaluate_run_with_meta(workdir: str, num_examples: int = 64, *, checkpoint: 
                            write: bool = True, batch_size: int = 16, progress: bool = False,
                            data=None, refine_steps: int = 1) -> tuple[dict, dict]:
     """:func:`evaluate_run`, also returning what was evaluated (``task_eval``)."""
-    from medscale.generate.run import heldout_examples, load_run
-
     if num_examples < 1:
         raise UserError(f"--num must be at least 1, got {num_examples}")
     if refine_steps < 1:
         raise UserError(f"--refine-steps must be at least 1, got {refine_steps}")
-    if write and not os.path.exists(os.path.join(workdir, "summary.json")) and os.path.isdir(workdir):
+    if write and not os.path.exists(rundir.path(workdir, rundir.SUMMARY)) and os.path.isdir(workdir):
         raise UserError(f"{workdir} has no summary.json: the run has not finished; evaluate it when it has "
                         "(or pass --no-write)")
     run = load_run(workdir, checkpoint, data=data)
@@ -184,3 +180,24 @@ def evaluate_run_with_meta(workdir: str, num_examples: int = 64, *, checkpoint: 
     if write:
         write_task_metrics(workdir, res, meta)
     return res, meta
+
+
+def task_eval(cfg, workdir: str, data=None) -> dict:
+    """The end-of-run evaluation a training run's caller passes to ``medscale.train.loop.train`` as
+    ``finish``: task metrics of the finished run on ``cfg.train.task_eval_examples`` held-out examples (0
+    turns it off), as summary keys ``task_metrics`` / ``task_eval``. A failure is logged and recorded in
+    ``task_eval``, never fails the run."""
+    n = int(cfg.train.get("task_eval_examples", 0) or 0)
+    if n <= 0:
+        return {}
+    if jax.process_count() > 1:
+        log.info("task metrics are not computed inside a multi-process run; run `medscale evaluate --workdir %s`",
+                 workdir)
+        return {}
+    t0 = time.time()
+    try:
+        metrics, meta = evaluate_run_with_meta(workdir, n, write=False, data=data)
+    except Exception as exc:  # a finished run stays done; the error is logged and kept in the summary
+        log.exception("task metrics of %s failed", workdir)
+        return {"task_eval": {"error": f"{type(exc).__name__}: {exc}"}}
+    return {"task_metrics": metrics, "task_eval": dict(meta, seconds=time.time() - t0)}

@@ -21,8 +21,9 @@ import os
 import textwrap
 
 import numpy as np
+from PIL import Image
 
-from medscale import modalities
+from medscale import modalities, rundir
 from medscale.errors import UserError
 from medscale.generate.metrics import SEG_CLASSES
 
@@ -106,24 +107,17 @@ def draw(path: str, image: np.ndarray, *, caption: str | None = None, boxes=None
     if title:
         fig.suptitle(title, fontsize=9)
     fig.subplots_adjust(bottom=0.28, top=0.9, left=0.03, right=0.97)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}.png"
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with rundir.atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_png(path: str, array: np.ndarray) -> None:
     """A uint8 ``[H, W]`` array as a grey-scale PNG (written to a temp file, then moved into place)."""
-    from PIL import Image
-
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    Image.fromarray(np.asarray(array, np.uint8), "L").save(tmp)
-    os.replace(tmp, path)
+    with rundir.atomic_path(path) as tmp:
+        Image.fromarray(np.asarray(array, np.uint8), "L").save(tmp)
 
 
 def jsonable_boxes(boxes) -> list:

@@ -13,9 +13,19 @@ import json
 import os
 from typing import Any
 
-from medscale.errors import UserError
+import jax
+import ml_collections
+from flax import nnx
 
-CKPT_DIR = "checkpoints"
+from medscale import rundir
+from medscale.configs import spec_from_config
+from medscale.data.pipeline import build_data
+from medscale.errors import UserError
+from medscale.generate.decode import Decoder
+from medscale.model.sharding import make_mesh
+from medscale.train.loop import opt_config, run_length
+from medscale.train.step import abstract_model, build
+
 HELDOUT_SPLIT = "validation"
 
 
@@ -34,9 +44,7 @@ class LoadedRun:
 
 
 def read_config(workdir: str):
-    import ml_collections
-
-    path = os.path.join(workdir, "config.json")
+    path = rundir.path(workdir, rundir.CONFIG)
     if not os.path.isdir(workdir):
         raise UserError(f"--workdir {workdir}: no such directory")
     if not os.path.exists(path):
@@ -53,66 +61,23 @@ def read_config(workdir: str):
     return cfg
 
 
-def checkpoint_steps(workdir: str) -> list[int]:
-    d = os.path.join(workdir, CKPT_DIR)
-    if not os.path.isdir(d):
-        return []
-    return sorted(int(n) for n in os.listdir(d) if n.isdigit())
-
-
 def _abstract_train_state(cfg, spec):
     """The training loop's abstract state on one device (a target for checkpoints saved under a mesh)."""
-    import jax
-
-    from medscale.model.sharding import make_mesh
-    from medscale.train.loop import opt_config, run_length
-    from medscale.train.step import build
-
     prog = build(spec, opt_config(cfg, run_length(cfg)), mesh=make_mesh((1, 1, 1), jax.devices()[:1]),
                  dtype=cfg.model.dtype, remat="none", attention=cfg.model.attention, donate=False)
     return prog.abstract_state
 
 
 def restore_params(workdir: str, cfg, spec, step: int | None):
-    """(params pure dict, step) of a checkpoint of the training loop (``{"state": {"params", "opt", ...},
-    "data": ...}`` under ``workdir/checkpoints/<step>``). Restored as saved when that works (no dependence on
-    the optimiser's structure), else against the training loop's abstract state on one device."""
-    import orbax.checkpoint as ocp
-
-    steps = checkpoint_steps(workdir)
-    if not steps:
-        raise UserError(f"{workdir} has no checkpoint yet (no {CKPT_DIR}/<step>); train it first")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise UserError(f"--checkpoint {step}: not in {workdir}; available steps: {', '.join(map(str, steps))}")
-    mgr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CKPT_DIR)),
-                                options=ocp.CheckpointManagerOptions(create=False))
-    try:
-        try:
-            restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-        except Exception:  # noqa: BLE001 - e.g. saved under a mesh this host does not have: use a target
-            target = _abstract_train_state(cfg, spec)
-            restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    except Exception as exc:  # noqa: BLE001 - a corrupt or foreign checkpoint is the user's to fix
-        raise UserError(f"checkpoint {step} of {workdir} does not restore ({type(exc).__name__}: {exc}); "
-                        "delete it or give another --checkpoint") from None
-    finally:
-        mgr.close()
-    state = restored["state"]
-    if not isinstance(state, dict) or "params" not in state:
-        raise UserError(f"checkpoint {step} of {workdir} holds no parameters; is it a medscale run?")
-    return state["params"], int(step)
+    """(params pure dict, step) of a checkpoint of the training loop (:func:`medscale.rundir.restore_params`,
+    with the training loop's abstract state on one device as the fallback target)."""
+    return rundir.restore_params(workdir, step, lambda: _abstract_train_state(cfg, spec))
 
 
 INFERENCE_ATTENTION = {"cudnn": "dense", "xla": "dense", "blockwise": "dense"}  # exact full attention on any device
 
 
 def build_model(spec, cfg, params):
-    from flax import nnx
-
-    from medscale.train.step import abstract_model
-
     attention = INFERENCE_ATTENTION.get(cfg.model.attention, cfg.model.attention)
     abstract = abstract_model(spec, cfg.model.dtype, "none", attention)
     graphdef, state = nnx.split(abstract)
@@ -121,16 +86,11 @@ def build_model(spec, cfg, params):
 
 
 def load_run(workdir: str, checkpoint: int | None = None, data=None) -> LoadedRun:
-    from medscale.configs import spec_from_config
-    from medscale.generate.decode import Decoder
-
     cfg = read_config(workdir)
     spec = spec_from_config(cfg)
     params, step = restore_params(workdir, cfg, spec, checkpoint)
     model = build_model(spec, cfg, params)
     if data is None:
-        from medscale.data.pipeline import build_data
-
         data = build_data(cfg, spec)
     return LoadedRun(workdir=workdir, cfg=cfg, spec=spec, model=model, decoder=Decoder(model), data=data,
                      tokenizers=tokenizer_dict(data.tokenizers), image_size=int(cfg.data.image_size), step=step)

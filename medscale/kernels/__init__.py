@@ -30,6 +30,8 @@ from pathlib import Path
 
 import jax
 
+from medscale.hardware import cache_dir, cpuinfo_field
+
 HERE = Path(__file__).parent
 SOURCE = HERE / "attention_cpu.cc"
 MATMUL_SOURCE = HERE / "matmul_cpu.cc"
@@ -43,14 +45,10 @@ _state: dict = {}  # kernel name -> {"lib": CDLL} or {"error": str}
 
 
 def _cache_dir() -> Path:
-    from medscale.hardware import cache_dir
-
     return Path(cache_dir()) / "kernels"
 
 
 def _cpu_flags() -> str:
-    from medscale.hardware import cpuinfo_field
-
     return cpuinfo_field("flags") or ""
 
 

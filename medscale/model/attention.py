@@ -64,8 +64,11 @@ import jax
 import jax.numpy as jnp
 
 from medscale.errors import UserError
+from medscale.kernels import attention_targets, kernels_allowed
+from medscale.model.sharding import active_mesh_size
+from medscale.options import ATTENTION_IMPLEMENTATIONS
 
-IMPLEMENTATIONS = ("dense", "xla", "cudnn", "blockwise", "local")
+IMPLEMENTATIONS = ATTENTION_IMPLEMENTATIONS
 OPTIONS = ("block", "block_q", "window")
 DEFAULT_BLOCK = 512
 DEFAULT_WINDOW = 128
@@ -214,9 +217,6 @@ def _dense_fused(q, k, v, q_segment, kv_segment, q_causal, same_segment):
 def _use_cpu_kernel(q, k, v) -> bool:
     """``dense`` runs as ``medscale/kernels/attention_cpu.cc`` when tracing for XLA:CPU, in float32, on one
     device, and the kernel could be built here; anything else keeps the XLA implementation (``_fused``)."""
-    from medscale.kernels import attention_targets, kernels_allowed
-    from medscale.model.sharding import active_mesh_size
-
     return (kernels_allowed() and jax.default_backend() == "cpu"
             and all(x.dtype == jnp.float32 for x in (q, k, v)) and active_mesh_size() == 1
             and attention_targets() is not None)
@@ -230,8 +230,6 @@ def _cpu_kernel(q, k, v, bias, rows):
 
 
 def _cpu_kernel_fwd(q, k, v, bias, rows):
-    from medscale.kernels import attention_targets
-
     forward, _ = attention_targets()
     b, lq, h, _ = q.shape
     lk = k.shape[1]
@@ -244,8 +242,6 @@ def _cpu_kernel_fwd(q, k, v, bias, rows):
 
 
 def _cpu_kernel_bwd(res, do):
-    from medscale.kernels import attention_targets
-
     _, backward = attention_targets()
     qs, k, v, p, o = res
     dq, dk, dv = jax.ffi.ffi_call(backward, (jax.ShapeDtypeStruct(qs.shape, qs.dtype),

@@ -19,9 +19,9 @@ from medscale.model.attention import attend, site_implementation
 from medscale.model.matmul import matmul
 from medscale.model.matmul import use_native as use_native_matmul
 from medscale.model.sharding import constrain
+from medscale.options import REMAT_POLICIES
 from medscale.spec import ModelSpec
 
-REMAT_POLICIES = ("none", "full", "save_dots")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 _BLD = ("activation_batch", "activation_length", "activation_embed")

@@ -13,12 +13,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from medscale.kernels import kernels_allowed, matmul_target
+from medscale.model.sharding import active_mesh_size
+
 
 def use_native(a, b) -> bool:
     """Whether :func:`matmul` of these operands, traced now, is the native call."""
-    from medscale.kernels import kernels_allowed, matmul_target
-    from medscale.model.sharding import active_mesh_size
-
     return (kernels_allowed() and jax.default_backend() == "cpu" and a.dtype == jnp.float32
             and b.dtype == jnp.float32 and active_mesh_size() == 1 and matmul_target() is not None)
 
@@ -26,8 +26,6 @@ def use_native(a, b) -> bool:
 def matmul(a, b, trans_a: bool = False, trans_b: bool = False):
     """``op(a) @ op(b)`` in float32 (op: transpose where asked) for 2-D ``a``, ``b``."""
     if use_native(a, b):
-        from medscale.kernels import matmul_target
-
         m = a.shape[1] if trans_a else a.shape[0]
         n = b.shape[0] if trans_b else b.shape[1]
         return jax.ffi.ffi_call(matmul_target(), jax.ShapeDtypeStruct((m, n), jnp.float32))(

@@ -21,10 +21,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from medscale.errors import UserError
+from medscale.options import MESH_AXES
 
 log = logging.getLogger(__name__)
 
-MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 _CTX: contextvars.ContextVar = contextvars.ContextVar("medscale_sharding", default=None)

@@ -16,7 +16,7 @@ A sweep definition is an ml_collections Python file whose ``get_config()`` retur
 - grid: ``tokens`` (token budgets, encoder + decoder tokens). isoflop: ``budgets`` (model FLOPs per run; or a
   dict from encoder length, as a string, to its own budgets, so that no IsoFLOP group mixes lengths),
   ``per_budget`` (sizes per budget), ``spread`` (ratio of the largest to the smallest target size), ``law``
-  (published law for the expected optimum, ``medscale.analysis.laws``), ``center_factor`` (multiplies it),
+  (published law for the expected optimum, ``medscale.laws``), ``center_factor`` (multiplies it),
   ``min_steps`` (sizes that would train fewer steps are dropped).
 - ``lr``: a float, or a dict from size name to lr with an optional ``"default"``.
 - ``per_size``: optional dict from size name to extra overrides for that size's runs (e.g. a smaller batch or
@@ -38,7 +38,11 @@ import math
 import os
 import re
 
+from medscale import accounting
+from medscale.configs import call_get_config, load_config, spec_from_config
+from medscale.configs.ladder import ladder_shape
 from medscale.errors import UserError
+from medscale.laws import PUBLISHED_CONVENTION, load_law
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +104,6 @@ def shape_of(size: str) -> dict | None:
     """Model shape fields of an explicit size name ``d<d>l<L>[h<H>][f<F>]``; None for a ladder name."""
     m = _SHAPE_RE.match(size)
     if not m:
-        from medscale.configs.ladder import ladder_shape
-
         ladder_shape(size)  # raises UserError naming the known sizes
         return None
     d_model, layers = int(m.group(1)), int(m.group(2))
@@ -131,7 +133,6 @@ def load_definition(path: str):
     file, _, arg = path.partition(":")
     if not os.path.isfile(file):
         raise UserError(f"sweep definition {file!r} not found; give the path of a sweep .py file (see sweeps/)")
-    from medscale.configs import call_get_config
 
     cfg = call_get_config(file, arg, what="sweep definition")
     if not isinstance(cfg, ml_collections.ConfigDict):
@@ -247,9 +248,6 @@ class _Accountant:
     def __call__(self, size: str, enc_len: int):
         key = (size, enc_len)
         if key not in self._cache:
-            from medscale import accounting
-            from medscale.configs import load_config, spec_from_config
-
             cfg = load_config(self.sweep.base, self.common_overrides(size, enc_len))
             spec = spec_from_config(cfg)
             batch = int(cfg.train.batch_size)
@@ -278,9 +276,6 @@ def isoflop_sizes(sweep, budget: float, acc: _Accountant, enc_len: int) -> list[
     """The sizes an IsoFLOP design trains at ``budget``: candidates nearest (in log params) to ``per_budget``
     targets spread log-uniformly over ``spread`` around the law's expected optimum, among candidates that
     would train at least ``min_steps`` steps."""
-    from medscale.accounting import PUBLISHED_CONVENTION
-    from medscale.analysis.laws import load_law
-
     law = load_law(sweep.law)
     convention = PUBLISHED_CONVENTION.get(sweep.law, sweep.params)  # the parameter count the law's N means
     center = float(law.n_opt(budget)) * float(sweep.center_factor)

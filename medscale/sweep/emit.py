@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 
+from medscale import rundir
 from medscale.errors import UserError
 from medscale.sweep.design import Run
 
@@ -148,11 +149,7 @@ def _write_index(runs: list[Run], out: str) -> str:
 
 
 def _write(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    rundir.write_text(path, text)
     if path.endswith(".sbatch"):
         os.chmod(path, 0o755)
 

@@ -14,6 +14,7 @@ before it was killed.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -21,20 +22,24 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+import tqdm
+
+import medscale
+from medscale import rundir
 from medscale.errors import UserError
+from medscale.hardware import PF_DAY
+from medscale.rundir import RunLock
 from medscale.sweep import registry
-from medscale.sweep.design import Run
-from medscale.sweep.lock import RunLock
+from medscale.sweep.design import Run, expand, filter_runs, load_definition
 
 log = logging.getLogger(__name__)
 
-PLAN_NAME = "sweep.json"
-LOG_NAME = "train.log"
+PLAN_NAME = rundir.PLAN
+LOG_NAME = rundir.LOG
 
 
 def package_root() -> str:
-    import medscale
-
     return os.path.dirname(os.path.dirname(os.path.abspath(medscale.__file__)))
 
 
@@ -45,18 +50,16 @@ def write_plan(run: Run, results: str) -> str:
     plan = run.plan()
     path = os.path.join(d, PLAN_NAME)
     try:
-        current = registry.read_json(path)
+        current = rundir.read_json(path)
     except UserError:
         current = None
     if current != _roundtrip(plan):
-        registry.write_json_atomic(path, plan)
+        rundir.write_json(path, plan)
     return d
 
 
 def _roundtrip(obj):
-    import json
-
-    return json.loads(json.dumps(obj, sort_keys=True, default=registry._json_default))
+    return json.loads(json.dumps(obj, sort_keys=True, default=rundir.json_default))
 
 
 def error_from_log(path: str, offset: int = 0, rc: int | None = None) -> str:
@@ -82,15 +85,15 @@ def error_from_log(path: str, offset: int = 0, rc: int | None = None) -> str:
 
 def failed_summary(run: Run, error: str, workdir: str) -> dict:
     """A summary for a run whose training process ended without writing one (interfaces.md's keys)."""
-    last = registry.last_train_row(os.path.join(workdir, "metrics.jsonl")) or {}
-    config = registry.read_json(os.path.join(workdir, "config.json"))
+    last = registry.last_train_row(rundir.path(workdir, rundir.METRICS)) or {}
+    config = rundir.read_config(workdir)
     flops = last.get("flops")
     return {
         "run_id": run.run_id, "sweep": run.sweep, "status": "failed", "error": error, "config": config,
         "size": run.size, "params": run.params, "enc_len": run.enc_len, "dec_len": run.dec_len,
         "batch_size": run.batch_size, "steps": last.get("step"), "tokens": last.get("tokens"),
         "model_flops": flops, "hardware_flops": None, "xla_flops": None,
-        "pf_days": None if flops is None else flops / registry.PF_DAY, "wall_s": None, "device_kind": None,
+        "pf_days": None if flops is None else flops / PF_DAY, "wall_s": None, "device_kind": None,
         "device_count": None, "hardware": None, "mfu": None, "final_train_loss": last.get("loss"),
         "final_eval_loss": None, "final_train_loss_by_modality": {}, "final_eval_loss_by_modality": {},
         "task_metrics": {},
@@ -102,8 +105,6 @@ def eta_seconds(finished, remaining, active, workers: int) -> float | None:
     fitted (least squares) to the runs finished in this launch (``finished``: [(model FLOPs, wall s)]);
     ``remaining``: FLOPs of runs not started; ``active``: [(FLOPs, seconds elapsed)] of running ones; the work
     is shared by ``workers``. None until a run has finished."""
-    import numpy as np
-
     if not finished:
         return None
     f = np.array([x[0] for x in finished], float)
@@ -125,7 +126,7 @@ class _Active:
         self.base_flops = self.flops()
 
     def flops(self) -> float:
-        row = registry.last_train_row(os.path.join(self.workdir, "metrics.jsonl"))
+        row = registry.last_train_row(rundir.path(self.workdir, rundir.METRICS))
         return float(row["flops"]) if row and row.get("flops") is not None else 0.0
 
 
@@ -161,7 +162,7 @@ class Launcher:
             self.outcome[run.run_id] = state
             return None
         if state == "failed":
-            os.replace(os.path.join(workdir, "summary.json"),
+            os.replace(rundir.path(workdir, rundir.SUMMARY),
                        os.path.join(workdir, f"summary.failed-{int(time.time())}.json"))
         log_path = os.path.join(workdir, LOG_NAME)
         env = dict(os.environ)
@@ -180,9 +181,9 @@ class Launcher:
         return _Active(run, proc, lock, workdir, offset, time.time())
 
     def _finish(self, act: _Active, rc: int) -> None:
-        summary_path = os.path.join(act.workdir, "summary.json")
+        summary_path = rundir.path(act.workdir, rundir.SUMMARY)
         try:
-            summary = registry.read_json(summary_path)
+            summary = rundir.read_json(summary_path)
         except UserError as exc:
             summary, rc = None, rc or 1
             os.replace(summary_path, summary_path + ".corrupt")
@@ -190,7 +191,7 @@ class Launcher:
         if summary is None:
             error = error_from_log(os.path.join(act.workdir, LOG_NAME), act.log_offset, rc) if rc else \
                 "training exited without writing summary.json"
-            registry.write_json_atomic(summary_path, failed_summary(act.run, error, act.workdir))
+            rundir.write_json(summary_path, failed_summary(act.run, error, act.workdir))
             status = "failed"
         else:
             status = summary.get("status", "done")
@@ -263,8 +264,6 @@ class Launcher:
     def _bar(self, total, initial):
         if not self.progress:
             return None
-        import tqdm
-
         return tqdm.tqdm(total=total, initial=initial, unit="FLOP", unit_scale=True, file=sys.stderr,
                          bar_format="{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} FLOPs{postfix}",
                          desc="sweep ")
@@ -329,8 +328,6 @@ def run_sweep(path: str, results: str = "results", workers: int = 1, only: str |
               progress: bool = True, retry_failed: bool = False, env: dict | None = None,
               compile_cache: str | None = "") -> dict:
     """Load a sweep definition, plan it, and launch it locally; returns the launcher's report."""
-    from medscale.sweep.design import expand, filter_runs, load_definition
-
     sweep = load_definition(path)
     runs = filter_runs(expand(sweep), only)
     if compile_cache == "":

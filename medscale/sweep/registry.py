@@ -3,10 +3,10 @@
 Layout (docs/interfaces.md): ``<results>/<sweep>/<run_id>/`` holds ``config.json``, ``metrics.jsonl`` and
 ``summary.json`` (written by training), ``checkpoints/`` (git-ignored), and two files of the sweep launcher:
 ``sweep.json`` (the run's plan: size label, budget, planned params/tokens/FLOPs, the exact train command) and
-``run.lock`` while a launcher holds it. ``train.log`` holds the training process's output.
+``run.lock`` while a launcher or ``medscale train`` holds it (``medscale.rundir``). ``train.log`` holds the training process's output.
 
 A run's state is derived from disk only: summary.json -> its status (done | diverged | failed); else a live
-lock (the launcher's ``run.lock`` or training's own ``lock``) -> running; else checkpoints or metrics -> interrupted (resumable); else pending.
+``run.lock`` (held by a launcher or by ``medscale train``) -> running; else checkpoints or metrics -> interrupted (resumable); else pending.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ import json
 import math
 import os
 
+from medscale import accounting, rundir
+from medscale.configs import spec_from_config
 from medscale.errors import UserError
-from medscale.sweep.lock import LOCK_NAME, lock_live
+from medscale.hardware import PF_DAY
+from medscale.rundir import read_json
+from medscale.sweep.design import expand, load_definition
 
-PF_DAY = 1e15 * 86_400
-TRAIN_LOCK_NAME = "lock"  # written by medscale train itself (pid, host) while it runs
 STATES = ("pending", "running", "interrupted", "done", "failed", "diverged")
 COLUMNS = ["run_id", "sweep", "status", "size", "params", "params_total", "params_embedding", "tokens", "flops",
            "hardware_flops", "pf_days", "enc_len", "dec_len", "batch_size", "steps", "loss", "train_loss",
@@ -28,49 +30,20 @@ CURVE_COLUMNS = ["run_id", "sweep", "status", "size", "params", "params_total", 
                  "tokens", "flops", "loss"]
 
 
-def write_json_atomic(path: str, data) -> None:
-    """Write JSON to ``path`` via a temp file in the same folder and ``os.replace`` (never half-written)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1, sort_keys=True, default=_json_default)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _json_default(obj):
-    if hasattr(obj, "item"):
-        return obj.item()
-    if hasattr(obj, "to_dict"):
-        return obj.to_dict()
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
-
-
-def read_json(path: str):
-    """Parsed JSON at ``path``; None if absent; UserError if corrupt."""
-    try:
-        with open(path) as fh:
-            return json.load(fh)
-    except FileNotFoundError:
-        return None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); delete it to let the run be redone") from None
-
-
 def run_state(run_dir: str, locks: bool = True) -> str:
     """The state of one run directory (see the module docstring); ``locks=False`` ignores locks (for the
     launcher that holds one)."""
     try:
-        summary = read_json(os.path.join(run_dir, "summary.json"))
+        summary = read_json(rundir.path(run_dir, rundir.SUMMARY))
     except UserError:
         return "failed"
     if summary is not None:
         status = summary.get("status", "done")
         return status if status in ("done", "failed", "diverged") else "failed"
-    if locks and (lock_live(os.path.join(run_dir, LOCK_NAME)) or lock_live(os.path.join(run_dir, TRAIN_LOCK_NAME))):
+    if locks and rundir.lock_live(rundir.path(run_dir, rundir.LOCK)):
         return "running"
-    ckpt = os.path.join(run_dir, "checkpoints")
-    if (os.path.isdir(ckpt) and os.listdir(ckpt)) or _nonempty(os.path.join(run_dir, "metrics.jsonl")):
+    ckpt = rundir.path(run_dir, rundir.CHECKPOINTS)
+    if (os.path.isdir(ckpt) and os.listdir(ckpt)) or _nonempty(rundir.path(run_dir, rundir.METRICS)):
         return "interrupted"
     return "pending"
 
@@ -123,7 +96,7 @@ def last_train_row(path: str) -> dict | None:
 
 def is_run_dir(path: str) -> bool:
     return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f))
-                                       for f in ("sweep.json", "summary.json", "config.json"))
+                                       for f in (rundir.PLAN, rundir.SUMMARY, rundir.CONFIG))
 
 
 def run_dirs(path: str) -> list[str]:
@@ -148,14 +121,14 @@ def _nan(x):
 
 def run_record(run_dir: str) -> dict:
     """One row of the registry for a run directory (planned values until the run has a summary)."""
-    plan = read_json(os.path.join(run_dir, "sweep.json")) or {}
+    plan = read_json(rundir.path(run_dir, rundir.PLAN)) or {}
     try:
-        summary = read_json(os.path.join(run_dir, "summary.json"))
+        summary = read_json(rundir.path(run_dir, rundir.SUMMARY))
     except UserError as exc:
         summary = {"status": "failed", "error": str(exc)}
     state = run_state(run_dir)
     summary = summary or {}
-    config = summary.get("config") or read_json(os.path.join(run_dir, "config.json")) or {}
+    config = summary.get("config") or read_json(rundir.path(run_dir, rundir.CONFIG)) or {}
     params = summary.get("params") or plan.get("params") or {}
     if not params and config:
         params = _params_from_config(config)
@@ -202,9 +175,6 @@ def _params_from_config(config: dict) -> dict:
     try:
         import ml_collections
 
-        from medscale import accounting
-        from medscale.configs import spec_from_config
-
         return dict(accounting.param_counts(spec_from_config(ml_collections.ConfigDict(config))))
     except Exception:  # noqa: BLE001 - an unreadable config leaves the counts unknown (NaN), never a crash
         return {}
@@ -214,8 +184,6 @@ def _resolve(path: str, results: str | None = None) -> list[tuple[str, object]]:
     """(run dir, planned Run or None) pairs: a sweep definition (.py) gives every planned run under
     ``results`` (default ``results``), a folder its run dirs."""
     if path.endswith(".py") or (":" in os.path.basename(path) and ".py:" in path):
-        from medscale.sweep.design import expand, load_definition
-
         sweep = load_definition(path)
         root = results or "results"
         return [(os.path.join(root, sweep.name, r.run_id), r) for r in expand(sweep)]
@@ -259,7 +227,7 @@ def load_curves(path: str, results: str | None = None):
         if not os.path.isdir(d):
             continue
         rec = run_record(d)
-        for m in read_metrics(os.path.join(d, "metrics.jsonl")):
+        for m in read_metrics(rundir.path(d, rundir.METRICS)):
             if m.get("kind") != "eval" or m.get("loss") is None:
                 continue
             rows.append({"run_id": rec["run_id"], "sweep": rec["sweep"], "status": rec["status"],
@@ -276,11 +244,9 @@ def export(path: str, out: str, results: str | None = None) -> str:
     ext = os.path.splitext(out)[1].lower()
     if ext not in (".csv", ".parquet"):
         raise UserError(f"export to {out!r}: the file must end in .csv or .parquet")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.{os.getpid()}.tmp"
-    if ext == ".csv":
-        df.to_csv(tmp, index=False)
-    else:
-        df.to_parquet(tmp, index=False)
-    os.replace(tmp, out)
+    with rundir.atomic_path(out) as tmp:
+        if ext == ".csv":
+            df.to_csv(tmp, index=False)
+        else:
+            df.to_parquet(tmp, index=False)
     return out

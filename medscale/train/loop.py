@@ -12,48 +12,28 @@ import json
 import logging
 import math
 import os
-import socket
+import statistics
 import time
 
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+from medscale import accounting, hardware, rundir
+from medscale.configs import spec_from_config
+from medscale.data.pipeline import build_data
 from medscale.errors import UserError
+from medscale.model.attention import IMPLEMENTATIONS
+from medscale.model.encdec import DTYPES, REMAT_POLICIES
+from medscale.model.sharding import make_mesh, maybe_initialize_distributed, resolve_mesh_shape
 from medscale.train.metrics import MetricWriter
+from medscale.train.step import OptConfig, build
 
 log = logging.getLogger(__name__)
 
-SUMMARY = "summary.json"
-METRICS = "metrics.jsonl"
-CONFIG = "config.json"
-LOCK = "lock"
-TENSORBOARD = "tb"  # TensorBoard event files (MEDSCALE_TENSORBOARD=0: none)
-CKPT_DIR = "checkpoints"
-
 
 # ---------------------------------------------------------------------------------------------- files
-def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=_json_default)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _json_default(x):
-    try:
-        import numpy as np
-
-        if isinstance(x, np.generic):
-            return x.item()
-        if isinstance(x, np.ndarray):
-            return x.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(x, tuple):
-        return list(x)
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
 def _finite_or_none(x):
     return None if x is None or not math.isfinite(x) else float(x)
 
@@ -74,12 +54,6 @@ def run_length(cfg) -> int:
 
 def validate(cfg, n_devices: int | None = None):
     """Check a config before anything is written; returns (spec, mesh_shape, steps). UserError otherwise."""
-    import jax
-
-    from medscale.configs import spec_from_config
-    from medscale.model.encdec import DTYPES, REMAT_POLICIES
-    from medscale.model.sharding import resolve_mesh_shape
-
     spec = spec_from_config(cfg)  # heads / d_model and the modalities
     n_devices = n_devices or jax.device_count()
     shape = resolve_mesh_shape(cfg.mesh.shape, n_devices)
@@ -94,8 +68,6 @@ def validate(cfg, n_devices: int | None = None):
         raise UserError(f"model.dtype must be one of {', '.join(DTYPES)}, not {cfg.model.dtype!r}")
     if cfg.model.remat not in REMAT_POLICIES:
         raise UserError(f"model.remat must be one of {', '.join(REMAT_POLICIES)}, not {cfg.model.remat!r}")
-    from medscale.model.attention import IMPLEMENTATIONS
-
     if cfg.model.attention not in IMPLEMENTATIONS:
         raise UserError(f"model.attention {cfg.model.attention!r} is not available; known: "
                         f"{', '.join(IMPLEMENTATIONS)}")
@@ -108,8 +80,6 @@ def validate(cfg, n_devices: int | None = None):
 
 
 def opt_config(cfg, steps: int):
-    from medscale.train.step import OptConfig
-
     t = cfg.train
     return OptConfig(lr=float(t.lr), warmup_steps=int(t.warmup_steps), total_steps=steps,
                      final_lr_ratio=float(t.final_lr_ratio), weight_decay=float(t.weight_decay),
@@ -119,8 +89,6 @@ def opt_config(cfg, steps: int):
 # ---------------------------------------------------------------------------------------------- accounting
 def _accounting(spec, cfg):
     """(params dict, model_flops/step, hardware_flops/step) from medscale.accounting (None when absent)."""
-    from medscale import accounting
-
     params = accounting.param_counts(spec)
     opts = {"remat": cfg.model.remat, "attention": cfg.model.attention}
     if cfg.model.attention == "local":
@@ -131,20 +99,11 @@ def _accounting(spec, cfg):
 
 def _peak(cfg):
     """(hardware name, peak FLOP/s per device) from medscale.hardware; (name, None) when unknown."""
-    import jax
-
-    from medscale import hardware
-
-    name = cfg.get("hardware", "auto") or "auto"
-    try:
-        if name == "auto":
-            name = hardware.hardware_for_jax_devices()
-        return name, float(hardware.peak_flops(name, hardware.precision_for_dtype(name, cfg.model.dtype)))
-    except UserError as exc:
-        if cfg.get("hardware", "auto") not in ("auto", None, ""):
-            raise  # the user named hardware the table does not know
-        log.warning("no peak FLOP/s for %s (%s): MFU will be null", jax.devices()[0].device_kind, exc)
-        return name, None
+    name, peak = hardware.device_peak(cfg.get("hardware", "auto"), cfg.model.dtype)
+    if peak is None:
+        log.warning("no peak FLOP/s for %s (%s, %s): MFU will be null", jax.devices()[0].device_kind, name,
+                    cfg.model.dtype)
+    return name, peak
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -156,37 +115,47 @@ def _modality_losses(names, sums, counts) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- train
-def train(cfg, workdir: str, progress: bool = True, data=None) -> dict:
-    """Run (or resume) one training run in ``workdir``; returns the summary (also in summary.json)."""
-    from medscale.model.sharding import maybe_initialize_distributed
+def train(cfg, workdir: str, progress: bool = True, data=None, finish=None, locked: bool = False) -> dict:
+    """Run (or resume) one training run in ``workdir``; returns the summary (also in summary.json).
 
+    ``finish(workdir, data) -> dict``, when given, runs after a run that finished (status done), before the
+    summary is written; the keys it returns are added to the summary (the end-of-run task evaluation:
+    ``medscale.generate.evaluate.task_eval``). A failure inside it is the caller's to record.
+    The run's lock (``rundir.RunLock``) is taken for the run's duration unless ``locked`` says the caller (a
+    sweep launcher) already holds it; a run locked by a live process is a UserError."""
     maybe_initialize_distributed()
     spec, mesh_shape, steps = validate(cfg)
     os.makedirs(workdir, exist_ok=True)
-    summary_path = os.path.join(workdir, SUMMARY)
-    if os.path.exists(summary_path):
-        with open(summary_path) as f:
-            log.info("%s already has a summary; not training again", workdir)
-            return json.load(f)
-    cfg_dict = json.loads(json.dumps(cfg.to_dict(), default=_json_default))
-    cfg_path = os.path.join(workdir, CONFIG)
-    if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            old = json.load(f)
-        if old != cfg_dict:
-            changed = sorted(k for k in set(old) | set(cfg_dict) if old.get(k) != cfg_dict.get(k))
-            raise UserError(f"{workdir} holds a run with a different config (differs in {', '.join(changed)}); "
-                            "use another --workdir or the same config")
-    import jax
-
+    summary = rundir.read_summary(workdir)
+    if summary is not None:
+        log.info("%s already has a summary; not training again", workdir)
+        return summary
+    cfg_dict = json.loads(json.dumps(cfg.to_dict(), default=rundir.json_default))
+    old = rundir.read_config(workdir)
+    if old is not None and old != cfg_dict:
+        changed = sorted(k for k in set(old) | set(cfg_dict) if old.get(k) != cfg_dict.get(k))
+        raise UserError(f"{workdir} holds a run with a different config (differs in {', '.join(changed)}); "
+                        "use another --workdir or the same config")
     is_main = jax.process_index() == 0
+    lock = None
+    if is_main and not locked:
+        lock = rundir.RunLock(workdir)
+        if not lock.acquire():
+            raise UserError(f"{workdir} is being trained by {lock.holder()} ({rundir.LOCK}); wait for it or "
+                            "use another --workdir")
+    try:
+        return _train_locked(cfg, workdir, progress, data, finish, spec, mesh_shape, steps, cfg_dict, is_main)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(cfg, workdir, progress, data, finish, spec, mesh_shape, steps, cfg_dict, is_main):
     if is_main:
-        write_json_atomic(cfg_path, cfg_dict)
-        with open(os.path.join(workdir, LOCK), "w") as f:
-            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, f)
+        rundir.write_json(rundir.path(workdir, rundir.CONFIG), cfg_dict)
     t_start = time.time()
-    tb_dir = os.path.join(workdir, TENSORBOARD) if os.environ.get("MEDSCALE_TENSORBOARD", "1") != "0" else None
-    writer = MetricWriter(os.path.join(workdir, METRICS), tb_dir, enabled=is_main)
+    tb_dir = rundir.path(workdir, rundir.TENSORBOARD) if os.environ.get("MEDSCALE_TENSORBOARD", "1") != "0" else None
+    writer = MetricWriter(rundir.path(workdir, rundir.METRICS), tb_dir, enabled=is_main)
     record = {"status": "failed", "error": None}
     state = {}
     try:
@@ -201,46 +170,14 @@ def train(cfg, workdir: str, progress: bool = True, data=None) -> dict:
         writer.close()
         raise
     writer.close()
-    if is_main and result.get("status") == "done":
+    if is_main and result.get("status") == "done" and finish is not None:
         state["wall_end"] = time.time()  # wall_s is the training's; the evaluation's time is in task_eval
-        _task_eval(cfg, workdir, state)
+        state["extra"] = finish(workdir, state.get("data")) or {}
     summary = _write_summary(cfg, cfg_dict, workdir, spec, steps, state, result, t_start) if is_main else {}
     return summary
 
 
-def _task_eval(cfg, workdir, state) -> None:
-    """Task metrics of the finished run (``medscale.generate.evaluate``: caption BLEU-4 and findings, box IoU
-    and AP@0.5, segmentation mIoU) on ``cfg.train.task_eval_examples`` held-out examples, for the summary's
-    ``task_metrics`` / ``task_eval``; 0 turns it off. A failure is logged and recorded, never fails the run."""
-    n = int(cfg.train.get("task_eval_examples", 0) or 0)
-    if n <= 0:
-        return
-    import jax
-
-    if jax.process_count() > 1:
-        log.info("task metrics are not computed inside a multi-process run; run `medscale evaluate --workdir %s`",
-                 workdir)
-        return
-    from medscale.generate.evaluate import evaluate_run_with_meta
-
-    t0 = time.time()
-    try:
-        metrics, meta = evaluate_run_with_meta(workdir, n, write=False, data=state.get("data"))
-    except Exception as exc:  # a finished run stays done; the error is logged and kept in the summary
-        log.exception("task metrics of %s failed", workdir)
-        state["task_eval"] = {"error": f"{type(exc).__name__}: {exc}"}
-        return
-    state["task_metrics"], state["task_eval"] = metrics, dict(meta, seconds=time.time() - t0)
-
-
 def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record, state):
-    import jax
-    import numpy as np
-    import orbax.checkpoint as ocp
-
-    from medscale.model.sharding import make_mesh
-    from medscale.train.step import build
-
     mesh = make_mesh(mesh_shape)
     prog = build(spec, opt_config(cfg, steps), mesh=mesh, rules=tuple(tuple(r) for r in cfg.mesh.rules),
                  dtype=cfg.model.dtype, remat=cfg.model.remat, attention=cfg.model.attention,
@@ -255,17 +192,13 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
     names = [m.name for m in spec.modalities]
 
     if data is None:
-        from medscale.data.pipeline import build_data
-
         data = build_data(cfg, spec)
     state["data"] = data  # reused by the task evaluation at the end of the run
     seed = int(cfg.seed)
     it = data.iterator("train", bs // jax.process_count(), seed, jax.process_index(), jax.process_count())
     eval_host = list(data.eval_batches("validation", bs // jax.process_count(), int(cfg.train.eval_batches)))
 
-    mgr = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, CKPT_DIR)),
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False))
+    mgr = rundir.checkpoint_manager(workdir)
     start = 0
     latest = mgr.latest_step()
     if latest is not None:
@@ -305,8 +238,6 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
 
     bar = None
     if progress and jax.process_index() == 0:
-        from tqdm import tqdm
-
         bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True, leave=False)
 
     spike = float(cfg.train.spike_factor)
@@ -399,10 +330,6 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
 
 
 def _write_summary(cfg, cfg_dict, workdir, spec, steps, state, record, t_start):
-    import statistics
-
-    import jax
-
     step_done = state.get("steps_done", state.get("final_train", {}).get("step", 0)) or 0
     tps = state.get("tokens_per_step") or spec.dec_len
     model_flops = state.get("model_flops")
@@ -425,7 +352,7 @@ def _write_summary(cfg, cfg_dict, workdir, spec, steps, state, record, t_start):
         "model_flops": None if model_flops is None else model_flops * step_done,
         "hardware_flops": None if hw_flops is None else hw_flops * step_done,
         "xla_flops": None,
-        "pf_days": None if model_flops is None else model_flops * step_done / 8.64e19,
+        "pf_days": None if model_flops is None else model_flops * step_done / hardware.PF_DAY,
         "wall_s": state.get("wall_end", time.time()) - t_start, "step_s": step_s,
         "device_kind": state.get("device_kind") or jax.devices()[0].device_kind,
         "device_count": state.get("device_count") or jax.device_count(),
@@ -434,13 +361,8 @@ def _write_summary(cfg, cfg_dict, workdir, spec, steps, state, record, t_start):
         "final_eval_loss": _finite_or_none(eval_row.get("loss")),
         "final_train_loss_by_modality": {n: (train_row.get("by_modality") or {}).get(n) for n in names},
         "final_eval_loss_by_modality": {n: eval_row.get(f"loss/{n}") for n in names},
-        "task_metrics": state.get("task_metrics") or {},
+        "task_metrics": {},
     }
-    if state.get("task_eval") is not None:
-        summary["task_eval"] = state["task_eval"]
-    write_json_atomic(os.path.join(workdir, SUMMARY), summary)
-    try:
-        os.remove(os.path.join(workdir, LOCK))
-    except FileNotFoundError:
-        pass
+    summary.update(state.get("extra") or {})
+    rundir.write_json(rundir.path(workdir, rundir.SUMMARY), summary)
     return summary

@@ -22,6 +22,8 @@ from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.proto.summary_pb2 import Summary
 
+from medscale import rundir
+
 PARAMETERS_TAG = "parameters"  # TensorBoard text: the parameter table (name, shape, dtype, size, sharding)
 FLUSH_SECS = 30.0  # the longest a written row waits to reach the event file on disk
 
@@ -61,7 +63,7 @@ class MetricWriter:
     def write(self, row: dict) -> None:
         if self.f is None:
             return
-        self.f.write(json.dumps(row) + "\n")
+        self.f.write(json.dumps(row, default=rundir.json_default) + "\n")
         self.f.flush()
         if self.events is not None:
             values = [summary.scalar(f"{row['kind']}/{k}", v).value[0] for k, v in row.items()

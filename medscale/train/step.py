@@ -21,17 +21,15 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from medscale.data.batch import BATCH_SPEC
 from medscale.kernels import xla_only
 from medscale.model.encdec import EncoderDecoder
 from medscale.model.sharding import batch_sharding, logical_to_spec, make_mesh, rules_dict, sharding_context
+from medscale.options import SHARDING_RULES
 from medscale.spec import ModelSpec
+from medscale.train.malloc import tune_malloc
 
-DEFAULT_RULES = (
-    ("activation_batch", ("data", "fsdp")), ("activation_length", None), ("activation_embed", None),
-    ("activation_heads", "tensor"), ("activation_mlp", "tensor"), ("activation_vocab", "tensor"),
-    ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("kv", None), ("vocab", "tensor"),
-    ("modality", None), ("norm", None),
-)
+DEFAULT_RULES = SHARDING_RULES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +93,6 @@ def count_params(spec: ModelSpec) -> int:
 
 
 def batch_shapes(spec: ModelSpec, batch_size: int) -> dict:
-    from medscale.data.batch import BATCH_SPEC
-
     return {k: jax.ShapeDtypeStruct((batch_size, spec.enc_len if side == "enc" else spec.dec_len), dt)
             for k, (dt, side) in BATCH_SPEC.items()}
 
@@ -130,8 +126,6 @@ def build(spec: ModelSpec, opt: OptConfig, *, mesh: Mesh | None = None, rules=DE
           dtype="float32", remat="none", attention="dense", attention_block=None, attention_window=None,
           donate: bool = True) -> Program:
     if jax.default_backend() == "cpu":
-        from medscale.train.malloc import tune_malloc
-
         tune_malloc()
     mesh = mesh if mesh is not None else make_mesh((1, 1, 1), jax.devices()[:1])
     rules = rules_dict(rules)

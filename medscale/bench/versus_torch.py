@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from medscale.bench.step import WARMUP_STEPS, bench_spec
 from medscale.errors import UserError
 
 TORCH_SCRIPT = Path(__file__).with_name("torch_encdec.py")
@@ -46,7 +47,6 @@ def check_torch(python: str) -> str:
 def compare(python: str, *, d_model=256, enc_layers=4, dec_layers=4, heads=4, d_ff=1024, vocab="2048,2048,2048,2048",
             enc_len=256, dec_len=64, batch=16, steps=5, rounds=3, progress=None, timeout=1800.0) -> dict:
     """Run ``rounds`` alternating pairs; return per-round times, medians and the speedup of medscale."""
-    from medscale.train.bench import WARMUP_STEPS, bench_spec
 
     if rounds < 1 or steps < 1:
         raise UserError("--rounds and --steps must be positive")

@@ -4,7 +4,7 @@ Run by ``medscale bench torch --python PATH`` (PATH: an interpreter with torch; 
 dependency, and this file imports nothing from medscale), or directly:
 
     python -m venv /tmp/venv-torch && /tmp/venv-torch/bin/pip install torch numpy
-    /tmp/venv-torch/bin/python medscale/train/torch_encdec.py --vocab-total 8192 --json
+    /tmp/venv-torch/bin/python medscale/bench/torch_encdec.py --vocab-total 8192 --json
 
 Model: token embedding over the combined vocabulary + learned modality embedding, ``torch.nn.Transformer``
 (pre-LN, GELU, no dropout; its linear layers carry biases), one bias-free output projection over the combined

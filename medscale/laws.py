@@ -153,3 +153,26 @@ def load_law(name_or_path: str):
         if not math.isfinite(v):
             raise UserError(f"law file {name_or_path}: non-finite parameter")
     return out
+
+
+N_CONVENTIONS = ("total", "non_embedding")
+# which parameter count each published law's N means (laws.py's docstring)
+PUBLISHED_CONVENTION = {"chinchilla": "total", "chinchilla-rounded": "total", "epoch2024": "total",
+                        "kaplan2020": "non_embedding"}
+
+
+def load_law_with_convention(name_or_path: str):
+    """``(law, n_convention)``: a published law or a fit file, and which parameter count its N means.
+
+    A fit file may say ``"n_convention": "total" | "non_embedding"`` in its ``law`` object or at the top
+    level; without it, ``non_embedding`` (the project's fits use non-embedding parameters by default)."""
+    law = load_law(name_or_path)
+    if name_or_path in PUBLISHED_CONVENTION:
+        return law, PUBLISHED_CONVENTION[name_or_path]
+    with open(name_or_path) as fh:  # load_law has parsed it already
+        data = json.load(fh)
+    conv = data["law"].get("n_convention", data.get("n_convention", "non_embedding"))
+    if conv not in N_CONVENTIONS:
+        raise UserError(f"law file {name_or_path}: n_convention must be one of {', '.join(N_CONVENTIONS)}, "
+                        f"not {conv!r}")
+    return law, conv

@@ -13,20 +13,21 @@ from __future__ import annotations
 import logging
 import os
 
+import ml_collections
+
+from medscale.analysis.budget import DEFAULT_MFU
+from medscale.analysis.report import build_report
 from medscale.errors import UserError
+from medscale.sweep.design import expand, load_definition, normalize
+from medscale.sweep.launcher import Launcher
 
 log = logging.getLogger(__name__)
 
 REFERENCE_BUDGET = {"hardware": "dgx-1", "days": 7.0}  # one DGX-1: 8 x V100 SXM2 32 GB
-DEFAULT_MFU = 0.35  # stated MFU on the V100s (fp16 tensor cores); override with --mfu
 
 
 def quickstart_sweep(name: str = "quickstart"):
     """The quickstart's IsoFLOP sweep definition (a normalized ConfigDict)."""
-    import ml_collections
-
-    from medscale.sweep.design import normalize
-
     c = ml_collections.ConfigDict()
     c.name = name
     c.base = "tiny"
@@ -50,15 +51,6 @@ def run_quickstart(results: str = "results", workers: int = 2, progress: bool = 
                    mfu: float = DEFAULT_MFU, bootstrap: int = 200, seed: int = 0, stage=None) -> dict:
     """Train the sweep (resuming whatever is already there), fit, write ``<results>/<sweep>/report.md`` with its
     figures, and return ``{"sweep", "launch", "report"}``."""
-    import importlib.util
-
-    from medscale.sweep.design import expand, load_definition
-    from medscale.sweep.launcher import Launcher
-
-    for module in ("medscale.analysis.fitting", "medscale.analysis.report"):  # fail before training, not after
-        if importlib.util.find_spec(module) is None:
-            raise UserError(f"this installation lacks {module}, which the quickstart's fit and report need; "
-                            "install the full medscale package")
     stage = stage or (lambda msg: None)
     definition = load_definition(sweep) if sweep else quickstart_sweep()
     runs = expand(definition)
@@ -75,40 +67,11 @@ def run_quickstart(results: str = "results", workers: int = 2, progress: bool = 
     return {"sweep": definition.name, "results": sweep_dir, "launch": launch, "report": report}
 
 
-def supported_fit(df, approaches=(1, 2, 3), bootstrap: int = 200, seed: int = 0, curves=None):
-    """``medscale.analysis`` ``fit_all`` over every approach the runs support: all requested ones if they fit,
-    else without Approach 1 (needs curves), else Approach 3 alone."""
-    from medscale.analysis.fitting import fit_all
-
-    wanted = [str(a) for a in approaches]
-    last = None
-    for subset in (wanted, [a for a in wanted if a != "1"], [a for a in wanted if a == "3"]):
-        if not subset:
-            continue
-        try:
-            return fit_all(df, approaches=tuple(subset), bootstrap=bootstrap, seed=seed,
-                           curves=curves if "1" in subset else None)
-        except UserError as exc:
-            log.info("fit with approaches %s failed (%s); trying fewer", ",".join(subset), exc)
-            last = exc
-    raise last
-
-
 def build(sweep_dir: str, mfu: float = DEFAULT_MFU, bootstrap: int = 200, seed: int = 0, progress=None) -> dict:
-    """Fit and report a finished sweep folder into itself (``report.md``, ``report.json``, ``figures/``)."""
-    from medscale.analysis.report import build_report
-
+    """Fit and report a finished sweep folder into itself (``report.md``, ``report.json``, ``figures/``): every
+    approach the runs support (``medscale.analysis.report``'s choice, as ``medscale report`` makes it)."""
     return build_report(sweep_dir, sweep_dir, hardware=REFERENCE_BUDGET["hardware"], days=REFERENCE_BUDGET["days"],
-                        mfu=mfu, bootstrap=bootstrap, seed=seed, progress=progress, fit_fn=supported_fit)
-
-
-def _value_ci(d):
-    """(value, [lo, hi] or None) from a fit entry: a number, or a dict with value/ci (or estimate/interval)."""
-    if isinstance(d, dict):
-        value = next((d[k] for k in ("value", "estimate", "mean") if k in d), None)
-        ci = next((d[k] for k in ("ci", "interval") if k in d), None)
-        return value, ci
-    return d, None
+                        mfu=mfu, bootstrap=bootstrap, seed=seed, progress=progress)
 
 
 def exponents(fit: dict) -> list[tuple[str, str, float, list | None]]:
@@ -119,12 +82,7 @@ def exponents(fit: dict) -> list[tuple[str, str, float, list | None]]:
         if not isinstance(part, dict):
             continue
         for name in ("a", "b", "alpha", "beta"):
-            if name not in part:
-                continue
-            value, ci = _value_ci(part[name])
-            if ci is None:
-                ci = next((part[k][name] for k in ("ci", "intervals", "cis")
-                           if isinstance(part.get(k), dict) and name in part[k]), None)
+            value = part.get(name)
             if isinstance(value, (int, float)):
-                rows.append((app, name, float(value), ci))
+                rows.append((app, name, float(value), (part.get("ci") or {}).get(name)))
     return rows

@@ -5,8 +5,16 @@ from __future__ import annotations
 import statistics
 import time
 
+from medscale import accounting, kernels
+from medscale import hardware as hw
 from medscale.errors import UserError
+from medscale.hardware import _cpu_model, measure_cpu_flops, record_cpu_peak
+from medscale.modalities import from_vocab_flag
+from medscale.model.attention import IMPLEMENTATIONS
+from medscale.model.sharding import make_mesh
 from medscale.spec import ModelSpec
+from medscale.train.batches import random_batch
+from medscale.train.step import OptConfig, build
 
 # untimed steps before timing: XLA:CPU frees a step's temporary buffer asynchronously, after the step's outputs
 # are ready, so the next step may allocate a second one; the heap (see train/malloc.py) reaches its steady size
@@ -17,34 +25,15 @@ WARMUP_STEPS = 3
 def bench_spec(d_model, enc_layers, dec_layers, heads, d_ff, vocab, enc_len, dec_len, mlp="gelu") -> ModelSpec:
     """The ModelSpec ``medscale flops`` builds from the same flags (``vocab``: text vocabulary N, or
     "I,C,B,S" per modality; None: the defaults)."""
-    from medscale.commands.flops import _modalities
 
     return ModelSpec(d_model=d_model, enc_layers=enc_layers, dec_layers=dec_layers, num_heads=heads, d_ff=d_ff,
-                     mlp=mlp, modalities=_modalities(None if vocab is None else str(vocab)), enc_len=enc_len,
+                     mlp=mlp, modalities=from_vocab_flag(None if vocab is None else str(vocab)), enc_len=enc_len,
                      dec_len=dec_len, name="bench")
-
-
-def _peak(hardware: str, dtype: str):
-    """(table key, peak FLOP/s per device): the hardware table (on CPU: the measured fp32 peak)."""
-    from medscale import hardware as hw
-
-    name = hw.hardware_for_jax_devices() if hardware == "auto" else hardware
-    try:
-        return name, float(hw.peak_flops(name, hw.precision_for_dtype(name, dtype)))
-    except UserError:
-        if hardware != "auto":
-            raise
-        return name, None  # e.g. bfloat16 on a CPU: no table peak, MFU is null
 
 
 def bench_step(spec: ModelSpec, batch_size: int, *, dtype="float32", remat="none", attention="dense", steps=5,
                hardware="auto", window=None, block=None) -> dict:
     import jax
-
-    from medscale.model.attention import IMPLEMENTATIONS
-    from medscale.model.sharding import make_mesh
-    from medscale.train.batches import random_batch
-    from medscale.train.step import OptConfig, build
 
     if attention not in IMPLEMENTATIONS:
         raise UserError(f"--attention {attention!r} unknown; known: {', '.join(IMPLEMENTATIONS)}")
@@ -59,8 +48,6 @@ def bench_step(spec: ModelSpec, batch_size: int, *, dtype="float32", remat="none
     batch = prog.put_batch(random_batch(spec, batch_size, 0))
     peak_before = 0.0
     if jax.devices()[0].platform == "cpu":
-        from medscale.hardware import measure_cpu_flops
-
         peak_before = measure_cpu_flops()
     t = time.perf_counter()
     compiled = prog.step.lower(state, batch).compile()
@@ -75,25 +62,20 @@ def bench_step(spec: ModelSpec, batch_size: int, *, dtype="float32", remat="none
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
-    from medscale import accounting
 
     flops = accounting.step_flops(spec, batch_size, remat=remat, attention=attention,
                                   window=window if attention == "local" else None)
     model_flops, hw_flops = float(flops["model_flops"]), float(flops["hardware_flops"])
-    name, peak = _peak(hardware, dtype)
+    name, peak = hw.device_peak(hardware, dtype)  # e.g. bfloat16 on a CPU: no table peak, MFU null
     peak_now = None
     if jax.devices()[0].platform == "cpu" and dtype == "float32":  # the machine may be shared: the peak measured around the timing too
-        from medscale.hardware import measure_cpu_flops
 
         peak_now = max(peak_before, measure_cpu_flops())
         if name == "cpu":  # keep the best peak seen on this CPU (hardware.record_cpu_peak)
-            from medscale.hardware import record_cpu_peak
 
             peak = record_cpu_peak(peak_now)
     cpu = cpu_kernels = None
     if jax.devices()[0].platform == "cpu":  # which CPU, and whether the native kernels ran (docs/model.md, "Speed")
-        from medscale import kernels
-        from medscale.hardware import _cpu_model
 
         cpu = _cpu_model()
         hlo = compiled.as_text()  # read off the timed executable, not decided again here

@@ -6,6 +6,8 @@ import time
 
 import numpy as np
 
+from medscale.data.pipeline import build_data
+
 
 def _rate(fn, n: int, cpu: dict | None = None, key: str = "") -> float:
     """Calls per wall second; with ``cpu``, also stores this process's CPU milliseconds per call (all threads)
@@ -19,8 +21,6 @@ def _rate(fn, n: int, cpu: dict | None = None, key: str = "") -> float:
 
 
 def bench_pipeline(cfg, spec, batch_size: int, batches: int = 100, progress: bool = False) -> dict:
-    from medscale.data.pipeline import build_data
-
     t0 = time.perf_counter()
     data = build_data(cfg, spec, progress=progress)
     toks = data.tokens("train")
