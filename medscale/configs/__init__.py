@@ -11,8 +11,6 @@ import hashlib
 import importlib.util
 import os
 
-import ml_collections
-
 from medscale import modalities
 from medscale.configs.ladder import ladder_shape
 from medscale.errors import UserError
@@ -88,7 +86,7 @@ def apply_overrides(cfg, overrides) -> None:
         parts = key.strip().split(".")
         node = cfg
         for i, p in enumerate(parts):
-            if not isinstance(node, ml_collections.ConfigDict):
+            if not callable(getattr(node, "get_type", None)):  # a ConfigDict (duck-typed: `budget` never loads ml_collections)
                 raise UserError(f"--set {key}: {'.'.join(parts[:i]) or 'the config'} is a {type(node).__name__}, "
                                 "not a group of keys")
             if p not in node:
