@@ -39,10 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # before any command starts JAX's thread pools (medscale/train/malloc.py: one malloc arena for XLA:CPU)
-    from medscale.train.malloc import tune_malloc
-
-    tune_malloc()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

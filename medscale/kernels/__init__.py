@@ -5,19 +5,20 @@
 - ``matmul_cpu.cc``: float32 matmuls by OpenBLAS's sgemm (the ``scipy-openblas32`` wheel, a dependency), in
   single-threaded blocks on XLA's thread pool; :func:`matmul_target`.
 
+They reach the model only through ``cpu.py`` (``CpuOps``, the CPU implementation of the model's hooks), which
+``medscale.train.step`` chooses when it builds the step; ``malloc.py`` tunes glibc's allocator for XLA:CPU and
+is applied with that choice.
+
 Each shared library is compiled once per source, compiler flags, JAX version and CPU (``-march=native``:
 AVX-512 where the CPU has it, else AVX2 with FMA) into ``kernels/`` of medscale's cache directory
 (``$XDG_CACHE_HOME/medscale``, default ``~/.cache/medscale``) and registered with ``jax.ffi``. Without a C++
 compiler, on a CPU with neither instruction set (attention), without OpenBLAS (matmul), or with
 ``MEDSCALE_CPU_KERNELS=0`` (all kernels; ``MEDSCALE_CPU_MATMUL=0``: the matmul only), the target functions
-return ``None`` and the model uses its XLA implementation instead; the reason is in
-:func:`unavailable_reason`.
+return ``None`` and the step is built without that kernel; the reason is in :func:`unavailable_reason`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import ctypes
 import hashlib
 import os
@@ -127,26 +128,6 @@ def _ready(kernel: str) -> bool:
                 st = {"error": f"{type(e).__name__}: {e}"}
             _state[kernel] = st
         return "lib" in st
-
-
-_XLA_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("medscale_xla_only", default=False)
-
-
-@contextlib.contextmanager
-def xla_only():
-    """Trace the model's attention and matmuls as XLA operations even where a CPU kernel applies (e.g. for
-    XLA's FLOP count, which cannot see inside a custom call). Read at trace time: wrap the ``lower(...)`` of
-    a freshly built function (a jitted function caches its trace)."""
-    token = _XLA_ONLY.set(True)
-    try:
-        yield
-    finally:
-        _XLA_ONLY.reset(token)
-
-
-def kernels_allowed() -> bool:
-    """False inside :func:`xla_only`."""
-    return not _XLA_ONLY.get()
 
 
 def attention_targets() -> tuple[str, str] | None:
