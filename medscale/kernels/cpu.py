@@ -73,6 +73,15 @@ class CpuOps(Ops):
         return sliced_softmax_nll(self.matmul_kernel, h_ND, w_DV, offset_N, size_N, index_N)
 
 
+def _targets(kernel: str):
+    """The FFI target name(s) of a kernel, built and registered on first use (a ``CpuOps`` that asks for a
+    kernel that cannot be built here is an error, with the reason)."""
+    target = kernels.attention_targets() if kernel == "attention" else kernels.matmul_target()
+    if target is None:
+        raise RuntimeError(f"the {kernel} kernel is unavailable: {kernels.unavailable_reason(kernel)}")
+    return target
+
+
 def _split(y, widths):
     """The column blocks of ``y`` of these widths, by ``lax.split`` (its gradient is one concatenate)."""
     return jax.lax.split(y, widths, axis=y.ndim - 1)
@@ -88,7 +97,7 @@ def matmul(native: bool, a, b, trans_a: bool = False, trans_b: bool = False):
     if native:
         m = a.shape[1] if trans_a else a.shape[0]
         n = b.shape[0] if trans_b else b.shape[1]
-        return jax.ffi.ffi_call(kernels.MATMUL, jax.ShapeDtypeStruct((m, n), jnp.float32))(
+        return jax.ffi.ffi_call(_targets("matmul"), jax.ShapeDtypeStruct((m, n), jnp.float32))(
             a, b, trans_a=int(trans_a), trans_b=int(trans_b))
     dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
@@ -280,17 +289,18 @@ def _cpu_kernel_fwd(q, k, v, bias, rows):
     qs = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
     bias = jnp.broadcast_to(bias, (b, 1, bias.shape[2], lk)).reshape(b, bias.shape[2], lk)
     rows = jnp.broadcast_to(rows, (b, 1, lq, 1)).reshape(b, lq)
-    o, p = jax.ffi.ffi_call(kernels.FORWARD, (jax.ShapeDtypeStruct(q.shape, q.dtype),
-                                              jax.ShapeDtypeStruct((b, h, lq, lk), jnp.float32)))(
+    o, p = jax.ffi.ffi_call(_targets("attention")[0], (jax.ShapeDtypeStruct(q.shape, q.dtype),
+                                                       jax.ShapeDtypeStruct((b, h, lq, lk), jnp.float32)))(
         qs, k, v, bias, rows)
     return o, (qs, k, v, p, o)
 
 
 def _cpu_kernel_bwd(res, do):
     qs, k, v, p, o = res
-    dq, dk, dv = jax.ffi.ffi_call(kernels.BACKWARD, (jax.ShapeDtypeStruct(qs.shape, qs.dtype),
-                                                     jax.ShapeDtypeStruct(k.shape, k.dtype),
-                                                     jax.ShapeDtypeStruct(v.shape, v.dtype)))(qs, k, v, p, o, do)
+    dq, dk, dv = jax.ffi.ffi_call(_targets("attention")[1], (jax.ShapeDtypeStruct(qs.shape, qs.dtype),
+                                                             jax.ShapeDtypeStruct(k.shape, k.dtype),
+                                                             jax.ShapeDtypeStruct(v.shape, v.dtype)))(
+        qs, k, v, p, o, do)
     return dq, dk, dv, None, None
 
 
