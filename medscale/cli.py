@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # before any command starts JAX's thread pools, and only where JAX will run on the CPU
+    # (medscale/kernels/malloc.py: one malloc arena for XLA:CPU, which the step's build would set too late)
+    from medscale.kernels.malloc import tune_malloc_for_cpu
+
+    tune_malloc_for_cpu()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

@@ -86,8 +86,9 @@ def test_step_chooses_the_cpu_ops_where_they_apply_and_says_so(monkeypatch, capl
         assert ops == cpu.CpuOps(attention_kernel=CAN_BUILD, matmul_kernel=CAN_BUILD_MATMUL)
         assert "model ops: cpu (native kernels: " in caplog.text
     else:
-        assert ops is PLAIN and "unavailable" in caplog.text
-    if not CAN_BUILD:  # a kernel that did not build is named with its reason
+        assert ops is PLAIN and caplog.messages == [caplog.messages[0]]
+        assert caplog.messages[0].startswith("model ops: plain (")
+    if not CAN_BUILD and os.environ.get("MEDSCALE_CPU_KERNELS", "1") != "0":  # a kernel that did not build: why
         assert f"attention kernel unavailable: {kernels.unavailable_reason('attention')}" in caplog.text
     caplog.clear()
     assert S.choose_ops("bfloat16", one) is PLAIN and "the dtype is bfloat16" in caplog.text
