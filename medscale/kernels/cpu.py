@@ -43,12 +43,11 @@ from medscale.model.ops import Ops
 @dataclasses.dataclass(frozen=True)
 class CpuOps(Ops):
     """The CPU implementation of the model's hooks. ``attention_kernel``/``matmul_kernel``: use the native
-    kernel (it must have been built: :func:`medscale.kernels.attention_targets`,
-    :func:`medscale.kernels.matmul_target`); ``False`` traces the same algorithm as XLA operations."""
+    kernel (built on first use, :func:`medscale.kernels.attention_targets`, :func:`medscale.kernels.matmul_target`;
+    tracing raises where it cannot be built); ``False`` traces the same algorithm as XLA operations."""
 
     attention_kernel: bool = True
     matmul_kernel: bool = True
-    name = "cpu"
 
     def project(self, x, ws, contract: int = 1) -> list:
         lead = x.shape[:x.ndim - contract]

@@ -22,7 +22,9 @@ Implementations (``implementation=``; all compute the rule above except ``local`
 - ``dense``: scores ``[B, H, Lq, Lk]`` in float32 under the boolean mask ``allowed_mask``, softmax, and the
   product with v (``_dense``), differentiated by JAX. The CPU backend (``medscale/kernels/cpu.py``, chosen
   by ``medscale.train.step``) replaces this implementation by a native kernel with a hand-written backward
-  pass (:meth:`medscale.model.ops.Ops.attend` is the switch).
+  pass (:meth:`medscale.model.ops.Ops.attend` is the switch). That backward, which keeps only the
+  probabilities, was shaped by CPU profiles, so it lives with the CPU backend; where memory for long
+  sequences matters, ``blockwise`` and ``cudnn`` are the implementations to choose.
 - ``xla``: ``jax.nn.dot_product_attention(implementation='xla')`` with the boolean mask built from the vectors.
 - ``cudnn``: ``jax.nn.dot_product_attention(implementation='cudnn')``: cuDNN's fused flash kernel. It needs an
   NVIDIA GPU and a bfloat16/float16 compute dtype; anywhere else it raises :class:`UserError` (no silent

@@ -23,8 +23,6 @@ from medscale.model.attention import attend
 class Ops:
     """The plain JAX implementation of the model's hooks (hashable, compared by value)."""
 
-    name = "plain"
-
     def project(self, x, ws, contract: int = 1) -> list:
         """``[tensordot(x, w) for w in ws]``: the last ``contract`` axes of ``x`` against the first ``contract``
         axes of each weight, float32 accumulation, result in ``x``'s dtype. The weights of one call share the
