@@ -99,6 +99,18 @@ def test_step_chooses_the_cpu_ops_where_they_apply_and_says_so(monkeypatch, capl
     assert caplog.messages == ["model ops: plain (CPU kernels off: MEDSCALE_CPU_KERNELS=0)"]
 
 
+def test_cpu_backend_is_foreseen_before_jax_starts(monkeypatch):
+    """The CLI tunes malloc only where JAX will run on the CPU, judged before JAX starts (kernels/malloc.py)."""
+    from medscale.kernels.malloc import cpu_backend_expected
+
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+    assert not cpu_backend_expected()
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert cpu_backend_expected()
+    monkeypatch.delenv("JAX_PLATFORMS")
+    assert cpu_backend_expected() == (jax.default_backend() == "cpu")
+
+
 # ------------------------------------------------------------------------ the CPU hooks equal the plain ones
 
 
