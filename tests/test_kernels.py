@@ -91,6 +91,7 @@ def test_step_chooses_the_cpu_ops_where_they_apply_and_says_so(monkeypatch, capl
     if not CAN_BUILD and os.environ.get("MEDSCALE_CPU_KERNELS", "1") != "0":  # a kernel that did not build: why
         assert f"attention kernel unavailable: {kernels.unavailable_reason('attention')}" in caplog.text
     caplog.clear()
+    monkeypatch.delenv("MEDSCALE_CPU_KERNELS", raising=False)  # the other reasons, when the kernels may be used
     assert S.choose_ops("bfloat16", one) is PLAIN and "the dtype is bfloat16" in caplog.text
     assert S.choose_ops("float32", one, cpu_kernels=False) is PLAIN
     monkeypatch.setenv("MEDSCALE_CPU_KERNELS", "0")
