@@ -16,7 +16,7 @@ import sys
 from medscale import __version__
 from medscale.commands import COMMANDS, command_word
 from medscale.errors import UserError
-from medscale.train.malloc import tune_malloc
+from medscale.kernels.malloc import tune_malloc_for_cpu
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,8 +43,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # before any command starts JAX's thread pools (medscale/train/malloc.py: one malloc arena for XLA:CPU)
-    tune_malloc()
+    # before any command starts JAX's thread pools, and only where JAX will run on the CPU
+    # (medscale/kernels/malloc.py: one malloc arena for XLA:CPU, which the step's build would set too late)
+    tune_malloc_for_cpu()
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         parser = build_parser(argv)

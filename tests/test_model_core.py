@@ -1,4 +1,10 @@
-"""The model: exact parameter counts, the 4M masks (by perturbation), the sliced-softmax loss, remat, bf16."""
+"""The model: exact parameter counts, the 4M masks (by perturbation), the sliced-softmax loss, remat, bf16, and
+the plain path's train step (no custom call, no optimization barrier).
+
+The model runs with the ops the training step would choose here (the CPU kernels, or the plain path with
+``MEDSCALE_CPU_KERNELS=0``). Float32 tolerances: ``FACTOR * sqrt(TERMS) * eps`` relative to the largest
+magnitude compared, for results whose summation order the implementation (and the CPU's vector width) chooses.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -8,11 +14,24 @@ from flax import nnx
 
 from medscale.configs.ladder import ladder_names, ladder_shape
 from medscale.model.encdec import EncoderDecoder, position_table
+from medscale.model.sharding import make_mesh
 from medscale.spec import ModelSpec
 from medscale.train.batches import random_batch
-from medscale.train.step import count_params, init_params
+from medscale.train.step import choose_ops, count_params, init_params
 
 SMALL = ModelSpec(d_model=32, enc_layers=1, dec_layers=2, num_heads=2, d_ff=64, enc_len=40, dec_len=24)
+EPS = float(np.finfo(np.float32).eps)
+FACTOR = 8
+# the longest float32 sums in SMALL's loss and gradients: a weight gradient over the 72 decoder tokens of a
+# 3-row batch (d_ff is 64); a gradient passes through at most 4 such stages (head, 2 decoder layers, encoder)
+TERMS = 72 * 4
+REL = FACTOR * np.sqrt(TERMS) * EPS
+CHANGED = 8 * EPS  # hidden states are O(1) (after LayerNorm): a perturbation that reaches one moves it more
+
+
+def _assert_close(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert np.abs(got - want).max() <= REL * np.abs(want).max(), (np.abs(got - want).max(), np.abs(want).max())
 
 
 def _model(spec=SMALL, **kw):
@@ -23,7 +42,8 @@ class Jitted:
     """The model's methods as jit-ed functions of (params, batch) (eager NNX is slow on 2 cores)."""
 
     def __init__(self, **kw):
-        self.graphdef, self.params = init_params(SMALL, 0, **kw)
+        ops = choose_ops(kw.get("dtype", "float32"), make_mesh((1, 1, 1), jax.devices()[:1]))
+        self.graphdef, self.params = init_params(SMALL, 0, ops=ops, **kw)
         g = self.graphdef
         self.hidden = jax.jit(lambda p, b: nnx.merge(g, p).hidden(b))
         self.logits = jax.jit(lambda p, b: nnx.merge(g, p)(b))
@@ -109,29 +129,29 @@ def test_decoder_mask_by_perturbation(f32):
     b = {k: v.copy() for k, v in base.items()}
     b["dec_input"][0, 10] += 1
     h = hidden(b)
-    changed = np.abs(h - h0).max(-1) > 1e-6
+    changed = np.abs(h - h0).max(-1) > CHANGED
     assert not changed[6:10].any(), "caption positions before 10 saw a later token"
     assert changed[10:14].all(), "caption positions from 10 on must see it"
     # 2. ... nor other modalities' decoder tokens (boxes, segmentation)
     assert not changed[14:20].any() and not changed[0:6].any()
     b = {k: v.copy() for k, v in base.items()}
     b["dec_input"][0, 15] += 1
-    changed = np.abs(hidden(b) - h0).max(-1) > 1e-6
+    changed = np.abs(hidden(b) - h0).max(-1) > CHANGED
     assert not changed[:15].any() and changed[15:20].all()
     # 3. image-like targets attend bidirectionally within their modality only
     b = {k: v.copy() for k, v in base.items()}
     b["dec_pos"][0, 5] = 40
-    changed = np.abs(hidden(b) - h0).max(-1) > 1e-6
+    changed = np.abs(hidden(b) - h0).max(-1) > CHANGED
     assert changed[0:6].all() and not changed[6:20].any()
     # 4. encoder padding is invisible; encoder content is visible to all valid decoder positions
     b = {k: v.copy() for k, v in base.items()}
     pad = np.flatnonzero(~b["enc_valid"][0])[0]
     b["enc_tokens"][0, pad] = 7
     b["enc_modality"][0, pad] = 1
-    assert np.abs(hidden(b) - h0).max() < 1e-6
+    assert np.abs(hidden(b) - h0).max() < CHANGED
     b = {k: v.copy() for k, v in base.items()}
     b["enc_tokens"][0, 0] = (b["enc_tokens"][0, 0] + 1) % 64
-    assert (np.abs(hidden(b) - h0).max(-1)[:20] > 1e-6).all()
+    assert (np.abs(hidden(b) - h0).max(-1)[:20] > CHANGED).all()
 
 
 def test_loss_is_log_softmax_over_own_modality_slice_and_grads_match_autodiff(f32):
@@ -149,11 +169,11 @@ def test_loss_is_log_softmax_over_own_modality_slice_and_grads_match_autodiff(f3
     mx = logits.max(-1, keepdims=True)
     lsm = logits - mx - np.log(np.exp(logits - mx).sum(-1, keepdims=True))
     nll = -np.take_along_axis(lsm, idx[..., None], -1)[..., 0]
-    assert np.isclose(float(loss), (nll * valid).sum() / valid.sum(), rtol=1e-5)
+    assert np.isclose(float(loss), (nll * valid).sum() / valid.sum(), rtol=REL, atol=0)
     for m in range(spec.num_modalities):
         sel = valid & (mod == m)
         assert np.isclose(float(aux["count"][m]), sel.sum())
-        assert np.isclose(float(aux["sum"][m]), (nll * sel).sum(), rtol=1e-5)
+        assert np.isclose(float(aux["sum"][m]), (nll * sel).sum(), rtol=REL, atol=0)
 
     params = model.params
 
@@ -165,25 +185,8 @@ def test_loss_is_log_softmax_over_own_modality_slice_and_grads_match_autodiff(f3
 
     g_ref = jax.jit(jax.grad(reference))(params)
     g = model.grad(params, batch)[1]
-    for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4)
-
-
-@pytest.mark.parametrize("shape", [(64, 16), (16, 64), (32, 32)])  # narrowing (transposed dw), widening, square
-def test_hand_written_backward_passes_match_autodiff(shape):
-    """``linear`` and ``gelu_tanh`` (custom VJPs written for speed) against plain autodiff of the same math."""
-    from medscale.model.encdec import gelu_tanh, linear
-
-    r = np.random.default_rng(0)
-    x = jnp.asarray(r.standard_normal((3, 5, shape[0])), jnp.float32) * 2
-    w = jnp.asarray(r.standard_normal(shape), jnp.float32)
-    c = jnp.asarray(r.standard_normal((3, 5, shape[1])), jnp.float32)
-    mine = jax.jit(jax.grad(lambda x, w: jnp.sum(gelu_tanh(linear(x, w)) * c), argnums=(0, 1)))(x, w)
-    ref = jax.jit(jax.grad(lambda x, w: jnp.sum(jax.nn.gelu(x @ w, approximate=True) * c), argnums=(0, 1)))(x, w)
-    for a, b in zip(mine, ref):
-        assert a.shape == b.shape
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
-    assert jnp.array_equal(gelu_tanh(x), jax.nn.gelu(x, approximate=True))
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        _assert_close(a, b)
 
 
 @pytest.mark.slow
@@ -193,9 +196,9 @@ def test_remat_gives_the_same_loss_and_grads(f32):
     for remat in ("full", "save_dots"):
         m = Jitted(remat=remat)
         l1, g1 = m.grad(m.params, batch)
-        assert np.isclose(float(l0), float(l1), rtol=1e-6)
-        for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4)
+        assert np.isclose(float(l0), float(l1), rtol=REL, atol=0)
+        for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+            _assert_close(a, b)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_is_close(f32):
@@ -203,7 +206,8 @@ def test_bfloat16_compute_keeps_float32_params_and_is_close(f32):
     m32, m16 = f32, Jitted(dtype="bfloat16")
     assert {x.dtype for x in jax.tree.leaves(m16.params)} == {jnp.dtype(jnp.float32)}
     l32, l16 = float(m32.loss(m32.params, batch)[0]), float(m16.loss(m16.params, batch)[0])
-    assert np.isfinite(l16) and abs(l16 - l32) < 0.05 * l32
+    # a few bfloat16 roundings (eps 2**-7) of the loss at most
+    assert np.isfinite(l16) and abs(l16 - l32) < 4 * float(jnp.finfo(jnp.bfloat16).eps) * l32
 
 
 @pytest.mark.slow
@@ -215,4 +219,25 @@ def test_attention_implementations_agree_with_dense(f32):
     for kw in ({"attention": "blockwise", "attention_block": 16},
                {"attention": "local", "attention_window": 4 * SMALL.enc_len, "attention_block": 16}):
         m = Jitted(**kw)
-        assert np.isclose(float(m.loss(f32.params, batch)[0]), ref, rtol=1e-5), kw
+        assert np.isclose(float(m.loss(f32.params, batch)[0]), ref, rtol=REL, atol=0), kw
+
+
+def test_plain_step_has_no_custom_call_and_no_optimization_barrier(monkeypatch):
+    """With the CPU kernels off, the default model's train step lowers to plain XLA operations only."""
+    from medscale.configs import spec_from_config
+    from medscale.configs.base import get_config
+    from medscale.kernels.cpu import CpuOps
+    from medscale.train import step as S
+
+    monkeypatch.setenv("MEDSCALE_CPU_KERNELS", "0")
+    spec = spec_from_config(get_config())
+    prog = S.build(spec, S.OptConfig())
+    text = prog.step.lower(prog.abstract_state, S.abstract_batch(prog, 2)).as_text()
+    assert "stablehlo.dot_general" in text
+    for op in ("optimization_barrier", "custom_call", "custom-call"):
+        assert op not in text, op
+    # the CPU implementation, even without its native kernels, is not plain (so the checks above can fail)
+    graphdef, params = init_params(SMALL, 0, ops=CpuOps(attention_kernel=False, matmul_kernel=False))
+    batch = _batch()
+    cpu = jax.jit(jax.grad(lambda p: nnx.merge(graphdef, p).loss(batch)[0])).lower(params).as_text()
+    assert "optimization_barrier" in cpu

@@ -17,7 +17,7 @@ from medscale.train.batches import random_batch
 from medscale.train.step import OptConfig, build
 
 # untimed steps before timing: XLA:CPU frees a step's temporary buffer asynchronously, after the step's outputs
-# are ready, so the next step may allocate a second one; the heap (see train/malloc.py) reaches its steady size
+# are ready, so the next step may allocate a second one; the heap (see kernels/malloc.py) reaches its steady size
 # within the first few steps, and the page faults of that growth are not part of a step's steady-state time
 WARMUP_STEPS = 3
 

@@ -5,19 +5,20 @@
 - ``matmul_cpu.cc``: float32 matmuls by OpenBLAS's sgemm (the ``scipy-openblas32`` wheel, a dependency), in
   single-threaded blocks on XLA's thread pool; :func:`matmul_target`.
 
+They reach the model only through ``cpu.py`` (``CpuOps``, the CPU implementation of the model's hooks), which
+``medscale.train.step`` chooses when it builds the step; ``malloc.py`` tunes glibc's allocator for XLA:CPU and
+is applied with that choice.
+
 Each shared library is compiled once per source, compiler flags, JAX version and CPU (``-march=native``:
 AVX-512 where the CPU has it, else AVX2 with FMA) into ``kernels/`` of medscale's cache directory
 (``$XDG_CACHE_HOME/medscale``, default ``~/.cache/medscale``) and registered with ``jax.ffi``. Without a C++
 compiler, on a CPU with neither instruction set (attention), without OpenBLAS (matmul), or with
 ``MEDSCALE_CPU_KERNELS=0`` (all kernels; ``MEDSCALE_CPU_MATMUL=0``: the matmul only), the target functions
-return ``None`` and the model uses its XLA implementation instead; the reason is in
-:func:`unavailable_reason`.
+return ``None`` and the step is built without that kernel; the reason is in :func:`unavailable_reason`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import ctypes
 import hashlib
 import os
@@ -27,8 +28,6 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-
-import jax
 
 from medscale.hardware import cache_dir, cpuinfo_field
 
@@ -52,6 +51,14 @@ def _cpu_flags() -> str:
     return cpuinfo_field("flags") or ""
 
 
+def _jax():
+    """JAX, imported on first use rather than with this package: the CLI loads ``medscale.kernels.malloc``
+    before it knows whether a command needs JAX (``medscale budget`` starts without it)."""
+    import jax
+
+    return jax
+
+
 def simd_supported() -> bool:
     """Whether this CPU has an instruction set the attention kernel is written for: AVX-512F, or AVX2 with
     FMA."""
@@ -61,6 +68,7 @@ def simd_supported() -> bool:
 
 def _build(source: Path = SOURCE, extra: tuple[str, ...] = ()) -> Path:
     """Compile ``source`` if this (source, headers, flags, JAX, CPU) has no library yet; return its path."""
+    jax = _jax()
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if not cxx:
         raise RuntimeError("no C++ compiler (g++, c++ or clang++) on PATH")
@@ -93,6 +101,7 @@ def _openblas() -> tuple[str, ...]:
 
 
 def _load_attention() -> ctypes.CDLL:
+    jax = _jax()
     if not simd_supported():
         raise RuntimeError("the kernel needs an x86-64 CPU with AVX-512 or AVX2 and FMA")
     lib = ctypes.cdll.LoadLibrary(str(_build()))
@@ -102,6 +111,7 @@ def _load_attention() -> ctypes.CDLL:
 
 
 def _load_matmul() -> ctypes.CDLL:
+    jax = _jax()
     if os.environ.get("MEDSCALE_CPU_MATMUL", "1") == "0":
         raise RuntimeError("disabled by MEDSCALE_CPU_MATMUL=0")
     lib = ctypes.cdll.LoadLibrary(str(_build(MATMUL_SOURCE, _openblas())))
@@ -125,26 +135,6 @@ def _ready(kernel: str) -> bool:
                 st = {"error": f"{type(e).__name__}: {e}"}
             _state[kernel] = st
         return "lib" in st
-
-
-_XLA_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("medscale_xla_only", default=False)
-
-
-@contextlib.contextmanager
-def xla_only():
-    """Trace the model's attention and matmuls as XLA operations even where a CPU kernel applies (e.g. for
-    XLA's FLOP count, which cannot see inside a custom call). Read at trace time: wrap the ``lower(...)`` of
-    a freshly built function (a jitted function caches its trace)."""
-    token = _XLA_ONLY.set(True)
-    try:
-        yield
-    finally:
-        _XLA_ONLY.reset(token)
-
-
-def kernels_allowed() -> bool:
-    """False inside :func:`xla_only`."""
-    return not _XLA_ONLY.get()
 
 
 def attention_targets() -> tuple[str, str] | None:

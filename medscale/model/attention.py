@@ -19,16 +19,12 @@ input dtype.
 
 Implementations (``implementation=``; all compute the rule above except ``local``):
 
-- ``dense``: scores ``[B, H, Lq, Lk]`` in float32, masked softmax, with a hand-written backward pass
-  (``_fused``: the probabilities are the only O(Lq * Lk) residual per layer; the mask enters as an additive
-  bias, over keys only for encoder and cross-attention). ``_dense`` is the same function by plain autodiff,
-  kept as the tests' reference.
-  Traced for XLA:CPU in float32 on one device, ``dense`` runs as one native call per direction
-  (``_cpu_kernel``: ``medscale/kernels/attention_cpu.cc`` through ``jax.ffi``; each (batch, head) pair's
-  scores stay in cache from QK^T through the softmax to PV, same equations and residual). Elsewhere (GPU,
-  bfloat16, a mesh of several devices, no compiler, ``MEDSCALE_CPU_KERNELS=0``, or inside
-  :func:`medscale.kernels.xla_only`)
-  it is ``_fused``.
+- ``dense``: scores ``[B, H, Lq, Lk]`` in float32 under the boolean mask ``allowed_mask``, softmax, and the
+  product with v (``_dense``), differentiated by JAX. The CPU backend (``medscale/kernels/cpu.py``, chosen
+  by ``medscale.train.step``) replaces this implementation by a native kernel with a hand-written backward
+  pass (:meth:`medscale.model.ops.Ops.attend` is the switch). That backward, which keeps only the
+  probabilities, was shaped by CPU profiles, so it lives with the CPU backend; where memory for long
+  sequences matters, ``blockwise`` and ``cudnn`` are the implementations to choose.
 - ``xla``: ``jax.nn.dot_product_attention(implementation='xla')`` with the boolean mask built from the vectors.
 - ``cudnn``: ``jax.nn.dot_product_attention(implementation='cudnn')``: cuDNN's fused flash kernel. It needs an
   NVIDIA GPU and a bfloat16/float16 compute dtype; anywhere else it raises :class:`UserError` (no silent
@@ -64,8 +60,6 @@ import jax
 import jax.numpy as jnp
 
 from medscale.errors import UserError
-from medscale.kernels import attention_targets, kernels_allowed
-from medscale.model.sharding import active_mesh_size
 from medscale.options import ATTENTION_IMPLEMENTATIONS
 
 IMPLEMENTATIONS = ATTENTION_IMPLEMENTATIONS
@@ -136,121 +130,6 @@ def _dense(q, k, v, mask):
     denom = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.maximum(denom, 1e-30)
     return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
-
-
-def _bias_and_rows(q_segment, kv_segment, q_causal, same_segment, dtype=jnp.float32):
-    """The rule as an additive score bias and a query-row factor, both broadcastable to ``[B, H, Lq, Lk]``.
-
-    Encoder and cross-attention (no segments to match, no causal rows) need only a key bias ``[B, 1, 1, Lk]``
-    and the query validity ``[B, 1, Lq, 1]``, so no ``Lq x Lk`` mask is built; otherwise the bias is the full
-    ``[B, 1, Lq, Lk]`` mask. ``rows`` is 1 where a query has at least one allowed key, else 0 (its output and
-    gradients are then zero)."""
-    big = jnp.asarray(-1e30, dtype)
-    if not same_segment and q_causal is None:
-        key_ok = kv_segment >= 0
-        bias = jnp.where(key_ok, 0.0, big).astype(dtype)[:, None, None, :]
-        rows = (q_segment >= 0) & jnp.any(key_ok, axis=-1, keepdims=True)
-    else:
-        mask = allowed_mask(q_segment, kv_segment, q_causal, same_segment)
-        bias = jnp.where(mask, 0.0, big).astype(dtype)
-        rows = jnp.any(mask[:, 0], axis=-1)
-    return bias, rows.astype(dtype)[:, None, :, None]
-
-
-def _to_heads(x):  # [B, L, H, Dh] -> [B, H, L, Dh]
-    return jnp.transpose(x, (0, 2, 1, 3))
-
-
-@jax.custom_vjp
-def _fused(q, k, v, bias, rows):
-    """Dense attention with a hand-written backward pass (the ``dense`` implementation).
-
-    Works in ``[B, H, L, Dh]`` internally. The forward keeps the normalised probabilities P (float32) as the
-    only ``Lq x Lk`` residual; the backward is the four matmuls dV = P^T dO, dP = dO V^T, dQ = dS K,
-    dK = dS^T Q with dS = P (dP - rowsum(dO * O)) formed in one elementwise pass, so no mask or select is
-    differentiated. Profiling the training step showed the autodiff version spending most of its time in
-    elementwise passes, transposes and selects over the score tensor; this one is about twice as fast on CPU
-    (docs/model.md)."""
-    return _fused_fwd(q, k, v, bias, rows)[0]
-
-
-def _fused_fwd(q, k, v, bias, rows):
-    # the scale goes on q (a [.., Dh] operand): a scalar multiply of the scores would be handed to XLA:CPU's
-    # fused dot+softmax kernel as a materialised [B, H, Lq, Lk] constant
-    qh = _to_heads(q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype))
-    kh, vh = _to_heads(k), _to_heads(v)
-    s = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, preferred_element_type=jnp.float32) + bias
-    p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
-    p = p * (rows / jnp.sum(p, axis=-1, keepdims=True))
-    o = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), vh, preferred_element_type=jnp.float32)
-    o = o.astype(q.dtype)
-    return jnp.transpose(o, (0, 2, 1, 3)), (qh, kh, vh, p, o, bias, rows)
-
-
-def _fused_bwd(res, do):
-    qh, kh, vh, p, o, bias, rows = res  # qh is the scaled q
-    scale = qh.shape[-1] ** -0.5
-    do = _to_heads(do)
-    f32 = jnp.float32
-    dv = jnp.einsum("bhqk,bhqd->bhkd", p.astype(do.dtype), do, preferred_element_type=f32)
-    dp = jnp.einsum("bhqd,bhkd->bhqk", do, vh, preferred_element_type=f32)
-    delta = jnp.sum(do.astype(f32) * o.astype(f32), axis=-1, keepdims=True)
-    ds = (p * (dp - delta)).astype(qh.dtype)  # d(scores); the scale is applied to dq below
-    dq = jnp.einsum("bhqk,bhkd->bhqd", ds, kh, preferred_element_type=f32) * scale
-    dk = jnp.einsum("bhqk,bhqd->bhkd", ds, qh, preferred_element_type=f32)
-    back = lambda x, like: jnp.transpose(x, (0, 2, 1, 3)).astype(like.dtype)
-    return back(dq, qh), back(dk, kh), back(dv, vh), jnp.zeros_like(bias), jnp.zeros_like(rows)
-
-
-_fused.defvjp(_fused_fwd, _fused_bwd)
-
-
-def _dense_fused(q, k, v, q_segment, kv_segment, q_causal, same_segment):
-    bias, rows = _bias_and_rows(q_segment, kv_segment, q_causal, same_segment)
-    if _use_cpu_kernel(q, k, v):
-        return _cpu_kernel(q, k, v, bias, rows)
-    return _fused(q, k, v, bias, rows)
-
-
-# ------------------------------------------------------------------------ dense on XLA:CPU: the FFI kernel
-
-def _use_cpu_kernel(q, k, v) -> bool:
-    """``dense`` runs as ``medscale/kernels/attention_cpu.cc`` when tracing for XLA:CPU, in float32, on one
-    device, and the kernel could be built here; anything else keeps the XLA implementation (``_fused``)."""
-    return (kernels_allowed() and jax.default_backend() == "cpu"
-            and all(x.dtype == jnp.float32 for x in (q, k, v)) and active_mesh_size() == 1
-            and attention_targets() is not None)
-
-
-@jax.custom_vjp
-def _cpu_kernel(q, k, v, bias, rows):
-    """``_fused``'s equations in one native call per direction (same inputs, same result to float
-    rounding)."""
-    return _cpu_kernel_fwd(q, k, v, bias, rows)[0]
-
-
-def _cpu_kernel_fwd(q, k, v, bias, rows):
-    forward, _ = attention_targets()
-    b, lq, h, _ = q.shape
-    lk = k.shape[1]
-    qs = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-    bias = jnp.broadcast_to(bias, (b, 1, bias.shape[2], lk)).reshape(b, bias.shape[2], lk)
-    rows = jnp.broadcast_to(rows, (b, 1, lq, 1)).reshape(b, lq)
-    o, p = jax.ffi.ffi_call(forward, (jax.ShapeDtypeStruct(q.shape, q.dtype),
-                                      jax.ShapeDtypeStruct((b, h, lq, lk), jnp.float32)))(qs, k, v, bias, rows)
-    return o, (qs, k, v, p, o)
-
-
-def _cpu_kernel_bwd(res, do):
-    _, backward = attention_targets()
-    qs, k, v, p, o = res
-    dq, dk, dv = jax.ffi.ffi_call(backward, (jax.ShapeDtypeStruct(qs.shape, qs.dtype),
-                                             jax.ShapeDtypeStruct(k.shape, k.dtype),
-                                             jax.ShapeDtypeStruct(v.shape, v.dtype)))(qs, k, v, p, o, do)
-    return dq, dk, dv, None, None
-
-
-_cpu_kernel.defvjp(_cpu_kernel_fwd, _cpu_kernel_bwd)
 
 
 # ------------------------------------------------------------------------------------ jax.nn (xla / cudnn)
@@ -489,7 +368,7 @@ def attend(q, k, v, *, q_segment, kv_segment, q_causal=None, same_segment=False,
         raise TypeError(f"attend() got unknown option(s) {unknown}; known: {OPTIONS}")
     options = {**(_DEFAULT_OPTIONS.get() or {}), **{k: v for k, v in options.items() if v is not None}}
     if implementation == "dense":
-        return _dense_fused(q, k, v, q_segment, kv_segment, q_causal, same_segment)
+        return _dense(q, k, v, allowed_mask(q_segment, kv_segment, q_causal, same_segment))
     if implementation == "xla":
         return _jax_nn(q, k, v, allowed_mask(q_segment, kv_segment, q_causal, same_segment), "xla")
     if implementation == "cudnn":

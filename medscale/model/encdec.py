@@ -4,6 +4,11 @@ Every weight of the spec's docstring and nothing else is a parameter (a test che
 ``medscale.accounting.param_counts`` for every ladder size). Tensor names carry their shapes as suffixes:
 B batch, E encoder length, L decoder length, D d_model, H heads, K head dim, F d_ff, V combined vocab,
 M modalities.
+
+Projections, attention, the GELU and the output head's NLL go through the model's ``ops``
+(:class:`medscale.model.ops.Ops`, given at construction): by default the plain JAX path (``jnp.tensordot``
+with float32 accumulation, autodiff), which is what runs on accelerators; ``medscale.train.step`` gives the
+native CPU implementation (``medscale/kernels/cpu.py``) where it applies.
 """
 
 from __future__ import annotations
@@ -15,9 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from medscale.model.attention import attend, site_implementation
-from medscale.model.matmul import matmul
-from medscale.model.matmul import use_native as use_native_matmul
+from medscale.model.attention import site_implementation
+from medscale.model.ops import PLAIN, Ops
 from medscale.model.sharding import constrain
 from medscale.options import REMAT_POLICIES
 from medscale.spec import ModelSpec
@@ -28,115 +32,6 @@ _BLD = ("activation_batch", "activation_length", "activation_embed")
 _BLHK = ("activation_batch", "activation_length", "activation_heads", None)
 _BLF = ("activation_batch", "activation_length", "activation_mlp")
 _BLV = ("activation_batch", "activation_length", "activation_vocab")
-
-
-@jax.custom_vjp
-def linear(x, w):
-    """``x[..., i] @ w[i, o]`` with f32 accumulation, output in x's dtype.
-
-    The backward pass is written out so that the weight gradient contracts the token axis of the flattened
-    2D operands (XLA:CPU then transposes the small input instead of the wide activation gradient inside an
-    elementwise fusion, which profiling showed to dominate the step)."""
-    return _linear_fwd(x, w)[0]
-
-
-def _linear_fwd(x, w):
-    y = matmul(x.reshape(-1, x.shape[-1]), w).astype(x.dtype)
-    return y.reshape(*x.shape[:-1], w.shape[-1]), (x, w)
-
-
-def _linear_bwd(res, g):
-    x, w = res
-    x2 = x.reshape(-1, x.shape[-1])
-    g2 = g.reshape(-1, g.shape[-1]).astype(x.dtype)
-    if use_native_matmul(x2, w) or w.shape[0] <= w.shape[1]:
-        dw = matmul(x2, g2, trans_a=True)  # x^T g: contracts the token axis
-    else:
-        # XLA, a narrowing weight (the MLP's down-projection): form dw^T [out, in] and transpose it. XLA:CPU
-        # runs the token-contracting matmul about 1.6x faster with the wide operand on the output's minor
-        # side; without the barrier XLA folds the transpose back into the matmul (``docs/model.md``, "Speed")
-        dw = jax.lax.optimization_barrier(matmul(g2, x2, trans_a=True)).T
-    dx = matmul(g2, w, trans_b=True)
-    return dx.astype(x.dtype).reshape(x.shape), dw.astype(w.dtype)
-
-
-linear.defvjp(_linear_fwd, _linear_bwd)
-
-
-def _unstack(y, axis):
-    """The slices of ``y`` along ``axis``, by ``lax.split``: its gradient is one concatenate, where indexing
-    each slice gives one zero-padded full-size gradient per slice, summed (profiled: an elementwise pass over
-    the whole projection output per layer)."""
-    return [p.squeeze(axis) for p in jax.lax.split(y, [1] * y.shape[axis], axis=axis % y.ndim)]
-
-
-_GELU_C, _GELU_A = math.sqrt(2.0 / math.pi), 0.044715
-
-
-@jax.custom_vjp
-def gelu_tanh(x):
-    """``jax.nn.gelu(x, approximate=True)`` whose backward is one elementwise pass over ``x`` and the incoming
-    gradient (autodiff of the tanh form summed two gradient paths in separate passes over ``[tokens, d_ff]``)."""
-    return jax.nn.gelu(x, approximate=True)
-
-
-def _gelu_fwd(x):
-    return jax.nn.gelu(x, approximate=True), x
-
-
-def _gelu_bwd(x, g):
-    xf = x.astype(jnp.float32)
-    t = jnp.tanh(_GELU_C * (xf + _GELU_A * xf ** 3))
-    d = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * _GELU_C * (1.0 + 3.0 * _GELU_A * xf * xf)
-    return ((g.astype(jnp.float32) * d).astype(x.dtype),)
-
-
-gelu_tanh.defvjp(_gelu_fwd, _gelu_bwd)
-
-
-def _slice_stats(logits_NV, offset_N, size_N, index_N):
-    """Per position: NLL of column ``index`` under the softmax over columns [offset, offset+size), and the
-    gradient of that NLL with respect to the logits (zero outside the slice)."""
-    col = jnp.arange(logits_NV.shape[-1], dtype=jnp.int32)[None, :]
-    lo = offset_N[:, None]
-    inside = (col >= lo) & (col < lo + size_N[:, None])
-    m = jnp.max(jnp.where(inside, logits_NV, -jnp.inf), axis=-1, keepdims=True)
-    e = jnp.where(inside, jnp.exp(logits_NV - m), 0.0)
-    z = jnp.sum(e, axis=-1, keepdims=True)
-    hit = col == index_N[:, None]
-    target = jnp.sum(jnp.where(hit, logits_NV, 0.0), axis=-1)
-    nll = (m + jnp.log(z))[:, 0] - target
-    return nll, e / z - hit.astype(jnp.float32)
-
-
-@jax.custom_vjp
-def sliced_softmax_nll(h_ND, w_DV, offset_N, size_N, index_N):
-    """NLL per position of the output head ``h @ w`` with each position's softmax restricted to its own
-    modality's slice of the combined vocabulary (logits outside it are masked, i.e. -inf).
-
-    One matmul for all modalities; the slice restriction costs one exp per logit, as a plain softmax would.
-    The logit gradient is formed in the same pass as the forward statistics and kept as the only [N, V]
-    residual, so the backward pass is just the two matmuls."""
-    return _nll_fwd(h_ND, w_DV, offset_N, size_N, index_N)[0]
-
-
-def _nll_fwd(h_ND, w_DV, offset_N, size_N, index_N):
-    logits = matmul(h_ND, w_DV)
-    nll, dlogits = _slice_stats(logits, offset_N, size_N, index_N)
-    return nll, (h_ND, w_DV, dlogits.astype(h_ND.dtype), offset_N, size_N, index_N)
-
-
-def _nll_bwd(res, g_N):
-    h, w, dlogits, offset_N, size_N, index_N = res
-    dl = dlogits * g_N[:, None].astype(dlogits.dtype)
-    dh = matmul(dl, w, trans_b=True)
-    dw = matmul(h, dl, trans_a=True)
-    zero = np.zeros((), jax.dtypes.float0)
-    return (dh.astype(h.dtype), dw.astype(w.dtype), np.broadcast_to(zero, offset_N.shape),
-            np.broadcast_to(zero, size_N.shape), np.broadcast_to(zero, index_N.shape))
-
-
-sliced_softmax_nll.defvjp(_nll_fwd, _nll_bwd)
 
 
 def _normal(std):
@@ -207,17 +102,12 @@ class Attention(nnx.Module):
         oinit = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=(0, 1), out_axis=2)
         self.o = _param(rngs, oinit, (heads, k, d), ("heads", "kv", "embed"))
 
-    def __call__(self, xq_BLD, xkv_BED, *, q_segment, kv_segment, q_causal, same_segment, dtype, impl, site,
-                 kv=None):
+    def __call__(self, xq_BLD, xkv_BED, *, q_segment, kv_segment, q_causal, same_segment, dtype, impl, ops,
+                 site, kv=None):
         """``kv``: precomputed ``(k_BEHK, v_BEHK)`` (the decoder's cross-attention, :func:`cross_kv`); then
         ``xkv_BED`` is not used."""
         def proj(x, *ws):
-            # one matmul for the projections of the same input (q, k, v in self-attention; k, v in
-            # cross-attention): wider matmuls run closer to peak on CPU than three narrow ones
-            ws = [w[...].astype(dtype) for w in ws]
-            w = jnp.concatenate([w.reshape(w.shape[0], -1) for w in ws], axis=1)
-            y = linear(x, w).reshape(*x.shape[:-1], len(ws), *ws[0].shape[1:])
-            return [constrain(p, _BLHK) for p in _unstack(y, -3)]
+            return [constrain(p, _BLHK) for p in ops.project(x, [w[...].astype(dtype) for w in ws])]
 
         if kv is not None:
             (q_BLHK,) = proj(xq_BLD, self.q)
@@ -228,11 +118,10 @@ class Attention(nnx.Module):
             (q_BLHK,) = proj(xq_BLD, self.q)
             k_BEHK, v_BEHK = proj(xkv_BED, self.k, self.v)
         name, opts = impl
-        a_BLHK = attend(q_BLHK, k_BEHK, v_BEHK, q_segment=q_segment, kv_segment=kv_segment,
-                        q_causal=q_causal, same_segment=same_segment,
-                        implementation=site_implementation(name, site), **dict(opts))
-        o = self.o[...].astype(dtype)
-        out = linear(a_BLHK.astype(dtype).reshape(*a_BLHK.shape[:2], -1), o.reshape(-1, o.shape[-1]))
+        a_BLHK = ops.attend(q_BLHK, k_BEHK, v_BEHK, q_segment=q_segment, kv_segment=kv_segment,
+                            q_causal=q_causal, same_segment=same_segment,
+                            implementation=site_implementation(name, site), **dict(opts))
+        (out,) = ops.project(a_BLHK.astype(dtype), [self.o[...].astype(dtype)], contract=2)
         return constrain(out, _BLD)
 
 
@@ -245,15 +134,16 @@ class Mlp(nnx.Module):
         self.up = _param(rngs, init, (d, f), ("embed", "mlp"))
         self.down = _param(rngs, init, (f, d), ("mlp", "embed"))
 
-    def __call__(self, x_BLD, dtype):
+    def __call__(self, x_BLD, dtype, ops):
         def mm(x, w):
-            return linear(x, w[...].astype(dtype)).astype(jnp.float32)
+            (y,) = ops.project(x, [w[...].astype(dtype)])
+            return y.astype(jnp.float32)
 
         h_BLF = mm(x_BLD, self.up)
         if self.kind == "swiglu":
             h_BLF = jax.nn.silu(mm(x_BLD, self.gate)) * h_BLF
         else:
-            h_BLF = gelu_tanh(h_BLF)
+            h_BLF = ops.gelu(h_BLF)
         h_BLF = constrain(h_BLF.astype(dtype), _BLF)
         return constrain(mm(h_BLF, self.down).astype(dtype), _BLD)
 
@@ -265,11 +155,11 @@ class EncoderLayer(nnx.Module):
         self.ln2 = LayerNorm(spec.d_model)
         self.mlp = Mlp(spec.d_model, spec.d_ff, spec.mlp, rngs)
 
-    def __call__(self, x_BED, seg_BE, dtype, impl):
+    def __call__(self, x_BED, seg_BE, dtype, impl, ops):
         h = self.ln1(x_BED, dtype)
         x_BED = x_BED + self.attn(h, h, q_segment=seg_BE, kv_segment=seg_BE, q_causal=None,
-                                  same_segment=False, dtype=dtype, impl=impl, site="encoder")
-        return x_BED + self.mlp(self.ln2(x_BED, dtype), dtype)
+                                  same_segment=False, dtype=dtype, impl=impl, ops=ops, site="encoder")
+        return x_BED + self.mlp(self.ln2(x_BED, dtype), dtype, ops)
 
 
 class DecoderLayer(nnx.Module):
@@ -281,29 +171,24 @@ class DecoderLayer(nnx.Module):
         self.ln3 = LayerNorm(spec.d_model)
         self.mlp = Mlp(spec.d_model, spec.d_ff, spec.mlp, rngs)
 
-    def __call__(self, y_BLD, ck_BEHK, cv_BEHK, dseg_BL, dcausal_BL, qvalid_BL, eseg_BE, dtype, impl):
+    def __call__(self, y_BLD, ck_BEHK, cv_BEHK, dseg_BL, dcausal_BL, qvalid_BL, eseg_BE, dtype, impl, ops):
         h = self.ln1(y_BLD, dtype)
         y_BLD = y_BLD + self.self_attn(h, h, q_segment=dseg_BL, kv_segment=dseg_BL, q_causal=dcausal_BL,
-                                       same_segment=True, dtype=dtype, impl=impl, site="decoder")
+                                       same_segment=True, dtype=dtype, impl=impl, ops=ops, site="decoder")
         h = self.ln2(y_BLD, dtype)
         y_BLD = y_BLD + self.cross_attn(h, None, q_segment=qvalid_BL, kv_segment=eseg_BE, q_causal=None,
-                                        same_segment=False, dtype=dtype, impl=impl, site="cross",
+                                        same_segment=False, dtype=dtype, impl=impl, ops=ops, site="cross",
                                         kv=(ck_BEHK, cv_BEHK))
-        return y_BLD + self.mlp(self.ln3(y_BLD, dtype), dtype)
+        return y_BLD + self.mlp(self.ln3(y_BLD, dtype), dtype, ops)
 
 
-def cross_kv(layers, enc_BED, dtype):
-    """Every decoder layer's cross-attention keys and values, ``[(k_BEHK, v_BEHK), ...]``, from one matmul.
+def cross_kv(layers, enc_BED, dtype, ops: Ops = PLAIN):
+    """Every decoder layer's cross-attention keys and values, ``[(k_BEHK, v_BEHK), ...]``.
 
-    All layers read the same encoder output, so their k and v projections are one ``[D, layers * 2 * H * K]``
-    weight (concatenated at call time; the parameters stay per layer): one wide matmul instead of
-    ``2 * layers`` narrow ones, forward and backward."""
+    They depend on the encoder output only, so they are computed once, before the decoder layers (as a decoding
+    cache would hold them), in one :meth:`Ops.project` call of all ``2 * layers`` weights."""
     ws = [w[...].astype(dtype) for lyr in layers for w in (lyr.cross_attn.k, lyr.cross_attn.v)]
-    if not ws:
-        return []
-    d, h, k = ws[0].shape
-    y = linear(enc_BED, jnp.concatenate([w.reshape(d, h * k) for w in ws], axis=1))
-    parts = [constrain(p, _BLHK) for p in _unstack(y.reshape(*enc_BED.shape[:-1], len(ws), h, k), -3)]
+    parts = [constrain(p, _BLHK) for p in ops.project(enc_BED, ws)] if ws else []
     return list(zip(parts[0::2], parts[1::2]))
 
 
@@ -321,13 +206,14 @@ class EncoderDecoder(nnx.Module):
 
     def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs, dtype: str = "float32", remat: str = "none",
                  attention: str = "dense", attention_block: int | None = None,
-                 attention_window: int | None = None):
+                 attention_window: int | None = None, ops: Ops = PLAIN):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, not {dtype!r}")
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, not {remat!r}")
         self.spec = spec
         self.dtype_name, self.remat = dtype, remat
+        self.ops = ops  # static: the compute hooks (medscale.model.ops), part of the graph definition
         # (implementation, options): static; each call site picks its implementation (site_implementation)
         self.attention = (attention, tuple((k, v) for k, v in (("block", attention_block),
                                                                ("window", attention_window)) if v is not None))
@@ -348,10 +234,10 @@ class EncoderDecoder(nnx.Module):
         return DTYPES[self.dtype_name]
 
     def _call_layer(self, layer, *arrays):
-        dtype, impl = self.dtype, self.attention
+        dtype, impl, ops = self.dtype, self.attention, self.ops
         if self.remat == "none":
-            return layer(*arrays, dtype, impl)
-        fn = nnx.remat(lambda lyr, *a: lyr(*a, dtype, impl), policy=_remat_policy(self.remat))
+            return layer(*arrays, dtype, impl, ops)
+        fn = nnx.remat(lambda lyr, *a: lyr(*a, dtype, impl, ops), policy=_remat_policy(self.remat))
         return fn(layer, *arrays)
 
     def _embed(self, ids_BL, mod_BL, pos_BL, modality_table):
@@ -381,7 +267,7 @@ class EncoderDecoder(nnx.Module):
         valid_BL = batch["dec_valid"]
         dseg_BL = jnp.where(valid_BL, batch["dec_modality"], -1).astype(jnp.int32)
         qvalid_BL = jnp.where(valid_BL, 0, -1).astype(jnp.int32)
-        for layer, (ck, cv) in zip(self.decoder, cross_kv(self.decoder, enc_BED, dtype)):
+        for layer, (ck, cv) in zip(self.decoder, cross_kv(self.decoder, enc_BED, dtype, self.ops)):
             y_BLD = self._call_layer(layer, y_BLD, ck, cv, dseg_BL, causal_BL, qvalid_BL, eseg_BE)
         return self.dec_norm(y_BLD, dtype)
 
@@ -414,9 +300,8 @@ class EncoderDecoder(nnx.Module):
         mod_BL = batch["dec_modality"]
         offsets = jnp.asarray(spec.vocab_offsets, jnp.int32)[mod_BL]
         sizes = jnp.asarray(spec.vocab_sizes, jnp.int32)[mod_BL]
-        nll = sliced_softmax_nll(y_BLD.reshape(b * l, d), self.head[...].astype(self.dtype),
-                                 offsets.reshape(-1), sizes.reshape(-1),
-                                 (offsets + batch["dec_target"]).reshape(-1))
+        nll = self.ops.nll(y_BLD.reshape(b * l, d), self.head[...].astype(self.dtype), offsets.reshape(-1),
+                           sizes.reshape(-1), (offsets + batch["dec_target"]).reshape(-1))
         nll_BL = constrain(nll.reshape(b, l), ("activation_batch", "activation_length"))
         onehot_BLM = jax.nn.one_hot(mod_BL, spec.num_modalities, dtype=jnp.float32)
         w_BL = batch["dec_valid"].astype(jnp.float32)

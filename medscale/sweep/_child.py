@@ -18,9 +18,9 @@ import sys
 from medscale.configs import load_config
 from medscale.errors import UserError
 from medscale.generate.evaluate import task_eval
+from medscale.kernels.malloc import tune_malloc_for_cpu
 from medscale.rundir import summary_line
 from medscale.train.loop import train
-from medscale.train.malloc import tune_malloc
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,7 +46,7 @@ def main() -> int:
         pass
     if os.getppid() != parent:
         return 1
-    tune_malloc()  # before JAX starts its thread pools
+    tune_malloc_for_cpu()  # before JAX starts its thread pools
     try:
         args = parse(sys.argv[2:])
         cfg = load_config(args.config, args.overrides)

@@ -5,11 +5,16 @@ train state is a plain pytree ``{"params", "opt", "step", "rng"}`` and the step 
 explicit in/out shardings (params sharded by their logical axis names and ``cfg.mesh.rules``; batches over
 ('data', 'fsdp')). Parameters are created by a jit-ed init whose ``out_shardings`` are the target
 shardings, so they are born sharded and never gathered on one device.
+
+The model's compute hooks (:class:`medscale.model.ops.Ops`) are chosen here, once per build
+(:func:`choose_ops`): the native CPU kernels where they apply, the plain JAX path everywhere else.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -21,13 +26,17 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from medscale import kernels
 from medscale.data.batch import BATCH_SPEC
-from medscale.kernels import xla_only
+from medscale.kernels.cpu import CpuOps
+from medscale.kernels.malloc import tune_malloc
 from medscale.model.encdec import EncoderDecoder
+from medscale.model.ops import PLAIN, Ops
 from medscale.model.sharding import batch_sharding, logical_to_spec, make_mesh, rules_dict, sharding_context
 from medscale.options import SHARDING_RULES
 from medscale.spec import ModelSpec
-from medscale.train.malloc import tune_malloc
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RULES = SHARDING_RULES
 
@@ -62,10 +71,11 @@ def make_optimizer(oc: OptConfig):
     return tx, schedule
 
 
-def abstract_model(spec: ModelSpec, dtype="float32", remat="none", attention="dense", **attn_opts):
-    """The model built under ``nnx.eval_shape``: shapes and metadata, no memory."""
+def abstract_model(spec: ModelSpec, dtype="float32", remat="none", attention="dense", **model_kw):
+    """The model built under ``nnx.eval_shape``: shapes and metadata, no memory (``model_kw``: the
+    attention options and ``ops``)."""
     return nnx.eval_shape(lambda: EncoderDecoder(spec, rngs=nnx.Rngs(0), dtype=dtype, remat=remat,
-                                                 attention=attention, **attn_opts))
+                                                 attention=attention, **model_kw))
 
 
 def param_axes(abstract) -> Any:
@@ -122,15 +132,49 @@ class Program:
             lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), batch)
 
 
+def choose_ops(dtype: str, mesh: Mesh, cpu_kernels: bool = True) -> Ops:
+    """The model's compute hooks for a step: :class:`medscale.kernels.cpu.CpuOps` when the JAX backend is
+    the CPU, ``dtype`` float32, the mesh one device, ``cpu_kernels`` and ``MEDSCALE_CPU_KERNELS`` (default 1)
+    not 0, and at least one native kernel builds (each kernel is used where it built; ``MEDSCALE_CPU_MATMUL=0``
+    leaves out the matmul); the plain path (:data:`medscale.model.ops.PLAIN`) otherwise. Choosing the CPU
+    implementation also tunes the allocator for XLA:CPU (``medscale/kernels/malloc.py``). Logs one line:
+    which kernels are active, and why a kernel is not."""
+    why = None
+    if not cpu_kernels:
+        why = "not asked for"
+    elif os.environ.get("MEDSCALE_CPU_KERNELS", "1") == "0":
+        why = "MEDSCALE_CPU_KERNELS=0"
+    elif jax.default_backend() != "cpu":
+        why = f"the backend is {jax.default_backend()}"
+    elif dtype != "float32":
+        why = f"the dtype is {dtype}"
+    elif mesh.size != 1:
+        why = f"the mesh has {mesh.size} devices"
+    if why is not None:
+        log.info("model ops: plain (CPU kernels off: %s)", why)
+        return PLAIN
+    attention_ok, matmul_ok = kernels.attention_targets() is not None, kernels.matmul_target() is not None
+    missing = "; ".join(f"{name} kernel unavailable: {kernels.unavailable_reason(name)}"
+                        for name, ok in (("attention", attention_ok), ("matmul", matmul_ok)) if not ok)
+    if not (attention_ok or matmul_ok):
+        log.info("model ops: plain (%s)", missing)
+        return PLAIN
+    tune_malloc()
+    active = ", ".join(n for n, ok in (("attention", attention_ok), ("matmul", matmul_ok)) if ok)
+    log.info("model ops: cpu (native kernels: %s)%s", active, f"; {missing}" if missing else "")
+    return CpuOps(attention_kernel=attention_ok, matmul_kernel=matmul_ok)
+
+
 def build(spec: ModelSpec, opt: OptConfig, *, mesh: Mesh | None = None, rules=DEFAULT_RULES,
           dtype="float32", remat="none", attention="dense", attention_block=None, attention_window=None,
-          donate: bool = True) -> Program:
-    if jax.default_backend() == "cpu":
-        tune_malloc()
+          donate: bool = True, cpu_kernels: bool = True) -> Program:
+    """Compile-ready init, train step and eval step. ``cpu_kernels=False``: the plain ops even where the CPU
+    kernels apply (:func:`choose_ops`)."""
     mesh = mesh if mesh is not None else make_mesh((1, 1, 1), jax.devices()[:1])
     rules = rules_dict(rules)
-    attn = {"attention_block": attention_block, "attention_window": attention_window}
-    abstract = abstract_model(spec, dtype, remat, attention, **attn)
+    model_kw = {"attention_block": attention_block, "attention_window": attention_window,
+                "ops": choose_ops(dtype, mesh, cpu_kernels)}
+    abstract = abstract_model(spec, dtype, remat, attention, **model_kw)
     graphdef, abs_state = nnx.split(abstract)
     abs_params = nnx.to_pure_dict(abs_state)
     axes = param_axes(abstract)
@@ -147,7 +191,7 @@ def build(spec: ModelSpec, opt: OptConfig, *, mesh: Mesh | None = None, rules=DE
         key = jax.random.key(seed)
         pkey, rkey = jax.random.split(key)
         model = EncoderDecoder(spec, rngs=nnx.Rngs(params=pkey), dtype=dtype, remat=remat, attention=attention,
-                               **attn)
+                               **model_kw)
         params = nnx.to_pure_dict(nnx.split(model)[1])
         return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
                 "rng": jax.random.key_data(rkey)}
@@ -199,10 +243,11 @@ def xla_step_flops(spec: ModelSpec, batch_size: int, *, dtype="float32", remat="
     """
     n = int(np.prod([s for s in mesh_shape if s != -1])) if -1 not in tuple(mesh_shape) else len(jax.devices())
     mesh = make_mesh(mesh_shape, jax.devices()[:n])
+    # the plain ops: XLA cannot count FLOPs inside the CPU kernels' custom calls
     prog = build(spec, OptConfig(), mesh=mesh, dtype=dtype, remat=remat, attention=attention,
-                 attention_block=block, attention_window=window if attention == "local" else None, donate=False)
-    with xla_only():  # XLA cannot count FLOPs inside the CPU kernels' custom calls
-        compiled = prog.step.lower(prog.abstract_state, abstract_batch(prog, batch_size)).compile()
+                 attention_block=block, attention_window=window if attention == "local" else None, donate=False,
+                 cpu_kernels=False)
+    compiled = prog.step.lower(prog.abstract_state, abstract_batch(prog, batch_size)).compile()
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0]

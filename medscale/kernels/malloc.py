@@ -11,17 +11,26 @@ and glibc gives each thread its own arena, whose memory is returned to the kerne
 after the step's outputs are ready, so the next step sometimes allocates a second one before the first is
 back; with a bounded trim threshold the heap then grew and was trimmed again every few steps, and each regrowth
 cost about 220,000 page faults (0.3-1.7 s of system time) in that step. Now the heap reaches its steady size
-in the first steps and stays there (its peak is held until the process ends). An arena is bound to a thread
-at its first malloc, so this must run before JAX starts its thread pools: ``medscale``'s CLI calls it first
-thing, and ``train.step.build`` calls it again (the thresholds still apply when JAX already runs). Applied once,
-on Linux/glibc; ``MEDSCALE_MALLOPT=0`` turns it off.
+in the first steps and stays there (its peak is held until the process ends).
+
+An arena is bound to a thread at its first malloc, so the one-arena setting must be made before JAX starts
+its thread pools. Applied when the step is built (``train.step.choose_ops``, with the CPU backend), it is too
+late: measured at ``bench step``'s shape (5 steps after 3 warm-up, ``getrusage``; glibc's ``malloc_info``),
+16 arenas, about 204,000 minor faults and 0.56-0.62 s of system time per step, against 1 arena, 41,000-82,000
+faults and 0.10-0.17 s when applied first thing. So the CLI calls :func:`tune_malloc_for_cpu` before any
+command runs; it applies the tuning only where JAX is going to run on the CPU (:func:`cpu_backend_expected`,
+judged without starting JAX), and the step's build applies it again (the thresholds still take effect then,
+for a library caller). Applied once, on Linux/glibc; ``MEDSCALE_MALLOPT=0`` turns it off.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
+import importlib.util
 import logging
 import os
+import pkgutil
 import sys
 
 log = logging.getLogger(__name__)
@@ -44,3 +53,24 @@ def tune_malloc() -> bool:
     _done = True
     log.debug("mallopt applied: %s", ok)
     return ok
+
+
+def cpu_backend_expected() -> bool:
+    """Whether JAX will run on its CPU backend, judged without starting it: the first of ``JAX_PLATFORMS``
+    where that is set, else whether no accelerator plugin is installed (``jax_plugins`` entry points or
+    namespace packages, which is how JAX finds its GPU plugins, or ``libtpu``)."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    if importlib.util.find_spec("libtpu") is not None or importlib.metadata.entry_points(group="jax_plugins"):
+        return False
+    try:
+        import jax_plugins  # the namespace package of JAX's PJRT plugins (not JAX itself)
+    except ImportError:
+        return True
+    return not any(pkgutil.iter_modules(jax_plugins.__path__))
+
+
+def tune_malloc_for_cpu() -> bool:
+    """:func:`tune_malloc` where JAX is going to run on the CPU; call it before JAX starts (the CLI does)."""
+    return cpu_backend_expected() and tune_malloc()
