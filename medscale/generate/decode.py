@@ -129,7 +129,7 @@ def _make_fns(graphdef, spec):
             a = attend(_proj(h, lyr.cross_attn.q, dtype), cache["cross_k"][i], cache["cross_v"][i],
                        q_segment=q_seg, kv_segment=cache["eseg"])
             y_B1D = y_B1D + _out(a, lyr.cross_attn.o, dtype)
-            y_B1D = y_B1D + lyr.mlp(lyr.ln3(y_B1D, dtype), dtype)
+            y_B1D = y_B1D + lyr.mlp(lyr.ln3(y_B1D, dtype), dtype, model.ops)
         full = model._logits(model.dec_norm(y_B1D, dtype))[:, 0]  # [B, V_total]
         offs = jnp.asarray(spec.vocab_offsets, jnp.int32)[target_B]
         logits = jnp.take_along_axis(full, offs[:, None] + jnp.arange(size, dtype=jnp.int32)[None], axis=1)
