@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import signal
 import statistics
 import time
 
@@ -36,6 +37,32 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------- files
 def _finite_or_none(x):
     return None if x is None or not math.isfinite(x) else float(x)
+
+
+KILL_POINTS = ("after_last_eval", "after_last_checkpoint", "before_summary")
+
+
+def test_kill(point: str, step: int | None = None) -> None:
+    """Test hook: SIGKILL this process at a named point of a run, as a power cut would.
+
+    ``MEDSCALE_TEST_KILL_AT`` names the point: one of :data:`KILL_POINTS` or ``step:N`` (after step N's
+    metrics are handled, between checkpoints). ``MEDSCALE_TEST_KILL_PARENT=1`` first kills the parent process
+    (a sweep launcher, whose workers then die with it). ``MEDSCALE_TEST_KILL_ONCE=FILE`` fires only while FILE
+    does not exist, and creates it when firing, so a relaunch with the same environment goes through. Unset
+    (the default), nothing happens."""
+    want = os.environ.get("MEDSCALE_TEST_KILL_AT")
+    if not want or (want != point and want != f"{point}:{step}"):
+        return
+    once = os.environ.get("MEDSCALE_TEST_KILL_ONCE")
+    if once:
+        try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+    log.warning("test hook: SIGKILL at %s", want)
+    if os.environ.get("MEDSCALE_TEST_KILL_PARENT") == "1":
+        os.kill(os.getppid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -174,6 +201,7 @@ def _train_locked(cfg, workdir, progress, data, finish, spec, mesh_shape, steps,
     if is_main and result.get("status") == "done" and finish is not None:
         state["wall_end"] = time.time()  # wall_s is the training's; the evaluation's time is in task_eval
         state["extra"] = finish(workdir, state.get("data")) or {}
+    test_kill("before_summary")
     summary = _write_summary(cfg, cfg_dict, workdir, spec, steps, state, result, t_start) if is_main else {}
     return summary
 
@@ -211,6 +239,8 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
         log.info("resumed from step %d", start)
     else:
         train_state = prog.init(seed)
+    # rows an earlier attempt logged after its last checkpoint are dropped: this attempt writes them again
+    kept = writer.rewind(start)
     writer.begin(start, prog.abstract_state["params"])
 
     def save(step):
@@ -293,6 +323,9 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
 
     ok = True
     step = start
+    finished = start >= steps  # an earlier attempt trained, evaluated and checkpointed it all
+    if finished:
+        _final_rows_from_metrics(kept, steps, names, state)
     while step < steps and ok:
         batch = prog.put_batch(next(it))
         train_state, metrics = prog.step(train_state, batch)
@@ -300,6 +333,7 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
         if pending is not None:
             jax.block_until_ready(pending[1])
             ok = handle(pending[0], pending[1], time.time())
+            test_kill("step", pending[0])
         pending = (step, metrics)
         if not ok:
             break
@@ -319,9 +353,12 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
         ok = handle(pending[0], pending[1], time.time())
     if bar is not None:
         bar.close()
-    if ok:
+    if ok and not (finished and "final_eval" in state):
         evaluate(step)
+        test_kill("after_last_eval")
+    if ok and not finished:
         save(step)
+        test_kill("after_last_checkpoint")
     mgr.close()
     state["steps_done"] = step
     state["step_times"] = step_times
@@ -330,12 +367,26 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
     return record
 
 
+def _final_rows_from_metrics(rows, steps, names, state):
+    """The final train and eval rows of a run whose last checkpoint is its last step (killed after it,
+    before its summary): taken from its metrics.jsonl rather than evaluated and logged a second time."""
+    for row in rows:
+        if row.get("step") != steps:
+            continue
+        if row.get("kind") == "train":
+            state["final_train"] = {"step": steps, "loss": row.get("loss"),
+                                    "by_modality": {n: row.get(f"loss/{n}") for n in names}}
+        elif row.get("kind") == "eval":
+            state["final_eval"] = row
+    state["logged_step_times"] = [r["step_s"] for r in rows if r.get("kind") == "train" and r.get("step_s")]
+
+
 def _write_summary(cfg, cfg_dict, workdir, spec, steps, state, record, t_start):
     step_done = state.get("steps_done", state.get("final_train", {}).get("step", 0)) or 0
     tps = state.get("tokens_per_step") or spec.dec_len
     model_flops = state.get("model_flops")
     hw_flops = state.get("hardware_flops")
-    times = state.get("step_times") or []
+    times = state.get("step_times") or state.get("logged_step_times") or []
     step_s = statistics.median(times) if times else None
     peak = state.get("peak")
     mfu = (model_flops / step_s / (state.get("device_count") or 1) / peak) if (model_flops and step_s and peak) \

@@ -60,6 +60,34 @@ class MetricWriter:
             self._event(Event(step=step, summary=summary.text(PARAMETERS_TAG, _markdown_code(table))))
         self.flush()
 
+    def rewind(self, step: int) -> list[dict]:
+        """Keep only the rows up to ``step`` (the step a run restarts from; a torn last line goes too), so a
+        relaunched run writes each later row once; returns the kept rows. The file is rewritten atomically and
+        reopened for appending."""
+        if self.f is None:
+            return []
+        self.f.flush()
+        kept, lines, dropped = [], [], 0
+        with open(self.path) as fh:
+            for line in fh:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    dropped += 1
+                    continue
+                if not isinstance(row, dict) or (row.get("step") or 0) > step:
+                    dropped += 1
+                    continue
+                kept.append(row)
+                if not line.endswith("\n"):  # a row whose newline a kill cut off
+                    line, dropped = line + "\n", dropped + 1
+                lines.append(line)
+        if dropped:
+            self.f.close()
+            rundir.write_text(self.path, "".join(lines))
+            self.f = open(self.path, "a")  # noqa: SIM115 - open for the run
+        return kept
+
     def write(self, row: dict) -> None:
         if self.f is None:
             return
