@@ -12,6 +12,7 @@ BENCHMARKS = {
     "seqlen": "peak memory, step time and MFU of the train step vs encoder length, per attention implementation "
               "and remat policy",
     "step": "training-step throughput and MFU of one model shape",
+    "sweep": "a fixed small sweep through the local launcher: utilisation, wall time and where it goes",
     "torch": "the training step against PyTorch (same shapes, same machine, one run)",
 }
 

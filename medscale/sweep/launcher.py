@@ -94,7 +94,8 @@ def failed_summary(run: Run, error: str, workdir: str) -> dict:
         "batch_size": run.batch_size, "steps": last.get("step"), "tokens": last.get("tokens"),
         "model_flops": flops, "hardware_flops": None, "xla_flops": None,
         "pf_days": None if flops is None else flops / PF_DAY, "wall_s": None, "device_kind": None,
-        "device_count": None, "hardware": None, "mfu": None, "final_train_loss": last.get("loss"),
+        "device_count": None, "hardware": None, "mfu": None, "peak_flops": None, "time": None,
+        "final_train_loss": last.get("loss"),
         "final_eval_loss": None, "final_train_loss_by_modality": {}, "final_eval_loss_by_modality": {},
         "task_metrics": {},
     }
@@ -124,6 +125,8 @@ class _Active:
         self.run, self.proc, self.lock, self.workdir = run, proc, lock, workdir
         self.log_offset, self.started = log_offset, started
         self.base_flops = self.flops()
+        ckpt = max(rundir.checkpoint_steps(workdir), default=0)  # where training resumes
+        self.resume_flops = run.model_flops * ckpt / run.steps if run.steps else 0.0
 
     def flops(self) -> float:
         row = registry.last_train_row(rundir.path(self.workdir, rundir.METRICS))
@@ -148,6 +151,10 @@ class Launcher:
         self.outcome: dict[str, str] = {}
         self.errors: dict[str, str] = {}
         self.timings: list[tuple[float, float]] = []  # (model FLOPs, wall s) of runs done in this launch
+        self.flops_trained = 0.0  # model FLOPs trained in this launch (from each run's resumed step)
+        self.peak_flops: float | None = None  # peak FLOP/s of the devices a run used (per device x devices)
+        self.split = dict.fromkeys(registry.SPLIT_PARTS, 0.0)
+        self.launched = 0
 
     # -- one run -------------------------------------------------------------------------------------
     def _spawn(self, run: Run) -> _Active | None:
@@ -196,6 +203,7 @@ class Launcher:
         else:
             status = summary.get("status", "done")
             error = summary.get("error")
+        self._account(act, summary)
         if error and status != "done":
             self.errors[act.run.run_id] = str(error)
         if status == "done":
@@ -203,6 +211,39 @@ class Launcher:
         self.outcome[act.run.run_id] = status
         act.lock.release()
         log.info("%s: %s", act.run.run_id, status)
+
+    def _account(self, act: _Active, summary: dict | None) -> None:
+        """Add a finished run's training to this launch's use of the machine."""
+        summary = summary or {}
+        trained = float(summary.get("model_flops") or 0.0) - act.resume_flops
+        self.flops_trained += max(0.0, trained)
+        peak = summary.get("peak_flops")
+        if peak:
+            self.peak_flops = max(self.peak_flops or 0.0, float(peak) * int(summary.get("device_count") or 1))
+        for key, value in (summary.get("time") or {}).items():
+            if key in self.split and value:
+                self.split[key] += float(value)
+
+    def usage(self, wall_s: float) -> dict:
+        """This launch's use of the machine: ``utilisation`` = model FLOPs trained / (wall seconds x the peak
+        FLOP/s of the devices in use, measured for a CPU), ``model_flops``, ``peak_flops``, ``pf_days`` (of
+        this launch's training) and ``split``: run-seconds by part (start-up, compilation, training steps,
+        evaluation, checkpoints, task evaluation; ``other_s``: the rest of the workers' wall time: process
+        start, imports, waiting)."""
+        split = dict(self.split)
+        slots = min(self.workers, self.launched) if self.launched else 0
+        split["other_s"] = max(0.0, slots * wall_s - sum(v for k, v in split.items() if k != "other_s"))
+        util = self.flops_trained / (wall_s * self.peak_flops) if (self.peak_flops and wall_s > 0) else None
+        return {"model_flops": self.flops_trained, "peak_flops": self.peak_flops, "utilisation": util,
+                "pf_days": self.flops_trained / PF_DAY, "split": {k: round(v, 3) for k, v in split.items()}}
+
+    def _record_launch(self, started: float, wall_s: float) -> dict:
+        use = self.usage(wall_s)
+        if self.launched and self.runs:
+            row = {"start": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)), "wall_s": round(wall_s, 3),
+                   "workers": self.workers, "runs": self.launched, **use}
+            registry.append_launch(os.path.join(self.results, self.runs[0].sweep), row)
+        return use
 
     # -- the sweep -----------------------------------------------------------------------------------
     def launch(self) -> dict:
@@ -233,6 +274,7 @@ class Launcher:
                     act = self._spawn(queue.pop(0))
                     if act is not None:
                         active.append(act)
+                        self.launched += 1
                 for act in list(active):
                     rc = act.proc.poll()
                     if rc is None:
@@ -258,8 +300,10 @@ class Launcher:
             counts[status] = counts.get(status, 0) + 1
         cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu_s = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+        wall = time.time() - start
         return {"runs": len(self.runs), "counts": counts, "outcome": dict(self.outcome),
-                "errors": dict(self.errors), "wall_s": time.time() - start, "train_cpu_s": cpu_s}
+                "errors": dict(self.errors), "wall_s": wall, "train_cpu_s": cpu_s,
+                **self._record_launch(start, wall)}
 
     def _bar(self, total, initial):
         if not self.progress:

@@ -250,3 +250,56 @@ def export(path: str, out: str, results: str | None = None) -> str:
         else:
             df.to_parquet(tmp, index=False)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- use of the machine
+LAUNCHES = "launches.jsonl"  # in a sweep folder: one row per finished launch of the local launcher
+SPLIT_PARTS = ("startup_s", "compile_s", "train_s", "eval_s", "checkpoint_s", "task_eval_s", "other_s")
+
+
+def append_launch(sweep_dir: str, row: dict) -> None:
+    """Add one launch's row (:func:`medscale.sweep.launcher.Launcher.launch`'s usage keys) to the sweep's
+    ``launches.jsonl`` (appended, one JSON line; a torn last line is ignored by readers)."""
+    os.makedirs(sweep_dir, exist_ok=True)
+    with open(os.path.join(sweep_dir, LAUNCHES), "a") as fh:
+        fh.write(json.dumps(row, default=rundir.json_default) + "\n")
+
+
+def read_launches(sweep_dir: str) -> list[dict]:
+    rows = []
+    try:
+        with open(os.path.join(sweep_dir, LAUNCHES)) as fh:
+            for line in fh:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue
+    except OSError:
+        pass
+    return rows
+
+
+def usage(launches: list[dict], pf_days: float | None = None) -> dict:
+    """The use of the machine over ``launches`` (rows of :data:`LAUNCHES`): ``utilisation`` = model FLOPs
+    trained / (wall seconds x peak FLOP/s of the devices in use), ``wall_s``, ``train_s`` (seconds the runs
+    spent in training steps, summed over runs), ``split`` (run-seconds by part, summed), ``model_flops``;
+    ``pf_days``: the given total (the whole sweep's), else the FLOPs trained in these launches."""
+    wall = sum(float(r.get("wall_s") or 0.0) for r in launches)
+    flops = sum(float(r.get("model_flops") or 0.0) for r in launches)
+    capacity = sum(float(r.get("wall_s") or 0.0) * float(r["peak_flops"]) for r in launches if r.get("peak_flops"))
+    split = {k: sum(float((r.get("split") or {}).get(k) or 0.0) for r in launches) for k in SPLIT_PARTS}
+    return {"utilisation": flops / capacity if capacity > 0 else None,
+            "pf_days": pf_days if pf_days is not None else flops / PF_DAY, "wall_s": wall,
+            "train_s": split["train_s"], "model_flops": flops, "split": split, "launches": len(launches)}
+
+
+def sweep_usage(sweep_dir: str, df=None) -> dict | None:
+    """:func:`usage` of a sweep folder: its launches, and the PF-days of all its runs' recorded training
+    (``df``: its :func:`load_sweep` table, when already loaded); None when no launch was recorded."""
+    launches = read_launches(sweep_dir)
+    if not launches:
+        return None
+    if df is None:
+        df = load_sweep(sweep_dir)
+    pf = df["pf_days"].where(df["status"].isin(["done", "diverged", "failed"])).sum() if len(df) else 0.0
+    return usage(launches, pf_days=float(pf))

@@ -39,6 +39,36 @@ def _finite_or_none(x):
     return None if x is None or not math.isfinite(x) else float(x)
 
 
+# ---------------------------------------------------------------------------------------------- time
+_COMPILE_S = [0.0]  # seconds this process spent tracing, lowering and compiling (JAX's compile events)
+
+
+def _count_compile(event: str, duration: float, **_):
+    if event.startswith("/jax/core/compile/"):
+        _COMPILE_S[0] += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+TIME_PARTS = ("startup_s", "compile_s", "train_s", "eval_s", "checkpoint_s", "task_eval_s")
+
+
+class Clock:
+    """A run's wall time split by part (the summary's ``time``): :meth:`to` charges the seconds since the last
+    call to ``part``, less the compilation inside them, which goes to ``compile_s``."""
+
+    def __init__(self):
+        self.parts = dict.fromkeys(TIME_PARTS, 0.0)
+        self.t, self.c = time.perf_counter(), _COMPILE_S[0]
+
+    def to(self, part: str) -> None:
+        now, c = time.perf_counter(), _COMPILE_S[0]
+        dc = c - self.c
+        self.parts["compile_s"] += dc
+        self.parts[part] += max(0.0, now - self.t - dc)
+        self.t, self.c = now, c
+
+
 KILL_POINTS = ("after_last_eval", "after_last_checkpoint", "before_summary")
 
 
@@ -182,10 +212,10 @@ def _train_locked(cfg, workdir, progress, data, finish, spec, mesh_shape, steps,
     if is_main:
         rundir.write_json(rundir.path(workdir, rundir.CONFIG), cfg_dict)
     t_start = time.time()
+    state = {"clock": Clock()}
     tb_dir = rundir.path(workdir, rundir.TENSORBOARD) if os.environ.get("MEDSCALE_TENSORBOARD", "1") != "0" else None
     writer = MetricWriter(rundir.path(workdir, rundir.METRICS), tb_dir, enabled=is_main)
     record = {"status": "failed", "error": None}
-    state = {}
     try:
         result = _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record, state)
     except BaseException as exc:
@@ -200,7 +230,9 @@ def _train_locked(cfg, workdir, progress, data, finish, spec, mesh_shape, steps,
     writer.close()
     if is_main and result.get("status") == "done" and finish is not None:
         state["wall_end"] = time.time()  # wall_s is the training's; the evaluation's time is in task_eval
+        state["clock"].to("checkpoint_s")
         state["extra"] = finish(workdir, state.get("data")) or {}
+        state["clock"].to("task_eval_s")
     test_kill("before_summary")
     summary = _write_summary(cfg, cfg_dict, workdir, spec, steps, state, result, t_start) if is_main else {}
     return summary
@@ -243,15 +275,20 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
     kept = writer.rewind(start)
     writer.begin(start, prog.abstract_state["params"])
 
+    clock = state["clock"]
+
     def save(step):
         if step in mgr.all_steps():
             return
+        clock.to("train_s")
         writer.flush()  # the metrics up to a checkpoint are on disk before it exists
         mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(train_state),
                                                 data=ocp.args.JsonSave(it.get_state())))
         mgr.wait_until_finished()
+        clock.to("checkpoint_s")
 
     def evaluate(step):
+        clock.to("train_s")
         sums = np.zeros(len(names))
         counts = np.zeros(len(names))
         for b in eval_host:
@@ -265,6 +302,7 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
             row[f"loss/{name}"] = v
         writer.write(row)
         state["final_eval"] = row
+        clock.to("eval_s")
         return row
 
     bar = None
@@ -326,6 +364,7 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
     finished = start >= steps  # an earlier attempt trained, evaluated and checkpointed it all
     if finished:
         _final_rows_from_metrics(kept, steps, names, state)
+    clock.to("startup_s")
     while step < steps and ok:
         batch = prog.put_batch(next(it))
         train_state, metrics = prog.step(train_state, batch)
@@ -351,6 +390,7 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
     if pending is not None and ok:
         jax.block_until_ready(pending[1])
         ok = handle(pending[0], pending[1], time.time())
+    clock.to("train_s")
     if bar is not None:
         bar.close()
     if ok and not (finished and "final_eval" in state):
@@ -360,6 +400,7 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
         save(step)
         test_kill("after_last_checkpoint")
     mgr.close()
+    clock.to("checkpoint_s")
     state["steps_done"] = step
     state["step_times"] = step_times
     state["peak"] = peak
@@ -409,6 +450,7 @@ def _write_summary(cfg, cfg_dict, workdir, spec, steps, state, record, t_start):
         "device_kind": state.get("device_kind") or jax.devices()[0].device_kind,
         "device_count": state.get("device_count") or jax.device_count(),
         "hardware": state.get("hardware"), "mfu": mfu,
+        "peak_flops": peak, "time": {k: round(v, 3) for k, v in state["clock"].parts.items()} if "clock" in state else None,
         "final_train_loss": _finite_or_none(train_row.get("loss")),
         "final_eval_loss": _finite_or_none(eval_row.get("loss")),
         "final_train_loss_by_modality": {n: (train_row.get("by_modality") or {}).get(n) for n in names},
