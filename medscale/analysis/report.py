@@ -36,7 +36,7 @@ from medscale.analysis.fitting import fit_all as default_fit_all
 from medscale.errors import UserError
 from medscale.hardware import PF_DAY
 from medscale.laws import PUBLISHED, ChinchillaLaw
-from medscale.sweep.registry import load_curves, load_sweep
+from medscale.sweep.registry import load_curves, load_sweep, sweep_usage
 
 log = logging.getLogger(__name__)
 
@@ -553,6 +553,7 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
         "figures": {k: [os.path.relpath(p, out_dir) for p in v] for k, v in fig_paths.items()},
         "figures_not_drawn": plots.missing_data(runs, law) if figures else {},
         "runs": runs_table(runs),
+        "sweep": _sweep_use(results_dir),
     }
     report = _jsonable(report)
     rundir.write_text(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1) + "\n")
@@ -597,6 +598,18 @@ def _ci(d, digits=3):
     if ci:
         s += f" [{fmt(ci[0], digits)}, {fmt(ci[1], digits)}]"
     return s
+
+
+def _sweep_use(results_dir: str) -> dict | None:
+    """The sweep's use of the machine (``medscale.sweep.registry.sweep_usage``: utilisation, PF-days of all its
+    runs, wall and training seconds of its launches); None when no launch was recorded there."""
+    try:
+        use = sweep_usage(results_dir) if os.path.isdir(results_dir) else None
+    except (OSError, ValueError, KeyError):
+        return None
+    if use is None:
+        return None
+    return {k: use[k] for k in ("utilisation", "pf_days", "wall_s", "train_s")}
 
 
 def _law_row(name, p):
@@ -742,6 +755,12 @@ def render_markdown(r: dict) -> str:
     L.append("")
     # runs
     L.append("## Runs\n")
+    use = r.get("sweep")
+    if use:
+        util = use.get("utilisation")
+        L.append(f"The sweep trained {fmt(use.get('pf_days'))} PF-days in {fmt(use.get('wall_s'))} s of wall time "
+                 f"({fmt(use.get('train_s'))} run-seconds in training steps); utilisation (model FLOPs / (wall x "
+                 f"measured peak of the devices in use)) {fmt(100 * util) + '%' if util is not None else '-'}.\n")
     rows = r.get("runs") or []
     mods = sorted({k for row in rows for k in row if k.startswith("loss/")})
     head = ["run_id", "status", "size", "params", "tokens", "flops", "pf_days", "enc_len", "dec_len", "loss",

@@ -61,11 +61,20 @@ def run(args):
     if args.json:
         print(json.dumps({"sweep": out["sweep"], "results": out["results"], "wall_s": wall,
                           "runs": out["launch"]["counts"], "exponents": quickstart.exponents(rep["fit"]),
-                          "budget": budget, "recommendation": rec,
+                          "budget": budget, "recommendation": rec, "sweep_usage": rep.get("sweep"),
+                          "launch_usage": {k: out["launch"].get(k) for k in
+                                           ("utilisation", "model_flops", "peak_flops", "pf_days", "split")},
                           "report": f"{out['results']}/report.md"}, default=str))
         return 0
     counts = ", ".join(f"{v} {k}" for k, v in sorted(out["launch"]["counts"].items()))
-    lines = [f"quickstart: {counts} in {wall:.0f} s; report {out['results']}/report.md", "",
+    lines = [f"quickstart: {counts} in {wall:.0f} s; report {out['results']}/report.md"]
+    use = rep.get("sweep")
+    if use:
+        util = use.get("utilisation")
+        lines.append(f"training: utilisation {_fmt(100 * util) + '%' if util is not None else '-'} of the measured "
+                     f"peak, {_fmt(use.get('pf_days'))} PF-days, {_fmt(use.get('wall_s'))} s wall "
+                     f"({_fmt(use.get('train_s'))} run-s in training steps)")
+    lines += ["",
              ("fitted exponents (N_opt ~ C^a, D_opt ~ C^b; L = E + A/N^alpha + B/D^beta), "
              f"{int(100 * rec.get('ci_level', 0.9))}% bootstrap intervals:")]
     for app, name, value, ci in quickstart.exponents(rep["fit"]):

@@ -13,9 +13,9 @@ def register(sub, argv=()):
     parser = sub.add_parser("sweep", help=COMMANDS["sweep"])
     inner = parser.add_subparsers(dest="sweep_command", metavar="ACTION", parser_class=type(parser))
 
-    p = inner.add_parser("run", help="train every run of a sweep locally, each in its own process")
+    p = inner.add_parser("run", help="train every run of a sweep locally, with a pool of warm worker processes")
     p.add_argument("sweep", metavar="SWEEP.py", help="sweep definition (see sweeps/)")
-    p.add_argument("--workers", type=int, default=1, help="runs trained at the same time (default 1)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes, runs trained at once (default 1)")
     p.add_argument("--only", metavar="PATTERN", help="only runs whose id matches this glob or substring")
     p.add_argument("--results", default="results", metavar="DIR", help="results root (default results/)")
     p.add_argument("--retry-failed", action="store_true", help="train failed runs again")
@@ -84,6 +84,8 @@ def _run(args):
         counts = ", ".join(f"{v} {k}" for k, v in sorted(report["counts"].items()))
         print(f"sweep {report['sweep']}: {report['runs']} runs ({counts}) in {report['wall_s']:.0f} s "
               f"(training processes: {report['train_cpu_s']:.0f} CPU-s); results in {report['results']}")
+        if report.get("utilisation") is not None:
+            print(f"  {usage_line(report)}")
         for run_id, err in report["errors"].items():
             print(f"  {run_id}: {err}")
     return 1 if report["counts"].get("failed") else 0
@@ -107,13 +109,36 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def usage_line(use: dict) -> str:
+    """One line: utilisation, FLOPs, wall and training seconds, PF-days (keys of registry.usage or a launch)."""
+    util = use.get("utilisation")
+    split = use.get("split") or {}
+    train_s = use.get("train_s", split.get("train_s"))
+    text = "utilisation " + (f"{100 * util:.1f}%" if util is not None else "-")
+    text += (f" ({_fmt(use.get('model_flops'), '.3g')} model FLOPs in {_fmt(use.get('wall_s'), '.0f')} s wall; "
+             f"{_fmt(train_s, '.0f')} run-s in training steps), {_fmt(use.get('pf_days'), '.3g')} PF-days")
+    return text
+
+
+def _sweep_dir(args) -> str | None:
+    """The sweep folder ``args.path`` names (a definition: under ``--results``), None for several sweeps."""
+    path = args.path
+    if path.endswith(".py") or ".py:" in path:
+        return os.path.join(args.results, design.load_definition(path).name)
+    if os.path.isdir(path) and any(registry.is_run_dir(os.path.join(path, d)) for d in os.listdir(path)):
+        return path
+    return None
+
+
 def _status(args):
     df = registry.load_sweep(args.path, results=args.results)
     counts = df["status"].value_counts().to_dict()
+    sweep_dir = _sweep_dir(args)
+    use = registry.sweep_usage(sweep_dir, df) if sweep_dir else None
     if args.json:
         records = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
                    for r in df.astype(object).to_dict("records")]
-        print(json.dumps({"path": args.path, "counts": counts, "runs": records}, default=_plain))
+        print(json.dumps({"path": args.path, "counts": counts, "usage": use, "runs": records}, default=_plain))
         return 0
     print(f"{'run_id':40s} {'state':11s} {'loss':>7s} {'FLOPs':>9s} {'PF-days':>9s} {'wall':>8s} {'MFU':>6s}")
     for r in df.to_dict("records"):
@@ -123,6 +148,8 @@ def _status(args):
               f"{_fmt(r['pf_days'], '.2g'):>9s} {wall + ('s' if wall != '-' else ''):>8s} "
               f"{mfu + ('%' if mfu != '-' else ''):>6s}")
     print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f" ({len(df)} runs)")
+    if use is not None:
+        print(f"sweep: {usage_line(use)} over {use['launches']} launch(es)")
     for r in df.to_dict("records"):
         if r["status"] == "failed" and r.get("error"):
             print(f"  {r['run_id']}: {r['error']}", file=sys.stderr)

@@ -1,15 +1,21 @@
-"""The local sweep launcher: every run of a sweep in its own ``python -m medscale train`` process.
+"""The local sweep launcher: the runs of a sweep trained by a pool of warm worker processes.
 
 Order: cheapest (accounted model FLOPs) first; the first run trains alone until one run is done (shared
 caches are then built once), then up to ``workers`` at a time. Done, failed and diverged runs are skipped (``retry_failed``
 reruns failed ones); interrupted runs are relaunched in their own directory, where training resumes from its
-checkpoints; runs another launcher holds (live ``run.lock``) are left to it. Up to ``workers`` runs at once.
+checkpoints; runs another launcher holds (live ``run.lock``) are left to it.
 
-A training process that exits without a summary (a crash, a bad config, a signal) gets a ``failed``
-summary written here, atomically, with the error taken from its log; the sweep goes on. Training processes
-die with the launcher (``PR_SET_PDEATHSIG``), so a killed launcher leaves no orphan writing to a run it no
-longer holds, and its locks are reclaimed by the next launcher (dead pid), also on runs that had finished
-before it was killed.
+Each worker (``python -m medscale.sweep.worker``) is started once and fed run after run over a pipe (one JSON
+line each way per run), so imports, data, tokenizers and compiled programs are loaded once per worker, not once
+per run; JAX's persistent compilation cache is on (under ``<results>/.cache/jax`` unless the environment names
+``JAX_COMPILATION_CACHE_DIR``), so workers and later launches reuse what another compiled.
+
+A run that ends without a summary (a crash, a bad config) gets a ``failed`` summary written here, atomically,
+with the error taken from its log; the sweep goes on. A worker that dies while training (a signal, a crash of
+native code) costs only that run's progress since its last checkpoint: the worker is replaced and the run is
+retried once from its checkpoint (``retries``), then marked failed if its worker dies again. Workers die with
+the launcher (``PR_SET_PDEATHSIG``), so a killed launcher leaves no orphan writing to a run it no longer holds,
+and its locks are reclaimed by the next launcher (dead pid), also on runs that had finished before it was killed.
 """
 
 from __future__ import annotations
@@ -120,9 +126,57 @@ def eta_seconds(finished, remaining, active, workers: int) -> float | None:
     return work / max(1, min(workers, len(remaining) + len(active)) or 1)
 
 
+class _Worker:
+    """One worker process and the run it trains (``act``); JSON lines to its stdin, from its stdout."""
+
+    def __init__(self, env: dict, errlog: str):
+        argv = [sys.executable, "-m", "medscale.sweep.worker", str(os.getpid())]
+        os.makedirs(os.path.dirname(errlog), exist_ok=True)
+        with open(errlog, "ab") as err:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env,
+                                         start_new_session=True)
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        self.started = time.time()
+        self.ready_s: float | None = None
+        self.act: _Active | None = None
+        self.seen: set[tuple] = set()  # program keys (_program_key) of the runs it trained
+        self._buf = b""
+
+    def send(self, obj: dict) -> bool:
+        try:
+            self.proc.stdin.write((json.dumps(obj) + "\n").encode())
+            self.proc.stdin.flush()
+            return True
+        except (BrokenPipeError, OSError):
+            return False
+
+    def messages(self) -> list[dict]:
+        """The complete lines the worker has written since the last call."""
+        try:
+            chunk = self.proc.stdout.read()
+        except (BlockingIOError, OSError, ValueError):
+            chunk = None
+        if chunk:
+            self._buf += chunk
+        out = []
+        while b"\n" in self._buf:
+            line, self._buf = self._buf.split(b"\n", 1)
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+
+
 class _Active:
-    def __init__(self, run, proc, lock, workdir, log_offset, started):
-        self.run, self.proc, self.lock, self.workdir = run, proc, lock, workdir
+    def __init__(self, run, worker, lock, workdir, log_offset, started):
+        self.run, self.worker, self.lock, self.workdir = run, worker, lock, workdir
         self.log_offset, self.started = log_offset, started
         self.base_flops = self.flops()
         ckpt = max(rundir.checkpoint_steps(workdir), default=0)  # where training resumes
@@ -138,16 +192,22 @@ class Launcher:
 
     def __init__(self, runs: list[Run], results: str, workers: int = 1, progress: bool = True,
                  retry_failed: bool = False, env: dict | None = None, poll_s: float = 0.5,
-                 train_args: tuple[str, ...] = (), first_alone: bool = True, compile_cache: str | None = None):
+                 train_args: tuple[str, ...] = (), first_alone: bool = True, compile_cache: str | None = None,
+                 retries: int = 1):
         if workers < 1:
             raise UserError(f"--workers must be at least 1, got {workers}")
         self.runs, self.results, self.workers = list(runs), results, workers
         self.progress, self.retry_failed, self.poll_s = progress, retry_failed, poll_s
         self.env, self.train_args = env or {}, tuple(train_args)
         self.first_alone = first_alone
-        if compile_cache:  # runs of one shape at several budgets share their compiled steps
-            self.env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(compile_cache))
-            self.env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        self.retries = retries
+        if compile_cache:  # workers and later launches reuse each other's compiled programs
+            for key, value in (("JAX_COMPILATION_CACHE_DIR", os.path.abspath(compile_cache)),
+                               ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0"),
+                               ("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")):
+                if key not in os.environ:  # a user's own cache settings win
+                    self.env.setdefault(key, value)
+        self.attempts: dict[str, int] = {}
         self.outcome: dict[str, str] = {}
         self.errors: dict[str, str] = {}
         self.timings: list[tuple[float, float]] = []  # (model FLOPs, wall s) of runs done in this launch
@@ -157,7 +217,20 @@ class Launcher:
         self.launched = 0
 
     # -- one run -------------------------------------------------------------------------------------
-    def _spawn(self, run: Run) -> _Active | None:
+    def _worker_env(self) -> dict:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root(), env.get("PYTHONPATH")) if p)
+        env.update(self.env)
+        return env
+
+    def _new_worker(self) -> _Worker:
+        w = _Worker(self._worker_env(), os.path.join(self.results, ".cache", "workers.log"))
+        log.info("started worker pid %d", w.proc.pid)
+        return w
+
+    def _spawn(self, run: Run, worker: _Worker) -> _Active | None:
+        """Hand ``run`` to ``worker`` under the run's lock; None when the run needs no training (then the
+        worker stays idle)."""
         workdir = run.workdir(self.results)
         lock = RunLock(workdir)
         if not lock.acquire():
@@ -172,20 +245,18 @@ class Launcher:
             os.replace(rundir.path(workdir, rundir.SUMMARY),
                        os.path.join(workdir, f"summary.failed-{int(time.time())}.json"))
         log_path = os.path.join(workdir, LOG_NAME)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root(), env.get("PYTHONPATH")) if p)
-        env.update(self.env)
-        argv = [sys.executable, "-m", "medscale.sweep._child", str(os.getpid()), *run.train_argv(workdir), "--quiet", *self.train_args]
+        argv = [*run.train_argv(workdir), "--quiet", *self.train_args]
         with open(log_path, "ab") as fh:
             offset = fh.tell()
-            fh.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} launch ({state}): medscale {' '.join(argv[4:])}\n"
+            fh.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} launch ({state}): medscale {' '.join(argv)}\n"
                      .encode())
-            fh.flush()
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-                                    env=env, start_new_session=True)
-        lock.set_child(proc.pid)
-        log.info("started %s (%s) pid %d", run.run_id, state, proc.pid)
-        return _Active(run, proc, lock, workdir, offset, time.time())
+        lock.set_child(worker.proc.pid)
+        worker.seen.add(_program_key(run))
+        act = _Active(run, worker, lock, workdir, offset, time.time())
+        worker.act = act
+        worker.send({"run_id": run.run_id, "argv": argv, "log": os.path.abspath(log_path)})
+        log.info("started %s (%s) on worker %d", run.run_id, state, worker.proc.pid)
+        return act
 
     def _finish(self, act: _Active, rc: int) -> None:
         summary_path = rundir.path(act.workdir, rundir.SUMMARY)
@@ -210,7 +281,22 @@ class Launcher:
             self.timings.append((act.run.model_flops, time.time() - act.started))
         self.outcome[act.run.run_id] = status
         act.lock.release()
+        act.worker.act = None
         log.info("%s: %s", act.run.run_id, status)
+
+    def _retry(self, act: _Active, rc: int) -> bool:
+        """A worker died while training ``act``: True to train the run again (from its last checkpoint, on a new
+        worker) when it has retries left; its lock is released either way (taken again when it restarts)."""
+        n = self.attempts[act.run.run_id] = self.attempts.get(act.run.run_id, 0) + 1
+        why = f"killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
+        if n > self.retries or rundir.read_summary(act.workdir) is not None:
+            return False
+        with open(os.path.join(act.workdir, LOG_NAME), "ab") as fh:
+            fh.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} worker {why}; retrying from the last checkpoint\n"
+                     .encode())
+        log.warning("%s: worker %s; retrying", act.run.run_id, why)
+        act.lock.release()
+        return True
 
     def _account(self, act: _Active, summary: dict | None) -> None:
         """Add a finished run's training to this launch's use of the machine."""
@@ -264,35 +350,68 @@ class Launcher:
         total = sum(r.model_flops for r in self.runs) or 1.0
         bar = self._bar(total, done_flops)
         active: list[_Active] = []
+        pool: list[_Worker] = []
         finished_flops = done_flops
         try:
             while queue or active:
                 # the first run trains alone until one finishes, so shared caches (dataset, tokenizers,
-                # compiled steps) are built once rather than by every worker at the same time
+                # compiled programs) are built once rather than by every worker at the same time
                 alone = self.first_alone and not any(v == "done" for v in self.outcome.values())
-                while queue and len(active) < (1 if alone else self.workers):
-                    act = self._spawn(queue.pop(0))
+                limit = 1 if alone else self.workers
+                while queue and len(active) < limit:
+                    idle = [w for w in pool if w.act is None]
+                    worker = idle[0] if idle else self._new_worker()
+                    if not idle:
+                        pool.append(worker)
+                    # a run whose programs this worker already compiled goes first
+                    pick = next((i for i, r in enumerate(queue) if _program_key(r) in worker.seen), 0)
+                    act = self._spawn(queue.pop(pick), worker)
                     if act is not None:
                         active.append(act)
                         self.launched += 1
-                for act in list(active):
-                    rc = act.proc.poll()
+                for worker in list(pool):
+                    for msg in worker.messages():
+                        if "ready" in msg:
+                            worker.ready_s = float(msg["ready"])
+                            self.split["startup_s"] += worker.ready_s
+                        elif "rc" in msg and worker.act is not None:
+                            act = worker.act
+                            self._finish(act, int(msg["rc"]))
+                            active.remove(act)
+                            finished_flops += act.run.model_flops
+                    rc = worker.proc.poll()
                     if rc is None:
-                        act.lock.heartbeat()
                         continue
-                    self._finish(act, rc)
+                    pool.remove(worker)
+                    act = worker.act
+                    if act is None:
+                        continue
                     active.remove(act)
-                    finished_flops += act.run.model_flops
+                    if self._retry(act, rc):
+                        queue.insert(0, act.run)
+                    else:
+                        self._finish(act, rc or 1)
+                        finished_flops += act.run.model_flops
+                for act in active:
+                    act.lock.heartbeat()
                 now_flops = finished_flops + sum(min(a.flops(), a.run.model_flops) for a in active)
                 self._show(bar, now_flops, total, start, done_flops, active, queue)
                 if queue or active:
-                    time.sleep(self.poll_s)
+                    _wait([w.proc.stdout for w in pool], self.poll_s)
         except BaseException:
-            for act in active:  # leave them interrupted (resumable), never half-written
-                _terminate(act.proc)
+            for worker in pool:  # leave their runs interrupted (resumable), never half-written
+                _terminate(worker.proc)
+            for act in active:
                 act.lock.release()
             raise
         finally:
+            for worker in pool:
+                worker.close()
+            for worker in pool:
+                try:
+                    worker.proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    _terminate(worker.proc)
             if bar is not None:
                 bar.close()
         counts = {}
@@ -344,6 +463,29 @@ def _clear_dead_lock(workdir: str) -> None:
     lock = RunLock(workdir)
     if os.path.exists(lock.path) and lock.acquire():
         lock.release()
+
+
+def _program_key(run: Run) -> tuple:
+    """What a run's compiled programs depend on: its training arguments but the seed and the folder."""
+    argv = list(run.train_argv(""))
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--workdir" or (argv[i] == "--set" and i + 1 < len(argv) and argv[i + 1].startswith("seed=")):
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return tuple(out)
+
+
+def _wait(files, timeout: float) -> None:
+    """Until one of ``files`` has something to read, or ``timeout`` seconds."""
+    import select
+
+    try:
+        select.select([f for f in files if not f.closed], [], [], timeout)
+    except (OSError, ValueError):
+        time.sleep(timeout)
 
 
 def _fmt_s(s: float) -> str:

@@ -173,14 +173,18 @@ def _modality_losses(names, sums, counts) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- train
-def train(cfg, workdir: str, progress: bool = True, data=None, finish=None, locked: bool = False) -> dict:
+def train(cfg, workdir: str, progress: bool = True, data=None, finish=None, locked: bool = False,
+          cache: dict | None = None) -> dict:
     """Run (or resume) one training run in ``workdir``; returns the summary (also in summary.json).
 
     ``finish(workdir, data) -> dict``, when given, runs after a run that finished (status done), before the
     summary is written; the keys it returns are added to the summary (the end-of-run task evaluation:
     ``medscale.generate.evaluate.task_eval``). A failure inside it is the caller's to record.
     The run's lock (``rundir.RunLock``) is taken for the run's duration unless ``locked`` says the caller (a
-    sweep launcher) already holds it; a run locked by a live process is a UserError."""
+    sweep launcher) already holds it; a run locked by a live process is a UserError. ``cache``, when given, is a
+    dict kept by the caller between runs (a sweep worker): the compiled programs (keyed by everything
+    ``medscale.train.step.build`` depends on, the schedule's horizon included) and the data (keyed by the data
+    config and the sequence lengths) are built once and reused."""
     maybe_initialize_distributed()
     spec, mesh_shape, steps = validate(cfg)
     os.makedirs(workdir, exist_ok=True)
@@ -202,13 +206,14 @@ def train(cfg, workdir: str, progress: bool = True, data=None, finish=None, lock
             raise UserError(f"{workdir} is being trained by {lock.holder()} ({rundir.LOCK}); wait for it or "
                             "use another --workdir")
     try:
-        return _train_locked(cfg, workdir, progress, data, finish, spec, mesh_shape, steps, cfg_dict, is_main)
+        return _train_locked(cfg, workdir, progress, data, finish, spec, mesh_shape, steps, cfg_dict, is_main,
+                             cache)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train_locked(cfg, workdir, progress, data, finish, spec, mesh_shape, steps, cfg_dict, is_main):
+def _train_locked(cfg, workdir, progress, data, finish, spec, mesh_shape, steps, cfg_dict, is_main, cache=None):
     if is_main:
         rundir.write_json(rundir.path(workdir, rundir.CONFIG), cfg_dict)
     t_start = time.time()
@@ -217,7 +222,7 @@ def _train_locked(cfg, workdir, progress, data, finish, spec, mesh_shape, steps,
     writer = MetricWriter(rundir.path(workdir, rundir.METRICS), tb_dir, enabled=is_main)
     record = {"status": "failed", "error": None}
     try:
-        result = _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record, state)
+        result = _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record, state, cache)
     except BaseException as exc:
         if isinstance(exc, (UserError, KeyboardInterrupt)):
             writer.close()
@@ -238,11 +243,27 @@ def _train_locked(cfg, workdir, progress, data, finish, spec, mesh_shape, steps,
     return summary
 
 
-def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record, state):
-    mesh = make_mesh(mesh_shape)
-    prog = build(spec, opt_config(cfg, steps), mesh=mesh, rules=tuple(tuple(r) for r in cfg.mesh.rules),
-                 dtype=cfg.model.dtype, remat=cfg.model.remat, attention=cfg.model.attention,
-                 attention_block=int(cfg.model.attention_block), attention_window=int(cfg.model.attention_window))
+def _cached(cache, kind, key, make, keep: int = 16):
+    """``make()``, or the value kept in ``cache[kind]`` under ``key`` (the ``keep`` latest kept)."""
+    if cache is None:
+        return make()
+    store = cache.setdefault(kind, {})
+    if key in store:
+        store[key] = store.pop(key)  # most recently used last
+        return store[key]
+    value = store[key] = make()
+    while len(store) > keep:
+        store.pop(next(iter(store)))
+    return value
+
+
+def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record, state, cache=None):
+    rules = tuple(tuple(r) for r in cfg.mesh.rules)
+    opts = {"dtype": cfg.model.dtype, "remat": cfg.model.remat, "attention": cfg.model.attention,
+            "attention_block": int(cfg.model.attention_block), "attention_window": int(cfg.model.attention_window)}
+    oc = opt_config(cfg, steps)
+    prog = _cached(cache, "programs", repr((spec, oc, tuple(mesh_shape), rules, sorted(opts.items()))),
+                   lambda: build(spec, oc, mesh=make_mesh(mesh_shape), rules=rules, **opts))
     bs = int(cfg.train.batch_size)
     tokens_per_step = bs * (spec.enc_len + spec.dec_len)
     params, model_flops, hw_flops = _accounting(spec, cfg)
@@ -253,7 +274,9 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
     names = [m.name for m in spec.modalities]
 
     if data is None:
-        data = build_data(cfg, spec)
+        data_key = json.dumps([cfg.data.to_dict(), spec.enc_len, spec.dec_len, repr(spec.modalities)],
+                              sort_keys=True, default=rundir.json_default)
+        data = _cached(cache, "data", data_key, lambda: build_data(cfg, spec), keep=2)
     state["data"] = data  # reused by the task evaluation at the end of the run
     seed = int(cfg.seed)
     it = data.iterator("train", bs // jax.process_count(), seed, jax.process_index(), jax.process_count())

@@ -199,7 +199,7 @@ def build(spec: ModelSpec, opt: OptConfig, *, mesh: Mesh | None = None, rules=DE
     abstract_state = jax.eval_shape(_init, 0)
     abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                   abstract_state, state_sh)
-    init = jax.jit(_init, static_argnums=0, out_shardings=state_sh)
+    init = jax.jit(_init, out_shardings=state_sh)  # the seed is traced: one compilation serves every seed
 
     bsh = batch_sharding(mesh)
 
