@@ -291,9 +291,10 @@ class Launcher:
         why = f"killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
         if n > self.retries or rundir.read_summary(act.workdir) is not None:
             return False
+        ckpt = max(rundir.checkpoint_steps(act.workdir), default=0)
         with open(os.path.join(act.workdir, LOG_NAME), "ab") as fh:
-            fh.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} worker {why}; retrying from the last checkpoint\n"
-                     .encode())
+            fh.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} worker {why}; retrying from the last checkpoint "
+                     f"(step {ckpt})\n".encode())
         log.warning("%s: worker %s; retrying", act.run.run_id, why)
         act.lock.release()
         return True
