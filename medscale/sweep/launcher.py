@@ -364,9 +364,7 @@ class Launcher:
                     worker = idle[0] if idle else self._new_worker()
                     if not idle:
                         pool.append(worker)
-                    # a run whose programs this worker already compiled goes first
-                    pick = next((i for i, r in enumerate(queue) if _program_key(r) in worker.seen), 0)
-                    act = self._spawn(queue.pop(pick), worker)
+                    act = self._spawn(queue.pop(_pick(queue, worker, pool)), worker)
                     if act is not None:
                         active.append(act)
                         self.launched += 1
@@ -464,6 +462,18 @@ def _clear_dead_lock(workdir: str) -> None:
     lock = RunLock(workdir)
     if os.path.exists(lock.path) and lock.acquire():
         lock.release()
+
+
+def _pick(queue: list[Run], worker: _Worker, pool: list[_Worker]) -> int:
+    """Index of the queued run ``worker`` should train next: one whose programs it already compiled; else one
+    whose programs no other worker holds or is compiling (so each shape is compiled once, not by two workers
+    at the same time); else the first (the cheapest)."""
+    keys = [_program_key(r) for r in queue]
+    mine = next((i for i, k in enumerate(keys) if k in worker.seen), None)
+    if mine is not None:
+        return mine
+    others = set().union(*(w.seen for w in pool if w is not worker))
+    return next((i for i, k in enumerate(keys) if k not in others), 0)
 
 
 def _program_key(run: Run) -> tuple:
