@@ -24,6 +24,9 @@ import time
 
 T0 = time.perf_counter()
 
+from medscale.kernels.malloc import tune_malloc_for_cpu  # after T0: the start-up is timed
+from medscale.sweep import _run_in_worker as runner
+
 
 def _die_with_parent(parent: int) -> bool:
     try:
@@ -39,12 +42,7 @@ def main() -> int:
     control = os.fdopen(os.dup(1), "w", buffering=1)  # answers to the launcher; fd 1 becomes the run's log
     quiet = os.open(os.devnull, os.O_WRONLY)
     os.dup2(quiet, 1)
-
-    from medscale.kernels.malloc import tune_malloc_for_cpu
-
     tune_malloc_for_cpu()  # before JAX starts its thread pools
-    from medscale.sweep import _run_in_worker as runner
-
     control.write(json.dumps({"ready": time.perf_counter() - T0}) + "\n")
     cache: dict = {}
     err = os.dup(2)
