@@ -161,10 +161,13 @@ class _Worker:
         out = []
         while b"\n" in self._buf:
             line, self._buf = self._buf.split(b"\n", 1)
+            start = line.find(b"{")  # text a library wrote to stdout without a newline may precede it
             try:
-                out.append(json.loads(line))
+                msg = json.loads(line[start:]) if start >= 0 else None
             except ValueError:
                 continue
+            if isinstance(msg, dict):
+                out.append(msg)
         return out
 
     def close(self) -> None:

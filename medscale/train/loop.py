@@ -8,6 +8,7 @@ late so the device never waits on the host.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -257,13 +258,25 @@ def _cached(cache, kind, key, make, keep: int = 16):
     return value
 
 
+def _share(cache, shape: str, prog):
+    """``prog`` with the init and eval programs of an earlier build of the same shape (they do not depend on
+    the optimiser's schedule), so a shape trained at several horizons compiles them once."""
+    if cache is None:
+        return prog
+    first = cache.setdefault("shapes", {}).setdefault(shape, prog)
+    if len(cache["shapes"]) > 16:
+        cache["shapes"].pop(next(iter(cache["shapes"])))
+    return prog if first is prog else dataclasses.replace(prog, init=first.init, eval=first.eval)
+
+
 def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record, state, cache=None):
     rules = tuple(tuple(r) for r in cfg.mesh.rules)
     opts = {"dtype": cfg.model.dtype, "remat": cfg.model.remat, "attention": cfg.model.attention,
             "attention_block": int(cfg.model.attention_block), "attention_window": int(cfg.model.attention_window)}
     oc = opt_config(cfg, steps)
-    prog = _cached(cache, "programs", repr((spec, oc, tuple(mesh_shape), rules, sorted(opts.items()))),
-                   lambda: build(spec, oc, mesh=make_mesh(mesh_shape), rules=rules, **opts))
+    shape = repr((spec, tuple(mesh_shape), rules, sorted(opts.items())))
+    prog = _cached(cache, "programs", repr((shape, oc)),
+                   lambda: _share(cache, shape, build(spec, oc, mesh=make_mesh(mesh_shape), rules=rules, **opts)))
     bs = int(cfg.train.batch_size)
     tokens_per_step = bs * (spec.enc_len + spec.dec_len)
     params, model_flops, hw_flops = _accounting(spec, cfg)
