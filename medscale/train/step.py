@@ -162,6 +162,7 @@ class Program:
     eval: Callable
     microbatches: int = 1
     loss_scale: LossScale | None = None  # the dynamic loss scaling of a float16 step; None: no scaling
+    grad: Callable | None = None  # (params, batch) -> (loss, aux, gradient): the step's, before the update
 
     def put_batch(self, batch: dict) -> dict:
         """Host batch (numpy, this process's rows) -> global device arrays sharded over the batch axes."""
@@ -333,6 +334,13 @@ def build(spec: ModelSpec, opt: OptConfig, *, mesh: Mesh | None = None, rules=DE
                    out_shardings=(state_sh, replicated),
                    donate_argnums=(0,) if donate else ())
 
+    def _grad(params, batch):
+        scale = jnp.asarray(scaling.init if scaling is not None else 1.0, jnp.float32)
+        loss, aux, grads = _grads(params, batch, scale)
+        return loss, aux, jax.tree.map(lambda g: g / scale, grads)
+
+    grad = jax.jit(_grad, in_shardings=(param_sh, bsh), out_shardings=(replicated, replicated, param_sh))
+
     def _eval(params, batch):
         loss, aux = _loss(params, batch)
         return {"loss": loss, "sum": aux["sum"], "count": aux["count"]}
@@ -340,7 +348,7 @@ def build(spec: ModelSpec, opt: OptConfig, *, mesh: Mesh | None = None, rules=DE
     evaluate = jax.jit(_eval, in_shardings=(param_sh, bsh), out_shardings=replicated)
     return Program(spec=spec, mesh=mesh, graphdef=graphdef, tx=tx, schedule=schedule, state_shardings=state_sh,
                    abstract_state=abstract_state, batch_sharding=bsh, init=init, step=step, eval=evaluate,
-                   microbatches=microbatches, loss_scale=scaling)
+                   microbatches=microbatches, loss_scale=scaling, grad=grad)
 
 
 def abstract_batch(prog: Program, batch_size: int) -> dict:
