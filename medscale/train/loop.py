@@ -290,7 +290,8 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
         if scaled:  # the scale after this step's update, the steps skipped so far (this one included)
             scale, skipped = float(m["loss_scale"]), int(m["skipped_steps"])
             state["loss_scale"], state["skipped_steps"] = scale, skipped
-        if step % log_every == 0 or step == steps or not math.isfinite(loss):
+        collapsed = scaled and scale < 1
+        if step % log_every == 0 or step == steps or not math.isfinite(loss) or collapsed:
             tps = tokens_per_step / step_s if step_s else None
             tflops = model_flops / step_s / n_dev / 1e12 if (step_s and model_flops) else None
             row = {"kind": "train", "step": step, "tokens": step * tokens_per_step,
@@ -310,7 +311,7 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
             status = "diverged"
             record["error"] = f"loss is {loss} at step {step}"
             return False
-        if scaled and scale < 1:
+        if collapsed:
             status = "diverged"
             record["error"] = (f"float16 loss scale collapsed below 1 at step {step} ({skipped} skipped steps): "
                                "the gradient is not finite in float16 even unscaled; lower train.lr or train "
