@@ -107,6 +107,7 @@ def test_a_float16_overflow_skips_the_update_and_halves_the_scale(overflowing):
 
 
 # ---------------------------------------------------------------------------------------------- micro-batches
+@pytest.mark.slow  # 4 (float32) or 2 (float16) compilations of the tiny step: ~1-2 min on 2 busy cores
 @pytest.mark.parametrize("dtype, microbatches", [("float32", 4), ("float16", 2)])
 def test_microbatches_equal_one_batch(dtype, microbatches):
     batch = random_batch(SPEC, BATCH, 7)
