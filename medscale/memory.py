@@ -226,11 +226,13 @@ def _mesh(mesh) -> dict:
 
 
 def estimate(setting: Setting, mesh=(1, 1, 1), microbatches: int = 1) -> dict:
-    """Per-device bytes of one training step: ``{"total", "parts": {...}, "phase", ...}``.
+    """Per-device bytes of one training step at its peak: ``{"total", "parts": {...}, "phase", ...}``.
 
-    ``parts`` (bytes): params, adam (mu + nu), grads (+ the accumulator when ``microbatches > 1``), weight_copies,
-    activations, attention_workspace, head, workspace. ``total`` is the peak: the state plus the largest phase
-    (``phase``: forward_end, layer_backward or optimizer)."""
+    The peak is the state (params, adam = mu + nu, the batch, and with ``microbatches > 1`` the gradient
+    accumulator) plus the largest ``phase``: forward_end (activations, the head's logits, weight copies, the
+    head's gradient), layer_backward (activations, one attention's workspace, weight copies, gradients) or
+    optimizer (gradients). ``parts`` (bytes) are that peak's buffers: params, adam, batch, grads, weight_copies,
+    activations, attention_workspace, head, workspace; they sum to ``total``."""
     _check(setting)
     m = _mesh(mesh)
     k = int(microbatches)
@@ -250,27 +252,26 @@ def estimate(setting: Setting, mesh=(1, 1, 1), microbatches: int = 1) -> dict:
     else:
         copies = copy_bytes * gathered["total"]
     act = activation_bytes(setting, b, m["tensor"])
-    params, adam = 4 * p["total"], 8 * p["total"]
     grads = 4 * p["total"]
     accumulator = 4 * p["total"] if k > 1 else 0
-    batch_bytes = 4 * 9 * b * k * (setting.spec.enc_len + setting.spec.dec_len)  # the batch's int/bool arrays
     head_grad = 4 * p["embed_head"] / 2  # the head's gradient, born at the start of the backward pass
-    phases = {
+    zero = {"weight_copies": 0.0, "activations": 0.0, "attention_workspace": 0.0, "head": 0.0}
+    phases = {  # what is live besides the state in each phase
         # XLA schedules the last layer's recomputation while the head's buffers are still live
-        "forward_end": act["kept"] + act["layer"] + act["head"] + copies + head_grad,
-        "layer_backward": act["kept"] + act["layer"] + act["workspace"] + copies + grads,
-        "optimizer": grads,
+        "forward_end": dict(zero, grads=head_grad, weight_copies=copies, activations=act["kept"] + act["layer"],
+                            head=act["head"]),
+        "layer_backward": dict(zero, grads=grads, weight_copies=copies, activations=act["kept"] + act["layer"],
+                               attention_workspace=act["workspace"]),
+        "optimizer": dict(zero, grads=grads),
     }
-    phase = max(phases, key=phases.get)
-    base = params + adam + accumulator + batch_bytes
-    counted = base + phases[phase]
-    workspace = WORKSPACE_FRACTION * counted
-    total = counted + workspace
-    parts = {"params": params, "adam": adam, "grads": grads + accumulator, "weight_copies": copies,
-             "activations": act["kept"] + act["layer"], "attention_workspace": act["workspace"],
-             "head": act["head"], "workspace": workspace}
-    return {"total": total, "parts": parts, "phase": phase, "phases": phases, "micro_batch": b,
-            "mesh": m, "microbatches": k}
+    phase = max(phases, key=lambda name: sum(phases[name].values()))
+    parts = {"params": 4.0 * p["total"], "adam": 8.0 * p["total"],
+             "batch": 4.0 * 9 * b * k * (setting.spec.enc_len + setting.spec.dec_len)}  # the batch's int32 arrays
+    parts.update(phases[phase])
+    parts["grads"] += accumulator
+    parts["workspace"] = WORKSPACE_FRACTION * sum(parts.values())
+    return {"total": sum(parts.values()), "parts": parts, "phase": phase, "micro_batch": b, "mesh": m,
+            "microbatches": k}
 
 
 # ---------------------------------------------------------------------------------------------- cost model
