@@ -278,10 +278,10 @@ def estimate(setting: Setting, mesh=(1, 1, 1), microbatches: int = 1) -> dict:
 def relative_time(setting: Setting, mesh: dict, microbatches: int, hardware: str) -> float:
     """Seconds of one step under the simple cost model of docs/memory.md (used to rank plans, not to predict):
     hardware FLOPs (remat full: + one forward of the layers; save_dots: + REMAT_EXTRA) at ASSUMED_MFU of the
-    dtype's peak, split over the devices, plus communication at LINK_BYTES_PER_S: the gradient all-reduce over
-    data (ring, 2 (n-1)/n of the gradient bytes), fsdp's weight all-gathers (forward and backward) and gradient
-    reduce-scatter, tensor parallelism's two activation all-reduces per sublayer forward and backward; times
-    (1 + MICROBATCH_PENALTY x log2 k)."""
+    dtype's peak, split over the devices, plus communication at LINK_BYTES_PER_S: the gradient reduction over
+    data x fsdp (ring, 2 (n-1)/n of the gradient bytes) where it outlasts the backward pass it overlaps, fsdp's
+    weight all-gathers (forward, backward, and the remat forward; per micro-batch), tensor parallelism's two
+    activation all-reduces per sublayer forward and backward; times (1 + MICROBATCH_PENALTY x log2 k)."""
     spec, m, k = setting.spec, mesh, microbatches
     n = m["data"] * m["fsdp"] * m["tensor"]
     flops = accounting.step_flops(spec, setting.batch, remat=setting.remat, attention=setting.attention,
@@ -295,16 +295,18 @@ def relative_time(setting: Setting, mesh: dict, microbatches: int, hardware: str
     comm = 0.0
     dp = m["data"] * m["fsdp"]
     if dp > 1:
-        ring = (dp - 1) / dp
-        comm += 2 * ring * 4 * p_tensor  # gradient reduction (all-reduce = reduce-scatter + all-gather)
-        if m["fsdp"] > 1:
+        # gradient reduction (all-reduce = reduce-scatter + all-gather), overlapped with the backward pass
+        # (2/3 of the compute): only what is longer than it counts
+        reduce = 2 * (dp - 1) / dp * 4 * p_tensor / LINK_BYTES_PER_S
+        comm += max(0.0, reduce - 2 / 3 * compute)
+        if m["fsdp"] > 1:  # weight all-gathers, per micro-batch: forward, backward (and the remat forward)
             gathers = 3 if setting.remat == "full" else 2
-            comm += gathers * k * (m["fsdp"] - 1) / m["fsdp"] * c * p_tensor
-    if m["tensor"] > 1:
+            comm += gathers * k * (m["fsdp"] - 1) / m["fsdp"] * c * p_tensor / LINK_BYTES_PER_S
+    if m["tensor"] > 1:  # two all-reduces of [b, L, D] per sublayer (forward and backward), not overlapped
         b = setting.batch // dp
         tokens = b * (spec.enc_layers * 2 * spec.enc_len + spec.dec_layers * 3 * spec.dec_len)
-        comm += 2 * 2 * (m["tensor"] - 1) / m["tensor"] * c * spec.d_model * tokens
-    return (compute + comm / LINK_BYTES_PER_S) * (1 + MICROBATCH_PENALTY * math.log2(k))
+        comm += 2 * 2 * (m["tensor"] - 1) / m["tensor"] * c * spec.d_model * tokens / LINK_BYTES_PER_S
+    return (compute + comm) * (1 + MICROBATCH_PENALTY * math.log2(k))
 
 
 # ---------------------------------------------------------------------------------------------- planner
