@@ -373,3 +373,31 @@ def choose(candidates: list[dict], hardware: str, headroom: float = HEADROOM) ->
 
 def mesh_name(m: dict) -> str:
     return f"{m['data']}x{m['fsdp']}x{m['tensor']}"
+
+
+PRECISION_DTYPE = {"fp16": "float16", "bf16": "bfloat16", "tf32": "float32", "fp32": "float32"}
+
+
+def batch_examples(batch_tokens: float, spec: ModelSpec, gpus: int, granule: int = 64) -> int:
+    """Examples per step for ``batch_tokens`` encoder + decoder tokens, rounded to a multiple of ``gpus x
+    granule`` (so that data parallelism and micro-batches of powers of two divide it)."""
+    per = spec.enc_len + spec.dec_len
+    unit = gpus * granule
+    return max(unit, round(batch_tokens / per / unit) * unit)
+
+
+def plan_summary(spec: ModelSpec, hardware: str, gpus: int, precision: str, batch_tokens: float | None = None,
+                 batch: int | None = None) -> str:
+    """One line naming the plan for ``spec`` (the recommendation of ``medscale budget`` and the report): mesh,
+    micro-batches, remat and GB per device, or why no plan fits. ``batch`` examples per step, or
+    :func:`batch_examples` of ``batch_tokens``."""
+    dtype = PRECISION_DTYPE[precision]
+    batch = int(batch) if batch is not None else batch_examples(batch_tokens, spec, gpus)
+    setting = Setting(spec, batch, dtype)
+    try:
+        p = choose(plans(setting, hardware, gpus), hardware)
+    except UserError as exc:
+        return f"{batch} examples per step in {dtype}: {exc}"
+    return (f"mesh {mesh_name(p['mesh'])} (data x fsdp x tensor), {p['microbatches']} micro-batch(es) of "
+            f"{p['micro_batch']}, remat {p['remat']}: {p['bytes'] / 1e9:.1f} GB per device "
+            f"({batch} examples per step in {dtype}; medscale memory)")

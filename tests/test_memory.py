@@ -166,3 +166,17 @@ def test_xla_json_keys():
     assert xla["schedule"] == "memory"
     assert out["ratio"] == pytest.approx(out["estimate"]["bytes_per_device"] / xla["peak"])
     assert abs(out["ratio"] - 1) <= TOLERANCE
+
+
+def test_budget_names_the_plan_of_the_recommended_size(capsys):
+    assert main(["budget", "--hardware", "dgx-1", "--days", "7", "--precision", "fp16"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("memory plan"))
+    assert "mesh " in line and "GB per device" in line and "float16" in line
+    spec = _spec("3xl", 128, 64)
+    # the summary is the planner's choice for the same batch
+    text = memory.plan_summary(spec, "v100-sxm2-32gb", 8, "fp16", batch=256)
+    chosen = memory.choose(memory.plans(memory.Setting(spec, 256, "float16"), "v100-sxm2-32gb", 8), "v100-sxm2-32gb")
+    assert f"mesh {memory.mesh_name(chosen['mesh'])}" in text and f"remat {chosen['remat']}" in text
+    # a size that fits nowhere says so instead of failing the budget
+    assert "no plan fits" in memory.plan_summary(_spec("5xl", 128, 64), "v100-sxm2-16gb", 1, "fp16", batch=256)
+    assert memory.batch_examples(2**19, spec, 8) % (8 * 64) == 0
