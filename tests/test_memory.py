@@ -123,34 +123,50 @@ XLA_CASES = [
     ("mini", 32, 128, 64, "float32", "full", "dense"),
     ("mini", 32, 128, 64, "bfloat16", "none", "dense"),
 ]
+# sharded: per-device peaks on 8 simulated CPU devices (tensor, fsdp, data x tensor, fsdp x tensor)
+XLA_SHARDED_CASES = [
+    ("tiny", 64, 128, 64, "float32", "none", "dense", [1, 1, 2]),
+    ("tiny", 64, 128, 64, "float32", "none", "dense", [1, 4, 1]),
+    ("mini", 32, 128, 64, "bfloat16", "none", "dense", [2, 1, 4]),
+    ("mini", 32, 128, 64, "float32", "save_dots", "blockwise", [1, 2, 2]),
+]
 _SCRIPT = """
 import json, sys
 from medscale.bench.memory import xla_memory
 from medscale.configs.ladder import ladder_shape
 from medscale.spec import ModelSpec
-for size, b, e, l, dtype, remat, att in json.loads(sys.argv[1]):
+for size, b, e, l, dtype, remat, att, mesh in json.loads(sys.argv[1]):
     spec = ModelSpec(**ladder_shape(size), enc_len=e, dec_len=l, name=size)
-    r = xla_memory(spec, b, dtype=dtype, remat=remat, attention=att)
-    print(json.dumps([size, b, e, l, dtype, remat, att, r["peak"], r["schedule"]]), flush=True)
+    r = xla_memory(spec, b, dtype=dtype, remat=remat, attention=att, mesh_shape=mesh)
+    print(json.dumps([size, b, e, l, dtype, remat, att, mesh, r["peak"], r["schedule"]]), flush=True)
 """
+
+
+def _check_against_xla(cases, devices):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(cases)], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=1800, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("[")]
+    assert len(rows) == len(cases)
+    bad = []
+    for size, b, e, l, dtype, remat, att, mesh, peak, schedule in rows:
+        assert schedule == "memory"
+        est = memory.estimate(memory.Setting(_spec(size, e, l), b, dtype, remat, att), mesh)["total"]
+        if abs(est / peak - 1) > TOLERANCE:
+            bad.append((size, b, e, l, dtype, remat, att, mesh, peak, round(est / peak, 3)))
+    assert not bad, bad
 
 
 @pytest.mark.slow
 def test_estimate_within_20_percent_of_xla():
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(XLA_CASES)], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=1800, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("[")]
-    assert len(rows) == len(XLA_CASES)
-    bad = []
-    for size, b, e, l, dtype, remat, att, peak, schedule in rows:
-        assert schedule == "memory"
-        est = memory.estimate(memory.Setting(_spec(size, e, l), b, dtype, remat, att))["total"]
-        if abs(est / peak - 1) > TOLERANCE:
-            bad.append((size, b, e, l, dtype, remat, att, peak, round(est / peak, 3)))
-    assert not bad, bad
+    _check_against_xla([[*c, [1, 1, 1]] for c in XLA_CASES], 1)
+
+
+@pytest.mark.slow
+def test_sharded_estimate_within_20_percent_of_xla():
+    _check_against_xla(XLA_SHARDED_CASES, 8)
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ import os
 import jax
 
 from medscale.errors import UserError
+from medscale.model.encdec import DTYPES
 from medscale.model.sharding import make_mesh
 from medscale.train.step import OptConfig, abstract_batch, build
 
@@ -46,6 +47,9 @@ def xla_memory(spec, batch_size: int, *, dtype="float32", remat="none", attentio
     """XLA's memory analysis of the compiled train step, per device: ``{"arguments", "outputs", "aliased",
     "temporaries", "peak", "schedule", "microbatches"}`` (bytes). ``microbatches`` is passed to the step's
     build where it accepts it; otherwise only 1 is possible."""
+    if dtype not in DTYPES:
+        raise UserError(f"the model does not build compute dtype {dtype} (it has {', '.join(DTYPES)}): --xla "
+                        "compiles those only; the estimate without --xla covers it")
     schedule = "memory" if memory_scheduler_flag() else "default"  # before jax.devices() starts the backend
     n = 1
     for s in mesh_shape:
