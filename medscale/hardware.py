@@ -94,33 +94,89 @@ def default_precision(name: str) -> str:
     return ok[0]
 
 
-def precision_for_dtype(name: str, dtype: str) -> str:
-    """The peak that applies to a training run's compute dtype on ``name``.
+# The one mapping between a run's compute dtype (``model.dtype``) and the peaks of the table.
+# dtype -> the peaks that can apply, best first (the first one the device has is the one it runs at):
+# ``float32`` runs on TF32 tensor cores where the device has them (JAX's default matmul precision computes float32
+# dots in TF32 on Ampere and later GPUs; docs.jax.dev "Matmul precision"), else on the CUDA cores. ``bfloat16``
+# and ``float16`` run only on tensor cores of their own format: a V100 has fp16 tensor cores and no bf16 ones,
+# and XLA emulates bfloat16 there at float32 speed or worse, so a bfloat16 run on it has no honest peak.
+DTYPE_PRECISIONS = {"float32": ("tf32", "fp32"), "bfloat16": ("bf16",), "float16": ("fp16",)}
+# peak -> the compute dtype a run needs to reach it (what ``medscale budget`` and the report assume)
+PRECISION_DTYPES = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+NO_BF16 = ("{key} has no bfloat16 tensor cores (XLA would emulate bfloat16 at float32 speed or worse); "
+           "use {fix}")
 
-    ``float32``: ``tf32`` where the device has it (JAX's default matmul precision computes float32 dots in
-    TF32 on Ampere and later GPUs; docs.jax.dev "Matmul precision"), else ``fp32``. ``bfloat16``: ``bf16``,
-    or ``fp16`` on devices whose tensor cores lack bf16 (V100). ``float16``: ``fp16``."""
-    ok = supported_precisions(name)
-    want = {"float32": ("tf32", "fp32"), "fp32": ("fp32",), "tf32": ("tf32",),
-            "bfloat16": ("bf16", "fp16"), "bf16": ("bf16", "fp16"),
-            "float16": ("fp16",), "fp16": ("fp16",)}.get(str(dtype).lower())
-    if want is None:
-        raise UserError(f"unknown compute dtype {dtype!r}; use float32, bfloat16 or float16")
-    for p in want:
+
+def precision_for_dtype(name: str, dtype: str) -> str:
+    """The peak that applies to a training run's compute dtype on ``name`` (:data:`DTYPE_PRECISIONS`).
+
+    ``float32`` -> ``tf32`` where the device has it, else ``fp32``; ``bfloat16`` -> ``bf16``; ``float16`` ->
+    ``fp16``. ``bfloat16`` on a device without bf16 tensor cores (V100) is a UserError naming float16.
+    The ``cpu`` entry charges every dtype against its measured float32 peak: XLA's CPU backend converts
+    bfloat16 and float16 dot operands to float32 and multiplies in float32 (the compiled HLO shows a float32
+    ``dot`` fed by ``convert``s), so the float32 matmul rate is the ceiling a 16-bit run on the CPU can reach."""
+    key, _ = resolve(name)
+    d = str(dtype).lower()
+    if d not in DTYPE_PRECISIONS:
+        raise UserError(f"unknown compute dtype {dtype!r}; use one of {', '.join(DTYPE_PRECISIONS)}")
+    if HARDWARE[key]["fp32"] == "measured":
+        return "fp32"
+    ok = supported_precisions(key)
+    for p in DTYPE_PRECISIONS[d]:
         if p in ok:
             return p
-    raise UserError(f"{resolve(name)[0]} has no peak for {dtype}; it has {', '.join(ok)}")
+    if d == "bfloat16" and "fp16" in ok:
+        raise UserError(NO_BF16.format(key=key, fix="model.dtype=float16 (dynamic loss scaling) or float32"))
+    raise UserError(f"{key} has no peak for {d}; it has {', '.join(ok)}")
+
+
+def check_compute_dtype(hardware: str | None, dtype: str) -> tuple[str, str]:
+    """``(table key, precision)`` a run computing in ``dtype`` on ``hardware`` is charged against; ``"auto"`` (or
+    None) reads the JAX devices in use. A dtype the device cannot run honestly (bfloat16 on a V100) or an
+    unknown device kind is a UserError: training calls this before it writes anything."""
+    auto = hardware in ("auto", None, "")
+    key = hardware_for_jax_devices() if auto else resolve(hardware)[0]
+    return key, precision_for_dtype(key, dtype)
+
+
+def dtype_for_precision(name: str, precision: str) -> tuple[str, str]:
+    """``(model.dtype, statement)``: the compute dtype a run on ``name`` needs to reach the ``precision`` peak, and a
+    one-line statement of that assumption (``medscale budget`` and the report print it)."""
+    key, _ = resolve(name)
+    prec = str(precision).lower()
+    if prec not in PRECISION_DTYPES:
+        raise UserError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    dtype = PRECISION_DTYPES[prec]
+    if prec == "fp16":
+        note = "float16 mixed precision (model.dtype=float16, dynamic loss scaling)"
+        if HARDWARE[key]["bf16"] is None:
+            note += f"; bfloat16 has no tensor cores on {key}"
+    elif prec == "bf16":
+        note = "bfloat16 compute (model.dtype=bfloat16)"
+    elif prec == "tf32":
+        note = "float32 (model.dtype=float32; XLA computes its matmuls on TF32 tensor cores)"
+    else:
+        note = "float32 (model.dtype=float32)"
+        if HARDWARE[key]["tf32"] is not None:
+            note += " at the CUDA-core peak (JAX's default matmul precision would use the TF32 tensor cores)"
+        elif HARDWARE[key]["fp16"] is not None:
+            note += ", no tensor cores"
+    return dtype, note
 
 
 def peak_flops(name: str, precision: str = "fp32") -> float:
-    """Dense peak FLOP/s of one device of ``name`` at ``precision`` (``cpu``: measured, fp32 only)."""
+    """Dense peak FLOP/s of one device of ``name`` at ``precision`` (``cpu``: measured, fp32 only). A precision the
+    device lacks is a UserError naming the ones it has (bf16 on a V100: names fp16 and model.dtype=float16)."""
     key, _ = resolve(name)
     prec = str(precision).lower()
     if prec not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     value = HARDWARE[key][prec]
     if value is None:
-        raise UserError(f"{key} has no {prec} peak; use one of {', '.join(supported_precisions(key))}")
+        ok = supported_precisions(key)
+        if prec == "bf16" and "fp16" in ok:
+            raise UserError(NO_BF16.format(key=key, fix="fp16 (model.dtype=float16, dynamic loss scaling) or fp32"))
+        raise UserError(f"{key} has no {prec} peak; use one of {', '.join(ok)}")
     if value == "measured":
         return cpu_peak_flops()
     return float(value)
@@ -279,9 +335,10 @@ def hardware_for_jax_devices(devices=None) -> str:
 
 
 def device_peak(hardware: str | None, dtype: str, required: bool = False) -> tuple[str, float | None]:
-    """(table key, peak FLOP/s of one device computing in ``dtype``) for a hardware name, or for the JAX devices
-    in use when it is ``"auto"`` (on CPU: the measured fp32 peak). For ``"auto"``, a dtype the table has no peak
-    for gives None (MFU is then null) unless ``required``; for a named hardware it is a UserError."""
+    """(table key, peak FLOP/s of one device computing in ``dtype``, :func:`precision_for_dtype`) for a hardware
+    name, or for the JAX devices in use when it is ``"auto"`` (on CPU: the measured fp32 peak, for every dtype).
+    For ``"auto"``, a dtype the device has no peak for (bfloat16 on a V100) gives None (MFU is then null) unless
+    ``required``; for a named hardware it is a UserError."""
     auto = hardware in ("auto", None, "")
     name = hardware_for_jax_devices() if auto else resolve(hardware)[0]
     try:

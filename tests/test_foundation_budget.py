@@ -30,7 +30,7 @@ def test_dgx1_week_by_hand(capsys):
     out = _budget_json(capsys, "--hardware", "v100-sxm2-32gb", "--gpus", "8", "--days", "7", "--mfu", "0.35",
                        "--precision", "fp16", "--law", "chinchilla")
     assert set(out) == {"flops", "pf_days", "gpu_hours", "n_params_opt", "tokens_opt", "tokens_per_param",
-                        "predicted_loss", "law", "ladder", "days"}
+                        "predicted_loss", "law", "ladder", "days", "dtype", "dtype_note"}
     assert set(out["ladder"]) == {"name", "params", "tokens"}
     C = 8 * 125e12 * 0.35 * 7 * 86400  # 8 V100 x 125 TFLOP/s fp16 tensor x MFU x one week
     assert out["flops"] == pytest.approx(C, rel=1e-12)

@@ -46,6 +46,21 @@ def test_report_on_a_synthetic_sweep(tmp_path):
     check_every_figure_written(built)
     check_per_modality_laws_and_runs_table(built)
     check_extrapolation_warning_only_when_far(built)
+    check_budget_states_the_compute_dtype(built)
+
+
+def check_budget_states_the_compute_dtype(built):
+    """A budget on hardware names the model.dtype its peak needs (float16 on a V100, where bfloat16 has no tensor
+    cores), in report.json and report.md; a budget in FLOPs assumes none."""
+    _, out, rep = built
+    assert rep["budget"]["dtype"] is None and rep["budget"]["dtype_note"] is None  # --flops: no hardware
+    with open(os.path.join(out, "report.md")) as fh:
+        assert "Compute dtype" not in fh.read()
+    on_dgx1 = report.resolve_budget(hardware="dgx-1", flops=rep["budget"]["flops"], mfu=0.35)
+    assert on_dgx1["dtype"] == "float16"
+    md = report.render_markdown(dict(rep, budget=on_dgx1))
+    assert ("Compute dtype the recommendation assumes: float16 mixed precision (model.dtype=float16, dynamic loss "
+            "scaling); bfloat16 has no tensor cores on v100-sxm2-32gb.") in md
 
 
 def check_numbers_equal_the_fit(built):

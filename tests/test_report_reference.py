@@ -53,3 +53,7 @@ def test_report_on_the_reference_sweep(tmp_path):
     assert rep["recommendation"]["n_opt"]["value"] == pytest.approx(row["n_opt"], rel=1e-9)
     assert rep["recommendation"]["n_opt"]["ci"] == pytest.approx(row["ci"]["n_opt"], rel=1e-9)
     assert rep["budget"]["hardware"] == "v100-sxm2-32gb" and rep["budget"]["gpus"] == 8  # default: a DGX-1
+    # its fp16 peak needs float16 compute (bfloat16 has no tensor cores on a V100), and the report says so
+    assert rep["budget"]["precision"] == "fp16" and rep["budget"]["dtype"] == "float16"
+    assert f"Compute dtype the recommendation assumes: {rep['budget']['dtype_note']}." in md
+    assert "model.dtype=float16" in rep["budget"]["dtype_note"]

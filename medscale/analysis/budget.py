@@ -66,9 +66,10 @@ def budget_plan(law: str = "chinchilla", *, flops=None, pf_days=None, hardware=N
         raise UserError(f"--mfu must be in (0, 1], got {mfu:g}")
 
     peak = None
-    device = None
+    device = dtype = dtype_note = None
     if hardware is not None:
         device, default_gpus, precision, peak = hw.system_peak(hardware, precision)
+        dtype, dtype_note = hw.dtype_for_precision(device, precision)
         gpus = default_gpus if gpus is None else gpus
         if int(gpus) != gpus or gpus <= 0:
             raise UserError(f"--gpus must be a positive whole number, got {gpus}")
@@ -111,6 +112,8 @@ def budget_plan(law: str = "chinchilla", *, flops=None, pf_days=None, hardware=N
         "law": law,
         "ladder": {"name": near.name, "params": n_ladder, "tokens": tokens_ladder},
         "days": None if secs is None else secs / 86_400.0,
+        "dtype": dtype,
+        "dtype_note": dtype_note,
         "details": {
             "mode": "params" if params is not None else "budget",
             "law_citation": law_obj.citation,
@@ -131,4 +134,4 @@ def budget_plan(law: str = "chinchilla", *, flops=None, pf_days=None, hardware=N
 
 
 BUDGET_JSON_KEYS = ("flops", "pf_days", "gpu_hours", "n_params_opt", "tokens_opt", "tokens_per_param",
-                    "predicted_loss", "law", "ladder", "days")
+                    "predicted_loss", "law", "ladder", "days", "dtype", "dtype_note")

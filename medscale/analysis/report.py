@@ -259,7 +259,7 @@ def resolve_budget(hardware: str | None = None, gpus: int | None = None, days: f
     if flops is None and days is None:
         days = DEFAULT_BUDGET["days"]
     out = {"flops": flops, "hardware": None, "gpus": None, "days": days, "precision": None, "peak_flops": None,
-           "mfu": None, "mfu_source": None}
+           "mfu": None, "mfu_source": None, "dtype": None, "dtype_note": None}
     if hardware is not None:
         device, default_gpus, precision, peak = hw.system_peak(hardware, precision)
         gpus = default_gpus if gpus is None else int(gpus)
@@ -276,6 +276,7 @@ def resolve_budget(hardware: str | None = None, gpus: int | None = None, days: f
             src = "assumed (the sweep recorded no MFU); pass --mfu to state yours"
         out.update(hardware=device, gpus=gpus, precision=precision, peak_flops=peak, mfu=float(mfu),
                    mfu_source=src)
+        out["dtype"], out["dtype_note"] = hw.dtype_for_precision(device, precision)
         if flops is None:
             flops = gpus * peak * mfu * days * 86_400
             out["flops"] = flops
@@ -629,6 +630,7 @@ def render_markdown(r: dict) -> str:
         L.append(f"Budget: {b['gpus']} x {b['hardware']} ({b['precision']} peak {fmt(b['peak_flops'])} FLOP/s "
                  f"each) for {fmt(b['days'])} days at MFU {fmt(b['mfu'])} ({b['mfu_source']}) = "
                  f"**{fmt(b['flops'])} FLOPs = {fmt(b['pf_days'])} PF-days**.\n")
+        L.append(f"Compute dtype the recommendation assumes: {b['dtype_note']}.\n")
     else:
         L.append(f"Budget: **{fmt(b['flops'])} FLOPs = {fmt(b['pf_days'])} PF-days** (given).\n")
     L.append("| quantity | value [interval] |\n|---|---|")

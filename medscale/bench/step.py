@@ -87,7 +87,7 @@ def bench_step(spec: ModelSpec, batch_size: int, *, dtype="float32", remat="none
     flops = accounting.step_flops(spec, batch_size, remat=remat, attention=attention,
                                   window=window if attention == "local" else None)
     model_flops, hw_flops = float(flops["model_flops"]), float(flops["hardware_flops"])
-    name, peak = hw.device_peak(hardware, dtype)  # e.g. bfloat16 on a CPU: no table peak, MFU null
+    name, peak = hw.device_peak(hardware, dtype)  # CPU: the measured fp32 peak for every dtype
     peak_now = None
     if jax.devices()[0].platform == "cpu" and dtype == "float32":  # the machine may be shared: the peak measured around the timing too
 

@@ -23,7 +23,8 @@ def register(sub, argv=()):
     src.add_argument("--mfu", type=float, default=DEFAULT_MFU,
                      help=f"model FLOPs utilisation in (0, 1] (default {DEFAULT_MFU})")
     src.add_argument("--precision", choices=("fp32", "tf32", "fp16", "bf16"),
-                     help="peak to use (default: bf16, else fp16, else fp32, as the device has)")
+                     help="peak to use (default: bf16, else fp16, else fp32, as the device has); the output "
+                     "names the model.dtype it needs (fp16: float16; bf16 is an error on V100)")
     src.add_argument("--flops", type=float, help="budget in FLOPs")
     src.add_argument("--pf-days", type=float, help="budget in PF-days (1e15 x 86,400 FLOPs)")
     src.add_argument("--params", type=float, help="reverse mode: model size N (the law's convention)")
@@ -58,6 +59,7 @@ def run(args):
     if d["hardware"]:
         rows.append(("hardware", (f"{d['gpus']} x {d['hardware']} @ {d['precision']} "
                                  f"({_fmt(d['peak_flops_per_gpu'])} FLOP/s peak each), MFU {d['mfu']:g}")))
+        rows.append(("assumes", plan["dtype_note"]))
     rows += [
         ("law", f"{plan['law']} ({d['law_citation'] or 'fit file'}); N = {conv} parameters, C = 6 N D"),
         ("compute", f"{_fmt(plan['flops'])} FLOPs = {_fmt(plan['pf_days'])} PF-days"),

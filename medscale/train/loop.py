@@ -66,6 +66,7 @@ def validate(cfg, n_devices: int | None = None):
         raise UserError(f"train.batch_size {bs} is not divisible by the {jax.process_count()} processes")
     if cfg.model.dtype not in DTYPES:
         raise UserError(f"model.dtype must be one of {', '.join(DTYPES)}, not {cfg.model.dtype!r}")
+    hardware.check_compute_dtype(cfg.get("hardware", "auto"), cfg.model.dtype)  # e.g. bfloat16 on a V100
     if cfg.model.remat not in REMAT_POLICIES:
         raise UserError(f"model.remat must be one of {', '.join(REMAT_POLICIES)}, not {cfg.model.remat!r}")
     if cfg.model.attention not in IMPLEMENTATIONS:
