@@ -1,5 +1,6 @@
 """``medscale bench gpu``: its CPU error path, and its checks rehearsed on 8 simulated CPU devices
-(``--platform cpu``): sharded == unsharded (meshes 8x1x1 and 2x2x2, weights really split), dense and blockwise
+(``--platform cpu``): sharded == unsharded (meshes 8x1x1 and 2x2x2, weights really split; float32, and float16
+with loss scaling and micro-batches), dense and blockwise
 attention in bfloat16/float16 against float32, float16 loss-scaled training, and the MFU step."""
 
 import json
@@ -55,6 +56,11 @@ def test_checks_on_eight_simulated_devices():
     # on 2x2x2 the MLP weight [embed, mlp] is really split over fsdp and tensor (born sharded)
     assert meshes["2x2x2"]["up_shard_shape"] == [16, 32] and "fsdp" in meshes["2x2x2"]["up_spec"]
     assert meshes["8x1x1"]["up_shard_shape"] == [32, 64]  # pure data parallelism: replicated weights
+    # float16 with loss scaling and 2 micro-batches (each spread over the data axes): 1 device vs 2x2x2
+    f16 = shard["float16"]
+    assert set(f16) == {"1x1x1", "2x2x2"} and shard["float16_skipped_steps"] == 0
+    assert 0 <= shard["float16_max_rel_loss_diff"] <= shard["float16_rtol"]
+    assert f16["2x2x2"]["losses"][-1] < f16["2x2x2"]["losses"][0]
 
     att = out["attention"]["results"]
     for dtype in ("bfloat16", "float16"):

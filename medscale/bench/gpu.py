@@ -4,7 +4,8 @@ Four checks, each a real computation on the devices present, each reported with 
 
 1. ``sharding``: three train steps of a small model on one device and on every mesh the devices allow
    (data-parallel ``n x 1 x 1``, and ``data x fsdp x tensor`` with fsdp and tensor 2 when ``n`` allows): the
-   losses agree to float32 rounding (matmuls at ``highest`` precision, so TF32 does not enter).
+   losses agree to float32 rounding (matmuls at ``highest`` precision, so TF32 does not enter); and the same in
+   float16 with loss scaling and 2 micro-batches, to float16 rounding.
 2. ``attention``: ``dense``, ``blockwise`` and ``cudnn`` attention in bfloat16 and float16, outputs and
    gradients against a float32 dense reference on a 4M decoder mask with padding; the error, relative to the
    reference's largest magnitude, is within ``ATTENTION_FACTOR`` x the dtype's epsilon. ``cudnn`` needs an
@@ -90,34 +91,53 @@ def mesh_shapes(n: int, heads: int) -> list[tuple[int, int, int]]:
     return shapes
 
 
+def _train_losses(spec, batches, shape, devices, **build_kw):
+    prog = build(spec, OptConfig(lr=1e-2, warmup_steps=1, total_steps=len(batches)),
+                 mesh=make_mesh(shape, devices[:int(np.prod(shape))]), cpu_kernels=False, **build_kw)
+    state = prog.init(0)
+    up = state["params"]["encoder"][0]["mlp"]["up"]  # read before the step donates it
+    row = {"up_spec": str(up.sharding.spec), "up_shard_shape": list(up.addressable_shards[0].data.shape)}
+    losses = []
+    for b in batches:
+        state, m = prog.step(state, prog.put_batch(b))
+        losses.append(float(m["loss"]))
+    row.update(losses=losses, head_sum=float(np.asarray(jax.device_get(state["params"]["head"])).sum()))
+    if "skipped_steps" in m:
+        row["skipped_steps"] = int(m["skipped_steps"])
+    return row
+
+
+def _max_rel(ref, rows):
+    return max((abs(a - b) / abs(a) for r in rows for a, b in zip(ref, r["losses"])), default=0.0)
+
+
 def check_sharding(devices, steps: int = 3) -> dict:
-    """Losses of ``steps`` train steps on one device and on each mesh of :func:`mesh_shapes`; ``ok`` when every
-    loss agrees with the one-device loss within ``SHARDING_RTOL``. Also reports how the MLP's first weight is
-    split on each mesh (shard shape), so a mesh that silently replicates shows."""
+    """Losses of ``steps`` train steps on one device and on each mesh of :func:`mesh_shapes`, in float32 (``ok``
+    when every loss agrees with the one-device loss within ``SHARDING_RTOL``), and in float16 with loss scaling
+    and 2 micro-batches on one device and on the last mesh (bound ``8 sqrt(n) eps16``, n the decoder tokens
+    summed over 3 stages; no step skipped). Also reports how the MLP's first weight is split on each mesh
+    (shard shape), so a mesh that silently replicates shows."""
     spec = _small_spec()
     n = len(devices)
-    batch_size = 8 * max(1, n // 8) if n <= 8 else n
+    batch_size = 8 * max(1, -(-n // 8))
     batches = [random_batch(spec, batch_size, seed) for seed in range(steps)]
-    out = {"devices": n, "meshes": {}}
+    meshes = [(1, 1, 1)] + mesh_shapes(n, spec.num_heads)
+    out = {"devices": n, "meshes": {}, "float16": {}}
     with jax.default_matmul_precision("highest"):
-        for shape in [(1, 1, 1)] + mesh_shapes(n, spec.num_heads):
-            k = int(np.prod(shape))
-            prog = build(spec, OptConfig(lr=1e-2, warmup_steps=1, total_steps=steps), mesh=make_mesh(shape, devices[:k]),
-                         cpu_kernels=False)
-            state = prog.init(0)
-            up = state["params"]["encoder"][0]["mlp"]["up"]  # read before the step donates it
-            split = {"up_spec": str(up.sharding.spec), "up_shard_shape": list(up.addressable_shards[0].data.shape)}
-            losses = []
-            for b in batches:
-                state, m = prog.step(state, prog.put_batch(b))
-                losses.append(float(m["loss"]))
-            out["meshes"]["x".join(map(str, shape))] = {
-                "losses": losses, "head_sum": float(np.asarray(jax.device_get(state["params"]["head"])).sum()),
-                **split}
+        for shape in meshes:
+            out["meshes"]["x".join(map(str, shape))] = _train_losses(spec, batches, shape, devices)
+        for shape in (meshes[0], meshes[-1]) if len(meshes) > 1 else meshes:
+            out["float16"]["x".join(map(str, shape))] = _train_losses(spec, batches, shape, devices,
+                                                                      dtype="float16", microbatches=2)
     ref = out["meshes"]["1x1x1"]["losses"]
-    worst = max((abs(a - b) / abs(a) for m in out["meshes"].values() for a, b in zip(ref, m["losses"])), default=0.0)
+    worst = _max_rel(ref, out["meshes"].values())
+    ref16 = out["float16"]["1x1x1"]["losses"]
+    worst16 = _max_rel(ref16, out["float16"].values())
+    rtol16 = 8 * (batch_size * spec.dec_len * 3) ** 0.5 * float(jnp.finfo(jnp.float16).eps)
+    skipped = sum(r.get("skipped_steps", 0) for r in out["float16"].values())
     out.update(max_rel_loss_diff=worst, rtol=SHARDING_RTOL, trains=ref[-1] < ref[0],
-               ok=bool(worst <= SHARDING_RTOL and ref[-1] < ref[0]))
+               float16_max_rel_loss_diff=worst16, float16_rtol=rtol16, float16_skipped_steps=skipped,
+               ok=bool(worst <= SHARDING_RTOL and ref[-1] < ref[0] and worst16 <= rtol16 and skipped == 0))
     return out
 
 

@@ -96,7 +96,7 @@ def failed_summary(run: Run, error: str, workdir: str) -> dict:
         "pf_days": None if flops is None else flops / PF_DAY, "wall_s": None, "device_kind": None,
         "device_count": None, "hardware": None, "mfu": None, "final_train_loss": last.get("loss"),
         "final_eval_loss": None, "final_train_loss_by_modality": {}, "final_eval_loss_by_modality": {},
-        "task_metrics": {},
+        "task_metrics": {}, "loss_scale": last.get("loss_scale"), "skipped_steps": last.get("skipped_steps"),
     }
 
 
