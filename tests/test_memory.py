@@ -97,6 +97,7 @@ def test_the_3xl_plan_fits_eight_v100(capsys):
     ([*REF, "--mesh", "3,1,1"], "mesh"),
     ([*REF, "--headroom", "1.5"], "--headroom"),
     (["memory", "--size", "xl", "--hardware", "tpu-v9"], "v100-sxm2-32gb"),
+    ([*REF[:-1], "bfloat16"], "model.dtype=float16"),  # no bf16 tensor cores on V100
 ])
 def test_errors_are_one_line(capsys, argv, match):
     assert main(argv) == 2
@@ -122,6 +123,7 @@ XLA_CASES = [
     ("tiny", 64, 128, 64, "bfloat16", "save_dots", "blockwise"),
     ("mini", 32, 128, 64, "float32", "full", "dense"),
     ("mini", 32, 128, 64, "bfloat16", "none", "dense"),
+    ("tiny", 64, 128, 64, "float16", "save_dots", "dense"),  # float16: float32 residual stream, loss scale state
 ]
 # sharded: per-device peaks on 8 simulated CPU devices (tensor, fsdp, data x tensor, fsdp x tensor)
 XLA_SHARDED_CASES = [

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medscale import accounting, hardware, rundir
+from medscale import accounting, hardware, memory, rundir
 from medscale.bench.step import DoesNotFit, bench_step
 from medscale.configs import load_config
 from medscale.errors import UserError
@@ -223,7 +223,8 @@ def check_float16(steps: int = FP16_STEPS) -> dict:
 def check_mfu(devices, sizes=None, batch: int = 16, enc_len: int = 256, dec_len: int = 64, steps: int = 5,
               deadline: float | None = None) -> dict:
     """``bench step`` on one device for the largest of ``sizes`` (ladder names; default all) whose compiled step
-    fits the device (XLA's memory analysis), in the device's 16-bit dtype."""
+    fits the device, in the device's 16-bit dtype: sizes whose :func:`medscale.memory.estimate` exceeds the
+    planner's headroom are not compiled; of the rest, XLA's memory analysis of the compiled step decides."""
     dev = devices[0]
     dtype = half_dtype(dev)
     limit = (dev.memory_stats() or {}).get("bytes_limit") if dev.platform == "gpu" else None
@@ -234,8 +235,10 @@ def check_mfu(devices, sizes=None, batch: int = 16, enc_len: int = 256, dec_len:
     tried = []
     for spec in specs:
         n_params = accounting.param_counts(spec)["total"]
-        if limit and 16 * n_params > limit:  # f32 weights, gradients and two Adam moments alone do not fit
-            tried.append({"size": spec.name, "fits": False, "why": "16 bytes/parameter exceed the device"})
+        est = memory.estimate(memory.Setting(spec, batch, dtype), (1, 1, 1))["total"]
+        if limit and est > memory.HEADROOM * limit:  # not worth compiling: medscale memory's estimate
+            tried.append({"size": spec.name, "fits": False,
+                          "why": f"estimated {est / 2**30:.1f} GiB > {memory.HEADROOM:.0%} of the device"})
             continue
         if deadline is not None and time.time() > deadline:
             return {"skipped": "time budget spent", "tried": tried, "ok": False}
@@ -249,7 +252,8 @@ def check_mfu(devices, sizes=None, batch: int = 16, enc_len: int = 256, dec_len:
         return {"size": spec.name, "params": n_params, "dtype": dtype, "batch": batch, "enc_len": enc_len,
                 "dec_len": dec_len, "step_s": res["step_s"], "mfu": res["mfu"], "compile_s": res["compile_s"],
                 "model_tflops_per_s": res["model_tflops_per_s"], "hardware": res["hardware"],
-                "peak_bytes": res.get("peak_bytes"), "device_bytes": limit, "tried": tried, "ok": True}
+                "peak_bytes": res.get("peak_bytes"), "estimated_bytes": est, "device_bytes": limit, "tried": tried,
+                "ok": True}
     return {"tried": tried, "ok": False, "error": "no ladder size fits one device"}
 
 
