@@ -4,7 +4,7 @@ standard library only (``medscale budget`` and ``medscale flops`` import it with
 
 ATTENTION_IMPLEMENTATIONS = ("dense", "xla", "cudnn", "blockwise", "local")
 REMAT_POLICIES = ("none", "full", "save_dots")
-DTYPE_NAMES = ("float32", "bfloat16")  # compute dtypes; parameters stay float32
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # compute dtypes; parameters stay float32
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axis, tuple of mesh axes, or None (replicated); a config's ``mesh.rules`` (whose default

@@ -1,5 +1,6 @@
 """An IsoFLOP study sized for one DGX-1 (8 x V100 32 GB): ladder sizes around Chinchilla's optimum for budgets
-from 1e17 to 1e19 model FLOPs: 1.4e20 FLOPs in all, about 5 days of one DGX-1 at 35% MFU of the V100's fp16 peak
+from 1e17 to 1e19 model FLOPs: 1.4e20 FLOPs in all, about 5 days of one DGX-1 at 35% MFU of the V100's fp16 peak,
+training in float16 with dynamic loss scaling (V100 has no bfloat16 tensor cores)
 (``medscale sweep run sweeps/dgx1_isoflop.py --dry-run`` lists the runs).
 
 Emit it for the cluster:
@@ -15,7 +16,7 @@ def get_config():
     c = ml_collections.ConfigDict()
     c.name = "dgx1_isoflop"
     c.base = "base"
-    c.set = ["train.batch_size=1024", "data.num_train=200000"]
+    c.set = ["train.batch_size=1024", "data.num_train=200000", "model.dtype=float16"]  # V100: fp16 tensor cores
     c.design = "isoflop"
     c.sizes = ["xxs", "xs", "small", "medium", "base", "large", "xl"]
     c.enc_lens = [128, 256]

@@ -114,7 +114,7 @@ def test_no_import_cycle_between_top_level_units():
 # DESIGN.md's layers, top first; a unit imports only from units of lower layers (or its own)
 LAYERS = (("__main__",), ("cli",), ("commands",), ("bench",), ("analysis",), ("sweep",), ("generate",), ("train",), ("kernels",),
           ("model", "data"),
-          ("accounting", "laws", "hardware", "spec", "modalities", "options", "rundir", "configs", "errors"))
+          ("accounting", "memory", "laws", "hardware", "spec", "modalities", "options", "rundir", "configs", "errors"))
 
 
 def test_every_import_goes_down_the_layers():
@@ -130,8 +130,8 @@ def test_every_import_goes_down_the_layers():
 def test_lower_layers_import_nothing_above_them():
     """The bottom layer (accounting, hardware, laws, spec, modalities, rundir, configs, options, errors) imports
     only within itself."""
-    bottom = {f"medscale.{m}" for m in ("accounting", "hardware", "laws", "spec", "modalities", "rundir", "configs",
-                                        "options", "errors")}
+    bottom = {f"medscale.{m}" for m in ("accounting", "memory", "hardware", "laws", "spec", "modalities", "rundir",
+                                        "configs", "options", "errors")}
     edges, _ = _graph()
     for unit in bottom:
         assert edges.get(unit, set()) <= bottom, (unit, edges.get(unit, set()) - bottom)

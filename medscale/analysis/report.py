@@ -27,7 +27,7 @@ import types
 
 import numpy as np
 
-from medscale import accounting, rundir
+from medscale import accounting, memory, rundir
 from medscale import hardware as hw
 from medscale.analysis import approach3, comparison, inputs, plots
 from medscale.analysis.budget import DEFAULT_MFU
@@ -667,6 +667,10 @@ def render_markdown(r: dict) -> str:
         L.append(f"| predicted loss of the ladder run | {_ci(lad['loss'], 4)} "
                  f"({lad['loss_penalty_vs_optimum']:+.2g} vs the optimum; the ladder size's own FLOPs/token "
                  "decide its tokens) |")
+        if b.get("hardware") and lad.get("enc_len") and lad.get("dec_len"):
+            spec = next(x for x in accounting.ladder_specs(lad["enc_len"], lad["dec_len"]) if x.name == lad["name"])
+            plan = memory.plan_summary(spec, b["hardware"], b["gpus"], b["precision"], batch=lad["batch_size"])
+            L.append(f"| memory plan | {plan} |")
     L.append("")
     ex = rec["extrapolation"]
     L.append(f"Fitted compute range: {fmt(ex['fitted_flops_min'])} – {fmt(ex['fitted_flops_max'])} FLOPs; the "

@@ -22,6 +22,21 @@ from medscale.train.step import OptConfig, build
 WARMUP_STEPS = 3
 
 
+class DoesNotFit(Exception):
+    """The compiled step needs more device memory than ``bench_step``'s ``max_bytes``."""
+
+
+def compiled_peak_bytes(compiled) -> int | None:
+    """XLA's peak device memory of a compiled program: arguments + outputs - aliased (donated) + temporaries."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - some backends have no memory analysis
+        return None
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
+
+
 def bench_spec(d_model, enc_layers, dec_layers, heads, d_ff, vocab, enc_len, dec_len, mlp="gelu") -> ModelSpec:
     """The ModelSpec ``medscale flops`` builds from the same flags (``vocab``: text vocabulary N, or
     "I,C,B,S" per modality; None: the defaults)."""
@@ -32,17 +47,20 @@ def bench_spec(d_model, enc_layers, dec_layers, heads, d_ff, vocab, enc_len, dec
 
 
 def bench_step(spec: ModelSpec, batch_size: int, *, dtype="float32", remat="none", attention="dense", steps=5,
-               hardware="auto", window=None, block=None) -> dict:
+               hardware="auto", window=None, block=None, max_bytes=None, devices=None) -> dict:
+    """``devices``: the devices to run on (default all; data parallel). ``max_bytes``: raise
+    :class:`DoesNotFit` before running when XLA's peak memory of the compiled step exceeds it."""
     import jax
 
     if attention not in IMPLEMENTATIONS:
         raise UserError(f"--attention {attention!r} unknown; known: {', '.join(IMPLEMENTATIONS)}")
     if steps < 1 or batch_size < 1:
         raise UserError("--steps and --batch must be positive")
-    n = jax.device_count()
+    devices = list(devices) if devices is not None else jax.devices()
+    n = len(devices)
     if batch_size % n:
         raise UserError(f"--batch {batch_size} is not divisible by the {n} devices")
-    prog = build(spec, OptConfig(total_steps=1000, warmup_steps=10), mesh=make_mesh((-1, 1, 1)), dtype=dtype,
+    prog = build(spec, OptConfig(total_steps=1000, warmup_steps=10), mesh=make_mesh((-1, 1, 1), devices), dtype=dtype,
                  remat=remat, attention=attention, attention_block=block, attention_window=window)
     state = prog.init(0)
     batch = prog.put_batch(random_batch(spec, batch_size, 0))
@@ -52,6 +70,9 @@ def bench_step(spec: ModelSpec, batch_size: int, *, dtype="float32", remat="none
     t = time.perf_counter()
     compiled = prog.step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t
+    peak_bytes = compiled_peak_bytes(compiled)
+    if max_bytes is not None and peak_bytes is not None and peak_bytes > max_bytes:
+        raise DoesNotFit(f"the compiled step needs {peak_bytes / 2**30:.2f} GiB of {max_bytes / 2**30:.2f} GiB")
     for _ in range(WARMUP_STEPS):
         state, m = compiled(state, batch)
         jax.block_until_ready(m)
@@ -89,6 +110,6 @@ def bench_step(spec: ModelSpec, batch_size: int, *, dtype="float32", remat="none
             "mfu": (mtf * 1e12 / (peak * n)) if (mtf and peak) else None,
             "mfu_vs_peak_now": (mtf * 1e12 / (peak_now * n)) if (mtf and peak_now) else None,
             "peak_now_tflops_per_s": peak_now * n / 1e12 if peak_now else None,
-            "compile_s": compile_s, "hardware": name, "cpu": cpu, "cpu_kernels": cpu_kernels, "devices": n, "dtype": dtype, "remat": remat,
+            "compile_s": compile_s, "peak_bytes": peak_bytes, "hardware": name, "cpu": cpu, "cpu_kernels": cpu_kernels, "devices": n, "dtype": dtype, "remat": remat,
             "attention": attention, "batch": batch_size, "loss": float(m["loss"]),
             "model_flops_per_step": model_flops, "hardware_flops_per_step": hw_flops}

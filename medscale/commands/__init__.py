@@ -16,6 +16,7 @@ COMMANDS = {
     "evaluate": "task metrics of a trained run on held-out data (into summary.json)",
     "fit": "fit scaling laws (Approaches 1/2/3) with bootstrap intervals",
     "flops": "parameters and FLOPs per training step, by component",
+    "memory": "per-device memory of a training step; the fastest mesh, micro-batches and remat that fit",
     "generate": "decode caption/boxes/segmentation of an image with a trained run",
     "quickstart": "the whole loop on CPU: sweep, fit, report, recommendation",
     "report": "the study report: laws, recommendation for a budget, figures, comparison",

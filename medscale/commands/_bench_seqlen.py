@@ -15,7 +15,7 @@ from medscale.bench.seqlen import (
 )
 from medscale.commands.bench import BENCHMARKS
 from medscale.errors import UserError
-from medscale.options import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+from medscale.options import ATTENTION_IMPLEMENTATIONS, DTYPE_NAMES, REMAT_POLICIES
 
 
 def register(sub, argv=()):
@@ -33,7 +33,7 @@ def register(sub, argv=()):
     p.add_argument("--d-ff", type=int, default=None, help="default 4 x d_model")
     p.add_argument("--vocab", type=int, default=4096, help="combined vocabulary of the four modalities")
     p.add_argument("--dec-len", type=int, default=64)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     p.add_argument("--block", type=int, default=512, help="key/value block of blockwise and local attention")
     p.add_argument("--block-q", type=int, default=None, help="query block (default: --block)")
     p.add_argument("--window", type=int, default=128, help="window of local attention (|i-j| <= window/2)")

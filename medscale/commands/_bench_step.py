@@ -4,7 +4,7 @@ import json
 
 from medscale.bench.step import bench_spec, bench_step
 from medscale.commands.bench import BENCHMARKS
-from medscale.options import REMAT_POLICIES
+from medscale.options import DTYPE_NAMES, REMAT_POLICIES
 
 
 def add_shape_args(p, vocab=None):
@@ -28,7 +28,7 @@ def register(sub, argv=()):
                                    "follow the batch contract.")
     add_shape_args(p)
     p.add_argument("--mlp", default="gelu", choices=("gelu", "swiglu"))
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     p.add_argument("--remat", default="none", choices=REMAT_POLICIES)
     p.add_argument("--attention", default="dense")
     p.add_argument("--window", type=int, default=None, help="keys per encoder query for --attention local")

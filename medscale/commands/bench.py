@@ -9,6 +9,7 @@ from medscale.commands import COMMANDS, command_word
 BENCHMARKS = {
     "data": "input-pipeline throughput (examples/s, batches/s) without a model",
     "fit": "Approach 3 fit: vectorised multistart vs plain scipy loop (time, objective)",
+    "gpu": "GPU acceptance: sharded == unsharded, attention in bf16/fp16, float16 loss-scaled steps, MFU",
     "seqlen": "peak memory, step time and MFU of the train step vs encoder length, per attention implementation "
               "and remat policy",
     "step": "training-step throughput and MFU of one model shape",

@@ -8,8 +8,10 @@ Examples:
 
 import json
 
+from medscale.accounting import ladder_specs
 from medscale.analysis.budget import BUDGET_JSON_KEYS, DEFAULT_MFU, budget_plan
 from medscale.commands import COMMANDS
+from medscale.memory import plan_summary
 
 
 def register(sub, argv=()):
@@ -86,6 +88,10 @@ def run(args):
     ]
     if d["ladder_days"] is not None:
         rows.append(("  days", f"{_fmt(d['ladder_days'])} at the encoder-decoder accounting"))
+    if d["hardware"]:
+        spec = next(x for x in ladder_specs(s["enc_len"], s["dec_len"]) if x.name == lad["name"])
+        rows.append(("  memory plan", plan_summary(spec, d["hardware"], d["gpus"], d["precision"],
+                                                  d["batch_tokens"])))
     width = max(len(r[0]) for r in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

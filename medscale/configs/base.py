@@ -21,7 +21,8 @@ def get_config():
     c.model.num_heads = ml_collections.FieldReference(None, field_type=int)
     c.model.d_ff = ml_collections.FieldReference(None, field_type=int)
     c.model.mlp = ml_collections.FieldReference(None, field_type=str)
-    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 | float16 (params stay float32; float16 with
+    # dynamic loss scaling, train.loss_scale_*)
     c.model.remat = "none"  # one of medscale.options.REMAT_POLICIES: none | full | save_dots
     c.model.attention = "dense"  # one of medscale.options.ATTENTION_IMPLEMENTATIONS
     c.model.attention_block = 512  # key/value block for blockwise attention
@@ -60,6 +61,14 @@ def get_config():
     c.train.b1 = 0.9
     c.train.b2 = 0.95
     c.train.clip_norm = 1.0
+    c.train.microbatches = 1  # gradient accumulation: micro-batches per step (batch_size must divide by
+    # microbatches x the data-parallel size); the same update as one batch, up to float rounding
+    # dynamic loss scaling, float16 runs only: the loss is multiplied by the scale before differentiation; a
+    # step with a non-finite gradient is skipped and the scale divided by the factor; after loss_scale_period
+    # consecutive finite steps it is multiplied by the factor; a scale below 1 ends the run as diverged
+    c.train.loss_scale_init = 2.0**15
+    c.train.loss_scale_factor = 2.0
+    c.train.loss_scale_period = 2000
     c.train.eval_every = 100
     c.train.eval_batches = 4
     c.train.ckpt_every = 200

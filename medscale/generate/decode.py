@@ -114,7 +114,7 @@ def _make_fns(graphdef, spec):
         length = cache["self_k"].shape[2]
         pos = jnp.full((b, 1), t, jnp.int32)
         tok, rest = model._embed(tok_B[:, None].astype(jnp.int32), target_B[:, None], pos, model.dec_modality)
-        y_B1D = (tok + rest).astype(dtype)
+        y_B1D = (tok + rest).astype(model.residual_dtype)
         q_seg = jnp.zeros((b, 1), jnp.int32)
         self_seg = jnp.broadcast_to(jnp.where(jnp.arange(length) <= t, 0, -1).astype(jnp.int32), (b, length))
         sk, sv = cache["self_k"], cache["self_v"]

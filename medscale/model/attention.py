@@ -153,7 +153,7 @@ def _check_cudnn(q):
                         f"{backend!r}; set model.attention=xla or model.attention=blockwise")
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise UserError(f"attention 'cudnn' needs a bfloat16 or float16 compute dtype, not {q.dtype}; "
-                        "set model.dtype=bfloat16 (or use model.attention=blockwise)")
+                        "set model.dtype=bfloat16, or float16 on V100s (or use model.attention=blockwise)")
 
 
 # ------------------------------------------------------------------------------------ blockwise and local

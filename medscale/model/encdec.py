@@ -26,7 +26,7 @@ from medscale.model.sharding import constrain
 from medscale.options import REMAT_POLICIES
 from medscale.spec import ModelSpec
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 _BLD = ("activation_batch", "activation_length", "activation_embed")
 _BLHK = ("activation_batch", "activation_length", "activation_heads", None)
@@ -233,6 +233,13 @@ class EncoderDecoder(nnx.Module):
     def dtype(self):
         return DTYPES[self.dtype_name]
 
+    @property
+    def residual_dtype(self):
+        """The residual stream's dtype: float32 under float16 (its range, 65504, is too small for a sum that
+        grows with depth; each sublayer's input is the float16 output of a float32 LayerNorm), else
+        :attr:`dtype`."""
+        return jnp.float32 if self.dtype_name == "float16" else self.dtype
+
     def _call_layer(self, layer, *arrays):
         dtype, impl, ops = self.dtype, self.attention, self.ops
         if self.remat == "none":
@@ -252,7 +259,7 @@ class EncoderDecoder(nnx.Module):
     def encode(self, batch):
         dtype = self.dtype
         tok, rest = self._embed(batch["enc_tokens"], batch["enc_modality"], batch["enc_pos"], self.enc_modality)
-        x_BED = constrain((tok + rest).astype(dtype), _BLD)
+        x_BED = constrain((tok + rest).astype(self.residual_dtype), _BLD)
         seg_BE = jnp.where(batch["enc_valid"], 0, -1).astype(jnp.int32)
         for layer in self.encoder:
             x_BED = self._call_layer(layer, x_BED, seg_BE)
@@ -263,7 +270,7 @@ class EncoderDecoder(nnx.Module):
         causal_BL = batch["dec_causal"]
         tok, rest = self._embed(batch["dec_input"], batch["dec_modality"], batch["dec_pos"], self.dec_modality)
         tok = jnp.where(causal_BL[..., None], tok, self.mask_token[...])
-        y_BLD = constrain((tok + rest).astype(dtype), _BLD)
+        y_BLD = constrain((tok + rest).astype(self.residual_dtype), _BLD)
         valid_BL = batch["dec_valid"]
         dseg_BL = jnp.where(valid_BL, batch["dec_modality"], -1).astype(jnp.int32)
         qvalid_BL = jnp.where(valid_BL, 0, -1).astype(jnp.int32)
@@ -289,11 +296,13 @@ class EncoderDecoder(nnx.Module):
         out = jnp.dot(y_BLD, self.head[...].astype(self.dtype), preferred_element_type=jnp.float32)
         return constrain(out, _BLV)
 
-    def loss(self, batch):
+    def loss(self, batch, normalizer=None):
         """Token-averaged cross-entropy over valid decoder targets, and per-modality sums/counts.
 
         Returns ``(loss, aux)`` with ``aux = {"sum": [M], "count": [M]}`` (f32): per-modality NLL sums and
-        target counts from one-hot segment sums (no boolean indexing, no dynamic shapes)."""
+        target counts from one-hot segment sums (no boolean indexing, no dynamic shapes). ``normalizer``: divide
+        the NLL sum by it instead of this batch's target count (a micro-batch's share of a larger batch's
+        token-weighted mean)."""
         spec = self.spec
         y_BLD = self.hidden(batch)
         b, l, d = y_BLD.shape
@@ -308,5 +317,5 @@ class EncoderDecoder(nnx.Module):
         nll_BL = nll_BL * w_BL
         sums_M = jnp.einsum("bl,blm->m", nll_BL, onehot_BLM)
         counts_M = jnp.einsum("bl,blm->m", w_BL, onehot_BLM)
-        loss = jnp.sum(nll_BL) / jnp.maximum(jnp.sum(w_BL), 1.0)
+        loss = jnp.sum(nll_BL) / (jnp.maximum(jnp.sum(w_BL), 1.0) if normalizer is None else normalizer)
         return loss, {"sum": sums_M, "count": counts_M}

@@ -30,7 +30,7 @@ from medscale.model.attention import IMPLEMENTATIONS
 from medscale.model.encdec import DTYPES, REMAT_POLICIES
 from medscale.model.sharding import make_mesh, maybe_initialize_distributed, resolve_mesh_shape
 from medscale.train.metrics import MetricWriter
-from medscale.train.step import OptConfig, build
+from medscale.train.step import LossScale, OptConfig, build
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,12 @@ def validate(cfg, n_devices: int | None = None):
     if bs <= 0 or bs % dp:
         raise UserError(f"train.batch_size {bs} is not divisible by the data axes (data x fsdp = {dp}) of "
                         f"mesh {shape}; change train.batch_size or mesh.shape")
+    mb = int(cfg.train.get("microbatches", 1))
+    if mb < 1:
+        raise UserError(f"train.microbatches must be positive, not {mb}")
+    if bs % (mb * dp):
+        raise UserError(f"train.batch_size {bs} is not divisible by train.microbatches x the data axes "
+                        f"({mb} x {dp} = {mb * dp}); change train.batch_size, train.microbatches or mesh.shape")
     if bs % jax.process_count():
         raise UserError(f"train.batch_size {bs} is not divisible by the {jax.process_count()} processes")
     if cfg.model.dtype not in DTYPES:
@@ -135,7 +141,22 @@ def validate(cfg, n_devices: int | None = None):
             raise UserError(f"train.{key} must be positive")
     if not cfg.train.lr > 0:
         raise UserError("train.lr must be positive")
+    if cfg.model.dtype == "float16":
+        ls = loss_scale_config(cfg)
+        if not (math.isfinite(ls.init) and ls.init >= 1):
+            raise UserError(f"train.loss_scale_init must be a finite number >= 1, not {ls.init}")
+        if not (math.isfinite(ls.factor) and ls.factor > 1):
+            raise UserError(f"train.loss_scale_factor must be a finite number > 1, not {ls.factor}")
+        if ls.period < 1:
+            raise UserError(f"train.loss_scale_period must be positive, not {ls.period}")
     return spec, shape, run_length(cfg)
+
+
+def loss_scale_config(cfg) -> LossScale:
+    """The dynamic loss scaling of a float16 run from ``train.loss_scale_*`` (defaults: :class:`LossScale`)."""
+    t, d = cfg.train, LossScale()
+    return LossScale(init=float(t.get("loss_scale_init", d.init)), factor=float(t.get("loss_scale_factor", d.factor)),
+                     period=int(t.get("loss_scale_period", d.period)))
 
 
 def opt_config(cfg, steps: int):
@@ -272,7 +293,8 @@ def _share(cache, shape: str, prog):
 def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record, state, cache=None):
     rules = tuple(tuple(r) for r in cfg.mesh.rules)
     opts = {"dtype": cfg.model.dtype, "remat": cfg.model.remat, "attention": cfg.model.attention,
-            "attention_block": int(cfg.model.attention_block), "attention_window": int(cfg.model.attention_window)}
+            "attention_block": int(cfg.model.attention_block), "attention_window": int(cfg.model.attention_window),
+            "microbatches": int(cfg.train.get("microbatches", 1)), "loss_scale": loss_scale_config(cfg)}
     oc = opt_config(cfg, steps)
     shape = repr((spec, tuple(mesh_shape), rules, sorted(opts.items())))
     prog = _cached(cache, "programs", repr((shape, oc)),
@@ -369,7 +391,12 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
             step_times.append(step_s)
         by_mod = _modality_losses(names, m["sum"], m["count"])
         state["final_train"] = {"step": step, "loss": loss, "by_modality": by_mod}
-        if step % log_every == 0 or step == steps or not math.isfinite(loss):
+        scaled = "loss_scale" in m
+        if scaled:  # the scale after this step's update, the steps skipped so far (this one included)
+            scale, skipped = float(m["loss_scale"]), int(m["skipped_steps"])
+            state["loss_scale"], state["skipped_steps"] = scale, skipped
+        collapsed = scaled and scale < 1
+        if step % log_every == 0 or step == steps or not math.isfinite(loss) or collapsed:
             tps = tokens_per_step / step_s if step_s else None
             tflops = model_flops / step_s / n_dev / 1e12 if (step_s and model_flops) else None
             row = {"kind": "train", "step": step, "tokens": step * tokens_per_step,
@@ -379,6 +406,8 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
                    "mfu": (tflops * 1e12 / peak) if (tflops and peak) else None}
             for name, v in by_mod.items():
                 row[f"loss/{name}"] = v
+            if scaled:
+                row["loss_scale"], row["skipped_steps"] = scale, skipped
             writer.write(row)
         if bar is not None:
             bar.update(step - bar.n)
@@ -386,6 +415,12 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
         if not math.isfinite(loss):
             status = "diverged"
             record["error"] = f"loss is {loss} at step {step}"
+            return False
+        if collapsed:
+            status = "diverged"
+            record["error"] = (f"float16 loss scale collapsed below 1 at step {step} ({skipped} skipped steps): "
+                               "the gradient is not finite in float16 even unscaled; lower train.lr or train "
+                               "in bfloat16 or float32")
             return False
         if step > warmup and loss > spike * running_min:
             status = "diverged"
@@ -453,6 +488,8 @@ def _final_rows_from_metrics(rows, steps, names, state):
         if row.get("kind") == "train":
             state["final_train"] = {"step": steps, "loss": row.get("loss"),
                                     "by_modality": {n: row.get(f"loss/{n}") for n in names}}
+            if "loss_scale" in row:  # a float16 run: its scale state as the summary reports it
+                state["loss_scale"], state["skipped_steps"] = row["loss_scale"], row.get("skipped_steps")
         elif row.get("kind") == "eval":
             state["final_eval"] = row
     state["logged_step_times"] = [r["step_s"] for r in rows if r.get("kind") == "train" and r.get("step_s")]
@@ -492,6 +529,7 @@ def _write_summary(cfg, cfg_dict, workdir, spec, steps, state, record, t_start):
         "final_train_loss_by_modality": {n: (train_row.get("by_modality") or {}).get(n) for n in names},
         "final_eval_loss_by_modality": {n: eval_row.get(f"loss/{n}") for n in names},
         "task_metrics": {},
+        "loss_scale": state.get("loss_scale"), "skipped_steps": state.get("skipped_steps"),
     }
     summary.update(state.get("extra") or {})
     rundir.write_json(rundir.path(workdir, rundir.SUMMARY), summary)

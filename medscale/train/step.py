@@ -53,6 +53,43 @@ class OptConfig:
     clip_norm: float = 1.0
 
 
+@dataclasses.dataclass(frozen=True)
+class LossScale:
+    """Dynamic loss scaling of a float16 step (:func:`build`): the loss is multiplied by ``scale`` before
+    differentiation and the gradient divided by it after; a step whose gradient has a non-finite value is
+    skipped (parameters and optimizer state unchanged) and the scale divided by ``factor``; after ``period``
+    consecutive finite steps the scale is multiplied by ``factor``."""
+
+    init: float = 2.0**15
+    factor: float = 2.0
+    period: int = 2000
+
+
+def init_loss_scale(ls: LossScale) -> dict:
+    """The scale state a float16 train state carries (``state["loss_scale"]``): the current scale, finite steps
+    since the last change, skipped steps so far."""
+    return {"scale": jnp.asarray(ls.init, jnp.float32), "good_steps": jnp.zeros((), jnp.int32),
+            "skipped": jnp.zeros((), jnp.int32)}
+
+
+def adjust_loss_scale(ls: LossScale, state: dict, finite) -> dict:
+    """The scale state after a step whose gradient was ``finite`` (a boolean scalar): halve (by ``factor``) and
+    count a skipped step when not finite; grow after ``period`` consecutive finite steps (unless the grown
+    scale would not be a finite float32)."""
+    good = jnp.where(finite, state["good_steps"] + 1, 0)
+    grown = state["scale"] * ls.factor
+    grow = finite & (good >= ls.period) & jnp.isfinite(grown)
+    scale = jnp.where(finite, jnp.where(grow, grown, state["scale"]), state["scale"] / ls.factor)
+    return {"scale": scale, "good_steps": jnp.where(grow, 0, good).astype(jnp.int32),
+            "skipped": state["skipped"] + jnp.where(finite, 0, 1).astype(jnp.int32)}
+
+
+def all_finite(tree):
+    """True when every element of every leaf is finite (a boolean scalar)."""
+    leaves = jax.tree.leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.asarray(True)
+
+
 def lr_schedule(oc: OptConfig):
     """Linear warmup to ``lr`` then cosine decay to ``lr * final_lr_ratio`` at the run's own last step."""
     warm = max(0, min(oc.warmup_steps, oc.total_steps - 1))
@@ -123,6 +160,9 @@ class Program:
     init: Callable
     step: Callable
     eval: Callable
+    microbatches: int = 1
+    loss_scale: LossScale | None = None  # the dynamic loss scaling of a float16 step; None: no scaling
+    grad: Callable | None = None  # (params, batch) -> (loss, aux, gradient): the step's, before the update
 
     def put_batch(self, batch: dict) -> dict:
         """Host batch (numpy, this process's rows) -> global device arrays sharded over the batch axes."""
@@ -167,9 +207,26 @@ def choose_ops(dtype: str, mesh: Mesh, cpu_kernels: bool = True) -> Ops:
 
 def build(spec: ModelSpec, opt: OptConfig, *, mesh: Mesh | None = None, rules=DEFAULT_RULES,
           dtype="float32", remat="none", attention="dense", attention_block=None, attention_window=None,
-          donate: bool = True, cpu_kernels: bool = True) -> Program:
+          donate: bool = True, cpu_kernels: bool = True, microbatches: int = 1,
+          loss_scale: LossScale | None = None) -> Program:
     """Compile-ready init, train step and eval step. ``cpu_kernels=False``: the plain ops even where the CPU
-    kernels apply (:func:`choose_ops`)."""
+    kernels apply (:func:`choose_ops`).
+
+    ``microbatches``: the step splits each batch into that many micro-batches (row ``j * microbatches + i`` is
+    row ``j`` of micro-batch ``i``, so every micro-batch is spread over the data axes like the batch), sums
+    their gradients in a ``lax.scan`` (one micro-batch's activations live at a time) and applies one update;
+    each micro-batch's NLL sum is divided by the whole batch's target count, so the loss and gradient are the
+    full batch's token-weighted mean up to float rounding. The batch size must divide by ``microbatches`` x
+    the data-parallel size.
+
+    ``dtype="float16"`` turns on dynamic loss scaling (``loss_scale``, default :class:`LossScale`): the state
+    gains ``"loss_scale"`` (:func:`init_loss_scale`), applied to the accumulated gradient; a skipped step still
+    advances ``state["step"]`` (and the data), not the optimizer's count, so the learning-rate schedule is a
+    function of the updates applied and the metric ``lr`` is the rate of the step's update. Other dtypes: no
+    scaling, the step as without it."""
+    if microbatches < 1:
+        raise ValueError(f"microbatches must be positive, not {microbatches}")
+    scaling = (loss_scale or LossScale()) if dtype == "float16" else None
     mesh = mesh if mesh is not None else make_mesh((1, 1, 1), jax.devices()[:1])
     rules = rules_dict(rules)
     model_kw = {"attention_block": attention_block, "attention_window": attention_window,
@@ -186,6 +243,8 @@ def build(spec: ModelSpec, opt: OptConfig, *, mesh: Mesh | None = None, rules=DE
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, param_sh,
                                    transform_non_params=lambda _: replicated)
     state_sh = {"params": param_sh, "opt": opt_sh, "step": replicated, "rng": replicated}
+    if scaling is not None:
+        state_sh["loss_scale"] = {"scale": replicated, "good_steps": replicated, "skipped": replicated}
 
     def _init(seed):
         key = jax.random.key(seed)
@@ -193,8 +252,11 @@ def build(spec: ModelSpec, opt: OptConfig, *, mesh: Mesh | None = None, rules=DE
         model = EncoderDecoder(spec, rngs=nnx.Rngs(params=pkey), dtype=dtype, remat=remat, attention=attention,
                                **model_kw)
         params = nnx.to_pure_dict(nnx.split(model)[1])
-        return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
-                "rng": jax.random.key_data(rkey)}
+        state = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
+                 "rng": jax.random.key_data(rkey)}
+        if scaling is not None:
+            state["loss_scale"] = init_loss_scale(scaling)
+        return state
 
     abstract_state = jax.eval_shape(_init, 0)
     abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -203,22 +265,81 @@ def build(spec: ModelSpec, opt: OptConfig, *, mesh: Mesh | None = None, rules=DE
 
     bsh = batch_sharding(mesh)
 
-    def _loss(params, batch):
+    def _loss(params, batch, normalizer=None):
         with sharding_context(mesh, rules):
             model = nnx.merge(graphdef, params)
-            return model.loss(batch)
+            return model.loss(batch, normalizer)
+
+    def _objective(params, batch, normalizer, scale):
+        loss, aux = _loss(params, batch, normalizer)
+        return loss * scale, (loss, aux)
+
+    micro_sh = NamedSharding(mesh, P(None, *bsh.spec))
+
+    def _split(x):
+        """[B, ...] -> [microbatches, B / microbatches, ...]: micro-batch i holds rows i, i + mb, ..."""
+        x = x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(x, micro_sh)
+
+    def _grads(params, batch, scale):
+        """(loss, aux, gradient of ``scale * loss``), the gradient summed over the micro-batches."""
+        if microbatches == 1:
+            (_, (loss, aux)), grads = jax.value_and_grad(_objective, has_aux=True)(params, batch, None, scale)
+            return loss, aux, grads
+        total = jnp.maximum(jnp.sum(batch["dec_valid"].astype(jnp.float32)), 1.0)
+
+        def body(carry, micro):
+            (_, (loss, aux)), grads = jax.value_and_grad(_objective, has_aux=True)(params, micro, total, scale)
+            acc, loss_acc, sum_acc, count_acc = carry
+            return (jax.tree.map(jnp.add, acc, grads), loss_acc + loss, sum_acc + aux["sum"],
+                    count_acc + aux["count"]), None
+
+        m = spec.num_modalities
+        zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), param_sh)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((m,), jnp.float32), jnp.zeros((m,), jnp.float32))
+        (grads, loss, sums, counts), _ = jax.lax.scan(body, init, jax.tree.map(_split, batch))
+        return loss, {"sum": sums, "count": counts}, grads
+
+    def _next_rng(state):
+        return jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), 1))
 
     def _step(state, batch):
-        (loss, aux), grads = jax.value_and_grad(_loss, has_aux=True)(state["params"], batch)
+        if microbatches == 1:
+            (loss, aux), grads = jax.value_and_grad(_loss, has_aux=True)(state["params"], batch)
+        else:
+            loss, aux, grads = _grads(state["params"], batch, jnp.ones((), jnp.float32))
         updates, new_opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
                    "sum": aux["sum"], "count": aux["count"]}
-        rng = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), 1))
-        return {"params": params, "opt": new_opt, "step": state["step"] + 1, "rng": rng}, metrics
+        return {"params": params, "opt": new_opt, "step": state["step"] + 1, "rng": _next_rng(state)}, metrics
 
-    step = jax.jit(_step, in_shardings=(state_sh, bsh), out_shardings=(state_sh, replicated),
+    def _scaled_step(state, batch):
+        ls = state["loss_scale"]
+        loss, aux, grads = _grads(state["params"], batch, ls["scale"])
+        grads = jax.tree.map(lambda g: g / ls["scale"], grads)  # a power of two: exact
+        finite = all_finite(grads)
+        updates, new_opt = tx.update(grads, state["opt"], state["params"])
+        new_params = optax.apply_updates(state["params"], updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_ls = adjust_loss_scale(scaling, ls, finite)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+                   "lr": schedule(state["step"] - ls["skipped"]),  # the optimizer counts applied updates only
+                   "sum": aux["sum"], "count": aux["count"], "loss_scale": new_ls["scale"],
+                   "skipped_steps": new_ls["skipped"]}
+        return {"params": keep(new_params, state["params"]), "opt": keep(new_opt, state["opt"]),
+                "step": state["step"] + 1, "rng": _next_rng(state), "loss_scale": new_ls}, metrics
+
+    step = jax.jit(_step if scaling is None else _scaled_step, in_shardings=(state_sh, bsh),
+                   out_shardings=(state_sh, replicated),
                    donate_argnums=(0,) if donate else ())
+
+    def _grad(params, batch):
+        scale = jnp.asarray(scaling.init if scaling is not None else 1.0, jnp.float32)
+        loss, aux, grads = _grads(params, batch, scale)
+        return loss, aux, jax.tree.map(lambda g: g / scale, grads)
+
+    grad = jax.jit(_grad, in_shardings=(param_sh, bsh), out_shardings=(replicated, replicated, param_sh))
 
     def _eval(params, batch):
         loss, aux = _loss(params, batch)
@@ -226,7 +347,8 @@ def build(spec: ModelSpec, opt: OptConfig, *, mesh: Mesh | None = None, rules=DE
 
     evaluate = jax.jit(_eval, in_shardings=(param_sh, bsh), out_shardings=replicated)
     return Program(spec=spec, mesh=mesh, graphdef=graphdef, tx=tx, schedule=schedule, state_shardings=state_sh,
-                   abstract_state=abstract_state, batch_sharding=bsh, init=init, step=step, eval=evaluate)
+                   abstract_state=abstract_state, batch_sharding=bsh, init=init, step=step, eval=evaluate,
+                   microbatches=microbatches, loss_scale=scaling, grad=grad)
 
 
 def abstract_batch(prog: Program, batch_size: int) -> dict:
