@@ -38,7 +38,7 @@ def test_unknown_size_is_an_error():
 @pytest.mark.slow
 def test_checks_on_eight_simulated_devices():
     proc = _medscale(["bench", "gpu", "--platform", "cpu", "--json", "--steps", "30", "--sizes", "tiny",
-                      "--batch", "8"], devices=8)
+                      "--batch", "8", "--budget-s", "3600"], devices=8, timeout=3600)
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["devices"] == 8 and out["platform"] == "cpu"
