@@ -14,6 +14,7 @@ from medscale.analysis import quickstart
 from medscale.analysis.budget import DEFAULT_MFU
 from medscale.commands import COMMANDS
 from medscale.errors import UserError
+from medscale.sweep import registry
 
 
 def register(sub, argv=()):
@@ -68,12 +69,8 @@ def run(args):
         return 0
     counts = ", ".join(f"{v} {k}" for k, v in sorted(out["launch"]["counts"].items()))
     lines = [f"quickstart: {counts} in {wall:.0f} s; report {out['results']}/report.md"]
-    use = rep.get("sweep")
-    if use:
-        util = use.get("utilisation")
-        lines.append(f"training: utilisation {_fmt(100 * util) + '%' if util is not None else '-'} of the measured "
-                     f"peak, {_fmt(use.get('pf_days'))} PF-days, {_fmt(use.get('wall_s'))} s wall "
-                     f"({_fmt(use.get('train_s'))} run-s in training steps)")
+    if rep.get("sweep"):
+        lines.append(f"training: {registry.usage_line(rep['sweep'])} (utilisation: of the measured peak)")
     lines += ["",
              ("fitted exponents (N_opt ~ C^a, D_opt ~ C^b; L = E + A/N^alpha + B/D^beta), "
              f"{int(100 * rec.get('ci_level', 0.9))}% bootstrap intervals:")]

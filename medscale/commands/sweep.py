@@ -85,7 +85,7 @@ def _run(args):
         print(f"sweep {report['sweep']}: {report['runs']} runs ({counts}) in {report['wall_s']:.0f} s "
               f"(training processes: {report['train_cpu_s']:.0f} CPU-s); results in {report['results']}")
         if report.get("utilisation") is not None:
-            print(f"  {usage_line(report)}")
+            print(f"  {registry.usage_line(report)}")
         for run_id, err in report["errors"].items():
             print(f"  {run_id}: {err}")
     return 1 if report["counts"].get("failed") else 0
@@ -107,17 +107,6 @@ def _plain(x):
 
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
-
-
-def usage_line(use: dict) -> str:
-    """One line: utilisation, FLOPs, wall and training seconds, PF-days (keys of registry.usage or a launch)."""
-    util = use.get("utilisation")
-    split = use.get("split") or {}
-    train_s = use.get("train_s", split.get("train_s"))
-    text = "utilisation " + (f"{100 * util:.1f}%" if util is not None else "-")
-    text += (f" ({_fmt(use.get('model_flops'), '.3g')} model FLOPs in {_fmt(use.get('wall_s'), '.0f')} s wall; "
-             f"{_fmt(train_s, '.0f')} run-s in training steps), {_fmt(use.get('pf_days'), '.3g')} PF-days")
-    return text
 
 
 def _sweep_dir(args) -> str | None:
@@ -149,7 +138,7 @@ def _status(args):
               f"{mfu + ('%' if mfu != '-' else ''):>6s}")
     print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f" ({len(df)} runs)")
     if use is not None:
-        print(f"sweep: {usage_line(use)} over {use['launches']} launch(es)")
+        print(f"sweep: {registry.usage_line(use)} over {use['launches']} launch(es)")
     for r in df.to_dict("records"):
         if r["status"] == "failed" and r.get("error"):
             print(f"  {r['run_id']}: {r['error']}", file=sys.stderr)

@@ -303,3 +303,17 @@ def sweep_usage(sweep_dir: str, df=None) -> dict | None:
         df = load_sweep(sweep_dir)
     pf = df["pf_days"].where(df["status"].isin(["done", "diverged", "failed"])).sum() if len(df) else 0.0
     return usage(launches, pf_days=float(pf))
+
+
+def usage_line(use: dict) -> str:
+    """One line of :func:`usage`'s figures (or a launch's): utilisation, model FLOPs (when given), wall and
+    training seconds, PF-days; ``-`` for a figure that is missing."""
+    def fmt(x, spec):
+        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+    util = use.get("utilisation")
+    train_s = use.get("train_s", (use.get("split") or {}).get("train_s"))
+    flops = f"{fmt(use['model_flops'], '.3g')} model FLOPs in " if "model_flops" in use else ""
+    return (f"utilisation {'-' if util is None else format(100 * util, '.1f') + '%'}"
+            f" ({flops}{fmt(use.get('wall_s'), '.0f')} s wall; "
+            f"{fmt(train_s, '.0f')} run-s in training steps), {fmt(use.get('pf_days'), '.3g')} PF-days")
