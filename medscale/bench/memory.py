@@ -15,11 +15,11 @@ process (``medscale memory --xla`` does; ``schedule`` in the result says which s
 
 from __future__ import annotations
 
-import inspect
 import os
 
 import jax
 
+from medscale.bench.step import compiled_memory
 from medscale.errors import UserError
 from medscale.model.encdec import DTYPES
 from medscale.model.sharding import make_mesh
@@ -55,19 +55,11 @@ def xla_memory(spec, batch_size: int, *, dtype="float32", remat="none", attentio
     for s in mesh_shape:
         n *= int(s)
     mesh = make_mesh(tuple(mesh_shape), jax.devices()[:n])
-    kw = {}
-    if "microbatches" in inspect.signature(build).parameters:
-        kw["microbatches"] = int(microbatches)
-    elif int(microbatches) != 1:
-        raise UserError("this train step has no micro-batches: --xla compiles with --microbatches 1 only")
     prog = build(spec, OptConfig(), mesh=mesh, dtype=dtype, remat=remat, attention=attention,
                  attention_block=block, attention_window=window if attention == "local" else None, donate=True,
-                 cpu_kernels=False, **kw)
+                 cpu_kernels=False, microbatches=int(microbatches))
     compiled = prog.step.lower(prog.abstract_state, abstract_batch(prog, batch_size)).compile()
-    m = compiled.memory_analysis()
-    out = {"arguments": int(m.argument_size_in_bytes), "outputs": int(m.output_size_in_bytes),
-           "aliased": int(m.alias_size_in_bytes), "temporaries": int(m.temp_size_in_bytes)}
-    out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
+    out = compiled_memory(compiled)
     out["schedule"] = schedule
     out["microbatches"] = int(microbatches)
     return out

@@ -27,6 +27,7 @@ import sys
 
 from medscale import accounting, rundir
 from medscale import hardware as hw
+from medscale.bench.step import compiled_memory
 from medscale.errors import UserError
 from medscale.hardware import measure_cpu_flops
 from medscale.model.attention import IMPLEMENTATIONS, attention_options
@@ -178,12 +179,10 @@ def compile_cell(spec, batch_size: int, *, attention: str, remat: str, dtype: st
                             "(local for the encoder only)") from None
         compiled = lowered.compile()
         row["compile_s"] = time.perf_counter() - t
-    mem = compiled.memory_analysis()
-    parts = {"argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
-             "alias_bytes": mem.alias_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes}
-    row["peak_bytes"] = int(parts["argument_bytes"] + parts["output_bytes"] - parts["alias_bytes"]
-                            + parts["temp_bytes"])
-    row.update({k: int(v) for k, v in parts.items()})
+    mem = compiled_memory(compiled)
+    row["peak_bytes"] = mem["peak"]
+    row.update({"argument_bytes": mem["arguments"], "output_bytes": mem["outputs"], "alias_bytes": mem["aliased"],
+                "temp_bytes": mem["temporaries"]})
     row["fits"] = row["peak_bytes"] <= memory_limit
     window = options.get("window") if attention == "local" else None
     flops = accounting.step_flops(spec, batch_size, remat=remat, attention=attention, window=window)

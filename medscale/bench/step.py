@@ -26,15 +26,19 @@ class DoesNotFit(Exception):
     """The compiled step needs more device memory than ``bench_step``'s ``max_bytes``."""
 
 
-def compiled_peak_bytes(compiled) -> int | None:
-    """XLA's peak device memory of a compiled program: arguments + outputs - aliased (donated) + temporaries."""
+def compiled_memory(compiled) -> dict | None:
+    """XLA's memory analysis of a compiled program in bytes: ``arguments``, ``outputs``, ``aliased`` (donated),
+    ``temporaries`` and ``peak`` = arguments + outputs - aliased + temporaries; None where the backend has none."""
     try:
         m = compiled.memory_analysis()
     except Exception:  # noqa: BLE001 - some backends have no memory analysis
         return None
     if m is None:
         return None
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
+    out = {"arguments": int(m.argument_size_in_bytes), "outputs": int(m.output_size_in_bytes),
+           "aliased": int(m.alias_size_in_bytes), "temporaries": int(m.temp_size_in_bytes)}
+    out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
+    return out
 
 
 def bench_spec(d_model, enc_layers, dec_layers, heads, d_ff, vocab, enc_len, dec_len, mlp="gelu") -> ModelSpec:
@@ -70,7 +74,7 @@ def bench_step(spec: ModelSpec, batch_size: int, *, dtype="float32", remat="none
     t = time.perf_counter()
     compiled = prog.step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t
-    peak_bytes = compiled_peak_bytes(compiled)
+    peak_bytes = (compiled_memory(compiled) or {}).get("peak")
     if max_bytes is not None and peak_bytes is not None and peak_bytes > max_bytes:
         raise DoesNotFit(f"the compiled step needs {peak_bytes / 2**30:.2f} GiB of {max_bytes / 2**30:.2f} GiB")
     for _ in range(WARMUP_STEPS):
