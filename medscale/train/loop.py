@@ -30,7 +30,7 @@ from medscale.model.attention import IMPLEMENTATIONS
 from medscale.model.encdec import DTYPES, REMAT_POLICIES
 from medscale.model.sharding import make_mesh, maybe_initialize_distributed, resolve_mesh_shape
 from medscale.train.metrics import MetricWriter
-from medscale.train.step import LossScale, OptConfig, build
+from medscale.train.step import LossScale, OptConfig, build, schedule_hyperparams
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def train(cfg, workdir: str, progress: bool = True, data=None, finish=None, lock
     The run's lock (``rundir.RunLock``) is taken for the run's duration unless ``locked`` says the caller (a
     sweep launcher) already holds it; a run locked by a live process is a UserError. ``cache``, when given, is a
     dict kept by the caller between runs (a sweep worker): the compiled programs (keyed by everything
-    ``medscale.train.step.build`` depends on, the schedule's horizon included) and the data (keyed by the data
+    ``medscale.train.step.build`` depends on; the schedule is in the train state) and the data (keyed by the data
     config and the sequence lengths) are built once and reused."""
     maybe_initialize_distributed()
     spec, mesh_shape, steps = validate(cfg)
@@ -279,26 +279,16 @@ def _cached(cache, kind, key, make, keep: int = 16):
     return value
 
 
-def _share(cache, shape: str, prog):
-    """``prog`` with the init and eval programs of an earlier build of the same shape (they do not depend on
-    the optimiser's schedule), so a shape trained at several horizons compiles them once."""
-    if cache is None:
-        return prog
-    first = cache.setdefault("shapes", {}).setdefault(shape, prog)
-    if len(cache["shapes"]) > 16:
-        cache["shapes"].pop(next(iter(cache["shapes"])))
-    return prog if first is prog else dataclasses.replace(prog, init=first.init, eval=first.eval)
-
-
 def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record, state, cache=None):
     rules = tuple(tuple(r) for r in cfg.mesh.rules)
     opts = {"dtype": cfg.model.dtype, "remat": cfg.model.remat, "attention": cfg.model.attention,
             "attention_block": int(cfg.model.attention_block), "attention_window": int(cfg.model.attention_window),
             "microbatches": int(cfg.train.get("microbatches", 1)), "loss_scale": loss_scale_config(cfg)}
     oc = opt_config(cfg, steps)
-    shape = repr((spec, tuple(mesh_shape), rules, sorted(opts.items())))
-    prog = _cached(cache, "programs", repr((shape, oc)),
-                   lambda: _share(cache, shape, build(spec, oc, mesh=make_mesh(mesh_shape), rules=rules, **opts)))
+    # the schedule's numbers (peak rate, warmup, length) are in the train state, not in the programs
+    compiled_opt = dataclasses.replace(oc, lr=0.0, warmup_steps=0, total_steps=0, final_lr_ratio=0.0)
+    prog = _cached(cache, "programs", repr((spec, tuple(mesh_shape), rules, sorted(opts.items()), compiled_opt)),
+                   lambda: build(spec, oc, mesh=make_mesh(mesh_shape), rules=rules, **opts))
     bs = int(cfg.train.batch_size)
     tokens_per_step = bs * (spec.enc_len + spec.dec_len)
     params, model_flops, hw_flops = _accounting(spec, cfg)
@@ -328,7 +318,7 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
         start = int(latest)
         log.info("resumed from step %d", start)
     else:
-        train_state = prog.init(seed)
+        train_state = prog.init(seed, schedule_hyperparams(oc))
     # rows an earlier attempt logged after its last checkpoint are dropped: this attempt writes them again
     kept = writer.rewind(start)
     writer.begin(start, prog.abstract_state["params"])

@@ -1,7 +1,8 @@
 """The compiled pieces of training: sharded init, the train step, the eval step, and XLA's FLOP count.
 
 Split/merge pattern: the NNX model is split once into a static ``graphdef`` and a pure parameter dict; the
-train state is a plain pytree ``{"params", "opt", "step", "rng"}`` and the step is a plain ``jax.jit`` with
+train state is a plain pytree ``{"params", "opt", "step", "rng", "schedule"}`` (the learning-rate schedule's
+numbers ride in the state, so a compiled step does not depend on the run's length) and the step is a plain ``jax.jit`` with
 explicit in/out shardings (params sharded by their logical axis names and ``cfg.mesh.rules``; batches over
 ('data', 'fsdp')). Parameters are created by a jit-ed init whose ``out_shardings`` are the target
 shardings, so they are born sharded and never gathered on one device.
@@ -90,22 +91,48 @@ def all_finite(tree):
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.asarray(True)
 
 
-def lr_schedule(oc: OptConfig):
-    """Linear warmup to ``lr`` then cosine decay to ``lr * final_lr_ratio`` at the run's own last step."""
+SCHEDULE_KEYS = ("lr", "warmup", "total", "end")
+
+
+def schedule_hyperparams(oc: OptConfig) -> dict:
+    """The learning-rate schedule's numbers as float32 scalars: the train state carries them
+    (``state["schedule"]``), so one compiled step serves runs of every length and peak rate."""
     warm = max(0, min(oc.warmup_steps, oc.total_steps - 1))
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if warm else oc.lr, peak_value=oc.lr, warmup_steps=warm,
-        decay_steps=max(oc.total_steps, warm + 1), end_value=oc.lr * oc.final_lr_ratio)
+    values = {"lr": oc.lr, "warmup": warm, "total": max(oc.total_steps, warm + 1), "end": oc.lr * oc.final_lr_ratio}
+    return {k: np.asarray(values[k], np.float32) for k in SCHEDULE_KEYS}
+
+
+def lr_at(count, hp: dict):
+    """Linear warmup from 0 to ``hp["lr"]`` over ``hp["warmup"]`` updates, then cosine decay to ``hp["end"]`` at
+    update ``hp["total"]`` (held after it): optax's ``warmup_cosine_decay_schedule`` with traced numbers."""
+    count = jnp.asarray(count, jnp.float32)
+    warm, total, peak, end = hp["warmup"], hp["total"], hp["lr"], hp["end"]
+    rising = peak * count / jnp.maximum(warm, 1.0)
+    progress = jnp.clip((count - warm) / jnp.maximum(total - warm, 1.0), 0.0, 1.0)
+    decaying = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    return jnp.where(count < warm, rising, decaying)
+
+
+def lr_schedule(oc: OptConfig):
+    """``count -> learning rate`` of ``oc`` (:func:`lr_at` with its numbers)."""
+    hp = schedule_hyperparams(oc)
+    return lambda count: lr_at(count, hp)
 
 
 def make_optimizer(oc: OptConfig):
-    schedule = lr_schedule(oc)
+    """AdamW without its learning rate: the step multiplies the update by ``-lr_at(count, state["schedule"])``
+    (decoupled weight decay scaled by the rate, as ``optax.adamw``)."""
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     tx = optax.chain(
         optax.clip_by_global_norm(oc.clip_norm) if oc.clip_norm and oc.clip_norm > 0 else optax.identity(),
-        optax.adamw(schedule, b1=oc.b1, b2=oc.b2, weight_decay=oc.weight_decay, mask=decay_mask),
+        optax.scale_by_adam(b1=oc.b1, b2=oc.b2),
+        optax.add_decayed_weights(oc.weight_decay, mask=decay_mask),
     )
-    return tx, schedule
+    return tx, lr_schedule(oc)
+
+
+def _apply(params, updates, lr):
+    return jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), params, updates)
 
 
 def abstract_model(spec: ModelSpec, dtype="float32", remat="none", attention="dense", **model_kw):
@@ -242,26 +269,35 @@ def build(spec: ModelSpec, opt: OptConfig, *, mesh: Mesh | None = None, rules=DE
     abs_opt = jax.eval_shape(tx.init, abs_params)
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, param_sh,
                                    transform_non_params=lambda _: replicated)
-    state_sh = {"params": param_sh, "opt": opt_sh, "step": replicated, "rng": replicated}
+    state_sh = {"params": param_sh, "opt": opt_sh, "step": replicated, "rng": replicated,
+                "schedule": {k: replicated for k in SCHEDULE_KEYS}}
     if scaling is not None:
         state_sh["loss_scale"] = {"scale": replicated, "good_steps": replicated, "skipped": replicated}
 
-    def _init(seed):
+    def _init(seed, hp):
         key = jax.random.key(seed)
         pkey, rkey = jax.random.split(key)
         model = EncoderDecoder(spec, rngs=nnx.Rngs(params=pkey), dtype=dtype, remat=remat, attention=attention,
                                **model_kw)
         params = nnx.to_pure_dict(nnx.split(model)[1])
         state = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
-                 "rng": jax.random.key_data(rkey)}
+                 "rng": jax.random.key_data(rkey),
+                 "schedule": {k: jnp.asarray(hp[k], jnp.float32) for k in SCHEDULE_KEYS}}
         if scaling is not None:
             state["loss_scale"] = init_loss_scale(scaling)
         return state
 
-    abstract_state = jax.eval_shape(_init, 0)
+    default_hp = schedule_hyperparams(opt)
+    abstract_state = jax.eval_shape(_init, 0, default_hp)
     abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                   abstract_state, state_sh)
-    init = jax.jit(_init, out_shardings=state_sh)  # the seed is traced: one compilation serves every seed
+    # the seed and the schedule's numbers are traced: one compilation serves every seed and run length
+    init_jit = jax.jit(_init, out_shardings=state_sh)
+
+    def init(seed, hp: dict | None = None):
+        """The initial train state for ``seed``, with the schedule ``hp`` (:func:`schedule_hyperparams`; default:
+        the ``opt`` this program was built with)."""
+        return init_jit(seed, default_hp if hp is None else hp)
 
     bsh = batch_sharding(mesh)
 
@@ -309,10 +345,12 @@ def build(spec: ModelSpec, opt: OptConfig, *, mesh: Mesh | None = None, rules=DE
         else:
             loss, aux, grads = _grads(state["params"], batch, jnp.ones((), jnp.float32))
         updates, new_opt = tx.update(grads, state["opt"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
-                   "sum": aux["sum"], "count": aux["count"]}
-        return {"params": params, "opt": new_opt, "step": state["step"] + 1, "rng": _next_rng(state)}, metrics
+        lr = lr_at(state["step"], state["schedule"])
+        params = _apply(state["params"], updates, lr)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr, "sum": aux["sum"],
+                   "count": aux["count"]}
+        return {"params": params, "opt": new_opt, "step": state["step"] + 1, "rng": _next_rng(state),
+                "schedule": state["schedule"]}, metrics
 
     def _scaled_step(state, batch):
         ls = state["loss_scale"]
@@ -320,15 +358,17 @@ def build(spec: ModelSpec, opt: OptConfig, *, mesh: Mesh | None = None, rules=DE
         grads = jax.tree.map(lambda g: g / ls["scale"], grads)  # a power of two: exact
         finite = all_finite(grads)
         updates, new_opt = tx.update(grads, state["opt"], state["params"])
-        new_params = optax.apply_updates(state["params"], updates)
+        lr = lr_at(state["step"] - ls["skipped"], state["schedule"])  # the optimizer counts applied updates only
+        new_params = _apply(state["params"], updates, lr)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         new_ls = adjust_loss_scale(scaling, ls, finite)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                   "lr": schedule(state["step"] - ls["skipped"]),  # the optimizer counts applied updates only
+                   "lr": lr,
                    "sum": aux["sum"], "count": aux["count"], "loss_scale": new_ls["scale"],
                    "skipped_steps": new_ls["skipped"]}
         return {"params": keep(new_params, state["params"]), "opt": keep(new_opt, state["opt"]),
-                "step": state["step"] + 1, "rng": _next_rng(state), "loss_scale": new_ls}, metrics
+                "step": state["step"] + 1, "rng": _next_rng(state), "loss_scale": new_ls,
+                "schedule": state["schedule"]}, metrics
 
     step = jax.jit(_step if scaling is None else _scaled_step, in_shardings=(state_sh, bsh),
                    out_shardings=(state_sh, replicated),
