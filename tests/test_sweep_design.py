@@ -136,20 +136,87 @@ def test_cli_dry_run_json(tmp_path, capsys):
     assert main(["sweep", "run", str(tmp_path / "missing.py")]) == 2
 
 
-def test_quickstart_design_is_an_isoflop_sweep_over_two_lengths_and_several_budgets():
-    from medscale.analysis.quickstart import quickstart_sweep
+def test_scaled_batch_centre_seeds_and_run_sized_evaluations(tmp_path):
+    body = ISO.replace("c.enc_lens = [32, 64]", "c.enc_lens = [64]") + """
+c.batch_per_budget = [8, 32]
+c.center_seeds = [1, 2]
+c.eval_fraction = 0.05
+c.evals_per_run = None
+c.eval_batch_size = 32
+c.task_eval_fraction = 0.01
+c.set = ["train.task_eval_examples=16", "train.eval_batches=4"]
+"""
+    runs = design.expand(design.load_definition(write_sweep(tmp_path, body)))
+    for budget, batch in ((1e11, 8), (1e12, 32)):
+        group = [r for r in runs if r.budget == budget]
+        assert {r.batch_size for r in group} == {batch}
+        # one size (the one nearest the law's expected optimum) gets the extra seeds; the others seed 0 only
+        by_size = {}
+        for r in group:
+            by_size.setdefault(r.size, []).append(r.seed)
+        centred = [s for s, seeds in by_size.items() if sorted(seeds) == [0, 1, 2]]
+        assert len(centred) == 1 and all(seeds == [0] for s, seeds in by_size.items() if s not in centred)
+        for r in group:
+            cfg = load_config("tiny", r.overrides)
+            assert cfg.train.batch_size == batch and cfg.train.eval_batch_size == 32
+            # evaluations: a forward pass over 4 x 32 examples, each a third of a training example's FLOPs, at
+            # most 5% of the run (up to the rounding of eval_every to whole steps)
+            evals = r.steps // cfg.train.eval_every
+            assert evals >= 1 and (evals == 1 or evals * 4 * 32 / 3 <= 0.05 * r.steps * batch * 1.1)
+            # task metrics on 16 examples only where 16 <= 1% of the run's examples
+            assert cfg.train.task_eval_examples == (16 if 16 <= 0.01 * r.steps * batch else 0)
+    assert {r.batch_size for r in runs} == {8, 32}
+    assert any(load_config("tiny", r.overrides).train.task_eval_examples == 16 for r in runs)
+    assert any(load_config("tiny", r.overrides).train.task_eval_examples == 0 for r in runs)
+    with pytest.raises(UserError, match="batch_per_budget"):
+        design.load_definition(write_sweep(tmp_path, body.replace("[8, 32]", "[8]"), "b.py"))
+    with pytest.raises(UserError, match="center_seeds"):
+        design.load_definition(write_sweep(tmp_path, body.replace("[1, 2]", "[0, 1]"), "c.py"))
+
+
+def test_learning_rate_grid(tmp_path):
+    body = """
+        c.name = "tune"
+        c.base = "tiny"
+        c.design = "grid"
+        c.sizes = ["d32l2", "d64l2"]
+        c.enc_lens = [64]
+        c.tokens = [2e5]
+        c.lrs = [1e-3, 4e-3]
+    """
+    runs = design.expand(design.load_definition(write_sweep(tmp_path, body)))
+    assert sorted((r.size, r.lr) for r in runs) == [("d32l2", 1e-3), ("d32l2", 4e-3), ("d64l2", 1e-3),
+                                                    ("d64l2", 4e-3)]
+    for r in runs:
+        assert load_config("tiny", r.overrides).train.lr == r.lr and f"-lr{design._fmt_num(r.lr)}-" in r.run_id
+    with pytest.raises(UserError, match="either lr or lrs"):
+        design.load_definition(write_sweep(tmp_path, body.replace("c.lrs", "c.lr = 1e-3\n        c.lrs"), "x.py"))
+
+
+def test_quickstart_design_is_sound():
+    """Two decades of budgets, five sizes of d_model >= 32 and 2+2 layers per budget, three seeds of one size per
+    budget, fresh data, per-width learning rates, one batch per budget growing with it."""
+    from medscale.analysis.quickstart import lr_for, quickstart_sweep
 
     sweep = quickstart_sweep()
     runs = design.expand(sweep)
-    assert sweep.design == "isoflop" and len({r.enc_len for r in runs}) == 2
-    for enc in {r.enc_len for r in runs}:
-        budgets = sorted({r.budget for r in runs if r.enc_len == enc})
-        assert len(budgets) >= 3
-        for b in budgets:
-            group = [r for r in runs if r.budget == b]
-            assert {r.enc_len for r in group} == {enc}  # an IsoFLOP group holds one encoder length
-            assert len(group) >= 3 and len({r.size for r in group}) == len(group)
-            assert all(r.steps >= sweep.min_steps for r in group)
+    budgets = sorted({r.budget for r in runs})
+    assert sweep.design == "isoflop" and budgets[-1] / budgets[0] >= 100
+    assert "data.num_train=0" in sweep.set
+    for b in budgets:
+        group = [r for r in runs if r.budget == b]
+        sizes = {r.size for r in group}
+        assert len(sizes) >= 5
+        assert all(r.steps >= sweep.min_steps for r in group)
+        assert max(len([r for r in group if r.size == s]) for s in sizes) == 3
+        assert len({r.batch_size for r in group}) == 1
+        for r in group:
+            shape = design.shape_of(r.size)
+            assert shape["d_model"] >= 32 and shape["enc_layers"] >= 2 and shape["dec_layers"] >= 2
+            assert r.lr == lr_for(shape["d_model"])
+    assert [min(r.batch_size for r in runs if r.budget == b) for b in budgets] == sorted(
+        min(r.batch_size for r in runs if r.budget == b) for b in budgets)
+    assert lr_for(32) > lr_for(64) > lr_for(128)
     # the sweeps/ files name the same design
     same = design.expand(design.load_definition(os.path.join(REPO, "sweeps", "quickstart.py")))
     assert [r.run_id for r in same] == [r.run_id for r in runs]

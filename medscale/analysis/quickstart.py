@@ -1,11 +1,12 @@
 """``medscale quickstart``: the whole loop on CPU — an IsoFLOP sweep on the built-in synthetic data, the fit, the
 report and the recommendation for one DGX-1 — in minutes.
 
-The design (``quickstart_sweep()``, also ``sweeps/quickstart.py``): models from d_model 8 to 128 (explicit
-shapes below the ladder's sizes: the ladder's smallest is too big for a CPU minute), two encoder lengths with
-their own FLOP budgets (four for 64, three interleaved for 32, so each IsoFLOP curve holds one length); per
-budget four sizes spread log-uniformly around Chinchilla's expected optimum, each run's steps set by the
-accounted model FLOPs. ``docs/sweep.md`` gives its measured wall time.
+The design (``quickstart_sweep()``, also ``sweeps/quickstart.py`` and, under its own name,
+``sweeps/reference.py``): five IsoFLOP budgets spanning two decades of model FLOPs (2e10 .. 2e12, half a decade
+apart), five sizes per budget (d_model 32 .. 128, 2 encoder + 2 decoder layers) spread around Chinchilla's
+expected optimum, two more seeds of the size nearest it; every run on fresh synthetic examples (none repeated),
+its peak learning rate from the width rule :func:`lr_for`, its batch growing with the budget, its evaluations and
+task metrics sized to its FLOPs. ``docs/sweep.md`` gives the design's reasons and its measured wall time.
 """
 
 from __future__ import annotations
@@ -18,12 +19,25 @@ import ml_collections
 from medscale.analysis.budget import DEFAULT_MFU
 from medscale.analysis.report import build_report
 from medscale.errors import UserError
-from medscale.sweep.design import expand, load_definition, normalize
+from medscale.sweep.design import expand, load_definition, normalize, shape_of
 from medscale.sweep.launcher import Launcher
 
 log = logging.getLogger(__name__)
 
 REFERENCE_BUDGET = {"hardware": "dgx-1", "days": 7.0}  # one DGX-1: 8 x V100 SXM2 32 GB
+
+SIZES = ["d32l2", "d40l2", "d48l2", "d56l2", "d64l2", "d80l2", "d96l2", "d128l2"]
+BUDGETS = [2e10, 6.3e10, 2e11, 6.3e11, 2e12]
+BATCHES = [4, 8, 16, 32, 64]  # per budget: the batch grows with the run, every size of a budget shares it
+# the peak learning rate of width d: LR_REF x (D_REF / d) ** LR_EXPONENT, fitted to the best rates of
+# sweeps/lr_tune.py (results/lr_tune; docs/sweep.md, "Learning rates")
+LR_REF, D_REF, LR_EXPONENT = 3e-3, 64, 1.0
+
+
+def lr_for(d_model: int) -> float:
+    """The quickstart's peak learning rate for width ``d_model`` (Adam's rate falls as 1 / width: muP's rule
+    for hidden weights, with the constant from the tuning sweep)."""
+    return float(f"{LR_REF * (D_REF / float(d_model)) ** LR_EXPONENT:.3g}")
 
 
 def quickstart_sweep(name: str = "quickstart"):
@@ -31,19 +45,26 @@ def quickstart_sweep(name: str = "quickstart"):
     c = ml_collections.ConfigDict()
     c.name = name
     c.base = "tiny"
+    # data.num_train=0: the unbounded synthetic stream, so no run repeats an example; every run is scored on the
+    # same 128 held-out examples
+    c.set = ["data.num_train=0", "train.eval_batch_size=32", "train.eval_batches=4"]
     c.design = "isoflop"
-    c.sizes = ["d8l1", "d12l1", "d16l1", "d24l1", "d32l1", "d48l1", "d64l1", "d64l2", "d96l2", "d128l2"]
-    c.enc_lens = [32, 64]
-    # model FLOPs per run; the two lengths get interleaved budgets, so no IsoFLOP group mixes lengths
-    c.budgets = {"64": [1e10, 3e10, 1e11, 3e11], "32": [2e10, 6e10, 2e11]}
-    c.per_budget = 4
+    c.sizes = list(SIZES)
+    c.enc_lens = [64]
+    c.budgets = list(BUDGETS)
+    c.batch_per_budget = list(BATCHES)
+    c.per_budget = 5
     c.spread = 16.0
     c.law = "chinchilla"
-    c.min_steps = 20
-    c.warmup_frac = 0.1
-    c.evals_per_run = 5
-    c.checkpoints_per_run = 2
+    c.min_steps = 30
+    c.warmup_frac = 0.05
+    c.lr = {s: lr_for(shape_of(s)["d_model"]) for s in SIZES}
     c.seeds = [0]
+    c.center_seeds = [1, 2]
+    c.eval_fraction = 0.05  # periodic evaluations: at most 5% of a run's FLOPs ...
+    c.evals_per_run = 8  # ... and at most 8 (the last at the final step)
+    c.checkpoints_per_run = 2
+    c.task_eval_fraction = 0.005  # task metrics on 16 examples where that is at most 0.5% of the run
     return normalize(c, source="quickstart")
 
 

@@ -71,6 +71,8 @@ def get_config():
     c.train.loss_scale_period = 2000
     c.train.eval_every = 100
     c.train.eval_batches = 4
+    c.train.eval_batch_size = 0  # examples per evaluation batch (0: train.batch_size); a sweep fixes it so that
+    # every run, whatever its batch, is scored on the same eval_batches x eval_batch_size examples
     c.train.ckpt_every = 200
     c.train.log_every = 10
     c.train.spike_factor = 5.0  # loss above spike_factor x its running minimum (after warmup) = diverged

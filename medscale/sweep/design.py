@@ -12,17 +12,31 @@ A sweep definition is an ml_collections Python file whose ``get_config()`` retur
 - ``sizes``: ladder names (``"xs"``) or explicit shapes ``"d<d_model>l<layers>[h<heads>][f<d_ff>]"`` (e.g.
   ``"d48l2"``: d_model 48, 2 encoder + 2 decoder layers, d_ff 4 x d_model). For ``isoflop`` these are the
   candidates the design picks from.
-- ``enc_lens`` (required), ``dec_len``, ``batch_size`` (optional: None keeps the base config's).
+- ``enc_lens`` (required), ``dec_len``, ``batch_size`` (optional: None keeps the base config's);
+  ``batch_per_budget`` (isoflop, a list as long as ``budgets``): each budget's batch size, so the batch grows
+  with the run while every size of one budget shares it.
 - grid: ``tokens`` (token budgets, encoder + decoder tokens). isoflop: ``budgets`` (model FLOPs per run; or a
   dict from encoder length, as a string, to its own budgets, so that no IsoFLOP group mixes lengths),
   ``per_budget`` (sizes per budget), ``spread`` (ratio of the largest to the smallest target size), ``law``
   (published law for the expected optimum, ``medscale.laws``), ``center_factor`` (multiplies it),
   ``min_steps`` (sizes that would train fewer steps are dropped).
-- ``lr``: a float, or a dict from size name to lr with an optional ``"default"``.
+- ``lr``: a float, or a dict from size name to lr with an optional ``"default"``; ``lrs``: a list of peak rates
+  instead, one run per rate (a tuning sweep; the rate is part of the run id's prefix).
 - ``per_size``: optional dict from size name to extra overrides for that size's runs (e.g. a smaller batch or
   ``model.remat=full`` for the largest sizes); they are part of the run id.
-- ``seeds``: one run per seed. ``evals_per_run`` / ``checkpoints_per_run`` / ``warmup_frac``: schedule of
-  evaluations, checkpoints and warmup relative to each run's own steps (None keeps the base config's).
+- ``seeds``: one run per seed; ``center_seeds`` (isoflop): extra seeds for the size nearest each budget's expected
+  optimum (the design's centre), so seed noise is measured where the fit needs it.
+- ``evals_per_run`` / ``checkpoints_per_run`` / ``warmup_frac``: schedule of evaluations, checkpoints and warmup
+  relative to each run's own steps (None keeps the base config's).
+- ``eval_fraction``: the periodic evaluations' FLOPs as a fraction of the run's training FLOPs (an evaluation
+  is a forward pass over ``train.eval_batches x eval_batch_size`` examples, a third of a training step's FLOPs
+  per example): as many evaluations as fit (at least the final one, at most ``evals_per_run`` when given).
+- ``eval_batch_size``: examples per evaluation batch for every run (so runs of any batch size are scored on the
+  same examples; None keeps the base config's).
+- ``task_eval_fraction``: the end-of-run task evaluation sized to the run: it decodes the base config's
+  ``train.task_eval_examples`` held-out examples, each counted as one training example's FLOPs, when that is at
+  most this fraction of the run's ``steps x batch`` training examples, and is off otherwise (a fixed number of
+  examples, so generation compiles once per shape).
 
 Run ids are ``<readable prefix>-<8 hex>``: the prefix names size, encoder length, budget and seed; the hash is
 of the base and every override, so an id is stable across launches and changes when the run would.
@@ -52,7 +66,8 @@ DEFAULTS = {
     "set": (), "design": "grid", "sizes": (), "enc_lens": (), "dec_len": None, "batch_size": None,
     "tokens": (), "budgets": (), "per_budget": 4, "spread": 8.0, "law": "chinchilla", "center_factor": 1.0,
     "min_steps": 10, "lr": None, "seeds": (0,), "evals_per_run": None, "checkpoints_per_run": None,
-    "warmup_frac": None, "params": "non_embedding", "per_size": None,
+    "warmup_frac": None, "params": "non_embedding", "per_size": None, "center_seeds": (), "eval_fraction": None,
+    "eval_batch_size": None, "task_eval_fraction": None, "batch_per_budget": (), "lrs": (),
 }
 
 
@@ -166,7 +181,7 @@ def normalize(cfg, source: str = "sweep"):
             raise UserError(f"{source}: budgets per encoder length must name exactly the enc_lens "
                             f"(mismatch: {', '.join(missing)})")
         out["budgets"] = tuple(b for v in by_enc.values() for b in v)
-    for key in ("set", "sizes", "enc_lens", "tokens", "budgets", "seeds"):
+    for key in ("set", "sizes", "enc_lens", "tokens", "budgets", "seeds", "center_seeds", "batch_per_budget", "lrs"):
         value = out[key]
         out[key] = tuple(value) if isinstance(value, (list, tuple)) else (value,)
     if out["design"] not in ("grid", "isoflop"):
@@ -191,6 +206,25 @@ def normalize(cfg, source: str = "sweep"):
         stray = sorted(set(out["per_size"]) - {str(x) for x in out["sizes"]})
         if stray:
             raise UserError(f"{source}: per_size names sizes not in 'sizes': {', '.join(stray)}")
+    for key in ("eval_fraction", "task_eval_fraction"):
+        if out[key] is not None and not (isinstance(out[key], (int, float)) and 0 < out[key] <= 1):
+            raise UserError(f"{source}: {key} must be a number in (0, 1], not {out[key]!r}")
+    if out["center_seeds"] and out["design"] != "isoflop":
+        raise UserError(f"{source}: center_seeds needs an isoflop design (it names each budget's centre size)")
+    overlap = sorted(set(out["center_seeds"]) & set(out["seeds"]))
+    if overlap:
+        raise UserError(f"{source}: center_seeds {overlap} are already in seeds; list extra seeds only")
+    if any(not isinstance(v, (int, float)) or v <= 0 for v in out["lrs"]):
+        raise UserError(f"{source}: lrs must be positive numbers")
+    if out["lrs"] and out["lr"] is not None:
+        raise UserError(f"{source}: give either lr or lrs, not both")
+    if out["batch_per_budget"]:
+        if out["design"] != "isoflop" or by_enc or len(out["batch_per_budget"]) != len(out["budgets"]):
+            raise UserError(f"{source}: batch_per_budget needs an isoflop design with a list of budgets, one batch "
+                            f"size per budget ({len(out['budgets'])} budgets, "
+                            f"{len(out['batch_per_budget'])} batch sizes)")
+        if any(not isinstance(b, int) or b <= 0 for b in out["batch_per_budget"]):
+            raise UserError(f"{source}: batch_per_budget must be positive integers")
     out["budgets_by_enc"] = by_enc
     if out["params"] not in ("non_embedding", "total"):
         raise UserError(f"{source}: params must be 'non_embedding' or 'total'")
@@ -233,7 +267,7 @@ class _Accountant:
         self.sweep = sweep
         self._cache = {}
 
-    def common_overrides(self, size: str, enc_len: int) -> list[str]:
+    def common_overrides(self, size: str, enc_len: int, batch: int | None = None) -> list[str]:
         s = self.sweep
         out = list(s.set) + size_overrides(size) + [f"data.enc_len={int(enc_len)}"]
         if s.per_size is not None and size in s.per_size:
@@ -243,12 +277,16 @@ class _Accountant:
             out.append(f"data.dec_len={int(s.dec_len)}")
         if s.batch_size is not None:
             out.append(f"train.batch_size={int(s.batch_size)}")
+        if batch is not None:
+            out.append(f"train.batch_size={int(batch)}")
+        if s.eval_batch_size is not None:
+            out.append(f"train.eval_batch_size={int(s.eval_batch_size)}")
         return out
 
-    def __call__(self, size: str, enc_len: int):
-        key = (size, enc_len)
+    def __call__(self, size: str, enc_len: int, batch: int | None = None):
+        key = (size, enc_len, batch)
         if key not in self._cache:
-            cfg = load_config(self.sweep.base, self.common_overrides(size, enc_len))
+            cfg = load_config(self.sweep.base, self.common_overrides(size, enc_len, batch))
             spec = spec_from_config(cfg)
             batch = int(cfg.train.batch_size)
             flops = accounting.step_flops(spec, batch, remat=cfg.model.get("remat", "none"),
@@ -265,17 +303,30 @@ def _schedule_overrides(sweep, cfg, steps: int) -> list[str]:
         out.append(f"train.warmup_steps={max(1, round(sweep.warmup_frac * steps))}")
     elif int(cfg.train.warmup_steps) >= steps:
         out.append(f"train.warmup_steps={max(1, steps // 10)}")
-    if sweep.evals_per_run:
-        out.append(f"train.eval_every={max(1, steps // int(sweep.evals_per_run))}")
+    evals = int(sweep.evals_per_run) if sweep.evals_per_run else None
+    if sweep.eval_fraction:
+        bs = int(cfg.train.batch_size)
+        ebs = int(cfg.train.get("eval_batch_size", 0) or 0) or bs
+        # one evaluation: a forward pass (a third of a training step's FLOPs per example) over its examples
+        fit = int(sweep.eval_fraction * 3 * steps * bs / max(1, int(cfg.train.eval_batches) * ebs))
+        evals = max(1, min(fit, evals) if evals else fit)
+    if evals:
+        out.append(f"train.eval_every={max(1, steps // evals)}")
     if sweep.checkpoints_per_run:
         out.append(f"train.ckpt_every={max(1, steps // int(sweep.checkpoints_per_run))}")
+    if sweep.task_eval_fraction:
+        n = int(cfg.train.get("task_eval_examples", 0) or 0)
+        if n > sweep.task_eval_fraction * steps * int(cfg.train.batch_size):
+            out.append("train.task_eval_examples=0")
     return out
 
 
-def isoflop_sizes(sweep, budget: float, acc: _Accountant, enc_len: int) -> list[str]:
-    """The sizes an IsoFLOP design trains at ``budget``: candidates nearest (in log params) to ``per_budget``
-    targets spread log-uniformly over ``spread`` around the law's expected optimum, among candidates that
-    would train at least ``min_steps`` steps."""
+def isoflop_sizes(sweep, budget: float, acc: _Accountant, enc_len: int,
+                  batch: int | None = None) -> tuple[list[str], str | None]:
+    """The sizes an IsoFLOP design trains at ``budget`` and its centre: candidates nearest (in log params) to
+    ``per_budget`` targets spread log-uniformly over ``spread`` around the law's expected optimum, among
+    candidates that would train at least ``min_steps`` steps; the centre is the chosen size nearest the
+    expected optimum (None when none is chosen)."""
     law = load_law(sweep.law)
     convention = PUBLISHED_CONVENTION.get(sweep.law, sweep.params)  # the parameter count the law's N means
     center = float(law.n_opt(budget)) * float(sweep.center_factor)
@@ -287,7 +338,7 @@ def isoflop_sizes(sweep, budget: float, acc: _Accountant, enc_len: int) -> list[
         targets = [math.exp(math.log(lo) + i * (math.log(hi) - math.log(lo)) / (k - 1)) for i in range(k)]
     pool = []
     for size in sweep.sizes:
-        _, _, _, flops, params = acc(str(size), enc_len)
+        _, _, _, flops, params = acc(str(size), enc_len, batch)
         steps = round(budget / flops["model_flops"])
         if steps >= int(sweep.min_steps):
             pool.append((str(size), params[convention]))
@@ -301,27 +352,34 @@ def isoflop_sizes(sweep, budget: float, acc: _Accountant, enc_len: int) -> list[
         log.info("budget %s at enc_len %s: only %d of %d sizes fit (min_steps %s)", _fmt_num(budget),
                     enc_len, len(chosen), k, sweep.min_steps)
     order = {str(s): i for i, s in enumerate(sweep.sizes)}
-    return sorted(chosen, key=lambda s: order[s])
+    params = dict(pool)
+    centre = min(chosen, key=lambda s: abs(math.log(params[s]) - math.log(center))) if chosen else None
+    return sorted(chosen, key=lambda s: order[s]), centre
 
 
 def expand(sweep) -> list[Run]:
     """All runs of a (normalized) sweep definition, cheapest first."""
     acc = _Accountant(sweep)
     runs: list[Run] = []
-    plan = []  # (size, enc_len, budget, token_budget)
+    plan = []  # (size, enc_len, budget, token_budget, seeds, batch)
+    seeds = tuple(int(s) for s in sweep.seeds)
     for enc_len in sweep.enc_lens:
         enc_len = int(enc_len)
         if sweep.design == "grid":
             for size in sweep.sizes:
                 for tok in sweep.tokens:
-                    plan.append((str(size), enc_len, None, int(tok)))
+                    plan.append((str(size), enc_len, None, int(tok), seeds, None))
         else:
             by_enc = sweep.get("budgets_by_enc")
-            for budget in (by_enc[str(enc_len)] if by_enc else sweep.budgets):
-                for size in isoflop_sizes(sweep, float(budget), acc, enc_len):
-                    plan.append((size, enc_len, float(budget), None))
-    for size, enc_len, budget, token_budget in plan:
-        cfg, spec, batch, flops, params = acc(size, enc_len)
+            budgets = by_enc[str(enc_len)] if by_enc else sweep.budgets
+            batches = tuple(sweep.batch_per_budget) or (None,) * len(budgets)
+            for budget, batch in zip(budgets, batches):
+                sizes, centre = isoflop_sizes(sweep, float(budget), acc, enc_len, batch)
+                for size in sizes:
+                    extra = tuple(int(s) for s in sweep.center_seeds) if size == centre else ()
+                    plan.append((size, enc_len, float(budget), None, seeds + extra, batch))
+    for size, enc_len, budget, token_budget, run_seeds, run_batch in plan:
+        cfg, spec, batch, flops, params = acc(size, enc_len, run_batch)
         tokens_per_step = batch * (spec.enc_len + spec.dec_len)
         if budget is not None:
             steps = max(1, round(budget / flops["model_flops"]))
@@ -329,11 +387,11 @@ def expand(sweep) -> list[Run]:
         else:
             steps = max(1, round(token_budget / tokens_per_step))
             tag = f"t{_fmt_num(token_budget)}"
-        for seed in sweep.seeds:
-            lr = _lr_for(sweep, size, cfg.train.lr)
-            overrides = acc.common_overrides(size, enc_len) + _schedule_overrides(sweep, cfg, steps) + [
+        rates = [(float(x), f"-lr{_fmt_num(x)}") for x in sweep.lrs] or [(_lr_for(sweep, size, cfg.train.lr), "")]
+        for (lr, lr_tag), seed in [(r, s) for r in rates for s in run_seeds]:
+            overrides = acc.common_overrides(size, enc_len, run_batch) + _schedule_overrides(sweep, cfg, steps) + [
                 f"train.tokens={steps * tokens_per_step}", f"train.lr={lr!r}", f"seed={int(seed)}"]
-            prefix = f"{size}-e{enc_len}-{tag}-s{int(seed)}"
+            prefix = f"{size}-e{enc_len}-{tag}{lr_tag}-s{int(seed)}"
             runs.append(Run(
                 run_id=run_id_for(prefix, sweep.base, overrides), sweep=sweep.name, design=sweep.design,
                 size=size, base=sweep.base, overrides=overrides, enc_len=spec.enc_len, dec_len=spec.dec_len,

@@ -128,6 +128,10 @@ def validate(cfg, n_devices: int | None = None):
                         f"({mb} x {dp} = {mb * dp}); change train.batch_size, train.microbatches or mesh.shape")
     if bs % jax.process_count():
         raise UserError(f"train.batch_size {bs} is not divisible by the {jax.process_count()} processes")
+    ebs = eval_batch_size(cfg)
+    if ebs <= 0 or ebs % dp or ebs % jax.process_count():
+        raise UserError(f"train.eval_batch_size {ebs} is not divisible by the data axes (data x fsdp = {dp}) "
+                        f"and the {jax.process_count()} processes; change train.eval_batch_size")
     if cfg.model.dtype not in DTYPES:
         raise UserError(f"model.dtype must be one of {', '.join(DTYPES)}, not {cfg.model.dtype!r}")
     hardware.check_compute_dtype(cfg.get("hardware", "auto"), cfg.model.dtype)  # e.g. bfloat16 on a V100
@@ -150,6 +154,11 @@ def validate(cfg, n_devices: int | None = None):
         if ls.period < 1:
             raise UserError(f"train.loss_scale_period must be positive, not {ls.period}")
     return spec, shape, run_length(cfg)
+
+
+def eval_batch_size(cfg) -> int:
+    """Examples per evaluation batch: ``train.eval_batch_size``, or the training batch when it is 0."""
+    return int(cfg.train.get("eval_batch_size", 0) or 0) or int(cfg.train.batch_size)
 
 
 def loss_scale_config(cfg) -> LossScale:
@@ -305,7 +314,8 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
     state["data"] = data  # reused by the task evaluation at the end of the run
     seed = int(cfg.seed)
     it = data.iterator("train", bs // jax.process_count(), seed, jax.process_index(), jax.process_count())
-    eval_host = list(data.eval_batches("validation", bs // jax.process_count(), int(cfg.train.eval_batches)))
+    eval_host = list(data.eval_batches("validation", eval_batch_size(cfg) // jax.process_count(),
+                                       int(cfg.train.eval_batches)))
 
     mgr = rundir.checkpoint_manager(workdir)
     start = 0
