@@ -31,7 +31,7 @@ BUDGETS = [2e10, 6.3e10, 2e11, 6.3e11, 2e12]
 BATCHES = [4, 8, 16, 32, 64]  # per budget: the batch grows with the run, every size of a budget shares it
 # the peak learning rate of width d: LR_REF x (D_REF / d) ** LR_EXPONENT, fitted to the best rates of
 # sweeps/lr_tune.py (results/lr_tune; docs/sweep.md, "Learning rates")
-LR_REF, D_REF, LR_EXPONENT = 3e-3, 64, 1.0
+LR_REF, D_REF, LR_EXPONENT = 7.5e-3, 64, 1.0
 
 
 def lr_for(d_model: int) -> float:
