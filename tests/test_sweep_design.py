@@ -189,6 +189,11 @@ def test_learning_rate_grid(tmp_path):
                                                     ("d64l2", 4e-3)]
     for r in runs:
         assert load_config("tiny", r.overrides).train.lr == r.lr and f"-lr{design._fmt_num(r.lr)}-" in r.run_id
+    factors = design.expand(design.load_definition(write_sweep(tmp_path, body.replace(
+        "c.lrs = [1e-3, 4e-3]", 'c.lr = {"d32l2": 8e-3, "d64l2": 4e-3}\n        c.lr_factors = [0.5, 2]'), "f.py")))
+    assert sorted((r.size, r.lr) for r in factors) == [("d32l2", 4e-3), ("d32l2", 1.6e-2), ("d64l2", 2e-3),
+                                                       ("d64l2", 8e-3)]
+    assert all("-x0.5-" in r.run_id or "-x2-" in r.run_id for r in factors)
     with pytest.raises(UserError, match="either lr or lrs"):
         design.load_definition(write_sweep(tmp_path, body.replace("c.lrs", "c.lr = 1e-3\n        c.lrs"), "x.py"))
 

@@ -28,7 +28,8 @@ REFERENCE_BUDGET = {"hardware": "dgx-1", "days": 7.0}  # one DGX-1: 8 x V100 SXM
 
 SIZES = ["d32l2", "d40l2", "d48l2", "d56l2", "d64l2", "d80l2", "d96l2", "d128l2"]
 BUDGETS = [2e10, 6.3e10, 2e11, 6.3e11, 2e12]
-BATCHES = [4, 8, 16, 32, 64]  # per budget: the batch grows with the run, every size of a budget shares it
+BATCHES = [4, 4, 16, 16, 64]  # per budget: the batch grows with the run in three steps (each (size, batch) pair
+# compiles its own train step), every size of a budget shares it
 # the peak learning rate of width d: LR_REF x (D_REF / d) ** LR_EXPONENT, fitted to the best rates of
 # sweeps/lr_tune.py (results/lr_tune; docs/sweep.md, "Learning rates")
 LR_REF, D_REF, LR_EXPONENT = 7.5e-3, 64, 1.0

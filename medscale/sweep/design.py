@@ -21,7 +21,8 @@ A sweep definition is an ml_collections Python file whose ``get_config()`` retur
   (published law for the expected optimum, ``medscale.laws``), ``center_factor`` (multiplies it),
   ``min_steps`` (sizes that would train fewer steps are dropped).
 - ``lr``: a float, or a dict from size name to lr with an optional ``"default"``; ``lrs``: a list of peak rates
-  instead, one run per rate (a tuning sweep; the rate is part of the run id's prefix).
+  instead, one run per rate (a tuning sweep; the rate is part of the run id's prefix); ``lr_factors``: one run
+  per factor times each size's own rate (checking a rule; the factor is part of the prefix).
 - ``per_size``: optional dict from size name to extra overrides for that size's runs (e.g. a smaller batch or
   ``model.remat=full`` for the largest sizes); they are part of the run id.
 - ``seeds``: one run per seed; ``center_seeds`` (isoflop): extra seeds for the size nearest each budget's expected
@@ -68,6 +69,7 @@ DEFAULTS = {
     "min_steps": 10, "lr": None, "seeds": (0,), "evals_per_run": None, "checkpoints_per_run": None,
     "warmup_frac": None, "params": "non_embedding", "per_size": None, "center_seeds": (), "eval_fraction": None,
     "eval_batch_size": None, "task_eval_fraction": None, "batch_per_budget": (), "lrs": (),
+    "lr_factors": (),
 }
 
 
@@ -181,7 +183,8 @@ def normalize(cfg, source: str = "sweep"):
             raise UserError(f"{source}: budgets per encoder length must name exactly the enc_lens "
                             f"(mismatch: {', '.join(missing)})")
         out["budgets"] = tuple(b for v in by_enc.values() for b in v)
-    for key in ("set", "sizes", "enc_lens", "tokens", "budgets", "seeds", "center_seeds", "batch_per_budget", "lrs"):
+    for key in ("set", "sizes", "enc_lens", "tokens", "budgets", "seeds", "center_seeds", "batch_per_budget", "lrs",
+                "lr_factors"):
         value = out[key]
         out[key] = tuple(value) if isinstance(value, (list, tuple)) else (value,)
     if out["design"] not in ("grid", "isoflop"):
@@ -214,8 +217,10 @@ def normalize(cfg, source: str = "sweep"):
     overlap = sorted(set(out["center_seeds"]) & set(out["seeds"]))
     if overlap:
         raise UserError(f"{source}: center_seeds {overlap} are already in seeds; list extra seeds only")
-    if any(not isinstance(v, (int, float)) or v <= 0 for v in out["lrs"]):
-        raise UserError(f"{source}: lrs must be positive numbers")
+    if any(not isinstance(v, (int, float)) or v <= 0 for v in (*out["lrs"], *out["lr_factors"])):
+        raise UserError(f"{source}: lrs and lr_factors must be positive numbers")
+    if out["lrs"] and out["lr_factors"]:
+        raise UserError(f"{source}: give either lrs or lr_factors, not both")
     if out["lrs"] and out["lr"] is not None:
         raise UserError(f"{source}: give either lr or lrs, not both")
     if out["batch_per_budget"]:
@@ -387,7 +392,9 @@ def expand(sweep) -> list[Run]:
         else:
             steps = max(1, round(token_budget / tokens_per_step))
             tag = f"t{_fmt_num(token_budget)}"
-        rates = [(float(x), f"-lr{_fmt_num(x)}") for x in sweep.lrs] or [(_lr_for(sweep, size, cfg.train.lr), "")]
+        own = _lr_for(sweep, size, cfg.train.lr)
+        rates = ([(float(x), f"-lr{_fmt_num(x)}") for x in sweep.lrs]
+                 or [(float(f"{own * x:.4g}"), f"-x{float(x):g}") for x in sweep.lr_factors] or [(own, "")])
         for (lr, lr_tag), seed in [(r, s) for r in rates for s in run_seeds]:
             overrides = acc.common_overrides(size, enc_len, run_batch) + _schedule_overrides(sweep, cfg, steps) + [
                 f"train.tokens={steps * tokens_per_step}", f"train.lr={lr!r}", f"seed={int(seed)}"]
