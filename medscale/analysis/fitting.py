@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from medscale import rundir
-from medscale.analysis import allocation, approach3, envelope, isoflop
+from medscale.analysis import allocation, approach3, envelope, isoflop, resample
 from medscale.errors import UserError
 from medscale.laws import ChinchillaLaw
 
@@ -65,9 +65,9 @@ def fit_approach3(points, bootstrap=0, seed=0, budgets=(), starts=None, delta=ap
            "local_optima": [o["objective"] for o in f.optima]}
     draws = None
     if bootstrap:
-        groups = points["run_id"].to_numpy() if "run_id" in points.columns else None
-        th, _obj, conv = approach3.bootstrap(n, d, loss, f, bootstrap, seed=seed, groups=groups, delta=delta,
-                                                max_iter=max_iter)
+        counts = resample.design_counts(points, bootstrap, seed)
+        th, _obj, conv = approach3.bootstrap(n, d, loss, f, bootstrap, seed=seed, delta=delta,
+                                                max_iter=max_iter, counts=counts)
         E, A, B, al, be = np.exp(th[:, 2]), np.exp(th[:, 0]), np.exp(th[:, 1]), th[:, 3], th[:, 4]
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             G = (al * A / (be * B)) ** (1.0 / (al + be))
@@ -75,7 +75,8 @@ def fit_approach3(points, bootstrap=0, seed=0, budgets=(), starts=None, delta=ap
                  "G": G}
         res["ci"], res["percentiles"] = _summary(draws)
         res["bootstrap"] = {"n": int(bootstrap), "seed": int(seed), "converged_fraction": float(conv.mean()),
-                            "resampled": "runs" if groups is not None else "points (one per run)"}
+                            "resampled": "design", "design": resample.describe(points)}
+        res["_draws"] = {**draws, "converged": conv}
     else:
         res["ci"], res["percentiles"] = {}, {}
 
@@ -134,8 +135,23 @@ def fit_approach2(points, bootstrap=0, seed=0, budgets=(), bin_dex=0.1) -> dict:
         res[m] = r
     res["ci"], res["percentiles"] = res["parabola"]["ci"], res["parabola"]["percentiles"]
     res["allocation"] = res["parabola"]["allocation"]
+    res["spline_check"] = base["spline_check"]
     if bootstrap:
-        res["bootstrap"] = {"n": int(bootstrap), "seed": int(seed), "resampled": "runs within each IsoFLOP group"}
+        dg = draws["_degenerate"]
+        usable = np.isfinite(draws["parabola"]["a"])
+        res["draws"] = int(bootstrap)
+        res["degenerate_draws"] = int(dg["lost"].any(1).sum())
+        res["failed_draws"] = int((~usable).sum())
+        C = base["_logc"]
+        res["bootstrap"] = {
+            "n": int(bootstrap), "seed": int(seed), "resampled": "design", "design": resample.describe(points),
+            "draws": int(bootstrap), "degenerate_draws": res["degenerate_draws"], "failed_draws": res["failed_draws"],
+            "degenerate_by_group": [{"C": float(np.exp(C[g])), "fewer_than_3_sizes": int(dg["few_sizes"][:, g].sum()),
+                                     "no_minimum_inside": int(dg["no_minimum"][:, g].sum())}
+                                    for g in range(len(C)) if dg["lost"][:, g].any()],
+            "degenerate_handling": "a degenerate draw keeps the budgets that still have a minimum (the power law "
+                                   "over those); a draw left with fewer than 2 is a failed draw, outside the "
+                                   "intervals"}
     return res
 
 
@@ -146,7 +162,7 @@ def fit_approach1(curves, bootstrap=0, seed=0, budgets=(), n_grid=40) -> dict:
     base = envelope.fit(curves, n_grid=n_grid)
     draws = envelope.bootstrap(base, bootstrap, seed=seed) if bootstrap else None
     res = _powerlaw_result(base, draws, budgets)
-    res.update({k: base[k] for k in ("n_runs", "grid_points", "winners", "envelope")})
+    res.update({k: base[k] for k in ("n_runs", "grid_points", "winners", "winner_runs", "envelope")})
     if bootstrap:
         res["bootstrap"] = {"n": int(bootstrap), "seed": int(seed), "resampled": "runs"}
     return res
@@ -172,13 +188,20 @@ def warnings_of(result: dict) -> list[str]:
             out.append(f"approach 2: {len(wide)} group(s) span more than 0.2 decades of compute (up to "
                        f"{max(g['spread_dex'] for g in wide):.2f}); the runs are not an IsoFLOP design and the "
                        "profiles mix budgets")
-        diff = a2.get("parabola_minus_spline_a")
+        if a2.get("degenerate_draws"):
+            out.append(f"approach 2 bootstrap: {a2['degenerate_draws']} of {a2['draws']} draws are degenerate (a "
+                       "budget drew fewer than 3 distinct sizes or its parabola lost its minimum; those draws fit "
+                       f"the other budgets), {a2.get('failed_draws', 0)} failed (fewer than 2 budgets left)")
+        sc = a2.get("spline_check") or {}
+        diff = sc.get("parabola_minus_spline_a")
+        if sc.get("status") == "not run":
+            out.append(f"approach 2: the parabola-vs-spline bias check did not run: {sc.get('reason')}")
         if diff is not None and abs(diff) > 0.02:
             out.append(f"approach 2: parabola and spline minima disagree on a by {diff:+.3f} (parabola bias on "
                        "lopsided IsoFLOP curves, or too few sizes per group)")
     a1 = result.get("approach1")
     if a1 is not None and a1["winners"] < 3:
-        out.append(f"approach 1: only {a1['winners']} distinct run(s) on the envelope; its exponents are not "
+        out.append(f"approach 1: only {a1['winners']} distinct size(s) on the envelope; its exponents are not "
                    "meaningful")
     return out
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from medscale import accounting, memory, rundir
 from medscale import hardware as hw
-from medscale.analysis import approach3, comparison, inputs, plots
+from medscale.analysis import approach3, comparison, inputs, plots, resample
 from medscale.analysis.budget import DEFAULT_MFU
 from medscale.analysis.fitting import default_approaches
 from medscale.analysis.fitting import fit_all as default_fit_all
@@ -168,7 +168,7 @@ def bootstrap_laws(fit: dict) -> list[ChinchillaLaw]:
 
 def reproduce_draws(fit: dict, points, seed: int = 0, delta: float | None = None) -> list[ChinchillaLaw]:
     """Approach 3's bootstrap refits when the fit dict reports only their percentiles: the fit module's own
-    ``approach3.bootstrap`` (runs resampled with the same seed, each refit warm-started at the fitted optimum).
+    ``approach3.bootstrap`` (the design-keeping resampling ``resample.design_counts`` with the same seed, each refit warm-started at the fitted optimum).
     Empty when the refits cannot be reproduced."""
     app = (fit or {}).get("approach3") or {}
     n_boot = int(((app.get("bootstrap") or {}).get("n") if isinstance(app.get("bootstrap"), dict) else 0) or 0)
@@ -179,8 +179,8 @@ def reproduce_draws(fit: dict, points, seed: int = 0, delta: float | None = None
         base = types.SimpleNamespace(optima=[{"theta": approach3.law_to_theta(law.E, law.A, law.B, law.alpha,
                                                                               law.beta).tolist()}])
         n, d, loss = (points[c].to_numpy(np.float64) for c in ("params", "tokens", "loss"))
-        groups = points["run_id"].to_numpy() if "run_id" in points.columns else None
-        th, _, conv = approach3.bootstrap(n, d, loss, base, n_boot, seed=seed, groups=groups,
+        counts = resample.design_counts(points, n_boot, seed)
+        th, _, conv = approach3.bootstrap(n, d, loss, base, n_boot, seed=seed, counts=counts,
                                           delta=app.get("delta") or delta or approach3.DELTA)
     except (AttributeError, TypeError, ValueError, KeyError) as exc:
         log.warning("could not reproduce the bootstrap draws (%s); loss intervals left out", exc)
