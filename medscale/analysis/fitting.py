@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from medscale import rundir
-from medscale.analysis import allocation, approach3, envelope, isoflop, resample
+from medscale.analysis import allocation, approach3, conventions, envelope, holdout, isoflop, resample
 from medscale.errors import UserError
 from medscale.laws import ChinchillaLaw
 
@@ -240,15 +240,22 @@ def default_approaches(points, curves, bin_dex: float = 0.1) -> tuple:
 
 def fit_all(points, approaches=("3", "2"), bootstrap=0, seed=0, budgets=(), curves=None, source=None,
             starts=None, delta=approach3.DELTA, bin_dex=0.1, max_iter=300, accounting="6nd",
-            n_convention="non_embedding", enc_len=None, dec_len=None, progress=None) -> dict:
+            n_convention="non_embedding", enc_len=None, dec_len=None, progress=None, holdout_top=None,
+            convention_table=True) -> dict:
     """Fit the requested approaches ("1", "2", "3") to ``points`` (one row per run, canonical columns; see
     ``inputs.read_table``) and ``curves`` (Approach 1). Returns the ``--json`` object. The input is checked
-    for every requested approach before any fitting starts; then ``progress(message)`` is called, if given."""
+    for every requested approach before any fitting starts; then ``progress(message)`` is called, if given.
+
+    With Approach 3, ``convention_table`` adds ``conventions`` (``conventions.table``: a, b, N_opt at the first
+    budget under each parameter and FLOPs convention); ``holdout_top=K`` adds ``holdout``
+    (``holdout.holdout``: fit on all budgets but the top K, predict the held-out runs)."""
     budgets = [float(c) for c in budgets]
     for c in budgets:
         if not (math.isfinite(c) and c > 0):
             raise UserError(f"budget {c} FLOPs must be positive")
     check(points, approaches, curves, bin_dex)
+    if holdout_top is not None:
+        holdout.split(points, holdout_top, bin_dex)
     if progress is not None:
         progress(f"fitting approach(es) {', '.join(approaches)} to {len(points)} runs"
                  + (f" with {bootstrap} bootstrap draws" if bootstrap else ""))
@@ -259,12 +266,35 @@ def fit_all(points, approaches=("3", "2"), bootstrap=0, seed=0, budgets=(), curv
         result["approach3"] = fit_approach3(points, bootstrap, seed, budgets, starts=starts, delta=delta,
                                              max_iter=max_iter, accounting=accounting,
                                              n_convention=n_convention, enc_len=enc_len, dec_len=dec_len)
+        if convention_table:
+            result["conventions"], result["conventions_info"] = _conventions(
+                points, result["approach3"], budgets, enc_len, dec_len, delta, n_convention, "2" in approaches)
     if "2" in approaches:
         result["approach2"] = fit_approach2(points, bootstrap, seed, budgets, bin_dex=bin_dex)
     if "1" in approaches:
         result["approach1"] = fit_approach1(curves, bootstrap, seed, budgets)
+    if holdout_top is not None:
+        if progress is not None:
+            progress(f"holdout: fitting all budgets but the top {holdout_top}")
+        result["holdout"] = holdout.holdout(points, holdout_top, bootstrap=bootstrap or holdout.DEFAULT_BOOTSTRAP,
+                                            seed=seed, delta=delta, max_iter=max_iter, starts=starts,
+                                            bin_dex=bin_dex)
     result["warnings"] = warnings_of(result)
     return clean(result)
+
+
+def _conventions(points, a3, budgets, enc_len, dec_len, delta, n_convention, with_a2) -> tuple[list, dict]:
+    """``conventions`` (the rows of ``conventions.table``) and ``conventions_info`` (budget, shifts from
+    non-embedding/6ND, what the FLOPs conventions mean)."""
+    if n_convention != "non_embedding":
+        return [], {"reason": "the params column is not the non-embedding count (--n-convention "
+                              f"{n_convention}); the table starts from non-embedding parameters"}
+    theta = approach3.law_to_theta(a3["E"], a3["A"], a3["B"], a3["alpha"], a3["beta"])
+    C = budgets[0] if budgets else None
+    rows = conventions.table(points, C, enc_len, dec_len, base_theta=theta, delta=delta, approach2=with_a2)
+    return rows, {"C": C, "shifts": conventions.shifts(rows), "enc_len": enc_len, "dec_len": dec_len,
+                  "note": "6ND: C = 6 N D with the row's N (closed form); accounted: the project's "
+                          "encoder-decoder model FLOPs along the ladder family (local exponents at C)"}
 
 
 def clean(obj):
