@@ -26,7 +26,7 @@ STATES = ("pending", "running", "interrupted", "done", "failed", "diverged")
 COLUMNS = ["run_id", "sweep", "status", "size", "params", "params_total", "params_embedding", "tokens", "flops",
            "hardware_flops", "pf_days", "enc_len", "dec_len", "batch_size", "steps", "loss", "train_loss",
            "mfu", "wall_s", "device_kind", "device_count", "budget", "lr", "seed", "error", "params_heads",
-           "data_source", "unique_examples", "epochs", "caption_entropy_floor"]
+           "dataset", "data_source", "unique_examples", "epochs", "caption_entropy_floor"]
 CURVE_COLUMNS = ["run_id", "sweep", "status", "size", "params", "params_total", "enc_len", "budget", "step",
                  "tokens", "flops", "loss"]
 
@@ -164,6 +164,8 @@ def run_record(run_dir: str) -> dict:
         "params_heads": _nan(params.get("heads")),
     }
     data = summary.get("data") if isinstance(summary.get("data"), dict) else {}
+    data_cfg = config.get("data") if isinstance(config, dict) else None
+    row["dataset"] = data_cfg.get("dataset") if isinstance(data_cfg, dict) else None
     row["data_source"] = data.get("source")
     for key in ("unique_examples", "epochs", "caption_entropy_floor"):
         row[key] = _num(data.get(key))
