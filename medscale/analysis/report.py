@@ -769,6 +769,10 @@ def _data_paragraph(r: dict) -> str:
     return what + "."
 
 
+N_LABELS = {"non_embedding": "non-embedding", "total": "all parameters (total)",
+            "with_heads": "non-embedding + heads"}
+
+
 def _conventions_md(r: dict) -> list[str]:
     fit = r.get("fit") or {}
     rows = fit.get("conventions") or []
@@ -785,13 +789,14 @@ def _conventions_md(r: dict) -> list[str]:
          "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         if not row.get("available"):
-            L.append(f"| {row['n_convention']} | {row['flops_convention']} | – | – | – | – | – | – |"
-                     f" <!-- {row.get('reason')} -->")
+            L.append(f"| {N_LABELS.get(row['n_convention'], row['n_convention'])} | {row['flops_convention']} | "
+                     "– | – | – | – | – | – |")
             continue
-        L.append(f"| {row['n_convention']} | {row['flops_convention']} | {fmt(row.get('a'))} | {fmt(row.get('b'))} "
+        L.append(f"| {N_LABELS.get(row['n_convention'], row['n_convention'])} | {row['flops_convention']} | "
+                 f"{fmt(row.get('a'))} | {fmt(row.get('b'))} "
                  f"| {fmt(row.get('n_opt'))} | {fmt(row.get('d_opt'))} | {fmt(row.get('approach2_a'))} | "
                  f"{fmt(row.get('approach2_b'))} |")
-    missing = [f"{row['n_convention']}: {row.get('reason')}" for row in rows
+    missing = [f"{N_LABELS.get(row['n_convention'], row['n_convention'])}: {row.get('reason')}" for row in rows
                if not row.get("available") and row["flops_convention"] == "6ND"]
     if missing:
         L.append("\nNot available: " + "; ".join(missing) + ".")
@@ -878,7 +883,7 @@ def _holdout_md(r: dict) -> list[str]:
                  f"Cross-check: `{h.get('command', '')}`.\n")
         L.append("| run | observed | predicted | 95% interval | log error |\n|---|---|---|---|---|")
         for row in h["runs"]:
-            L.append(f"| {row['run_id']} | {fmt(row['observed'], 4)} | {fmt(row['predicted'], 4)} | "
+            L.append(f"| `{row['run_id']}` | {fmt(row['observed'], 4)} | {fmt(row['predicted'], 4)} | "
                      f"[{fmt(row['lo'], 4)}, {fmt(row['hi'], 4)}]{'' if row['covered'] else ' (outside)'} | "
                      f"{row['log_error']:+.3f} |")
         L.append("")
