@@ -66,7 +66,11 @@ def interval(logp, log_draws, sigma, df, level: float = LEVEL):
     from scipy.stats import t as student_t
 
     q = (1 - level) / 2 * 100
-    p_lo, p_hi = np.nanpercentile(log_draws, [q, 100 - q], axis=0)
+    log_draws = np.asarray(log_draws, np.float64)
+    if log_draws.shape[0] == 0 or not np.isfinite(log_draws).any():  # no usable refit: noise only
+        p_lo = p_hi = np.asarray(logp, np.float64)
+    else:
+        p_lo, p_hi = np.nanpercentile(log_draws, [q, 100 - q], axis=0)
     tn = float(student_t.ppf(1 - (1 - level) / 2, df)) * sigma
     below = np.sqrt(np.maximum(logp - p_lo, 0.0) ** 2 + tn ** 2)
     above = np.sqrt(np.maximum(p_hi - logp, 0.0) ** 2 + tn ** 2)
