@@ -580,6 +580,9 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
 
 
 HOLDOUT_KS = (1, 2)  # the report's holdout checks: the top budget, then the top two, held out
+# the eval identity L = sum_m w_m L_m holds to rounding on a fixed eval set: float64 sums of float32 per-batch
+# sums, so even losses stored in float32 meet it to a few float32 eps; 1e-4 is ~800 float32 eps of margin
+IDENTITY_TOL = 1e-4
 
 
 def data_summary(runs) -> dict:
@@ -641,6 +644,11 @@ def modality_check(runs, law, modality_fits, rec, points, model) -> dict:
     w = modality.weights(runs, mods, enc, dec) or modality.weights(runs, mods)
     if w is None:
         return {"status": "not run", "reason": "too few finished runs to recover the eval weights"}
+    if w["identity_residual"] > IDENTITY_TOL:
+        return {"status": "not run", "weights_fit": w,
+                "reason": f"the total loss is not a fixed-weight sum of the modality losses in these runs (the "
+                          f"least-squares weights leave a relative residual of {w['identity_residual']:.2g}; a "
+                          f"fixed eval set leaves rounding, below {IDENTITY_TOL:g})"}
     mlaws = {m: fitted_law(modality_fits[m]["fit"]) for m in mods}
     res = modality.check(law, mlaws, w["weights"], rec["n_opt"]["value"], rec["d_opt"]["value"], points,
                          (rec.get("loss") or {}).get("ci"))
