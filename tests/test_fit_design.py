@@ -86,6 +86,20 @@ def test_design_counts_keep_budgets_cells_and_seeds():
     assert resample.describe(p)["cells_with_replicates"] == 6
 
 
+def test_runs_that_are_not_an_isoflop_design_are_resampled_as_one_stratum():
+    """A grid of sizes x token counts (each run at its own compute, so each budget group holds one size):
+    stratifying would redraw nothing; the runs are resampled as one stratum and the draws vary."""
+    rows = [{"params": n, "tokens": d, "loss": float(LAW_X.loss(n, d)), "flops": 6 * n * d}
+            for n in np.geomspace(1e5, 1e8, 5) for d in np.geomspace(1e8, 1e11, 5)]
+    p = pd.DataFrame(rows)
+    info = resample.describe(p)
+    assert not info["stratified_by_budget"] and info["cells"] == 25
+    W = resample.design_counts(p, 200, seed=1)
+    assert np.array_equal(W.sum(1), np.full(200, 25.0))
+    assert (W.std(0) > 0.5).all()  # every run is redrawn (multinomial(25, 1/25): SD 0.98)
+    assert resample.describe(study(LAW_X, 0))["stratified_by_budget"]
+
+
 # ------------------------------------------------------------------------------------------ recovery
 
 

@@ -11,7 +11,8 @@ seeds). A bootstrap draw is two-stage and stratified:
    noise of the optimum's loss enters the intervals instead of being averaged away.
 
 The result is a weight per run and draw (how many times the run appears), which the fits take as point
-weights. With one run per cell this is the run bootstrap stratified by budget.
+weights. With one run per cell this is the run bootstrap stratified by budget. Runs that are not an IsoFLOP
+design (some budget group with a single size) are resampled as one stratum of cells.
 """
 
 from __future__ import annotations
@@ -22,12 +23,22 @@ from medscale.analysis import isoflop
 
 
 def cells(points, bin_dex: float = 0.1):
-    """``(group per row, cell per row)``: the budget group of each run and its (group, params) cell, as
-    integer codes."""
+    """``(stratum per row, cell per row)``: the budget group of each run and its (group, params) cell, as
+    integer codes. When some group has a single cell the runs are not an IsoFLOP design (e.g. a grid of sizes
+    and token counts, or every run at its own compute): stratifying would freeze those runs in every draw, so
+    all runs form one stratum (``stratified`` below says which)."""
     gid, _, _ = isoflop.assign_groups(points, bin_dex)
     n = points["params"].to_numpy(np.float64)
     _, cell = np.unique(np.stack([gid.astype(np.float64), n], 1), axis=0, return_inverse=True)
-    return np.asarray(gid), np.asarray(cell).ravel()
+    gid, cell = np.asarray(gid), np.asarray(cell).ravel()
+    if not stratified(gid, cell):
+        gid = np.zeros_like(gid)
+    return gid, cell
+
+
+def stratified(gid, cell) -> bool:
+    """Whether every budget group has 2 or more cells (then the draws are stratified by group)."""
+    return all(len(np.unique(cell[gid == g])) >= 2 for g in np.unique(gid))
 
 
 def design_counts(points, n_boot: int, seed: int = 0, bin_dex: float = 0.1) -> np.ndarray:
@@ -51,13 +62,16 @@ def design_counts(points, n_boot: int, seed: int = 0, bin_dex: float = 0.1) -> n
 
 
 def describe(points, bin_dex: float = 0.1) -> dict:
-    """What the resampling keeps, for the fit JSON: groups, cells, cells with seed replicates."""
+    """What the resampling keeps, for the fit JSON: groups, cells, cells with seed replicates, stratification."""
+    groups = isoflop.assign_groups(points, bin_dex)[0]
     gid, cell = cells(points, bin_dex)
     reps = np.bincount(cell)
-    return {"budget_groups": len(np.unique(gid)), "cells": len(reps),
+    strat = len(np.unique(gid)) == len(np.unique(groups))
+    return {"budget_groups": len(np.unique(groups)), "cells": len(reps), "stratified_by_budget": strat,
             "cells_with_replicates": int((reps > 1).sum()), "max_replicates": int(reps.max()) if len(reps) else 0,
-            "scheme": "cells (budget, size) drawn with replacement within each budget group, then each drawn "
-                      "cell's seed replicates drawn with replacement"}
+            "scheme": ("cells (budget, size) drawn with replacement within each budget group" if strat else
+                       "cells (budget, size) drawn with replacement from all runs (some budget has one size: "
+                       "not an IsoFLOP design)") + ", then each drawn cell's seed replicates drawn with replacement"}
 
 
 def seed_noise(points, bin_dex: float = 0.1) -> dict | None:
