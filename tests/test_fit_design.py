@@ -261,6 +261,10 @@ def test_holdout_summary_matches_hand_computed_values():
     assert [r["covered"] for r in s["runs"]] == [True, True, False]
     s2 = holdout.summarise(["a"], [1.0], [1.5], [1.2], [1.8])
     assert s2["coverage"] == 0.0 and s2["runs"][0]["covered"] is False
+    line = holdout.summary_line({**s, "k": 1, "level": 0.95, "n_held_out": 3, "noise": {"source": "seed replicates"}})
+    assert line == ("holdout top 1: mean |log error| 0.049 (max 0.095), 95% intervals cover 67% of 3 held-out runs "
+                    "(noise from seed replicates)")
+    assert holdout.summary_line({"k": 4, "error": "too few"}) == "holdout top 4: not run (too few)"
 
 
 def test_holdout_interval_adds_parameter_and_noise_spread_in_quadrature():

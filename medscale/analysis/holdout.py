@@ -127,8 +127,19 @@ def holdout(points, k: int, bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0, d
     return out
 
 
+def summary_line(h: dict) -> str:
+    """One line of a holdout result (or of its error): what the quickstart and the report's console print."""
+    if h.get("error"):
+        return f"holdout top {h.get('k')}: not run ({h['error']})"
+    return (f"holdout top {h['k']}: mean |log error| {h['mean_abs_log_error']:.3f} (max "
+            f"{h['max_abs_log_error']:.3f}), {round(100 * h['level'])}% intervals cover {h['coverage']:.0%} of "
+            f"{h['n_held_out']} held-out runs (noise from {h['noise']['source']})")
+
+
 def format_holdout(h: dict) -> list[str]:
-    """Text lines of a holdout result (``medscale fit --holdout-top K``)."""
+    """Text lines of a holdout result (``medscale fit --holdout-top K``); one line for an error dict."""
+    if h.get("error"):
+        return [summary_line(h)]
     nz = h["noise"]
     lines = [(f"Holdout  fit on {len(h['budgets_fitted'])} budgets (up to {h['budgets_fitted'][-1]:.3g} FLOPs), "
              f"predict the top {h['k']} ({', '.join(f'{c:.3g}' for c in h['budgets_held_out'])}): "
