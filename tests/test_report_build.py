@@ -61,6 +61,10 @@ def check_data_paragraph_conventions_and_holdout(built):
     assert {(r["n_convention"], r["flops_convention"]) for r in rep["fit"]["conventions"]} >= {
         ("non_embedding", "6ND"), ("non_embedding", "accounted")}
     assert "### How the answer moves with the counting conventions" in md
+    a2 = rep["fit"]["approach2"]  # the synthetic sweep is an IsoFLOP design
+    assert a2["draws"] == rep["fit_args"]["bootstrap"]
+    assert f"- Approach 2 bootstrap: {a2['degenerate_draws']} of {a2['draws']} draws degenerate" in md
+    assert "Parabola-vs-spline check" in md
     assert set(rep["holdout"]) == {"1", "2"} and "## Validated extrapolation" in md
     h = rep["holdout"]["1"]
     assert {"k", "runs", "mean_abs_log_error", "coverage", "noise"} <= set(h)

@@ -690,12 +690,14 @@ def holdout_figure(hold: dict, fig_dir: str) -> list[str]:
 
 
 def _strip_draws(fit: dict) -> dict:
-    """The fit dict without per-draw parameter lists (kept out of report.json; intervals stay)."""
+    """The fit dict without per-draw parameter lists (kept out of report.json; intervals and draw counts such as
+    Approach 2's ``draws`` stay)."""
     def strip(d):
         if not isinstance(d, dict):
             return d
         return {k: strip(v) for k, v in d.items()
-                if not (k in ("draws", "bootstrap_draws") or (k == "bootstrap" and isinstance(v, list)))}
+                if not ((k in ("draws", "bootstrap_draws") and isinstance(v, (list, dict)))
+                        or (k == "bootstrap" and isinstance(v, list)))}
     return strip(fit or {})
 
 
