@@ -1,8 +1,8 @@
 """Bootstrap resampling that keeps an IsoFLOP design: budget groups, (budget, size) cells and seed replicates.
 
 A sweep is a set of budget groups (``isoflop.assign_groups``: the ``budget`` column, else FLOPs clustered); in
-each group the runs at one model size are one *cell* (several runs when the size was trained with several
-seeds). A bootstrap draw is two-stage and stratified:
+each group the runs at one model size and token count are one *cell* (several runs when the size was trained
+with several seeds). A bootstrap draw is two-stage and stratified:
 
 1. in every budget group, its cells are drawn with replacement (as many draws as the group has cells), so each
    draw keeps the number of budgets and of cells per budget -- the design -- and only redraws which sizes carry
@@ -29,7 +29,10 @@ def cells(points, bin_dex: float = 0.1):
     all runs form one stratum (``stratified`` below says which)."""
     gid, _, _ = isoflop.assign_groups(points, bin_dex)
     n = points["params"].to_numpy(np.float64)
-    _, cell = np.unique(np.stack([gid.astype(np.float64), n], 1), axis=0, return_inverse=True)
+    # seed replicates share N and D; D in the key keeps apart runs of one size at one budget that differ in
+    # something else (e.g. sequence length, which changes the tokens a budget buys)
+    ld = np.round(np.log(points["tokens"].to_numpy(np.float64)), 6)
+    _, cell = np.unique(np.stack([gid.astype(np.float64), n, ld], 1), axis=0, return_inverse=True)
     gid, cell = np.asarray(gid), np.asarray(cell).ravel()
     if not stratified(gid, cell):
         gid = np.zeros_like(gid)
