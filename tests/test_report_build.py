@@ -47,6 +47,33 @@ def test_report_on_a_synthetic_sweep(tmp_path):
     check_per_modality_laws_and_runs_table(built)
     check_extrapolation_warning_only_when_far(built)
     check_budget_states_the_compute_dtype(built)
+    check_data_paragraph_conventions_and_holdout(built)
+
+
+def check_data_paragraph_conventions_and_holdout(built):
+    """The first paragraph names the data and the decades of extrapolation; the convention table and the
+    holdout for K = 1, 2 are in report.json and report.md, the holdout equal to ``medscale fit --holdout-top``."""
+    _, out, rep = built
+    md = Path(os.path.join(out, "report.md")).read_text()
+    first = md.split("\n\n")[1]
+    assert first.startswith("**Data**") and "not recorded" in first
+    assert f"{report.fmt(rep['recommendation']['extrapolation']['decades'], 2)} decades" in first
+    assert {(r["n_convention"], r["flops_convention"]) for r in rep["fit"]["conventions"]} >= {
+        ("non_embedding", "6ND"), ("non_embedding", "accounted")}
+    assert "### How the answer moves with the counting conventions" in md
+    a2 = rep["fit"]["approach2"]  # the synthetic sweep is an IsoFLOP design
+    assert a2["draws"] == rep["fit_args"]["bootstrap"]
+    assert f"- Approach 2 bootstrap: {a2['degenerate_draws']} of {a2['draws']} draws degenerate" in md
+    assert "Parabola-vs-spline check" in md
+    assert set(rep["holdout"]) == {"1", "2"} and "## Validated extrapolation" in md
+    h = rep["holdout"]["1"]
+    assert {"k", "runs", "mean_abs_log_error", "coverage", "noise"} <= set(h)
+    res = _medscale(*h["command"].split()[1:], "--quiet")
+    assert res.returncode == 0, res.stderr
+    again = json.loads(res.stdout)["holdout"]
+    assert again["mean_abs_log_error"] == pytest.approx(h["mean_abs_log_error"], rel=1e-9)
+    assert [r["lo"] for r in again["runs"]] == pytest.approx([r["lo"] for r in h["runs"]], rel=1e-9)
+    assert os.path.isfile(os.path.join(out, rep["holdout_figure"][0]))
 
 
 def check_budget_states_the_compute_dtype(built):

@@ -18,13 +18,24 @@ import numpy as np
 from medscale import accounting
 from medscale.errors import UserError
 
+N_CONVENTIONS = ("non_embedding", "total", "with_heads")
+
+
+def count(counts: dict, n_convention: str) -> float:
+    """A parameter count under a convention from ``accounting.param_counts``' dict: ``with_heads`` is the
+    non-embedding parameters plus the output heads (the heads are matrices the FLOPs of every token pass
+    through, unlike the embedding tables)."""
+    if n_convention == "with_heads":
+        return float(counts["non_embedding"] + counts["heads"])
+    return float(counts[n_convention])
+
 
 def ladder_family(n_convention: str = "non_embedding", enc_len=None, dec_len=None):
     """(log N, log flops_per_token) of the ladder sizes, N counted under ``n_convention``."""
-    if n_convention not in ("total", "non_embedding"):
-        raise UserError(f"n_convention must be total or non_embedding, not {n_convention!r}")
+    if n_convention not in N_CONVENTIONS:
+        raise UserError(f"n_convention must be one of {', '.join(N_CONVENTIONS)}, not {n_convention!r}")
     specs = accounting.ladder_specs(enc_len=enc_len, dec_len=dec_len)
-    n = np.array([accounting.param_counts(s)[n_convention] for s in specs], np.float64)
+    n = np.array([count(accounting.param_counts(s), n_convention) for s in specs], np.float64)
     fpt = np.array([accounting.flops_per_token(s) for s in specs], np.float64)
     order = np.argsort(n)
     return np.log(n[order]), np.log(fpt[order])

@@ -393,16 +393,22 @@ def fit(n, d, loss, starts=None, delta=DELTA, max_iter=300, polish=32, n_optima=
 
 
 def bootstrap(n, d, loss, base: Approach3Fit, n_boot: int, seed: int = 0, groups=None, delta=DELTA,
-              max_iter=300):
+              max_iter=300, counts=None):
     """Refit ``n_boot`` resamples of the runs (with replacement) at once: each draw's counts become point
     weights, and each draw starts from the distinct optima of the full fit (warm starts; the full grid per
     draw would cost 4,500x more for the same answers), with the IRLS curvature (``3 * max_iter`` iterations at
     most; it converges in fewer iterations along the ridges of resampled data). ``groups``: the run of each point (default: each point
-    is one run). Returns (theta (B, 5), objective (B,), converged (B,))."""
+    is one run); ``counts`` (n_boot, P): the draws' weights per point, given (e.g. ``resample.design_counts``:
+    the design-keeping resampling ``medscale fit`` uses) instead of drawn here. Returns (theta (B, 5),
+    objective (B,), converged (B,))."""
     rng = np.random.default_rng(seed)
     n, d, loss = (np.asarray(x, np.float64) for x in (n, d, loss))
     P = len(n)
-    if groups is None:
+    if counts is not None:
+        counts = np.asarray(counts, np.float64)
+        if counts.shape != (n_boot, P):
+            raise ValueError(f"counts must have shape {(n_boot, P)}, not {counts.shape}")
+    elif groups is None:
         counts = rng.multinomial(P, np.full(P, 1.0 / P), size=n_boot).astype(np.float64)
     else:
         codes, inv = np.unique(np.asarray(groups), return_inverse=True)

@@ -60,12 +60,14 @@ def fit(curves, n_grid: int = 40) -> dict:
     logn, logd, win = _envelope(N, L, LD, np.ones((1, len(runs)), bool))
     a, ka = _powerlaw(grid, logn)
     b, kb = _powerlaw(grid, logd)
-    winners = sorted({runs[w] for w in win[0] if w >= 0})
+    winner_runs = sorted({runs[w] for w in win[0] if w >= 0})
+    winners = sorted({float(N[w]) for w in win[0] if w >= 0})  # distinct sizes: seeds of one size count once
     if not np.isfinite(a[0]):
         raise UserError("approach 1: fewer than 2 FLOP values are covered by 2 or more runs' curves")
     ok = win[0] >= 0
     return {"a": float(a[0]), "b": float(b[0]), "k_n": float(np.exp(ka[0])), "k_d": float(np.exp(kb[0])),
             "n_runs": len(runs), "grid_points": int(ok.sum()), "winners": len(winners),
+            "winner_runs": len(winner_runs),
             "envelope": [{"C": float(np.exp(g)), "n_opt": float(np.exp(n)), "d_opt": float(np.exp(d)),
                           "run": str(runs[w])}
                          for g, n, d, w in zip(grid[ok], logn[0, ok], logd[0, ok], win[0, ok])],

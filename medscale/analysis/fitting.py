@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from medscale import rundir
-from medscale.analysis import allocation, approach3, envelope, isoflop
+from medscale.analysis import allocation, approach3, conventions, envelope, holdout, isoflop, resample
 from medscale.errors import UserError
 from medscale.laws import ChinchillaLaw
 
@@ -65,9 +65,9 @@ def fit_approach3(points, bootstrap=0, seed=0, budgets=(), starts=None, delta=ap
            "local_optima": [o["objective"] for o in f.optima]}
     draws = None
     if bootstrap:
-        groups = points["run_id"].to_numpy() if "run_id" in points.columns else None
-        th, _obj, conv = approach3.bootstrap(n, d, loss, f, bootstrap, seed=seed, groups=groups, delta=delta,
-                                                max_iter=max_iter)
+        counts = resample.design_counts(points, bootstrap, seed)
+        th, _obj, conv = approach3.bootstrap(n, d, loss, f, bootstrap, seed=seed, delta=delta,
+                                                max_iter=max_iter, counts=counts)
         E, A, B, al, be = np.exp(th[:, 2]), np.exp(th[:, 0]), np.exp(th[:, 1]), th[:, 3], th[:, 4]
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             G = (al * A / (be * B)) ** (1.0 / (al + be))
@@ -75,7 +75,8 @@ def fit_approach3(points, bootstrap=0, seed=0, budgets=(), starts=None, delta=ap
                  "G": G}
         res["ci"], res["percentiles"] = _summary(draws)
         res["bootstrap"] = {"n": int(bootstrap), "seed": int(seed), "converged_fraction": float(conv.mean()),
-                            "resampled": "runs" if groups is not None else "points (one per run)"}
+                            "resampled": "design", "design": resample.describe(points)}
+        res["_draws"] = {**draws, "converged": conv}
     else:
         res["ci"], res["percentiles"] = {}, {}
 
@@ -134,8 +135,23 @@ def fit_approach2(points, bootstrap=0, seed=0, budgets=(), bin_dex=0.1) -> dict:
         res[m] = r
     res["ci"], res["percentiles"] = res["parabola"]["ci"], res["parabola"]["percentiles"]
     res["allocation"] = res["parabola"]["allocation"]
+    res["spline_check"] = base["spline_check"]
     if bootstrap:
-        res["bootstrap"] = {"n": int(bootstrap), "seed": int(seed), "resampled": "runs within each IsoFLOP group"}
+        dg = draws["_degenerate"]
+        usable = np.isfinite(draws["parabola"]["a"])
+        res["draws"] = int(bootstrap)
+        res["degenerate_draws"] = int(dg["lost"].any(1).sum())
+        res["failed_draws"] = int((~usable).sum())
+        C = base["_logc"]
+        res["bootstrap"] = {
+            "n": int(bootstrap), "seed": int(seed), "resampled": "design", "design": resample.describe(points),
+            "draws": int(bootstrap), "degenerate_draws": res["degenerate_draws"], "failed_draws": res["failed_draws"],
+            "degenerate_by_group": [{"C": float(np.exp(C[g])), "fewer_than_3_sizes": int(dg["few_sizes"][:, g].sum()),
+                                     "no_minimum_inside": int(dg["no_minimum"][:, g].sum())}
+                                    for g in range(len(C)) if dg["lost"][:, g].any()],
+            "degenerate_handling": "a degenerate draw keeps the budgets that still have a minimum (the power law "
+                                   "over those); a draw left with fewer than 2 is a failed draw, outside the "
+                                   "intervals"}
     return res
 
 
@@ -146,7 +162,7 @@ def fit_approach1(curves, bootstrap=0, seed=0, budgets=(), n_grid=40) -> dict:
     base = envelope.fit(curves, n_grid=n_grid)
     draws = envelope.bootstrap(base, bootstrap, seed=seed) if bootstrap else None
     res = _powerlaw_result(base, draws, budgets)
-    res.update({k: base[k] for k in ("n_runs", "grid_points", "winners", "envelope")})
+    res.update({k: base[k] for k in ("n_runs", "grid_points", "winners", "winner_runs", "envelope")})
     if bootstrap:
         res["bootstrap"] = {"n": int(bootstrap), "seed": int(seed), "resampled": "runs"}
     return res
@@ -172,13 +188,20 @@ def warnings_of(result: dict) -> list[str]:
             out.append(f"approach 2: {len(wide)} group(s) span more than 0.2 decades of compute (up to "
                        f"{max(g['spread_dex'] for g in wide):.2f}); the runs are not an IsoFLOP design and the "
                        "profiles mix budgets")
-        diff = a2.get("parabola_minus_spline_a")
+        if a2.get("degenerate_draws"):
+            out.append(f"approach 2 bootstrap: {a2['degenerate_draws']} of {a2['draws']} draws are degenerate (a "
+                       "budget drew fewer than 3 distinct sizes or its parabola lost its minimum; those draws fit "
+                       f"the other budgets), {a2.get('failed_draws', 0)} failed (fewer than 2 budgets left)")
+        sc = a2.get("spline_check") or {}
+        diff = sc.get("parabola_minus_spline_a")
+        if sc.get("status") == "not run":
+            out.append(f"approach 2: the parabola-vs-spline bias check did not run: {sc.get('reason')}")
         if diff is not None and abs(diff) > 0.02:
             out.append(f"approach 2: parabola and spline minima disagree on a by {diff:+.3f} (parabola bias on "
                        "lopsided IsoFLOP curves, or too few sizes per group)")
     a1 = result.get("approach1")
     if a1 is not None and a1["winners"] < 3:
-        out.append(f"approach 1: only {a1['winners']} distinct run(s) on the envelope; its exponents are not "
+        out.append(f"approach 1: only {a1['winners']} distinct size(s) on the envelope; its exponents are not "
                    "meaningful")
     return out
 
@@ -217,15 +240,22 @@ def default_approaches(points, curves, bin_dex: float = 0.1) -> tuple:
 
 def fit_all(points, approaches=("3", "2"), bootstrap=0, seed=0, budgets=(), curves=None, source=None,
             starts=None, delta=approach3.DELTA, bin_dex=0.1, max_iter=300, accounting="6nd",
-            n_convention="non_embedding", enc_len=None, dec_len=None, progress=None) -> dict:
+            n_convention="non_embedding", enc_len=None, dec_len=None, progress=None, holdout_top=None,
+            convention_table=True) -> dict:
     """Fit the requested approaches ("1", "2", "3") to ``points`` (one row per run, canonical columns; see
     ``inputs.read_table``) and ``curves`` (Approach 1). Returns the ``--json`` object. The input is checked
-    for every requested approach before any fitting starts; then ``progress(message)`` is called, if given."""
+    for every requested approach before any fitting starts; then ``progress(message)`` is called, if given.
+
+    With Approach 3, ``convention_table`` adds ``conventions`` (``conventions.table``: a, b, N_opt at the first
+    budget under each parameter and FLOPs convention); ``holdout_top=K`` adds ``holdout``
+    (``holdout.holdout``: fit on all budgets but the top K, predict the held-out runs)."""
     budgets = [float(c) for c in budgets]
     for c in budgets:
         if not (math.isfinite(c) and c > 0):
             raise UserError(f"budget {c} FLOPs must be positive")
     check(points, approaches, curves, bin_dex)
+    if holdout_top is not None:
+        holdout.split(points, holdout_top, bin_dex)
     if progress is not None:
         progress(f"fitting approach(es) {', '.join(approaches)} to {len(points)} runs"
                  + (f" with {bootstrap} bootstrap draws" if bootstrap else ""))
@@ -236,12 +266,35 @@ def fit_all(points, approaches=("3", "2"), bootstrap=0, seed=0, budgets=(), curv
         result["approach3"] = fit_approach3(points, bootstrap, seed, budgets, starts=starts, delta=delta,
                                              max_iter=max_iter, accounting=accounting,
                                              n_convention=n_convention, enc_len=enc_len, dec_len=dec_len)
+        if convention_table:
+            result["conventions"], result["conventions_info"] = _conventions(
+                points, result["approach3"], budgets, enc_len, dec_len, delta, n_convention, "2" in approaches)
     if "2" in approaches:
         result["approach2"] = fit_approach2(points, bootstrap, seed, budgets, bin_dex=bin_dex)
     if "1" in approaches:
         result["approach1"] = fit_approach1(curves, bootstrap, seed, budgets)
+    if holdout_top is not None:
+        if progress is not None:
+            progress(f"holdout: fitting all budgets but the top {holdout_top}")
+        result["holdout"] = holdout.holdout(points, holdout_top, bootstrap=bootstrap or holdout.DEFAULT_BOOTSTRAP,
+                                            seed=seed, delta=delta, max_iter=max_iter, starts=starts,
+                                            bin_dex=bin_dex)
     result["warnings"] = warnings_of(result)
     return clean(result)
+
+
+def _conventions(points, a3, budgets, enc_len, dec_len, delta, n_convention, with_a2) -> tuple[list, dict]:
+    """``conventions`` (the rows of ``conventions.table``) and ``conventions_info`` (budget, shifts from
+    non-embedding/6ND, what the FLOPs conventions mean)."""
+    if n_convention != "non_embedding":
+        return [], {"reason": "the params column is not the non-embedding count (--n-convention "
+                              f"{n_convention}); the table starts from non-embedding parameters"}
+    theta = approach3.law_to_theta(a3["E"], a3["A"], a3["B"], a3["alpha"], a3["beta"])
+    C = budgets[0] if budgets else None
+    rows = conventions.table(points, C, enc_len, dec_len, base_theta=theta, delta=delta, approach2=with_a2)
+    return rows, {"C": C, "shifts": conventions.shifts(rows), "enc_len": enc_len, "dec_len": dec_len,
+                  "note": "6ND: C = 6 N D with the row's N (closed form); accounted: the project's "
+                          "encoder-decoder model FLOPs along the ladder family (local exponents at C)"}
 
 
 def clean(obj):

@@ -1,7 +1,8 @@
 """Tables of runs for the fits: a CSV/Parquet file or a results folder of the registry, checked.
 
 Canonical columns: ``params`` (N), ``tokens`` (D), ``loss``; optional ``flops`` (C), ``budget`` (the IsoFLOP
-label), ``run_id``, ``step``. Other names are mapped with ``columns={"params": "Model Size", ...}``.
+label), ``run_id``, ``step``, ``params_total`` and ``params_heads`` (other parameter conventions, for the fit's
+convention table; NaN allowed). Other names are mapped with ``columns={"params": "Model Size", ...}``.
 When ``tokens`` is absent and ``flops`` present, D = C / (6 N) (the convention of the published data: e.g. the
 Chinchilla points digitised by Epoch AI come as N and C); when ``flops`` is absent, C = 6 N D.
 """
@@ -15,7 +16,7 @@ import numpy as np
 from medscale.errors import UserError
 from medscale.sweep.registry import load_curves, load_sweep
 
-CANONICAL = ("params", "tokens", "loss", "flops", "budget", "run_id", "step")
+CANONICAL = ("params", "tokens", "loss", "flops", "budget", "run_id", "step", "params_total", "params_heads")
 POSITIVE = ("params", "tokens", "loss", "flops")
 
 
@@ -130,7 +131,7 @@ def canonicalise(df, columns: dict, where: str = "input"):
         raise UserError(f"{where}: missing column(s) {', '.join(missing)}; columns are {list(df.columns)} "
                         f"(map other names with --col params='Model Size')")
     df = df[[c for c in CANONICAL if c in df.columns]].copy()
-    for c in POSITIVE + ("budget", "step"):
+    for c in POSITIVE + ("budget", "step", "params_total", "params_heads"):
         if c in df.columns:
             try:
                 df[c] = pd.to_numeric(df[c], errors="raise").astype(np.float64)

@@ -9,7 +9,12 @@ a function of x = log N; its minimum is located two ways:
   the bias depends on how the sizes sit around the optimum (Besiroglu et al. 2024, Sec. 4; also the
   Open-Athena scaling-law-analysis notes).
 - ``spline``: a cubic smoothing spline (scipy ``make_smoothing_spline``, smoothing chosen by GCV on the
-  group's data, and kept for its bootstrap draws) minimised on a fine grid; needs >= 5 distinct sizes.
+  group's data, and kept for its bootstrap draws) minimised on a fine grid; needs >= 5 distinct sizes. The
+  comparison of the two (``spline_check``) is always reported: per group ``ok``, ``skipped`` (too few sizes)
+  or ``failed`` (minimum on an end), and the difference in a over the groups where both have a minimum.
+
+The bootstrap keeps the design (``resample.design_counts``: cells redrawn within each group, seed replicates
+within their cell); draws in which a group loses its minimum are counted as degenerate (``degenerate_draws``).
 
 A group's minimum must lie inside its sampled range of N (otherwise it is an extrapolation and the group is
 left out of the power-law fit, with the reason). The tokens at the minimum come from the group's own
@@ -84,7 +89,7 @@ def _spline_min(x, y, w, lam=None, grid=512):
     keep = w > 0
     x, y, w = x[keep], y[keep], w[keep]
     ux, inv = np.unique(x, return_inverse=True)
-    if len(ux) < 5:
+    if len(ux) < SPLINE_MIN_SIZES:
         return np.nan
     ww = np.bincount(inv, weights=w)
     yy = np.bincount(inv, weights=w * y) / ww
@@ -97,6 +102,20 @@ def _spline_min(x, y, w, lam=None, grid=512):
     if k == 0 or k == grid - 1:
         return np.nan
     return float(xg[k])
+
+
+SPLINE_MIN_SIZES = 5
+
+
+def spline_status(x, y) -> tuple[str, str | None]:
+    """Whether the spline check runs on one group's points (x = log N): ``("ok", None)``, or ``("skipped" |
+    "failed", reason)``."""
+    ux = np.unique(x)
+    if len(ux) < SPLINE_MIN_SIZES:
+        return "skipped", (f"{len(ux)} distinct size(s); the smoothing spline needs {SPLINE_MIN_SIZES}")
+    if not np.isfinite(_spline_min(x, y, np.ones_like(x))):
+        return "failed", "the spline's minimum sits on an end of the sampled sizes (or the spline fit failed)"
+    return "ok", None
 
 
 def _log_d_at(x, logd, W, xs):
@@ -149,10 +168,11 @@ def _minima(points, gid, W):
         if B == 1 and not np.isfinite(xs[0]):
             reasons[g] = "fewer than 3 sizes" if len(np.unique(x)) < 3 else (
                 "no minimum (loss not convex in log N)" if not c2[0] > 0 else "minimum outside the sampled sizes")
-        ux = np.unique(x)
+        ux, inv = np.unique(x, return_inverse=True)
         lam = None
-        if B > 1 and len(ux) >= 5 and len(ux) == len(x):
-            lam = _gcv_lam(x[np.argsort(x)], y[np.argsort(x)], np.ones_like(x))
+        if B > 1 and len(ux) >= SPLINE_MIN_SIZES:  # the full data's GCV smoothing, kept for every draw
+            cnt = np.bincount(inv)
+            lam = _gcv_lam(ux, np.bincount(inv, weights=y) / cnt, cnt / cnt.mean())
         xsp = np.array([_spline_min(x, y, Wg[b], lam=lam) for b in range(B)])
         out["spline"]["logn"][:, g] = xsp
         out["spline"]["logd"][:, g] = _log_d_at(x, ld, Wg, xsp)
@@ -179,6 +199,9 @@ def fit(points, bin_dex: float = 0.1) -> dict:
             "n_opt_spline": _exp(mins["spline"]["logn"][0, g]),
             "d_opt_spline": _exp(mins["spline"]["logd"][0, g]),
             "excluded": reasons.get(g)})
+        st, why = spline_status(np.log(points["params"].to_numpy(np.float64)[sel]),
+                                points["loss"].to_numpy(np.float64)[sel])
+        res["groups"][-1]["spline_status"], res["groups"][-1]["spline_reason"] = st, why
     for m in METHODS:
         a, ka = _powerlaw(logc, mins[m]["logn"])
         b, kb = _powerlaw(logc, mins[m]["logd"])
@@ -192,25 +215,61 @@ def fit(points, bin_dex: float = 0.1) -> dict:
     res["k_n"], res["k_d"] = res["parabola"]["k_n"], res["parabola"]["k_d"]
     res["parabola_minus_spline_a"] = (res["parabola"]["a"] - res["spline"]["a"]
                                       if np.isfinite(res["spline"]["a"]) else None)
+    res["spline_check"] = _spline_check(res["groups"], mins, logc)
     res["_gid"], res["_logc"] = gid, logc
+    res["_logn_parabola"] = mins["parabola"]["logn"][0]
     return res
 
 
-def bootstrap(points, base: dict, n_boot: int, seed: int = 0) -> dict:
-    """Resample runs with replacement within each IsoFLOP group (the design is kept; each group's profile is
-    redrawn) and refit both methods: {method: {"a", "b", "k_n", "k_d"}: arrays (B,)}."""
-    rng = np.random.default_rng(seed)
+def _spline_check(groups, mins, logc) -> dict:
+    """The parabola-vs-spline bias check, always reported: per group its status and reason, and the difference
+    of the exponent a over the groups where both methods have a minimum (None with the reason when fewer than 2)."""
+    both = np.isfinite(mins["parabola"]["logn"][0]) & np.isfinite(mins["spline"]["logn"][0])
+    out = {"groups": [{"C": g["C"], "status": g["spline_status"], "reason": g["spline_reason"]} for g in groups],
+           "groups_compared": int(both.sum()), "parabola_a": None, "spline_a": None,
+           "parabola_minus_spline_a": None}
+    if both.sum() >= 2:
+        pa, _ = _powerlaw(logc, np.where(both, mins["parabola"]["logn"][0], np.nan)[None])
+        sa, _ = _powerlaw(logc, np.where(both, mins["spline"]["logn"][0], np.nan)[None])
+        out.update(status="ran", parabola_a=_f(pa[0]), spline_a=_f(sa[0]),
+                   parabola_minus_spline_a=_f(pa[0] - sa[0]), reason=None)
+    else:
+        st = [g["spline_status"] for g in groups]
+        out.update(status="not run", reason=(
+            f"{int(both.sum())} budget(s) have both a parabola and a spline minimum, 2 are needed; spline "
+            f"skipped at {st.count('skipped')} budget(s) (fewer than {SPLINE_MIN_SIZES} distinct sizes), failed "
+            f"at {st.count('failed')} (minimum on an end of the sizes)"))
+    return out
+
+
+def bootstrap(points, base: dict, n_boot: int, seed: int = 0, counts=None) -> dict:
+    """Refit both methods on ``n_boot`` resamples: ``counts`` (n_boot, P) weights per run (default
+    ``resample.design_counts``: cells redrawn within each IsoFLOP group, seed replicates within their cell).
+    Returns {method: {"a", "b", "k_n", "k_d"}: arrays (B,)} and "_degenerate": per draw and group whether a group
+    that has a parabola minimum in the full fit lost it in the draw (fewer than 3 distinct sizes drawn, or the
+    parabola has no minimum inside the drawn sizes), with the reasons counted per group."""
+    from medscale.analysis import resample
+
     gid = base["_gid"]
-    W = np.zeros((n_boot, len(points)))
-    for g in range(gid.max() + 1):
-        idx = np.flatnonzero(gid == g)
-        W[:, idx] = rng.multinomial(len(idx), np.full(len(idx), 1.0 / len(idx)), size=n_boot)
+    W = resample.design_counts(points, n_boot, seed) if counts is None else np.asarray(counts, np.float64)
     mins, _ = _minima(points, gid, W)
     out = {}
     for m in METHODS:
         a, ka = _powerlaw(base["_logc"], mins[m]["logn"])
         b, kb = _powerlaw(base["_logc"], mins[m]["logd"])
         out[m] = {"a": a, "b": b, "k_n": np.exp(ka), "k_d": np.exp(kb)}
+    x_all = np.log(points["params"].to_numpy(np.float64))
+    G = gid.max() + 1
+    used = np.array([np.isfinite(base["_logn_parabola"][g]) for g in range(G)])
+    few = np.zeros((W.shape[0], G), bool)
+    for g in range(G):
+        sel = gid == g
+        xs = x_all[sel]
+        ux, inv = np.unique(xs, return_inverse=True)
+        present = np.stack([(W[:, sel][:, inv == j] > 0).any(1) for j in range(len(ux))], 1)
+        few[:, g] = present.sum(1) < 3
+    lost = ~np.isfinite(mins["parabola"]["logn"]) & used[None]
+    out["_degenerate"] = {"lost": lost, "few_sizes": few & lost, "no_minimum": lost & ~few}
     return out
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from medscale import accounting, memory, rundir
 from medscale import hardware as hw
-from medscale.analysis import approach3, comparison, inputs, plots
+from medscale.analysis import approach3, comparison, holdout, inputs, modality, plots, resample
 from medscale.analysis.budget import DEFAULT_MFU
 from medscale.analysis.fitting import default_approaches
 from medscale.analysis.fitting import fit_all as default_fit_all
@@ -168,7 +168,7 @@ def bootstrap_laws(fit: dict) -> list[ChinchillaLaw]:
 
 def reproduce_draws(fit: dict, points, seed: int = 0, delta: float | None = None) -> list[ChinchillaLaw]:
     """Approach 3's bootstrap refits when the fit dict reports only their percentiles: the fit module's own
-    ``approach3.bootstrap`` (runs resampled with the same seed, each refit warm-started at the fitted optimum).
+    ``approach3.bootstrap`` (the design-keeping resampling ``resample.design_counts`` with the same seed, each refit warm-started at the fitted optimum).
     Empty when the refits cannot be reproduced."""
     app = (fit or {}).get("approach3") or {}
     n_boot = int(((app.get("bootstrap") or {}).get("n") if isinstance(app.get("bootstrap"), dict) else 0) or 0)
@@ -179,8 +179,8 @@ def reproduce_draws(fit: dict, points, seed: int = 0, delta: float | None = None
         base = types.SimpleNamespace(optima=[{"theta": approach3.law_to_theta(law.E, law.A, law.B, law.alpha,
                                                                               law.beta).tolist()}])
         n, d, loss = (points[c].to_numpy(np.float64) for c in ("params", "tokens", "loss"))
-        groups = points["run_id"].to_numpy() if "run_id" in points.columns else None
-        th, _, conv = approach3.bootstrap(n, d, loss, base, n_boot, seed=seed, groups=groups,
+        counts = resample.design_counts(points, n_boot, seed)
+        th, _, conv = approach3.bootstrap(n, d, loss, base, n_boot, seed=seed, counts=counts,
                                           delta=app.get("delta") or delta or approach3.DELTA)
     except (AttributeError, TypeError, ValueError, KeyError) as exc:
         log.warning("could not reproduce the bootstrap draws (%s); loss intervals left out", exc)
@@ -516,7 +516,7 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
                 continue
             step(f"fitting the {mod} loss")
             mfit = run_fit(fit_all, mpoints, None, approaches=("3",), bootstrap=mb, seed=seed,
-                           budgets=[fit_budget], **extra)
+                           budgets=[fit_budget], convention_table=False, **extra)
         except UserError as exc:
             log.warning("no law for modality %s: %s", mod, exc)
             continue
@@ -525,8 +525,19 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
             continue
         n_o, d_o = (float(x) for x in model.optimum(mlaw, c))
         modality_fits[mod] = {"fit": mfit, "n_opt": n_o, "d_opt": d_o, "loss_at_budget": float(mlaw.loss(n_o, d_o))}
+    mcheck = modality_check(runs, law, modality_fits, rec, points, model)
+    hold = {}
+    for kk in HOLDOUT_KS:
+        step(f"holdout: fitting all budgets but the top {kk}")
+        try:
+            hold[str(kk)] = holdout.holdout(points, kk, bootstrap=bootstrap or holdout.DEFAULT_BOOTSTRAP,
+                                            seed=seed)
+            hold[str(kk)]["command"] = (f"medscale fit {results_dir} --approach 3 --holdout-top {kk} --bootstrap "
+                                        f"{bootstrap or holdout.DEFAULT_BOOTSTRAP} --seed {seed} --json")
+        except UserError as exc:
+            hold[str(kk)] = {"k": kk, "error": str(exc)}
     comp = comparison.place_models(law, model) if law is not None else comparison.table()
-    fig_paths = {}
+    fig_paths, hold_fig = {}, []
     if figures:
         step("drawing figures")
         power = {}
@@ -538,6 +549,7 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
         fig_dir = os.path.join(out_dir, "figures")
         fig_paths = plots.write_all(runs, fig_dir, law=law, draws=draws, curves=curves, modality_laws=mlaws,
                                     power_laws=power, budget=budget["flops"], k=figure_model(runs, model))
+        hold_fig = holdout_figure(hold, fig_dir)
     report = {
         "results_dir": results_dir,  # as given (a relative path stays relative in the committed report)
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -549,6 +561,11 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
         "recommendation": rec,
         "modality_laws": {m: {**{k: v for k, v in d.items() if k != "fit"}, "fit": _strip_draws(d["fit"])}
                           for m, d in modality_fits.items()},
+        "data": data_summary(runs),
+        "caption_floor": caption_floor(runs, modality_fits),
+        "modality_check": mcheck,
+        "holdout": hold,
+        "holdout_figure": [os.path.relpath(p, out_dir) for p in hold_fig],
         "comparison": comp,
         "figures": {k: [os.path.relpath(p, out_dir) for p in v] for k, v in fig_paths.items()},
         "figures_not_drawn": plots.missing_data(runs, law) if figures else {},
@@ -562,13 +579,125 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
     return report
 
 
+HOLDOUT_KS = (1, 2)  # the report's holdout checks: the top budget, then the top two, held out
+# the eval identity L = sum_m w_m L_m holds to rounding on a fixed eval set: float64 sums of float32 per-batch
+# sums, so even losses stored in float32 meet it to a few float32 eps; 1e-4 is ~800 float32 eps of margin
+IDENTITY_TOL = 1e-4
+
+
+def data_summary(runs) -> dict:
+    """What the runs were trained on, from the registry's columns (the run summaries' ``data`` object and the
+    config's dataset): source, unique examples per run, epochs; ``None`` where not recorded."""
+    d = plots.done_runs(runs)
+
+    def values(col):
+        if col not in d.columns:
+            return np.array([])
+        v = np.asarray(d[col].to_numpy(), dtype=object)
+        return np.array([float(x) for x in v if isinstance(x, (int, float, np.number)) and math.isfinite(float(x))])
+
+    def names(col):
+        return sorted({str(x) for x in d[col]} - {"None", "nan"}) if col in d.columns else []
+
+    ue, ep = values("unique_examples"), values("epochs")
+    sources, datasets = names("data_source"), names("dataset")
+    synthetic = any("synthetic" in s.lower() for s in sources + datasets) or None
+    return {"sources": sources, "datasets": datasets, "synthetic": synthetic, "n_runs": len(d),
+            "runs_recorded": len(ep),
+            "unique_examples": None if not len(ue) else {"min": float(ue.min()), "median": float(np.median(ue)),
+                                                         "max": float(ue.max())},
+            "epochs": None if not len(ep) else {"median": float(np.median(ep)), "max": float(ep.max())}}
+
+
+def caption_floor(runs, modality_fits) -> dict | None:
+    """The caption loss's fitted E beside the generator's own irreducible caption entropy (nats per caption
+    token, ``caption_entropy_floor`` of the run summaries); None when neither is there."""
+    d = plots.done_runs(runs)
+    floors = d["caption_entropy_floor"].astype(float) if "caption_entropy_floor" in d.columns else None
+    floors = floors[np.isfinite(floors)] if floors is not None else []
+    cap = (modality_fits.get("caption") or {}).get("fit", {}).get("approach3") or {}
+    if not len(floors) and not cap:
+        return None
+    out = {"floor": float(np.median(floors)) if len(floors) else None,
+           "floor_spread": float(floors.max() - floors.min()) if len(floors) else None,
+           "E": cap.get("E"), "E_ci": (cap.get("ci") or {}).get("E")}
+    if out["floor"] is not None and out["E"] is not None:
+        out["E_minus_floor"] = out["E"] - out["floor"]
+        ci = out["E_ci"]
+        out["floor_inside_E_interval"] = None if not ci else bool(ci[0] <= out["floor"] <= ci[1])
+    return out
+
+
+def modality_check(runs, law, modality_fits, rec, points, model) -> dict:
+    """The weighted sum of the per-modality laws against the total law (``medscale.analysis.modality``), with the
+    eval weights recovered at the recommendation's sequence lengths; ``{"status": "not run", "reason"}`` when it
+    cannot be made."""
+    d = plots.done_runs(runs)
+    mods = [c.split("/", 1)[1] for c in plots.modality_columns(d)]
+    if law is None or not mods:
+        return {"status": "not run", "reason": "no total law or no per-modality losses"}
+    missing = [m for m in mods if fitted_law((modality_fits.get(m) or {}).get("fit")) is None]
+    if missing:
+        return {"status": "not run", "reason": f"no law for {', '.join(missing)}"}
+    enc = getattr(model, "enc_len", None)
+    dec = getattr(model, "dec_len", None)
+    w = modality.weights(runs, mods, enc, dec) or modality.weights(runs, mods)
+    if w is None:
+        return {"status": "not run", "reason": "too few finished runs to recover the eval weights"}
+    if w["identity_residual"] > IDENTITY_TOL:
+        return {"status": "not run", "weights_fit": w,
+                "reason": f"the total loss is not a fixed-weight sum of the modality losses in these runs (the "
+                          f"least-squares weights leave a relative residual of {w['identity_residual']:.2g}; a "
+                          f"fixed eval set leaves rounding, below {IDENTITY_TOL:g})"}
+    mlaws = {m: fitted_law(modality_fits[m]["fit"]) for m in mods}
+    res = modality.check(law, mlaws, w["weights"], rec["n_opt"]["value"], rec["d_opt"]["value"], points,
+                         (rec.get("loss") or {}).get("ci"))
+    return {"status": "ran", "weights_fit": w, **res}
+
+
+def holdout_figure(hold: dict, fig_dir: str) -> list[str]:
+    """Predicted vs observed loss of the held-out runs with their intervals, one panel per K (PNG + SVG)."""
+    ok = [(k, h) for k, h in hold.items() if h.get("runs")]
+    if not ok:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(ok), figsize=(4.2 * len(ok), 4.0), squeeze=False)
+    for ax, (k, h) in zip(axes[0], ok):
+        obs = np.array([r["observed"] for r in h["runs"]])
+        pred = np.array([r["predicted"] for r in h["runs"]])
+        lo = np.array([r["lo"] for r in h["runs"]])
+        hi = np.array([r["hi"] for r in h["runs"]])
+        ax.errorbar(obs, pred, yerr=[pred - lo, hi - pred], fmt="o", ms=4, capsize=3, lw=1)
+        span = [min(obs.min(), lo.min()) * 0.97, max(obs.max(), hi.max()) * 1.03]
+        ax.plot(span, span, "k--", lw=0.8)
+        ax.set_xlabel("observed loss")
+        ax.set_ylabel("predicted loss (95% interval)")
+        ax.set_title(f"top {k} budget(s) held out: |log err| {h['mean_abs_log_error']:.3f}, "
+                     f"coverage {h['coverage']:.0%}", fontsize=9)
+    fig.tight_layout()
+    os.makedirs(fig_dir, exist_ok=True)
+    paths = []
+    for ext in ("png", "svg"):
+        path = os.path.join(fig_dir, f"holdout.{ext}")
+        fig.savefig(path, dpi=110)
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
 def _strip_draws(fit: dict) -> dict:
-    """The fit dict without per-draw parameter lists (kept out of report.json; intervals stay)."""
+    """The fit dict without per-draw parameter lists (kept out of report.json; intervals and draw counts such as
+    Approach 2's ``draws`` stay)."""
     def strip(d):
         if not isinstance(d, dict):
             return d
         return {k: strip(v) for k, v in d.items()
-                if not (k in ("draws", "bootstrap_draws") or (k == "bootstrap" and isinstance(v, list)))}
+                if not ((k in ("draws", "bootstrap_draws") and isinstance(v, (list, dict)))
+                        or (k == "bootstrap" and isinstance(v, list)))}
     return strip(fit or {})
 
 
@@ -624,18 +753,170 @@ def _law_row(name, p):
     return f"| {name} | " + " | ".join(cell(k) for k in ("E", "A", "B", "alpha", "beta", "a", "b")) + " |"
 
 
+def _data_paragraph(r: dict) -> str:
+    """The report's first paragraph: what the data are and how far the recommendation is extrapolated."""
+    data = r.get("data") or {}
+    names = data.get("sources") or data.get("datasets") or []
+    kind = ("synthetic" if data.get("synthetic") else "not synthetic" if names else "not recorded")
+    what = f"**Data**: {', '.join(names) if names else 'source not recorded'} ({kind})"
+    ue, ep = data.get("unique_examples"), data.get("epochs")
+    if ue:
+        what += (f"; unique examples seen per run {fmt(ue['min'])} – {fmt(ue['max'])} (median "
+                 f"{fmt(ue['median'])})")
+    else:
+        what += "; unique examples seen: not recorded"
+    if ep:
+        what += f"; epochs: median {fmt(ep['median'])}, max {fmt(ep['max'])}"
+    else:
+        what += "; epochs: not recorded"
+    if ue or ep:
+        what += f" ({data.get('runs_recorded', 0)} of {data.get('n_runs', 0)} finished runs record them)"
+    ex = (r.get("recommendation") or {}).get("extrapolation") or {}
+    if ex.get("decades") is not None:
+        what += (f". **Extrapolation**: the largest budget trained is {fmt(ex.get('fitted_flops_max'))} FLOPs; the "
+                 f"recommendation's budget is {fmt((r.get('budget') or {}).get('flops'))} FLOPs, "
+                 f"**{fmt(ex['decades'], 2)} decades** beyond it")
+    return what + "."
+
+
+N_LABELS = {"non_embedding": "non-embedding", "total": "all parameters (total)",
+            "with_heads": "non-embedding + heads"}
+
+
+def _conventions_md(r: dict) -> list[str]:
+    fit = r.get("fit") or {}
+    rows = fit.get("conventions") or []
+    if not rows:
+        return []
+    info = fit.get("conventions_info") or {}
+    L = ["### How the answer moves with the counting conventions\n",
+         ("Approach 3 refitted with N counted three ways (non-embedding; total = with embeddings and heads; "
+         "non-embedding + output heads), and N_opt placed on the compute axis two ways: C = 6ND with that N, and "
+         "the project's encoder-decoder model FLOPs (accounted, along the ladder family; a and b are then the "
+         f"local slopes at C). C = {fmt(info.get('C'))} FLOPs. Approach 2's parabola exponents use the budget "
+         "groups, which are IsoFLOP in accounted FLOPs.\n"),
+         "| N counted as | C convention | a | b | N_opt | D_opt | Approach 2 a | Approach 2 b |",
+         "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if not row.get("available"):
+            L.append(f"| {N_LABELS.get(row['n_convention'], row['n_convention'])} | {row['flops_convention']} | "
+                     "– | – | – | – | – | – |")
+            continue
+        L.append(f"| {N_LABELS.get(row['n_convention'], row['n_convention'])} | {row['flops_convention']} | "
+                 f"{fmt(row.get('a'))} | {fmt(row.get('b'))} "
+                 f"| {fmt(row.get('n_opt'))} | {fmt(row.get('d_opt'))} | {fmt(row.get('approach2_a'))} | "
+                 f"{fmt(row.get('approach2_b'))} |")
+    missing = [f"{N_LABELS.get(row['n_convention'], row['n_convention'])}: {row.get('reason')}" for row in rows
+               if not row.get("available") and row["flops_convention"] == "6ND"]
+    if missing:
+        L.append("\nNot available: " + "; ".join(missing) + ".")
+    L.append("")
+    return L
+
+
+def _approach2_md(fit: dict) -> list[str]:
+    a2 = fit.get("approach2") or {}
+    L = []
+    if a2.get("draws"):
+        L.append(f"- Approach 2 bootstrap: {a2.get('degenerate_draws', 0)} of {a2['draws']} draws degenerate (a "
+                 "budget drew fewer than 3 distinct sizes, or its parabola lost its minimum; such a draw fits the "
+                 f"other budgets), {a2.get('failed_draws', 0)} failed (fewer than 2 budgets left; outside the "
+                 "intervals).")
+    sc = a2.get("spline_check")
+    if sc:
+        if sc.get("status") == "ran":
+            L.append(f"- Parabola-vs-spline check over {sc['groups_compared']} budgets: a {fmt(sc['parabola_a'], 4)}"
+                     f" (parabola) vs {fmt(sc['spline_a'], 4)} (spline), difference "
+                     f"{sc['parabola_minus_spline_a']:+.3f}.")
+        else:
+            L.append(f"- Parabola-vs-spline check not run: {sc.get('reason')}.")
+        per = [f"C={fmt(g['C'])}: {g['status']}" + (f" ({g['reason']})" if g.get("reason") else "")
+               for g in sc.get("groups") or []]
+        if per:
+            L.append("  Per budget: " + "; ".join(per) + ".")
+    return L + ([""] if L else [])
+
+
+def _modality_md(r: dict) -> list[str]:
+    L = []
+    mc = r.get("modality_check") or {}
+    if mc.get("status") == "ran":
+        w = mc["weights_fit"]
+        at, ar = mc["at_budget"], mc["at_runs"]
+        L.append("### Per-modality laws against the total\n")
+        L.append("The eval loss is the token-weighted mean over the eval set's decoder targets: L = sum_m w_m L_m "
+                 "with w_m that modality's share of the eval targets (fixed for a data configuration; recovered "
+                 f"from the runs at Le={w['lengths']['enc_len']}, Ld={w['lengths']['dec_len']}: "
+                 + ", ".join(f"{m} {fmt(v, 4)}" for m, v in w["weights"].items())
+                 + f"; identity residual {fmt(w['identity_residual'], 2)} over {w['n_runs']} runs).\n")
+        L.append("| where | total law | weighted sum of modality laws | relative difference | threshold | |")
+        L.append("|---|---|---|---|---|---|")
+        L.append(f"| budget optimum | {fmt(at['total'], 4)} | {fmt(at['weighted_sum'], 4)} | "
+                 f"{at['relative_difference']:+.2%} | {fmt(100 * at['threshold'], 3)}% ({at['threshold_source']}) | "
+                 f"{'**over**' if at['flagged'] else 'ok'} |")
+        L.append(f"| observed runs (max) | – | – | {ar['max_abs_relative_difference']:.2%} | "
+                 f"{fmt(100 * ar['threshold'], 3)}% ({ar['threshold_source']}) | "
+                 f"{'**over**' if ar['flagged'] else 'ok'} |")
+        L.append("")
+    elif mc:
+        L.append(f"Per-modality laws against the total: not checked ({mc.get('reason')}).\n")
+    cf = r.get("caption_floor")
+    if cf:
+        e_ci = cf.get("E_ci")
+        e = fmt(cf.get("E"), 4) + (f" [{fmt(e_ci[0], 4)}, {fmt(e_ci[1], 4)}]" if e_ci else "")
+        floor = fmt(cf["floor"], 4) + " nats per caption token" if cf.get("floor") is not None else "not recorded"
+        L.append(f"Caption loss floor: the caption law's fitted E = {e}; the generator's own irreducible caption "
+                 f"entropy = {floor}"
+                 + (f" (E − floor = {cf['E_minus_floor']:+.3g})" if cf.get("E_minus_floor") is not None else "")
+                 + ".\n")
+    return L
+
+
+def _holdout_md(r: dict) -> list[str]:
+    hold = r.get("holdout") or {}
+    if not hold:
+        return []
+    L = ["## Validated extrapolation\n",
+         ("Approach 3 fitted on all budgets but the top K, then used to predict the held-out runs' loss; 95% "
+         "prediction intervals add the bootstrap refits' spread and the run noise (in quadrature, on log loss).\n")]
+    for k, h in hold.items():
+        if h.get("error"):
+            L.append(f"**K = {k}**: not run ({h['error']}).\n")
+            continue
+        nz = h["noise"]
+        L.append(f"**K = {k}**: fitted on {len(h['budgets_fitted'])} budgets up to {fmt(h['budgets_fitted'][-1])} "
+                 f"FLOPs ({h['n_fit']} runs), held out {', '.join(fmt(c) for c in h['budgets_held_out'])} "
+                 f"({h['n_held_out']} runs). Mean |log error| **{fmt(h['mean_abs_log_error'], 3)}** (max "
+                 f"{fmt(h['max_abs_log_error'], 3)}, mean {h['mean_log_error']:+.3f}); coverage of the 95% intervals "
+                 f"**{h['coverage']:.0%}**. Run noise sigma {fmt(nz['sigma_log'], 3)} on log loss from "
+                 f"{nz['source']} (df {nz['df']}); {h['bootstrap']['converged']} of {h['bootstrap']['n']} refits. "
+                 f"Cross-check: `{h.get('command', '')}`.\n")
+        L.append("| run | observed | predicted | 95% interval | log error |\n|---|---|---|---|---|")
+        for row in h["runs"]:
+            L.append(f"| `{row['run_id']}` | {fmt(row['observed'], 4)} | {fmt(row['predicted'], 4)} | "
+                     f"[{fmt(row['lo'], 4)}, {fmt(row['hi'], 4)}]{'' if row['covered'] else ' (outside)'} | "
+                     f"{row['log_error']:+.3f} |")
+        L.append("")
+    fig = r.get("holdout_figure") or []
+    if fig:
+        png = next((p for p in fig if p.endswith(".png")), fig[0])
+        L.append(f"![holdout]({png})\n")
+    return L
+
+
 def render_markdown(r: dict) -> str:
     rec, b = r["recommendation"], r["budget"]
     level = round(100 * rec.get("ci_level", 0.9))
     L = []
     L.append("# Scaling study report\n")
+    L.append(_data_paragraph(r) + "\n")
     L.append(f"Results: `{r['results_dir']}` — {r['n_done']} finished runs of {r['n_runs']}. "
              f"Created {r['created']}. Regenerate with `medscale report {r['results_dir']}{' --mfu ' + fmt(b['mfu']) if str(b.get('mfu_source', '')).startswith('stated') else ''}`.\n")
     L.append("Conventions: N = non-embedding parameters, D = tokens seen (encoder + decoder), C = model FLOPs "
              "(project accounting; 1 PF-day = 8.64e19 FLOPs). The fitted law is placed on the compute axis with "
              f"{rec['compute_model']} (the sweep's median C/(ND) is k = {fmt(rec['compute_factor_k'], 4)}; 6 for a "
              f"decoder-only LM). Intervals: {level}% bootstrap percentile intervals ({r['fit_args']['bootstrap']} "
-             f"refits resampling runs; N_opt/D_opt intervals from {rec['interval_source']}). "
+             f"refits resampling the design: (budget, size) cells within each budget group, seed replicates within their cell; N_opt/D_opt intervals from {rec['interval_source']}). "
              f"Cross-check: `{r['fit_args']['command']}`.\n")
     # recommendation
     L.append("## Recommendation\n")
@@ -697,6 +978,7 @@ def render_markdown(r: dict) -> str:
     L.append(f"\nN_opt spans a factor {fmt(rec['spread_factor_n_opt'])} across all rows and "
              f"{fmt(rec['spread_factor_approaches'])} across this sweep's approaches. Published laws were fitted "
              "on decoder-only text models (C = 6ND); their rows show the scale of disagreement, not a correction.\n")
+    L += _conventions_md(r)
     # the fitted laws
     L.append("## Fitted laws\n")
     L.append("L(N, D) = E + A / N^alpha + B / D^beta (Approach 3; Huber on log-loss, delta 1e-3).\n")
@@ -721,6 +1003,9 @@ def render_markdown(r: dict) -> str:
         for m, d in r["modality_laws"].items():
             L.append(f"| {m} | {fmt(d['n_opt'])} | {fmt(d['d_opt'])} | {fmt(d['loss_at_budget'], 4)} |")
     L.append("")
+    L += _approach2_md(fit)
+    L += _modality_md(r)
+    L += _holdout_md(r)
     # figures
     L.append("## Figures\n")
     captions = {

@@ -5,7 +5,7 @@ import json
 import os
 import sys
 
-from medscale.analysis import approach3, fitting, inputs
+from medscale.analysis import approach3, fitting, holdout, inputs
 from medscale.commands import COMMANDS
 from medscale.errors import UserError
 
@@ -35,6 +35,11 @@ def register(sub, argv=()):
                    help="which parameter count the params column is (written to the fit file; encdec allocation)")
     p.add_argument("--enc-len", type=int, default=None, help="encdec allocation: encoder length (default: base config)")
     p.add_argument("--dec-len", type=int, default=None, help="encdec allocation: decoder length (default: base config)")
+    p.add_argument("--holdout-top", type=int, default=None, metavar="K",
+                   help="also fit Approach 3 on all budgets but the top K and predict the held-out runs' loss "
+                        "with 95%% prediction intervals (errors and coverage; see docs/fit.md)")
+    p.add_argument("--no-conventions", action="store_true",
+                   help="skip the table of N_opt, a, b under other parameter and FLOPs conventions")
     p.add_argument("--out", metavar="FILE", help="write the fit file (the law, intervals, data) for budget --law")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--quiet", action="store_true")
@@ -77,11 +82,14 @@ def run(args):
             raise UserError(f"--out {args.out}: folder {folder} does not exist")
     points, curves, source = inputs.read_table(args.input, inputs.parse_col_args(args.col))
     approaches = _approaches(args, points, curves)
+    if args.holdout_top is not None and "3" not in approaches:
+        raise UserError("--holdout-top fits Approach 3; add --approach 3")
     result = fitting.fit_all(points, approaches, bootstrap=args.bootstrap, seed=args.seed,
                              budgets=args.budget_flops, curves=curves, source=source, delta=args.delta,
                              bin_dex=args.bin_dex, max_iter=args.max_iter, starts=_starts(args.starts),
                              accounting=args.accounting, n_convention=args.n_convention, enc_len=args.enc_len,
-                             dec_len=args.dec_len,
+                             dec_len=args.dec_len, holdout_top=args.holdout_top,
+                             convention_table=not args.no_conventions,
                              progress=None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
     if args.out:
         fitting.write_fit_file(args.out, result, points)
@@ -135,6 +143,22 @@ def format_result(result) -> str:
         lines.append(f"Approach 1  training-curve envelope ({a1['n_runs']} runs, {a1['winners']} on the envelope)")
         lines.append(f"  a {a1['a']:.4f} {_ci(a1, 'a', '{:.4f}')}   b {a1['b']:.4f} {_ci(a1, 'b', '{:.4f}')}")
         _alloc(lines, a1, "(envelope)")
+    rows = result.get("conventions") or []
+    if rows:
+        C = (result.get("conventions_info") or {}).get("C")
+        lines.append("Conventions  Approach 3 refitted with N counted each way"
+                     + (f"; N_opt at C={C:.3g}" if C else " (give --budget-flops for N_opt)"))
+        lines.append(f"  {'N':14s}{'C':>10s}{'a':>8s}{'b':>8s}{'N_opt':>11s}{'A2 a':>8s}")
+        for r in rows:
+            if not r.get("available"):
+                lines.append(f"  {r['n_convention']:14s}{r['flops_convention']:>10s}  {r.get('reason')}")
+                continue
+            f4 = lambda v: "–" if v is None else f"{v:.3f}"
+            lines.append(f"  {r['n_convention']:14s}{r['flops_convention']:>10s}{f4(r.get('a')):>8s}"
+                         f"{f4(r.get('b')):>8s}{'–' if not r.get('n_opt') else format(r['n_opt'], '.3g'):>11s}"
+                         f"{f4(r.get('approach2_a')):>8s}")
+    if result.get("holdout"):
+        lines += holdout.format_holdout(result["holdout"])
     for w in result.get("warnings", []):
         lines.append(f"warning: {w}")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ Examples:
 import json
 import sys
 
+from medscale.analysis import holdout
 from medscale.analysis.report import build_report, fmt
 from medscale.commands import COMMANDS
 from medscale.errors import UserError
@@ -75,6 +76,8 @@ def run(args):
                      f"{fmt(lad['tokens'])} tokens"
                      + (f", {lad['steps']:,} steps x {lad['batch_size']}" if lad.get("steps") else ""))
     lines.append(f"spread of N_opt x{fmt(rec['spread_factor_n_opt'])} across approaches and published laws")
+    for h in (rep.get("holdout") or {}).values():
+        lines.append(f"validation      {holdout.summary_line(h)}")
     if rec["extrapolation"].get("warning"):
         lines.append(f"warning         {rec['extrapolation']['warning']}")
     lines.append(f"report          {rep['out_dir']}/report.md")

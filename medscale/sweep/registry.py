@@ -25,7 +25,8 @@ from medscale.sweep.design import expand, load_definition
 STATES = ("pending", "running", "interrupted", "done", "failed", "diverged")
 COLUMNS = ["run_id", "sweep", "status", "size", "params", "params_total", "params_embedding", "tokens", "flops",
            "hardware_flops", "pf_days", "enc_len", "dec_len", "batch_size", "steps", "loss", "train_loss",
-           "mfu", "wall_s", "device_kind", "device_count", "budget", "lr", "seed", "error"]
+           "mfu", "wall_s", "device_kind", "device_count", "budget", "lr", "seed", "error", "params_heads",
+           "dataset", "data_source", "unique_examples", "epochs", "caption_entropy_floor"]
 CURVE_COLUMNS = ["run_id", "sweep", "status", "size", "params", "params_total", "enc_len", "budget", "step",
                  "tokens", "flops", "loss"]
 
@@ -160,7 +161,14 @@ def run_record(run_dir: str) -> dict:
         "lr": _nan(plan.get("lr", train_cfg.get("lr"))),
         "seed": _nan(plan.get("seed", config.get("seed") if isinstance(config, dict) else None)),
         "error": summary.get("error"),
+        "params_heads": _nan(params.get("heads")),
     }
+    data = summary.get("data") if isinstance(summary.get("data"), dict) else {}
+    data_cfg = config.get("data") if isinstance(config, dict) else None
+    row["dataset"] = data_cfg.get("dataset") if isinstance(data_cfg, dict) else None
+    row["data_source"] = data.get("source")
+    for key in ("unique_examples", "epochs", "caption_entropy_floor"):
+        row[key] = _num(data.get(key))
     if isinstance(row["pf_days"], float) and math.isnan(row["pf_days"]) and not math.isnan(row["flops"]):
         row["pf_days"] = row["flops"] / PF_DAY
     for name, value in (summary.get("final_eval_loss_by_modality") or {}).items():
@@ -168,6 +176,14 @@ def run_record(run_dir: str) -> dict:
     for name, value in (summary.get("final_train_loss_by_modality") or {}).items():
         row[f"train_loss/{name}"] = _nan(value)
     return row
+
+
+def _num(x) -> float:
+    """A summary's number, NaN when missing or not a number (a run trained before the key existed)."""
+    try:
+        return float(x) if x is not None else float("nan")
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def _params_from_config(config: dict) -> dict:
@@ -212,7 +228,8 @@ def plan_row(run) -> dict:
     """A registry row for a planned run that has no directory yet."""
     return {"run_id": run.run_id, "sweep": run.sweep, "status": "pending", "size": run.size,
             "params": run.params.get("non_embedding"), "params_total": run.params.get("total"),
-            "params_embedding": run.params.get("embedding"), "tokens": run.tokens, "flops": run.model_flops,
+            "params_embedding": run.params.get("embedding"), "params_heads": run.params.get("heads"),
+            "tokens": run.tokens, "flops": run.model_flops,
             "hardware_flops": run.hardware_flops, "pf_days": run.model_flops / PF_DAY, "enc_len": run.enc_len,
             "dec_len": run.dec_len, "batch_size": run.batch_size, "steps": run.steps,
             "budget": float("nan") if run.budget is None else run.budget, "lr": run.lr, "seed": run.seed}
