@@ -10,7 +10,7 @@ import json
 import sys
 import time
 
-from medscale.analysis import quickstart
+from medscale.analysis import holdout, quickstart
 from medscale.analysis.budget import DEFAULT_MFU
 from medscale.commands import COMMANDS
 from medscale.errors import UserError
@@ -65,7 +65,7 @@ def run(args):
                           "budget": budget, "recommendation": rec, "sweep_usage": rep.get("sweep"),
                           "launch_usage": {k: out["launch"].get(k) for k in
                                            ("utilisation", "model_flops", "peak_flops", "pf_days", "split")},
-                          "report": f"{out['results']}/report.md"}, default=str))
+                          "holdout": rep.get("holdout"), "report": f"{out['results']}/report.md"}, default=str))
         return 0
     counts = ", ".join(f"{v} {k}" for k, v in sorted(out["launch"]["counts"].items()))
     lines = [f"quickstart: {counts} in {wall:.0f} s; report {out['results']}/report.md"]
@@ -91,6 +91,10 @@ def run(args):
     if lad:
         lines.append(f"  nearest ladder size: {lad['name']} ({_fmt(lad['params_non_embedding'])} non-embedding "
                      f"params) on {_fmt(lad['tokens'])} tokens")
+    checks = [h for h in (rep.get("holdout") or {}).values() if isinstance(h, dict)]
+    if checks:
+        lines += ["", "validated extrapolation (fit without the top budgets, predict their runs):"]
+        lines += [f"  {holdout.summary_line(h)}" for h in checks]
     warning = (rec.get("extrapolation") or {}).get("warning")
     if warning:
         lines += ["", f"note: {warning}"]
