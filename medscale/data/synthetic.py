@@ -52,6 +52,7 @@ STYLE_TABLE = {
 }
 SIZE_RADIUS = {"small": (0.030, 0.045), "medium": (0.055, 0.075), "large": (0.085, 0.11)}
 MM_PER_IMAGE = 320.0  # the field of view: an image is 320 mm wide whatever its pixel size
+HELDOUT_BASE = 10**12  # held-out scenes (validation, test) have indices from here on; training scenes below
 
 
 def _vertical(y: float) -> str:
