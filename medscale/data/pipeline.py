@@ -402,6 +402,14 @@ class Data:
         self._tokens[split] = arrays
         return arrays
 
+    def tokens_of(self, split: str, indices) -> dict:
+        """Token arrays (``name``, ``name_len``) of the examples ``indices`` of ``split`` (on the synthetic
+        stream: any scene, its chunk built if need be)."""
+        idx = np.asarray(indices, np.int64)
+        if self._split(split) == "train" and self.stream is not None:
+            return self.stream.gather(idx, [m.name for m in self.registry])
+        return {k: v[idx] for k, v in self.tokens(split).items()}
+
     def _tokens_key(self) -> str:
         """The token caches' key: the tokenizers' hash and the sequences' lengths (``HASH-c64-b32-v2``)."""
         sizes = self._sizes()
