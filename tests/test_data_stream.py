@@ -146,3 +146,10 @@ def test_bad_stream_settings_are_user_errors(tmp_path):
         make(tmp_path, "data.num_train=-1")
     with pytest.raises(UserError, match="stream_chunk"):
         make(tmp_path, "data.stream_chunk=0")
+
+
+def test_a_chunk_built_in_batches_is_the_same(data, monkeypatch):
+    whole = data.stream.build(5, CHUNK)
+    monkeypatch.setattr(scene_stream, "BUILD_BATCH", 7)  # 32 rows in batches of 7: the last one short
+    assert np.array_equal(data.stream.build(5, CHUNK), whole)
+    assert np.array_equal(data.stream.build(5, 10), whole[:10])

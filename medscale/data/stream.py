@@ -26,6 +26,8 @@ import numpy as np
 from medscale import modalities, rundir
 from medscale.data.synthetic import HELDOUT_BASE, render_scene
 
+BUILD_BATCH = 512  # scenes rendered and tokenised at a time when a chunk is built
+
 
 def stream_order(positions, seed: int, chunk: int) -> np.ndarray:
     """Scene indices of stream positions (int array): position ``p`` is scene ``c * chunk + perm_c[p % chunk]``
@@ -201,11 +203,14 @@ class TokenStream:
     def build(self, c: int, rows: int) -> np.ndarray:
         """The rows of chunk ``c`` for scenes ``[c * C, c * C + rows)``: render, tokenise, pack."""
         start = c * self.chunk
-        recs = [scene_record(render_scene(self.seed, i, self.image_size), i) for i in range(start, start + rows)]
-        arrays = tokenize_records(recs, self.tokenizers, self.layout.sizes, self.image_size)
         out = np.zeros((rows, self.layout.width), np.int32)
-        for key, col in self.layout.cols.items():
-            out[:, col] = arrays[key]
+        for s in range(0, rows, BUILD_BATCH):  # bounded memory (the codebook searches hold a batch's patches)
+            n = min(BUILD_BATCH, rows - s)
+            recs = [scene_record(render_scene(self.seed, i, self.image_size), i)
+                    for i in range(start + s, start + s + n)]
+            arrays = tokenize_records(recs, self.tokenizers, self.layout.sizes, self.image_size)
+            for key, col in self.layout.cols.items():
+                out[s:s + n, col] = arrays[key]
         return out
 
     def gather(self, indices, names=None) -> dict:
