@@ -153,3 +153,12 @@ def test_a_chunk_built_in_batches_is_the_same(data, monkeypatch):
     monkeypatch.setattr(scene_stream, "BUILD_BATCH", 7)  # 32 rows in batches of 7: the last one short
     assert np.array_equal(data.stream.build(5, CHUNK), whole)
     assert np.array_equal(data.stream.build(5, 10), whole[:10])
+
+
+@pytest.mark.parametrize("size", [64, 128, 224])
+def test_base_configs_make_their_builder(tmp_path, size):
+    from medscale.data.pipeline import make_builder
+
+    cfg = load_config("base", [f"data.image_size={size}"])
+    b = make_builder(cfg.data, str(tmp_path))  # no clash with a listed config of the same name
+    assert b.builder_config.name == f"s{size}_e512_seed0"

@@ -85,8 +85,8 @@ class SyntheticMed(tfds.core.GeneratorBasedBuilder):
 
     VERSION = VERSION
     code_path = None  # TFDS looks for checksum files next to the code via importlib_resources; none here
-    BUILDER_CONFIGS = [  # noqa: RUF012 (the TFDS API)
-        SyntheticMedConfig(image_size=64), SyntheticMedConfig(image_size=128), SyntheticMedConfig(image_size=224)]
+    BUILDER_CONFIGS = []  # noqa: RUF012 (the TFDS API) every config is made from cfg.data (pipeline.make_builder);
+    # a listed one would clash with the custom config of the same name
 
     def _info(self):
         return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
