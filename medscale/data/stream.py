@@ -5,7 +5,8 @@ Chunk ``c`` holds the tokens of scenes ``[c * C, (c + 1) * C)`` (``C = data.stre
 int32 rows, per registered modality its tokens, its length and its flags (absent; truncated for sequences). A
 chunk is built by the first process that needs it, under a file lock, written to a temporary name then renamed;
 every process reads the same file. Its bytes are a function of ``(data_seed, chunk, tokenizers)``, so two
-machines building the same chunk write identical files. A fixed-size training set (``data.num_train = n``) is
+processes building the same chunk write identical files (across machines, up to the BLAS rounding of the
+codebook searches). A fixed-size training set (``data.num_train = n``) is
 the stream's first ``n`` scenes: its last chunk may be built only as far as ``n`` (``chunk-c-kK.npy``, ``K <
 C`` rows); a full chunk serves any prefix of itself.
 
