@@ -120,9 +120,11 @@ def test_examples_and_detokenize_match_the_generator(data):
 
 def test_cache_reused_and_keyed_by_tokenizer_hash(data):
     root = data.root
-    data.tokens("train")
-    files = glob.glob(os.path.join(root, "tokens", "*", "train-*.npz"))
+    data.tokens("train"), data.tokens("validation")
+    files = glob.glob(os.path.join(root, "tokens", "*", "validation-*.npz"))
     assert len(files) == 1 and data.tokenizers.hash in os.path.basename(files[0])
+    chunks = glob.glob(os.path.join(root, "tokens", "*", "train-*", "chunk-*.npy"))
+    assert len(chunks) == 1 and data.tokenizers.hash in os.path.basename(os.path.dirname(chunks[0]))
     again = build_data(data.cfg, data.spec)
     assert again.tokenizers.hash == data.tokenizers.hash
     assert same(next(again.iterator("train", 4, 0, 0, 1)), next(data.iterator("train", 4, 0, 0, 1)))
@@ -131,9 +133,12 @@ def test_cache_reused_and_keyed_by_tokenizer_hash(data):
     other = build_data(cfg, spec_from_config(cfg))
     assert other.tokenizers.text.hash != data.tokenizers.text.hash
     assert other.tokenizers.image.hash == data.tokenizers.image.hash
-    other.tokens("train")
-    files = glob.glob(os.path.join(root, "tokens", "*", "train-*.npz"))
+    other.tokens("train"), other.tokens("validation")
+    files = glob.glob(os.path.join(root, "tokens", "*", "validation-*.npz"))
     assert sorted(os.path.basename(f).split("-")[1] for f in files) == sorted(
+        [data.tokenizers.hash, other.tokenizers.hash])
+    dirs = {os.path.dirname(f) for f in glob.glob(os.path.join(root, "tokens", "*", "train-*", "chunk-*.npy"))}
+    assert sorted(os.path.basename(d).split("-")[1] for d in dirs) == sorted(
         [data.tokenizers.hash, other.tokenizers.hash])
 
 
@@ -160,11 +165,11 @@ def _build_files(root, seed):
     from medscale.data.builders import SyntheticMed, SyntheticMedConfig
     from medscale.data.pipeline import prepare_builder
 
-    b = SyntheticMed(config=SyntheticMedConfig(image_size=64, num_train=40, num_eval=8, seed=seed),
+    b = SyntheticMed(config=SyntheticMedConfig(image_size=64, num_eval=8, seed=seed),
                      data_dir=str(root / "tfds"), file_format="array_record")
     prepare_builder(b, str(root))
     files = sorted(glob.glob(os.path.join(str(b.data_path), "*.array_record*")))
-    assert len(files) == 3
+    assert len(files) == 2  # validation, test (the training scenes are the stream's)
     return [open(f, "rb").read() for f in files]
 
 
@@ -200,6 +205,6 @@ def test_two_processes_racing_build_once(tmp_path):
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     results = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
     assert results[0] == results[1]
-    assert len(glob.glob(os.path.join(str(tmp_path), "tokens", "*", "train-*.npz"))) == 1
+    assert len(glob.glob(os.path.join(str(tmp_path), "tokens", "*", "train-*", "chunk-*.npy"))) == 1
     assert not glob.glob(os.path.join(str(tmp_path), "**", "*.tmp*"), recursive=True)
     assert not glob.glob(os.path.join(str(tmp_path), "tfds", "**", "incomplete*"), recursive=True)

@@ -3,7 +3,8 @@ after its last evaluation, after its last checkpoint, before its summary) and re
 record as an uninterrupted run: summary.json equal but for wall-clock fields, metrics.jsonl equal line for
 line but for timing fields (no duplicate row, no null loss).
 
-Real ``medscale train`` processes on a tiny model (d_model 16, one layer each side, 22 steps; checkpoints every 5, evaluations every 10)."""
+Real ``medscale train`` processes on a tiny model (d_model 16, one layer each side, 22 steps; checkpoints every 5, evaluations every 10)
+on the unbounded synthetic stream in chunks of 64 scenes (the 88 examples it reads cross a chunk boundary)."""
 
 import json
 import os
@@ -17,7 +18,7 @@ from medscale import rundir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = ["model.size=", "model.d_model=16", "model.enc_layers=1", "model.dec_layers=1", "model.num_heads=1",
-            "model.d_ff=64", "train.batch_size=4", "data.num_train=128", "data.num_eval=16",
+            "model.d_ff=64", "train.batch_size=4", "data.stream_chunk=64", "data.num_eval=16",
             "train.eval_batches=1", "train.log_every=1", "train.warmup_steps=5", "train.steps=22",
             "train.eval_every=10", "train.ckpt_every=5", "train.task_eval_examples=0"]
 WALL_CLOCK = {"wall_s", "step_s", "mfu", "time"}
@@ -68,6 +69,7 @@ def test_a_run_killed_at_a_dangerous_point_ends_as_if_never_killed(tmp_path, ref
     summary, rows = _record(workdir)
     ref_summary, ref_rows = reference
     assert summary["final_train_loss"] is not None and summary["final_eval_loss"] is not None
+    assert summary["data"]["unique_examples"] == 22 * 4 and summary["data"]["epochs"] == 1.0
     assert summary == ref_summary
     assert rows == ref_rows  # same rows in the same order: none doubled, none lost
     assert len({(r["kind"], r["step"]) for r in rows}) == len(rows)

@@ -38,9 +38,20 @@ def bench_pipeline(cfg, spec, batch_size: int, batches: int = 100, progress: boo
                      "masking_cpu_ms_per_batch")
     out = {"dataset": data.key, "batch_size": batch_size, "enc_len": spec.enc_len, "dec_len": spec.dec_len,
            "setup_s": setup_s, "raw_read_examples_per_s": raw_eps, "masking_batches_per_s": mask_bps}
+    if data.stream is not None:  # the synthetic stream: what one new scene costs (render + tokenise), not cached
+        from medscale.data.stream import render_scene
+
+        k = min(batches * batch_size, 512)
+        far = 10**7 // data.stream.chunk  # a chunk no run reads
+        _rate(lambda: render_scene(data.stream.seed, far * data.stream.chunk + next(idx) % 10**6, data.image_size),
+              k, cpu, "stream_render_cpu_ms_per_example")
+        t, c = time.perf_counter(), time.process_time()
+        data.stream.build(far, k)
+        cpu["stream_cpu_ms_per_example"] = 1000 * (time.process_time() - c) / k
+        out["stream_examples_per_s"] = k / max(time.perf_counter() - t, 1e-9)
     for threads in (0, 1):
         it = data.iterator("train", batch_size, seed=0, shard_index=0, shard_count=1, num_threads=threads)
-        next(it)  # warm-up
+        next(it)  # warm-up (on the synthetic stream: builds or loads its first chunk)
         bps = _rate(lambda it=it: next(it), batches, cpu, f"iterator_t{threads}_cpu_ms_per_batch")
         out[f"iterator_t{threads}_batches_per_s"] = bps
         out[f"iterator_t{threads}_examples_per_s"] = bps * batch_size

@@ -12,8 +12,10 @@ from medscale.errors import UserError
 def register(sub, argv=()):
     p = sub.add_parser("data", help=BENCHMARKS["data"],
                        description="Builds (or loads from cache) the config's dataset, then times: raw reads "
-                                   "through tfds.data_source (PNG decode), 4M masking alone, and the grain "
-                                   "iterator end to end (synchronous and with its background thread).")
+                                   "through tfds.data_source (PNG decode; synthetic training scenes: rendered), 4M "
+                                   "masking alone, on synthetic data the training stream's cost of a new scene "
+                                   "(render + tokenise), and the grain iterator end to end (synchronous and with "
+                                   "its background thread).")
     p.add_argument("--config", default="tiny", help="config FILE[:ARG] (default: tiny)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: train.batch_size)")

@@ -50,15 +50,15 @@ def run_show(args):
     if not 0 <= args.index < len(ex):
         raise UserError(f"--index {args.index} is outside split {args.split!r} (0..{len(ex) - 1})")
     e = ex[args.index]
-    toks = data.tokens(args.split)
+    toks = data.tokens_of(args.split, [args.index])
     out = {"id": e["id"], "index": e["index"], "caption": e["caption"], "boxes": e["boxes"], "facts": e["facts"],
            "has_mask": e["mask"] is not None}
     for m in data.registry:
-        n = int(toks[m.name + "_len"][args.index])
-        out[f"tokens/{m.name}"] = toks[m.name][args.index][:n].tolist()
+        n = int(toks[m.name + "_len"][0])
+        out[f"tokens/{m.name}"] = toks[m.name][0][:n].tolist()
     if "caption" in toks:
-        n = int(toks["caption_len"][args.index])
-        out["caption_detokenized"] = data.detokenize("caption", toks["caption"][args.index][:n])
+        n = int(toks["caption_len"][0])
+        out["caption_detokenized"] = data.detokenize("caption", toks["caption"][0][:n])
     if args.json:
         print(json.dumps(out))
     else:

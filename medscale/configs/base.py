@@ -33,7 +33,9 @@ def get_config():
     c.data.data_dir = ""  # TFDS data_dir; empty: ~/.cache/medscale/tfds
     c.data.manual_dir = ""  # for real datasets the user downloaded
     c.data.subset = ""  # medmnist: FLAG or FLAG_SIZE (the .npz name); may be empty when manual_dir holds one
-    c.data.num_train = 10_000
+    c.data.num_train = 0  # synthetic training scenes: 0 = the unbounded stream (no scene seen twice); n > 0 = the
+    # first n scenes, cycled (a fixed-size set); real datasets read their whole train split
+    c.data.stream_chunk = 4096  # synthetic scenes per token-cache chunk of the training stream
     c.data.num_eval = 512
     c.data.image_size = 64
     c.data.patch_size = 8

@@ -9,7 +9,6 @@ from medscale.configs import base
 def get_config():
     c = base.get_config()
     c.model.size = "tiny"
-    c.data.num_train = 2_000
     c.data.num_eval = 128
     c.data.text_vocab = 512
     c.data.image_vocab = 128

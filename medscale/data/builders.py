@@ -24,11 +24,11 @@ import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-from medscale.data.synthetic import render_scene
+from medscale.data.synthetic import HELDOUT_BASE, render_scene
 
 log = logging.getLogger(__name__)
 
-VERSION = tfds.core.Version("1.1.0")  # 1.1.0: + meta
+VERSION = tfds.core.Version("2.0.0")  # 2.0.0: held-out splits only, from index HELDOUT_BASE
 
 
 def png_bytes(a: np.ndarray) -> bytes:
@@ -72,20 +72,21 @@ def make_example(index: int, image: np.ndarray, caption: str = "", mask: np.ndar
 
 
 class SyntheticMedConfig(tfds.core.BuilderConfig):
-    def __init__(self, *, image_size: int = 64, num_train: int = 10_000, num_eval: int = 512, seed: int = 0,
-                 **kw):
-        name = kw.pop("name", None) or f"s{image_size}_n{num_train}_e{num_eval}_seed{seed}"
+    def __init__(self, *, image_size: int = 64, num_eval: int = 512, seed: int = 0, **kw):
+        name = kw.pop("name", None) or f"s{image_size}_e{num_eval}_seed{seed}"
         super().__init__(name=name, version=VERSION, **kw)
-        self.image_size, self.num_train, self.num_eval, self.seed = image_size, num_train, num_eval, seed
+        self.image_size, self.num_eval, self.seed = image_size, num_eval, seed
 
 
 class SyntheticMed(tfds.core.GeneratorBasedBuilder):
-    """Procedural medical-like scenes (medscale.data.synthetic); splits train, validation, test."""
+    """Procedural medical-like scenes (medscale.data.synthetic): the held-out splits validation and test. The
+    training examples are the stream of scenes ``0, 1, 2, ...`` (``medscale.data.stream``), tokenised without
+    going through TFDS; the held-out splits start at index ``HELDOUT_BASE``, beyond any training stream."""
 
     VERSION = VERSION
     code_path = None  # TFDS looks for checksum files next to the code via importlib_resources; none here
-    BUILDER_CONFIGS = [  # noqa: RUF012 (the TFDS API)SyntheticMedConfig(image_size=64), SyntheticMedConfig(image_size=128),
-                       SyntheticMedConfig(image_size=224)]
+    BUILDER_CONFIGS = []  # noqa: RUF012 (the TFDS API) every config is made from cfg.data (pipeline.make_builder);
+    # a listed one would clash with the custom config of the same name
 
     def _info(self):
         return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
@@ -93,10 +94,9 @@ class SyntheticMed(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         c = self.builder_config
-        # disjoint index ranges per split
-        return {"train": self._generate_examples(0, c.num_train),
-                "validation": self._generate_examples(c.num_train, c.num_eval),
-                "test": self._generate_examples(c.num_train + c.num_eval, c.num_eval)}
+        # disjoint index ranges per split, all beyond the training stream
+        return {"validation": self._generate_examples(HELDOUT_BASE, c.num_eval),
+                "test": self._generate_examples(HELDOUT_BASE + c.num_eval, c.num_eval)}
 
     def _generate_examples(self, start: int, count: int):
         c = self.builder_config

@@ -101,6 +101,11 @@ class Masker:
         gaps = bins + np.concatenate([[0], np.ones(s - 1, int), [0]])
         return masked, gaps
 
+    def span_sizes(self, n: int, a: int, b: int) -> tuple[int, int]:
+        """(masked tokens k, spans s) of span masking a sequence of ``n >= 2`` tokens under budgets a, b > 0."""
+        k = min(max(round(n * b / (a + b)), 1), n - 1)
+        return k, min(max(round(k / self.mean_span), 1), k, self.num_sentinels, n - k + 1)
+
     def _sequence(self, rng, x: np.ndarray, a: int, b: int):
         """Input and target token lists of one sequence under budgets a (input), b (target)."""
         n = len(x)
@@ -108,8 +113,7 @@ class Masker:
             return [], (x.tolist() + [EOS])[:b]
         if b == 0:
             return x[:a], []
-        k = min(max(round(n * b / (a + b)), 1), n - 1)
-        s = min(max(round(k / self.mean_span), 1), k, self.num_sentinels, n - k + 1)
+        k, s = self.span_sizes(n, a, b)
         masked, gaps = (v.tolist() for v in self._spans(rng, n, k, s))
         x = x.tolist()
         inp, tgt, p = [], [], 0
@@ -125,7 +129,11 @@ class Masker:
         return inp[:a], tgt[:b]
 
     # ------------------------------------------------------------------ main entry
-    def __call__(self, ex: dict, rng: np.random.Generator) -> dict:
+    def __call__(self, ex: dict, rng: np.random.Generator, budgets: list | None = None) -> dict:
+        """A batch of the examples ``ex``. ``budgets``, when given a list, receives per example ``{sequence
+        name: (input budget, target budget)}`` (0: not an input / not a target; the input budget before it is
+        cut to the sequence's length) of its present sequences: what ``medscale.data.entropy`` needs to bound
+        the loss of the batch's sequence targets."""
         M = len(self.mods)
         B = int(np.asarray(ex[self.names[0] + "_len"]).shape[0])
         lens = np.stack([np.asarray(ex[n + "_len"]).astype(np.int64) for n in self.names], 1)  # [B, M]
@@ -152,10 +160,13 @@ class Masker:
         out = self._empty(B)
         L, I, O, WI, WO, A, Bb = (x.tolist() for x in (lens, in_c, out_c, w_in, w_out, a_all, b_all))
         for i in range(B):
-            self._one(ex, i, L[i], I[i], O[i], WI[i], WO[i], A[i], Bb[i], orders, rng, out)
+            rec = {} if budgets is not None else None
+            self._one(ex, i, L[i], I[i], O[i], WI[i], WO[i], A[i], Bb[i], orders, rng, out, rec)
+            if rec is not None:
+                budgets.append(rec)
         return out
 
-    def _one(self, ex, i, lens, in_c, out_c, w_in, w_out, a_all, b_all, orders, rng, out):
+    def _one(self, ex, i, lens, in_c, out_c, w_in, w_out, a_all, b_all, orders, rng, out, rec=None):
         enc_parts, dec_parts = {}, {}
         used_in = used_out = 0
         for m, (name, kind, maxt) in enumerate(self.mods):
@@ -164,6 +175,8 @@ class Masker:
             x = ex[name][i][: min(lens[m], maxt)]
             a = min(a_all[m], len(x)) if in_c[m] else 0
             b = min(b_all[m], maxt) if out_c[m] else 0  # positions stay below max_tokens
+            if rec is not None:
+                rec[name] = (int(a_all[m]) if in_c[m] else 0, int(b))
             inp, tgt = self._sequence(rng, x, a, b)
             if len(inp):
                 enc_parts[m] = (np.asarray(inp, np.int32), np.arange(len(inp)))

@@ -11,6 +11,11 @@ Everything built is cached under ``cfg.data.data_dir`` (default ``~/.cache/medsc
 ``tokenizers/<dataset>/`` (artifacts named by their settings, holding their content hash) and
 ``tokens/<dataset>/<split>-<tokenizers hash>.npz``. Each is built under a file lock and written to a temporary
 name then renamed, so concurrent processes build it once and never read half a file.
+
+Synthetic data (``synthetic_med``) trains on a stream of scenes ``0, 1, 2, ...`` tokenised in chunks that grow on
+demand (``medscale.data.stream``; ``tokens/synthetic_med_s<S>_seed<seed>/train-<hash>-...-x<chunk>/``):
+``data.num_train = 0`` (the default) reads it without end, never repeating a scene; ``data.num_train = n`` cycles
+over its first ``n`` scenes. Its held-out splits are TFDS splits of scenes from index ``HELDOUT_BASE`` on.
 """
 
 from __future__ import annotations
@@ -28,9 +33,12 @@ import numpy as np
 from medscale import modalities, rundir
 from medscale.configs import spec_from_config
 from medscale.data import real
+from medscale.data import stream as scene_stream
+from medscale.data.builders import VERSION as SYNTHETIC_VERSION
 from medscale.data.builders import SyntheticMed, SyntheticMedConfig
 from medscale.data.masking import Masker
 from medscale.data.registry import Tokenizers, build_registry, tokenizer_order
+from medscale.data.synthetic import HELDOUT_BASE
 from medscale.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -78,8 +86,8 @@ def _make_builder(dcfg, root: str):
     name = dcfg.dataset
     tfds_dir = os.path.join(root, "tfds")
     if name == "synthetic_med":
-        cfg = SyntheticMedConfig(image_size=int(dcfg.image_size), num_train=int(dcfg.num_train),
-                                 num_eval=int(dcfg.num_eval), seed=int(dcfg.get("data_seed", 0)))
+        cfg = SyntheticMedConfig(image_size=int(dcfg.image_size), num_eval=int(dcfg.num_eval),
+                                 seed=int(dcfg.get("data_seed", 0)))
         return SyntheticMed(config=cfg, data_dir=tfds_dir, file_format="array_record")
     if name in ("roco", "rocov2", "medmnist"):
         return real.make_real_builder(name, dcfg, tfds_dir)
@@ -166,6 +174,25 @@ def index_dataset(n: int, batch_size: int, seed: int, shard_index: int, shard_co
     return ds.shuffle(seed=int(seed)).repeat(None).batch(batch_size, drop_remainder=True)
 
 
+def stream_dataset(batch_size: int, shard_index: int, shard_count: int):
+    """grain: this shard's positions in the unbounded stream (``shard_index::shard_count`` of ``0, 1, 2, ...``),
+    in batches of ``batch_size``; ``stream.stream_order`` turns positions into scene indices."""
+    import grain
+
+    ds = grain.MapDataset.range(HELDOUT_BASE)[shard_index::shard_count]
+    return ds.batch(batch_size, drop_remainder=True)
+
+
+def unique_examples(n: int | None, seen: int, shard_count: int = 1) -> int:
+    """Distinct examples among the first ``seen`` (all shards together, ``seen / shard_count`` each) that the
+    iterators of ``shard_count`` shards give: all of them on the unbounded stream (``n`` None), else per shard
+    the smaller of its share of the ``n`` examples and what it read (an epoch visits each example once)."""
+    if n is None:
+        return int(seen)
+    per = int(seen) // int(shard_count)
+    return sum(min(len(range(s, int(n), int(shard_count))), per) for s in range(int(shard_count)))
+
+
 class DataIterator:
     """Endless deterministic batches; ``get_state()`` / ``set_state()`` (JSON-serialisable)."""
 
@@ -173,24 +200,40 @@ class DataIterator:
                  shard_count: int, num_threads: int = 1, prefetch: int = 4):
         import grain
 
-        tokens = data.tokens(split)
-        n = _count(tokens)
+        stream = data.stream if data._split(split) == "train" else None
+        if stream is None:
+            tokens = data.tokens(split)
+            n = _count(tokens)
+
+            def gather(idx):
+                return {k: v[idx] for k, v in tokens.items()}
+        else:
+            n = stream.limit  # None: the unbounded stream
+            names = [m.name for m in data.registry]
+
+            def gather(idx):
+                return stream.gather(idx, names)
         if not 0 <= shard_index < shard_count:
             raise UserError(f"shard_index {shard_index} must be in [0, shard_count={shard_count})")
-        if n // shard_count == 0:
+        if n is not None and n // shard_count == 0:
             raise UserError(f"split {split!r} has {n} examples: too few for {shard_count} shards")
         if batch_size <= 0:
             raise UserError(f"batch_size must be positive, got {batch_size}")
         self.ident = {"split": split, "batch_size": int(batch_size), "seed": int(seed),
                       "shard_index": int(shard_index), "shard_count": int(shard_count),
                       "tokens": data.tokenizers.hash}
+        if stream is not None:
+            self.ident.update(examples=n or 0, chunk=stream.chunk)
         masker = data.masker
+        order = (lambda pos: scene_stream.stream_order(pos, seed, stream.chunk)) if n is None else (lambda i: i)
 
         def gather_and_mask(i, idx):
-            return masker({k: v[idx] for k, v in tokens.items()},
-                          np.random.default_rng([int(seed), int(shard_index), int(i), 0x3D]))
+            return masker(gather(order(idx)), np.random.default_rng([int(seed), int(shard_index), int(i), 0x3D]))
 
-        ds = index_dataset(n, batch_size, seed, shard_index, shard_count)
+        if n is None:
+            ds = stream_dataset(batch_size, shard_index, shard_count)
+        else:
+            ds = index_dataset(n, batch_size, seed, shard_index, shard_count)
         ds = ds.map_with_index(gather_and_mask)
         # one background thread keeps a few batches ready (masking is Python; the trainer's device work
         # releases the GIL); grain's default (16 threads, 500 elements ahead) would mask hundreds of batches
@@ -225,6 +268,17 @@ class Data:
         self.builder = prepare_builder(make_builder(self.dcfg, self.root), self.root, progress)
         self.key = f"{self.builder.name}/{self.builder.builder_config.name}/{self.builder.version}"
         self.image_size = int(self.dcfg.image_size)
+        self.synthetic = self.dcfg.dataset == "synthetic_med"
+        num_train = self.dcfg.get("num_train") or 0
+        if int(num_train) < 0:
+            raise UserError(f"data.num_train must be >= 0 (0: the unbounded synthetic stream), not {num_train}")
+        self.num_train = int(num_train) or None  # synthetic: None = the unbounded stream
+        self.stream_chunk = int(self.dcfg.get("stream_chunk", 4096))
+        if self.stream_chunk <= 0:
+            raise UserError(f"data.stream_chunk must be positive, not {self.stream_chunk}")
+        # tokenizers and the training stream depend on the scenes, not on the held-out splits' size
+        self.stream_key = (f"synthetic_med/s{self.image_size}_seed{int(self.dcfg.get('data_seed', 0))}/"
+                           f"{SYNTHETIC_VERSION}") if self.synthetic else self.key
         self._sources, self._tokens = {}, {}
         self.stats: dict = {}
         skipped = self.builder.info.metadata.get("skipped") if self.builder.info.metadata else None
@@ -233,6 +287,14 @@ class Data:
             log.warning("dataset %s skipped examples when it was built: %s", self.key, skipped)
         self.tokenizers = self._tokenizers()
         self.registry = build_registry(spec, self.tokenizers)
+        self.stream = None
+        if self.synthetic:
+            directory = os.path.join(self.root, "tokens", self.stream_key.replace("/", "_"),
+                                     f"train-{self._tokens_key()}-x{self.stream_chunk}")
+            self.stream = scene_stream.TokenStream(directory, int(self.dcfg.get("data_seed", 0)), self.image_size,
+                                                   self.stream_chunk, self.tokenizers, self._sizes(), file_lock,
+                                                   limit=self.num_train)
+        self._floors: dict = {}
         self.masker = Masker([(m.name, m.kind, m.max_tokens) for m in self.registry], spec.enc_len, spec.dec_len,
                              alpha=float(self.dcfg.dirichlet_alpha), mixture=self.dcfg.mixture,
                              num_sentinels=int(self.dcfg.get("num_sentinels", 16)), sentinel_base=4)
@@ -251,23 +313,37 @@ class Data:
     def source(self, split: str):
         split = self._split(split)
         if split not in self._sources:
-            self._sources[split] = self.builder.as_data_source(split=split)
+            if self.synthetic and split == "train":  # rendered on access
+                self._sources[split] = scene_stream.SceneExamples(int(self.dcfg.get("data_seed", 0)),
+                                                                  self.image_size, self.num_train or HELDOUT_BASE)
+            else:
+                self._sources[split] = self.builder.as_data_source(split=split)
         return self._sources[split]
 
-    def _split(self, split: str) -> str:
+    @property
+    def splits(self) -> list[str]:
+        """The dataset's splits (synthetic: the training stream ``train`` and the held-out TFDS splits)."""
         names = list(self.builder.info.splits.keys())
+        return ["train", *names] if self.synthetic and "train" not in names else names
+
+    def _split(self, split: str) -> str:
+        names = self.splits
         if split not in names:
             raise UserError(f"split {split!r} not in dataset {self.key}; splits: {', '.join(names)}")
         return split
 
     def examples(self, split: str) -> Examples:
-        return Examples(self.source(split))
+        src = self.source(split)
+        return src if isinstance(src, scene_stream.SceneExamples) else Examples(src)
 
     # ------------------------------------------------------------------ tokenizers
     def _artifact(self, name: str) -> str:
-        return os.path.join(self.root, "tokenizers", self.key.replace("/", "_"), name)
+        return os.path.join(self.root, "tokenizers", self.stream_key.replace("/", "_"), name)
 
     def _train_examples(self, limit: int):
+        if self.synthetic:  # the stream's first scenes (a fixed-size set's own when it is smaller)
+            ex = self.examples("train")
+            return [ex[i] for i in range(min(limit, len(ex)))]
         ex = self.examples("train")
         idx = np.linspace(0, len(ex) - 1, num=min(limit, len(ex))).astype(int)
         return [ex[i] for i in np.unique(idx)]
@@ -304,8 +380,12 @@ class Data:
         if split in self._tokens:
             return self._tokens[split]
         sizes = self._sizes()
-        lengths = "-".join(f"{m.name[0]}{sizes[m.name]}" for m in modalities.registered() if m.kind == "sequence")
-        key = f"{self.tokenizers.hash}-{lengths}-v2"  # e.g. HASH-c64-b32-v2
+        wanted = {m.name for m in self.registry}
+        if split == "train" and self.stream is not None:
+            arrays, self.stats[split] = self.stream.prefix(self.num_train or self.stream_chunk)
+            self._tokens[split] = {k: v for k, v in arrays.items() if k.removesuffix("_len") in wanted}
+            return self._tokens[split]
+        key = self._tokens_key()
         path = os.path.join(self.root, "tokens", self.key.replace("/", "_"), f"{split}-{key}.npz")
         with file_lock(path + ".lock"):
             if not os.path.exists(path) or not _holds(path, sizes):  # the key names sequences by first letter
@@ -318,10 +398,23 @@ class Data:
             self.stats[split] = json.loads(str(z["stats"]))
         if self.stats[split].get("truncated_caption") or self.stats[split].get("empty_caption"):
             log.info("tokens %s: %s", split, self.stats[split])
-        wanted = {m.name for m in self.registry}
         arrays = {k: v for k, v in arrays.items() if k.removesuffix("_len") in wanted}
         self._tokens[split] = arrays
         return arrays
+
+    def tokens_of(self, split: str, indices) -> dict:
+        """Token arrays (``name``, ``name_len``) of the examples ``indices`` of ``split`` (on the synthetic
+        stream: any scene, its chunk built if need be)."""
+        idx = np.asarray(indices, np.int64)
+        if self._split(split) == "train" and self.stream is not None:
+            return self.stream.gather(idx, [m.name for m in self.registry])
+        return {k: v[idx] for k, v in self.tokens(split).items()}
+
+    def _tokens_key(self) -> str:
+        """The token caches' key: the tokenizers' hash and the sequences' lengths (``HASH-c64-b32-v2``)."""
+        sizes = self._sizes()
+        lengths = "-".join(f"{m.name[0]}{sizes[m.name]}" for m in modalities.registered() if m.kind == "sequence")
+        return f"{self.tokenizers.hash}-{lengths}-v2"
 
     def _sizes(self) -> dict:
         """Tokens per example of every registered modality (image-like: the patch grid)."""
@@ -332,46 +425,21 @@ class Data:
     def _tokenize(self, split: str, sizes: dict):
         ex = self.examples(split)
         n = len(ex)
-        mods = modalities.registered()
-        out = {}
-        for m in mods:
-            out[m.name] = np.zeros((n, sizes[m.name]), np.int32)
-            out[m.name + "_len"] = np.zeros(n, np.int32)
-        stats = {"examples": n}
-        for m in mods:
-            if m.absent_stat:
-                stats[m.absent_stat] = 0
-            if m.kind == "sequence":
-                stats[f"truncated_{m.name}"] = 0
         chunk = 1024
         from tqdm import tqdm
 
+        parts = []
         bar = tqdm(total=n, desc=f"tokenizing {split}", unit="ex", disable=not self.progress, file=sys.stderr)
         for s in range(0, n, chunk):
             bar.update(min(chunk, n - s))
-            recs = [ex[i] for i in range(s, min(n, s + chunk))]
-            for m in mods:
-                values = [m.value(r) for r in recs]
-                has = [j for j, v in enumerate(values) if v is not None]
-                if m.absent_stat:
-                    stats[m.absent_stat] += len(recs) - len(has)
-                tok = self.tokenizers.get(m.tokenizer_name)
-                if not has or tok is None:
-                    continue
-                ids = m.encode_values(tok, [values[j] for j in has], self.image_size)
-                rows = [s + j for j in has]
-                if m.kind == "image":
-                    out[m.name][rows] = ids
-                    out[m.name + "_len"][rows] = sizes[m.name]
-                    continue
-                room = sizes[m.name] - 1  # room for </s> within max_tokens
-                for i, t in zip(rows, ids):
-                    if len(t) > room:
-                        stats[f"truncated_{m.name}"] += 1
-                    t = t[:room]
-                    out[m.name][i, :len(t)] = t
-                    out[m.name + "_len"][i] = len(t)
+            parts.append(scene_stream.tokenize_records([ex[i] for i in range(s, min(n, s + chunk))],
+                                                       self.tokenizers, sizes, self.image_size))
         bar.close()
+        if not parts:
+            parts.append(scene_stream.tokenize_records([], self.tokenizers, sizes, self.image_size))
+        flags = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        stats = scene_stream.stats_of(flags)
+        out = {k: v for k, v in flags.items() if not k.endswith(("_absent", "_truncated"))}
         return out, stats
 
     # ------------------------------------------------------------------ batches
@@ -396,6 +464,51 @@ class Data:
             idx = np.arange(b * batch_size, (b + 1) * batch_size) % n
             out.append(self.masker({k: v[idx] for k, v in arrays.items()}, np.random.default_rng([seed, b])))
         return out
+
+    def caption_entropy_floor(self, split: str = "validation", batch_size: int = 16, num_batches: int = 4,
+                              seed: int = EVAL_MASK_SEED) -> float | None:
+        """The caption loss's floor in nats per caption token on the batches :meth:`eval_batches` gives for
+        the same arguments (``medscale.data.entropy.masked_floor``; docs/data.md): the grammar's irreducible
+        entropy of the targets over their expected tokens. None without synthetic facts or a caption modality."""
+        key = (split, int(batch_size), int(num_batches), int(seed))
+        if key in self._floors:
+            return self._floors[key]
+        floor = None
+        names = [m.name for m in self.registry]
+        if self.synthetic and "caption" in names and self.tokenizers.text is not None:
+            from medscale.data import entropy
+
+            arrays, ex = self.tokens(split), self.examples(split)
+            n = _count(arrays)
+            facts, budgets = [], []
+            for b in range(num_batches):
+                idx = np.arange(b * batch_size, (b + 1) * batch_size) % n
+                self.masker({k: v[idx] for k, v in arrays.items()}, np.random.default_rng([seed, b]), budgets)
+                facts.extend(ex[int(i)]["facts"] for i in idx)
+            floor = entropy.masked_floor(facts, budgets, self.tokenizers.text, self.modality("caption").max_tokens,
+                                         self.masker)
+        self._floors[key] = floor
+        return floor
+
+    def caption_target_floor(self, split: str = "validation") -> dict | None:
+        """The floor of whole captions as targets on ``split`` (``medscale.data.entropy.target_floor``): nats
+        per caption, tokens per caption (``</s>`` included) and nats per token. None without synthetic facts."""
+        names = [m.name for m in self.registry]
+        if not (self.synthetic and "caption" in names and self.tokenizers.text is not None):
+            return None
+        from medscale.data import entropy
+
+        return entropy.target_floor([e["facts"] for e in self.examples(split)], self.tokenizers.text,
+                                    self.modality("caption").max_tokens)
+
+    def record(self, examples_seen: int, shard_count: int = 1, caption_floor: float | None = None) -> dict:
+        """A run's data record (its summary's ``data``): the source (``synthetic`` or the dataset's name), the
+        distinct training examples among the ``examples_seen`` it read, the epochs (seen / distinct) and the
+        caption entropy floor (:meth:`caption_entropy_floor`)."""
+        n = self.num_train if self.synthetic else len(self.source("train"))
+        unique = unique_examples(n, int(examples_seen), int(shard_count))
+        return {"source": "synthetic" if self.synthetic else str(self.dcfg.dataset), "unique_examples": unique,
+                "epochs": float(examples_seen) / unique if unique else 0.0, "caption_entropy_floor": caption_floor}
 
     def task_batch(self, split: str, indices, inputs=("image",), targets=("caption",)) -> dict:
         """A deterministic batch for generation/evaluation: all tokens of ``inputs`` in the encoder, every
@@ -431,8 +544,11 @@ def prepare_report(cfg, spec=None, progress: bool = False, held_out: int = 256) 
     segmentation reconstruction on held-out examples, token statistics and skipped examples."""
     data = build_data(cfg, spec, progress=progress)
     out = {"dataset": data.key, "cache": data.root, "tokenizers_hash": data.tokenizers.hash}
-    splits = list(data.builder.info.splits.keys())
+    splits = data.splits
     out["examples"] = {s: len(data.source(s)) for s in splits}
+    if data.stream is not None:  # the synthetic training stream: unbounded, or its first num_train scenes
+        out["examples"]["train"] = data.num_train or "unbounded"
+        out["stream_chunk"] = data.stream_chunk
     for s in splits:
         data.tokens(s)
     out["token_stats"] = {s: data.stats[s] for s in splits}
@@ -456,6 +572,9 @@ def prepare_report(cfg, spec=None, progress: bool = False, held_out: int = 256) 
         out["image_vq"]["lesion_contrast_kept"] = lesion_contrast_kept(tok.image, sel, data.image_size)
     toks = data.tokens("train")
     out["mean_tokens_per_example"] = {m.name: float(np.mean(toks[m.name + "_len"])) for m in data.registry}
+    floor = data.caption_target_floor(held)
+    if floor is not None:
+        out["caption_entropy"] = {k: round(v, 5) for k, v in floor.items()}
     return out
 
 

@@ -52,6 +52,7 @@ STYLE_TABLE = {
 }
 SIZE_RADIUS = {"small": (0.030, 0.045), "medium": (0.055, 0.075), "large": (0.085, 0.11)}
 MM_PER_IMAGE = 320.0  # the field of view: an image is 320 mm wide whatever its pixel size
+HELDOUT_BASE = 10**12  # held-out scenes (validation, test) have indices from here on; training scenes below
 
 
 def _vertical(y: float) -> str:
@@ -72,7 +73,10 @@ def location_words(cx: float, cy: float) -> str:
 
 def _blur(img: np.ndarray, passes: int) -> np.ndarray:
     for _ in range(passes):
-        p = np.pad(img, 1, mode="edge")
+        p = np.empty((img.shape[0] + 2, img.shape[1] + 2), img.dtype)  # edge padding (np.pad's "edge", faster)
+        p[1:-1, 1:-1] = img
+        p[0, 1:-1], p[-1, 1:-1] = img[0], img[-1]
+        p[:, 0], p[:, -1] = p[:, 1], p[:, -2]
         img = (p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:] + 4 * p[1:-1, 1:-1]) / 8.0
     return img
 
@@ -83,6 +87,36 @@ def _ellipse(xx, yy, cx, cy, rx, ry, ang):
     u = (dx * c + dy * s) / rx
     v = (-dx * s + dy * c) / ry
     return u * u + v * v
+
+
+def _box(S: int, cx: float, cy: float, hx: float, hy: float) -> tuple[slice, slice]:
+    """Rows and columns of the pixels whose centres lie within ``hx``, ``hy`` of ``(cx, cy)`` (fractions of the
+    image), with a pixel to spare: pixels outside it are outside any shape of those half-extents."""
+    def span(c, h):
+        return slice(max(0, math.floor((c - h) * S - 0.5) - 1), min(S, math.ceil((c + h) * S - 0.5) + 2))
+
+    return span(cy, hy), span(cx, hx)
+
+
+def _ellipse_in(xx, yy, cx, cy, rx, ry, ang):
+    """(box, :func:`_ellipse` over the box): the ellipse computed only in its bounding box, the same values there
+    (elementwise arithmetic) for a fraction of the work; every pixel outside the box is outside the ellipse."""
+    c, s = math.cos(ang), math.sin(ang)
+    box = _box(xx.shape[0], cx, cy, math.hypot(rx * c, ry * s), math.hypot(rx * s, ry * c))
+    return box, _ellipse(xx[box], yy[box], cx, cy, rx, ry, ang)
+
+
+_GRIDS: dict = {}
+
+
+def _grid(S: int):
+    """(yy, xx) pixel-centre coordinates of an S x S image (fractions), shared and read-only."""
+    if S not in _GRIDS:
+        coords = (np.arange(S, dtype=np.float32) + 0.5) / S
+        yy, xx = np.meshgrid(coords, coords, indexing="ij")
+        yy.flags.writeable = xx.flags.writeable = False
+        _GRIDS[S] = (yy, xx)
+    return _GRIDS[S]
 
 
 class Scene(dict):
@@ -97,8 +131,7 @@ def render_scene(seed: int, index: int, size: int = 64) -> Scene:
     style = STYLES[rng.integers(3)]
     region = REGIONS[rng.integers(3)]
     tab = STYLE_TABLE[style]
-    coords = (np.arange(S, dtype=np.float32) + 0.5) / S
-    yy, xx = np.meshgrid(coords, coords, indexing="ij")
+    yy, xx = _grid(S)
     mask = np.zeros((S, S), np.uint8)
     img = np.full((S, S), tab["background"], np.float32)
 
@@ -117,10 +150,11 @@ def render_scene(seed: int, index: int, size: int = 64) -> Scene:
         cy = bcy - bry + 2 * bry * (fy + rng.uniform(-0.03, 0.03))
         rx = 2 * brx * frx * rng.uniform(0.85, 1.15)
         ry = 2 * bry * fry * rng.uniform(0.85, 1.15)
-        inside = (_ellipse(xx, yy, cx, cy, rx, ry, ang + rng.uniform(-0.15, 0.15)) <= 1.0) & body
-        mask[inside] = 2
+        box, d = _ellipse_in(xx, yy, cx, cy, rx, ry, ang + rng.uniform(-0.15, 0.15))
+        inside = (d <= 1.0) & body[box]
+        mask[box][inside] = 2
         level = tab["organ"][k % 3] + rng.uniform(-0.05, 0.05)
-        img[inside] = level
+        img[box][inside] = level
         organ_regions.append((name, cx, cy, rx, ry, level))
 
     # lesions: placed inside organs (mostly) or the body
@@ -146,25 +180,29 @@ def render_scene(seed: int, index: int, size: int = 64) -> Scene:
     boxes, facts_lesions = [], []
     for le in lesions:
         r, cx, cy = le["r"], le["cx"], le["cy"]
+        # each shape computed in its bounding box only (pixels outside it are outside the shape)
         if le["shape"] == "round":
-            d = _ellipse(xx, yy, cx, cy, r, r, 0.0)
+            box, d = _ellipse_in(xx, yy, cx, cy, r, r, 0.0)
         elif le["shape"] == "oval":
-            d = _ellipse(xx, yy, cx, cy, r * 1.45, r * 0.7, rng.uniform(0, math.pi))
-        else:  # irregular: lobulated radius
-            ang = np.arctan2(yy - cy, xx - cx)
+            box, d = _ellipse_in(xx, yy, cx, cy, r * 1.45, r * 0.7, rng.uniform(0, math.pi))
+        else:  # irregular: lobulated radius (at most 1.5 r)
+            box = _box(S, cx, cy, 1.5 * r, 1.5 * r)
+            bx, by = xx[box], yy[box]
+            ang = np.arctan2(by - cy, bx - cx)
             k, ph = int(rng.integers(3, 6)), rng.uniform(0, 2 * math.pi)
             rr = r * (1.0 + 0.35 * np.sin(k * ang + ph) + 0.15 * np.sin((k + 2) * ang + 2 * ph))
-            d = ((xx - cx) ** 2 + (yy - cy) ** 2) / (rr * rr)
+            d = ((bx - cx) ** 2 + (by - cy) ** 2) / (rr * rr)
         inside = d <= 1.0
         if not inside.any():
             continue
         host_level = le["host"][5]
         delta = rng.uniform(0.2, 0.35)
         level = min(host_level + delta, 1.0) if le["intensity"] == "bright" else max(host_level - delta, 0.0)
-        img[inside] = level * (1.0 - 0.15 * np.clip(1.0 - d[inside], 0, 1)) if le["intensity"] == "dark" \
-            else level
-        mask[inside] = 3
+        img[box][inside] = level * (1.0 - 0.15 * np.clip(1.0 - d[inside], 0, 1)) \
+            if le["intensity"] == "dark" else level
+        mask[box][inside] = 3
         ys, xs = np.nonzero(inside)
+        ys, xs = ys + box[0].start, xs + box[1].start
         boxes.append(("lesion", int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
         mm = round(2 * r * MM_PER_IMAGE / 5.0) * 5
         facts_lesions.append({"size": le["size"], "shape": le["shape"], "intensity": le["intensity"],

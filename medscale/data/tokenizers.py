@@ -48,8 +48,11 @@ def _sha(*parts: bytes) -> str:
 
 
 def _limit(dcfg) -> int:
-    """Training examples the tokenizers learn from (``data.tokenizer_examples``); part of artifact names."""
-    return int(dcfg.get("tokenizer_examples", 2000))
+    """Training examples the tokenizers learn from (``data.tokenizer_examples``; synthetic data: the stream's
+    first ones, no more than a fixed-size set's ``data.num_train``); part of artifact names."""
+    limit = int(dcfg.get("tokenizer_examples", 2000))
+    n = int(dcfg.get("num_train") or 0)
+    return min(limit, n) if dcfg.get("dataset", "synthetic_med") == "synthetic_med" and n > 0 else limit
 
 
 # ----------------------------------------------------------------------------------------------- text

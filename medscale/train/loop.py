@@ -314,8 +314,9 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
     state["data"] = data  # reused by the task evaluation at the end of the run
     seed = int(cfg.seed)
     it = data.iterator("train", bs // jax.process_count(), seed, jax.process_index(), jax.process_count())
-    eval_host = list(data.eval_batches("validation", eval_batch_size(cfg) // jax.process_count(),
-                                       int(cfg.train.eval_batches)))
+    ebs = eval_batch_size(cfg) // jax.process_count()
+    eval_host = list(data.eval_batches("validation", ebs, int(cfg.train.eval_batches)))
+    state["caption_floor"] = data.caption_entropy_floor("validation", ebs, int(cfg.train.eval_batches))
 
     mgr = rundir.checkpoint_manager(workdir)
     start = 0
@@ -495,6 +496,14 @@ def _final_rows_from_metrics(rows, steps, names, state):
     state["logged_step_times"] = [r["step_s"] for r in rows if r.get("kind") == "train" and r.get("step_s")]
 
 
+def _data_record(cfg, state, steps_done):
+    """The summary's ``data``: source, distinct training examples, epochs, caption entropy floor (docs/data.md)."""
+    data = state.get("data")
+    if data is None:
+        return None
+    return data.record(int(steps_done) * int(cfg.train.batch_size), jax.process_count(), state.get("caption_floor"))
+
+
 def _write_summary(cfg, cfg_dict, workdir, spec, steps, state, record, t_start):
     step_done = state.get("steps_done", state.get("final_train", {}).get("step", 0)) or 0
     tps = state.get("tokens_per_step") or spec.dec_len
@@ -530,6 +539,7 @@ def _write_summary(cfg, cfg_dict, workdir, spec, steps, state, record, t_start):
         "final_eval_loss_by_modality": {n: eval_row.get(f"loss/{n}") for n in names},
         "task_metrics": {},
         "loss_scale": state.get("loss_scale"), "skipped_steps": state.get("skipped_steps"),
+        "data": _data_record(cfg, state, step_done),
     }
     summary.update(state.get("extra") or {})
     rundir.write_json(rundir.path(workdir, rundir.SUMMARY), summary)
