@@ -16,7 +16,7 @@ def get_config():
     c = ml_collections.ConfigDict()
     c.name = "dgx1_isoflop"
     c.base = "base"
-    c.set = ["train.batch_size=1024", "data.num_train=200000", "model.dtype=float16"]  # V100: fp16 tensor cores
+    c.set = ["train.batch_size=1024", "model.dtype=float16"]  # V100: fp16 tensor cores
     c.design = "isoflop"
     c.sizes = ["xxs", "xs", "small", "medium", "base", "large", "xl"]
     c.enc_lens = [128, 256]

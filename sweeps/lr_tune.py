@@ -18,7 +18,7 @@ def get_config():
     c = ml_collections.ConfigDict()
     c.name = "lr_tune"
     c.base = "tiny"
-    c.set = ["data.num_train=20000", "train.task_eval_examples=0", "train.eval_batch_size=32",
+    c.set = ["data.num_train=0", "train.task_eval_examples=0", "train.eval_batch_size=32",
              "train.eval_batches=4"]
     c.design = "grid"
     c.sizes = SIZES

@@ -31,7 +31,7 @@ def get_config(technique: str = "dense"):
     c = ml_collections.ConfigDict()
     c.name = f"seqlen-{technique}"
     c.base = "tiny"
-    c.set = ["data.image_size=128", "data.patch_size=8", "data.num_train=4000", "train.batch_size=16",
+    c.set = ["data.image_size=128", "data.patch_size=8", "train.batch_size=16",
              *TECHNIQUES[technique]]
     c.design = "isoflop"
     c.sizes = ["d64l2"]

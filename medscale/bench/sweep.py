@@ -26,7 +26,7 @@ def bench_definition(name: str = "bench"):
     c = ml_collections.ConfigDict()
     c.name = name
     c.base = "tiny"
-    c.set = ["train.batch_size=8", "data.num_train=256", "data.num_eval=32", "train.eval_batches=2",
+    c.set = ["train.batch_size=8", "data.num_eval=32", "train.eval_batches=2",
              "train.log_every=10", "train.task_eval_examples=8"]
     c.design = "grid"
     c.sizes = ["d32l1", "d64l1", "d64l2"]

@@ -104,6 +104,7 @@ def failed_summary(run: Run, error: str, workdir: str) -> dict:
         "final_train_loss": last.get("loss"),
         "final_eval_loss": None, "final_train_loss_by_modality": {}, "final_eval_loss_by_modality": {},
         "task_metrics": {}, "loss_scale": last.get("loss_scale"), "skipped_steps": last.get("skipped_steps"),
+        "data": None,
     }
 
 
