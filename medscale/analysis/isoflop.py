@@ -248,6 +248,7 @@ def bootstrap(points, base: dict, n_boot: int, seed: int = 0, counts=None) -> di
     Returns {method: {"a", "b", "k_n", "k_d"}: arrays (B,)} and "_degenerate": per draw and group whether a group
     that has a parabola minimum in the full fit lost it in the draw (fewer than 3 distinct sizes drawn, or the
     parabola has no minimum inside the drawn sizes), with the reasons counted per group."""
+    # resample groups runs with assign_groups above: imported here, a cycle at the top
     from medscale.analysis import resample
 
     gid = base["_gid"]

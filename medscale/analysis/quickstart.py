@@ -32,7 +32,7 @@ BATCHES = [4, 4, 16, 16, 64]  # per budget: the batch grows with the run in thre
 # compiles its own train step), every size of a budget shares it
 # the peak learning rate of width d: LR_REF x (D_REF / d) ** LR_EXPONENT, fitted to the best rates of
 # sweeps/lr_tune.py (results/lr_tune; docs/sweep.md, "Learning rates")
-LR_REF, D_REF, LR_EXPONENT = 7.5e-3, 64, 1.0
+LR_REF, D_REF, LR_EXPONENT = 7.14e-3, 64, 0.83
 
 
 def lr_for(d_model: int) -> float:
