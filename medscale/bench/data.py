@@ -7,6 +7,7 @@ import time
 import numpy as np
 
 from medscale.data.pipeline import build_data
+from medscale.data.stream import render_scene
 
 
 def _rate(fn, n: int, cpu: dict | None = None, key: str = "") -> float:
@@ -39,7 +40,6 @@ def bench_pipeline(cfg, spec, batch_size: int, batches: int = 100, progress: boo
     out = {"dataset": data.key, "batch_size": batch_size, "enc_len": spec.enc_len, "dec_len": spec.dec_len,
            "setup_s": setup_s, "raw_read_examples_per_s": raw_eps, "masking_batches_per_s": mask_bps}
     if data.stream is not None:  # the synthetic stream: what one new scene costs (render + tokenise), not cached
-        from medscale.data.stream import render_scene
 
         k = min(batches * batch_size, 512)
         far = 10**7 // data.stream.chunk  # a chunk no run reads

@@ -32,7 +32,7 @@ import numpy as np
 
 from medscale import modalities, rundir
 from medscale.configs import spec_from_config
-from medscale.data import real
+from medscale.data import entropy, real
 from medscale.data import stream as scene_stream
 from medscale.data.builders import VERSION as SYNTHETIC_VERSION
 from medscale.data.builders import SyntheticMed, SyntheticMedConfig
@@ -476,7 +476,6 @@ class Data:
         floor = None
         names = [m.name for m in self.registry]
         if self.synthetic and "caption" in names and self.tokenizers.text is not None:
-            from medscale.data import entropy
 
             arrays, ex = self.tokens(split), self.examples(split)
             n = _count(arrays)
@@ -496,7 +495,6 @@ class Data:
         names = [m.name for m in self.registry]
         if not (self.synthetic and "caption" in names and self.tokenizers.text is not None):
             return None
-        from medscale.data import entropy
 
         return entropy.target_floor([e["facts"] for e in self.examples(split)], self.tokenizers.text,
                                     self.modality("caption").max_tokens)
