@@ -8,7 +8,7 @@ Run:  medscale sweep run sweeps/lr_check.py --workers 2 --results results
 
 import ml_collections
 
-from medscale.analysis.quickstart import BATCHES, BUDGETS, lr_for
+from medscale.analysis.quickstart import BUDGETS, lr_for
 from medscale.sweep.design import shape_of
 
 SIZES = ["d32l2", "d96l2"]
@@ -23,7 +23,7 @@ def get_config():
     c.sizes = SIZES
     c.enc_lens = [64]
     c.budgets = [BUDGETS[-1]]
-    c.batch_per_budget = [BATCHES[-1]]
+    c.batch_per_budget = [64]
     c.per_budget = len(SIZES)
     c.spread = 1e6  # both sizes, whatever the expected optimum
     c.min_steps = 1

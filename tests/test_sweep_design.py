@@ -200,7 +200,7 @@ def test_learning_rate_grid(tmp_path):
 
 def test_quickstart_design_is_sound():
     """Two decades of budgets, five sizes of d_model >= 32 and 2+2 layers per budget, three seeds of one size per
-    budget, fresh data, per-width learning rates, one batch per budget growing with it."""
+    budget, fresh data, per-width learning rates, the batch growing with the run's tokens."""
     from medscale.analysis.quickstart import lr_for, quickstart_sweep
 
     sweep = quickstart_sweep()
@@ -214,13 +214,18 @@ def test_quickstart_design_is_sound():
         assert len(sizes) >= 5
         assert all(r.steps >= sweep.min_steps for r in group)
         assert max(len([r for r in group if r.size == s]) for s in sizes) == 3
-        assert len({r.batch_size for r in group}) == 1
         for r in group:
+            # the largest power-of-two batch in [4, 64] leaving the run >= 256 steps
+            b = r.batch_size
+            assert 4 <= b <= 64 and b & (b - 1) == 0
+            examples = r.tokens / (r.enc_len + r.dec_len)
+            assert b == 4 or examples / b >= 256 * 0.99
+            assert b == 64 or examples / (2 * b) < 256 * 1.01
             shape = design.shape_of(r.size)
             assert shape["d_model"] >= 32 and shape["enc_layers"] >= 2 and shape["dec_layers"] >= 2
             assert r.lr == lr_for(shape["d_model"])
-    assert [min(r.batch_size for r in runs if r.budget == b) for b in budgets] == sorted(
-        min(r.batch_size for r in runs if r.budget == b) for b in budgets)
+    assert [max(r.batch_size for r in runs if r.budget == b) for b in budgets] == sorted(
+        max(r.batch_size for r in runs if r.budget == b) for b in budgets)
     assert lr_for(32) > lr_for(64) > lr_for(128)
     # the sweeps/ files name the same design
     same = design.expand(design.load_definition(os.path.join(REPO, "sweeps", "quickstart.py")))

@@ -328,6 +328,7 @@ class Approach3Fit:
     starts_unfinished: int   # still moving at max_iter
     seconds: float
     optima: list             # distinct local optima found, best first: [{"objective", "theta"}]
+    unconstrained: dict | None = None  # the lowest objective when its alpha or beta is not positive (not used)
 
     @property
     def a(self) -> float:
@@ -378,7 +379,30 @@ def fit(n, d, loss, starts=None, delta=DELTA, max_iter=300, polish=32, n_optima=
         if all(abs(pool_obj[i] - pool_obj[j]) > 1e-3 * pool_obj[j] for j in kept):
             kept.append(i)
     order = kept[:n_optima]
-    best = int(np.argmin(np.where(np.isfinite(second.objective), second.objective, np.inf)))
+    # the law's form needs alpha, beta > 0 (loss falling with N and with D): the best admissible optimum of the
+    # polished starts, else of the first pass; the unconstrained best is kept when it is not admissible
+    finite = np.isfinite(second.objective)
+    admissible = finite & (second.theta[:, 3] > 0) & (second.theta[:, 4] > 0)
+    unconstrained = None
+    if not admissible[np.argmin(np.where(finite, second.objective, np.inf))]:
+        i = int(np.argmin(np.where(finite, second.objective, np.inf)))
+        unconstrained = {"objective": float(second.objective[i]), **theta_to_law(second.theta[i])}
+    if not admissible.any():
+        ok1 = first.converged & (first.theta[:, 3] > 0) & (first.theta[:, 4] > 0)
+        if not ok1.any():
+            raise UserError("approach 3: no fit with positive exponents (alpha, beta > 0) on these runs: the loss "
+                            "does not fall with both parameters and tokens; add sizes on both sides of each "
+                            "budget's optimum")
+        extra = minimize_batch(n, d, loss, first.theta[ok1][np.argsort(first.objective[ok1])[:polish]],
+                               delta=delta, max_iter=3 * max_iter)
+        second = extra
+        finite = np.isfinite(second.objective)
+        admissible = finite & (second.theta[:, 3] > 0) & (second.theta[:, 4] > 0)
+        if not admissible.any():
+            raise UserError("approach 3: no fit with positive exponents (alpha, beta > 0) on these runs: the "
+                            "loss does not fall with both parameters and tokens; add sizes on both sides of "
+                            "each budget's optimum")
+    best = int(np.argmin(np.where(admissible, second.objective, np.inf)))
     fbest = second.objective[best]
     order = ([best] + [i for i in order if pool_obj[i] > fbest + 1e-3 * abs(fbest)])[:n_optima]
     law = theta_to_law(second.theta[best])
@@ -387,7 +411,7 @@ def fit(n, d, loss, starts=None, delta=DELTA, max_iter=300, polish=32, n_optima=
         **law, objective=float(second.objective[best]), converged=bool(second.converged[best]),
         grad_norm=float(second.grad_norm[best]), n_points=len(n), n_starts=len(starts),
         starts_converged=int(counts[CONVERGED]), starts_diverged=int(counts[DIVERGED]),
-        starts_unfinished=int(counts[RUNNING]), seconds=time.perf_counter() - t0,
+        starts_unfinished=int(counts[RUNNING]), seconds=time.perf_counter() - t0, unconstrained=unconstrained,
         optima=[{"objective": float(pool_obj[i]), "theta": pool_th[i].tolist(),
                  "converged": bool(pool_ok[i])} for i in order])
 

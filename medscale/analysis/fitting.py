@@ -63,6 +63,8 @@ def fit_approach3(points, bootstrap=0, seed=0, budgets=(), starts=None, delta=ap
            "n_starts": f.n_starts, "starts_converged": f.starts_converged, "starts_diverged": f.starts_diverged,
            "starts_unfinished": f.starts_unfinished, "seconds": f.seconds,
            "local_optima": [o["objective"] for o in f.optima]}
+    if f.unconstrained is not None:  # a lower objective with a non-positive exponent, not a law of this form
+        res["unconstrained"] = f.unconstrained
     draws = None
     if bootstrap:
         counts = resample.design_counts(points, bootstrap, seed)
@@ -75,6 +77,7 @@ def fit_approach3(points, bootstrap=0, seed=0, budgets=(), starts=None, delta=ap
                  "G": G}
         res["ci"], res["percentiles"] = _summary(draws)
         res["bootstrap"] = {"n": int(bootstrap), "seed": int(seed), "converged_fraction": float(conv.mean()),
+                            "inadmissible_draws": int(np.sum(~((al > 0) & (be > 0)))),
                             "resampled": "design", "design": resample.describe(points)}
         res["_draws"] = {**draws, "converged": conv}
     else:
@@ -175,7 +178,15 @@ def warnings_of(result: dict) -> list[str]:
         if not a3["converged"]:
             out.append(f"approach 3 did NOT converge: best objective {a3['objective']:.6g}, relative gradient "
                        f"{a3['grad_norm']:.2g}; treat its parameters as unreliable")
+        un = a3.get("unconstrained")
+        if un:
+            out.append(f"approach 3: the lowest objective ({un['objective']:.6g}) has alpha {un['alpha']:.3g}, beta "
+                       f"{un['beta']:.3g}, not a law of this form (loss must fall with N and D); the fit is the best "
+                       f"with positive exponents ({a3['objective']:.6g}): the runs do not pin the N term down")
         bs = a3.get("bootstrap")
+        if bs and bs.get("inadmissible_draws"):
+            out.append(f"approach 3 bootstrap: {bs['inadmissible_draws']} of {bs['n']} refits have a non-positive "
+                       "exponent; their allocations are left out of the intervals")
         if bs and bs["converged_fraction"] < 0.99:
             out.append(f"approach 3 bootstrap: only {bs['converged_fraction']:.1%} of the refits converged")
     a2 = result.get("approach2")

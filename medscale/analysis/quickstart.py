@@ -26,10 +26,11 @@ log = logging.getLogger(__name__)
 
 REFERENCE_BUDGET = {"hardware": "dgx-1", "days": 7.0}  # one DGX-1: 8 x V100 SXM2 32 GB
 
-SIZES = ["d32l2", "d40l2", "d48l2", "d56l2", "d64l2", "d80l2", "d96l2", "d128l2"]
+# d_model 32 with narrower MLPs (d_ff 32, 64) below d32l2: on these data the optimum at the top budgets is near
+# the smallest d_model-32 model, and the IsoFLOP curves need sizes on both sides of it
+SIZES = ["d32l2f32", "d32l2f64", "d32l2", "d40l2", "d48l2", "d56l2", "d64l2", "d80l2", "d96l2", "d128l2"]
 BUDGETS = [2e10, 6.3e10, 2e11, 6.3e11, 2e12]
-BATCHES = [4, 4, 16, 16, 64]  # per budget: the batch grows with the run in three steps (each (size, batch) pair
-# compiles its own train step), every size of a budget shares it
+BATCH_STEPS, BATCH_MIN, BATCH_MAX = 256, 4, 64  # each run: the largest power-of-two batch leaving >= 256 steps
 # the peak learning rate of width d: LR_REF x (D_REF / d) ** LR_EXPONENT, fitted to the best rates of
 # sweeps/lr_tune.py (results/lr_tune; docs/sweep.md, "Learning rates")
 LR_REF, D_REF, LR_EXPONENT = 7.14e-3, 64, 0.83
@@ -53,10 +54,11 @@ def quickstart_sweep(name: str = "quickstart"):
     c.sizes = list(SIZES)
     c.enc_lens = [64]
     c.budgets = list(BUDGETS)
-    c.batch_per_budget = list(BATCHES)
+    c.batch_steps, c.batch_min, c.batch_max = BATCH_STEPS, BATCH_MIN, BATCH_MAX
     c.per_budget = 5
     c.spread = 16.0
     c.law = "chinchilla"
+    c.center_factor = 0.5  # the synthetic data favour smaller models than Chinchilla's text (docs/sweep.md)
     c.min_steps = 30
     c.warmup_frac = 0.05
     c.lr = {s: lr_for(shape_of(s)["d_model"]) for s in SIZES}

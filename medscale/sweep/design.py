@@ -14,7 +14,9 @@ A sweep definition is an ml_collections Python file whose ``get_config()`` retur
   candidates the design picks from.
 - ``enc_lens`` (required), ``dec_len``, ``batch_size`` (optional: None keeps the base config's);
   ``batch_per_budget`` (isoflop, a list as long as ``budgets``): each budget's batch size, so the batch grows
-  with the run while every size of one budget shares it.
+  with the run while every size of one budget shares it; or ``batch_steps`` (isoflop): each run's batch is the
+  largest power of two in [``batch_min``, ``batch_max``] that leaves it at least ``batch_steps`` steps (the batch
+  grows with the run's tokens, and a large model on few tokens still takes enough steps).
 - grid: ``tokens`` (token budgets, encoder + decoder tokens). isoflop: ``budgets`` (model FLOPs per run; or a
   dict from encoder length, as a string, to its own budgets, so that no IsoFLOP group mixes lengths),
   ``per_budget`` (sizes per budget), ``spread`` (ratio of the largest to the smallest target size), ``law``
@@ -69,7 +71,7 @@ DEFAULTS = {
     "min_steps": 10, "lr": None, "seeds": (0,), "evals_per_run": None, "checkpoints_per_run": None,
     "warmup_frac": None, "params": "non_embedding", "per_size": None, "center_seeds": (), "eval_fraction": None,
     "eval_batch_size": None, "task_eval_fraction": None, "batch_per_budget": (), "lrs": (),
-    "lr_factors": (),
+    "lr_factors": (), "batch_steps": None, "batch_min": 4, "batch_max": 64,
 }
 
 
@@ -223,6 +225,13 @@ def normalize(cfg, source: str = "sweep"):
         raise UserError(f"{source}: give either lrs or lr_factors, not both")
     if out["lrs"] and out["lr"] is not None:
         raise UserError(f"{source}: give either lr or lrs, not both")
+    if out["batch_steps"] is not None:
+        if out["design"] != "isoflop" or out["batch_per_budget"]:
+            raise UserError(f"{source}: batch_steps needs an isoflop design and no batch_per_budget")
+        if not all(isinstance(out[k], int) and out[k] > 0 for k in ("batch_steps", "batch_min", "batch_max")) or \
+                out["batch_min"] > out["batch_max"]:
+            raise UserError(f"{source}: batch_steps, batch_min and batch_max must be positive integers, "
+                            "batch_min <= batch_max")
     if out["batch_per_budget"]:
         if out["design"] != "isoflop" or by_enc or len(out["batch_per_budget"]) != len(out["budgets"]):
             raise UserError(f"{source}: batch_per_budget needs an isoflop design with a list of budgets, one batch "
@@ -327,7 +336,7 @@ def _schedule_overrides(sweep, cfg, steps: int) -> list[str]:
 
 
 def isoflop_sizes(sweep, budget: float, acc: _Accountant, enc_len: int,
-                  batch: int | None = None) -> tuple[list[str], str | None]:
+                  batch=None) -> tuple[list[str], str | None]:
     """The sizes an IsoFLOP design trains at ``budget`` and its centre: candidates nearest (in log params) to
     ``per_budget`` targets spread log-uniformly over ``spread`` around the law's expected optimum, among
     candidates that would train at least ``min_steps`` steps; the centre is the chosen size nearest the
@@ -343,7 +352,7 @@ def isoflop_sizes(sweep, budget: float, acc: _Accountant, enc_len: int,
         targets = [math.exp(math.log(lo) + i * (math.log(hi) - math.log(lo)) / (k - 1)) for i in range(k)]
     pool = []
     for size in sweep.sizes:
-        _, _, _, flops, params = acc(str(size), enc_len, batch)
+        _, _, _, flops, params = acc(str(size), enc_len, batch(str(size)) if callable(batch) else batch)
         steps = round(budget / flops["model_flops"])
         if steps >= int(sweep.min_steps):
             pool.append((str(size), params[convention]))
@@ -360,6 +369,21 @@ def isoflop_sizes(sweep, budget: float, acc: _Accountant, enc_len: int,
     params = dict(pool)
     centre = min(chosen, key=lambda s: abs(math.log(params[s]) - math.log(center))) if chosen else None
     return sorted(chosen, key=lambda s: order[s]), centre
+
+
+def _rule_batch(sweep, acc: _Accountant, enc_len: int, budget: float):
+    """``size -> batch`` of the ``batch_steps`` rule at ``budget``: the largest power of two in [batch_min,
+    batch_max] that leaves the run at least ``batch_steps`` steps (batch_min when none does)."""
+
+    def batch_of(size: str) -> int:
+        _, _, b0, flops, _ = acc(size, enc_len)
+        examples = budget / (flops["model_flops"] / b0)  # model FLOPs are linear in the batch
+        b = 1 << (int(sweep.batch_max).bit_length() - 1)
+        while b > int(sweep.batch_min) and examples / b < int(sweep.batch_steps):
+            b //= 2
+        return max(b, int(sweep.batch_min))
+
+    return batch_of
 
 
 def expand(sweep) -> list[Run]:
@@ -379,10 +403,13 @@ def expand(sweep) -> list[Run]:
             budgets = by_enc[str(enc_len)] if by_enc else sweep.budgets
             batches = tuple(sweep.batch_per_budget) or (None,) * len(budgets)
             for budget, batch in zip(budgets, batches):
+                if sweep.batch_steps is not None:
+                    batch = _rule_batch(sweep, acc, enc_len, float(budget))
                 sizes, centre = isoflop_sizes(sweep, float(budget), acc, enc_len, batch)
                 for size in sizes:
                     extra = tuple(int(s) for s in sweep.center_seeds) if size == centre else ()
-                    plan.append((size, enc_len, float(budget), None, seeds + extra, batch))
+                    plan.append((size, enc_len, float(budget), None, seeds + extra,
+                                 batch(size) if callable(batch) else batch))
     for size, enc_len, budget, token_budget, run_seeds, run_batch in plan:
         cfg, spec, batch, flops, params = acc(size, enc_len, run_batch)
         tokens_per_step = batch * (spec.enc_len + spec.dec_len)
