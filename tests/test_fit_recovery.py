@@ -129,3 +129,24 @@ def test_encdec_allocation_with_project_accounting():
         dd = 1e20 / np.exp(allocation.log_flops_per_token(np.log(nn), fam))
         return a3["E"] + a3["A"] / nn ** a3["alpha"] + a3["B"] / dd ** a3["beta"]
     assert loss_at(row["n_opt"]) <= min(loss_at(row["n_opt"] * 1.05), loss_at(row["n_opt"] / 1.05))
+
+
+def test_approach3_keeps_positive_exponents_and_reports_the_unconstrained_optimum():
+    """Loss that rises with N at fixed D (an N-penalty, as under-trained large models give): the unconstrained
+    optimum has alpha < 0, which is no law of the form; the fit keeps the best with alpha, beta > 0, says so,
+    and its allocation stays real."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for k, c in enumerate(np.logspace(11, 13, 5)):
+        for j, n in enumerate(np.geomspace(3e4, 5e5, 5)):
+            d = c / (6 * n)
+            loss = (1.0 + 300.0 / d**0.5 + 1e-3 * n**0.3) * np.exp(0.003 * rng.standard_normal())
+            rows.append({"run_id": f"c{k}n{j}", "params": n, "tokens": d, "flops": c, "budget": c, "loss": loss})
+    out = fitting.fit_all(pd.DataFrame(rows), approaches=("3",), budgets=[1e20], convention_table=False)
+    a3 = out["approach3"]
+    assert a3["unconstrained"]["alpha"] < 0 < a3["alpha"] and a3["beta"] > 0
+    assert a3["unconstrained"]["objective"] < a3["objective"]
+    assert np.isfinite(a3["allocation"][0]["n_opt"]) and np.isfinite(a3["G"])
+    assert any("not a law of this form" in w for w in out["warnings"])
