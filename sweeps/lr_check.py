@@ -1,5 +1,5 @@
 """Does the quickstart's learning-rate rule hold at its largest budget? The smallest and the largest size the
-quickstart trains at its top budget (2e12 model FLOPs, batch 64, fresh data), each at half, once and twice the
+quickstart trains near its top budget (2e12 model FLOPs, batch 64, fresh data), each at half, once and twice the
 rule's rate (``medscale.analysis.quickstart.lr_for``). ``docs/sweep.md`` ("Learning rates") gives the losses;
 the records are in ``results/lr_check``.
 
@@ -8,7 +8,7 @@ Run:  medscale sweep run sweeps/lr_check.py --workers 2 --results results
 
 import ml_collections
 
-from medscale.analysis.quickstart import BUDGETS, lr_for
+from medscale.analysis.quickstart import lr_for
 from medscale.sweep.design import shape_of
 
 SIZES = ["d32l2", "d96l2"]
@@ -22,7 +22,7 @@ def get_config():
     c.design = "isoflop"
     c.sizes = SIZES
     c.enc_lens = [64]
-    c.budgets = [BUDGETS[-1]]
+    c.budgets = [2e12]
     c.batch_per_budget = [64]
     c.per_budget = len(SIZES)
     c.spread = 1e6  # both sizes, whatever the expected optimum

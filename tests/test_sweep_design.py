@@ -168,6 +168,15 @@ c.set = ["train.task_eval_examples=16", "train.eval_batches=4"]
     assert {r.batch_size for r in runs} == {8, 32}
     assert any(load_config("tiny", r.overrides).train.task_eval_examples == 16 for r in runs)
     assert any(load_config("tiny", r.overrides).train.task_eval_examples == 0 for r in runs)
+    # batch_steps: each run's batch the largest power of two in [batch_min, batch_max] leaving >= batch_steps steps
+    ruled = design.expand(design.load_definition(write_sweep(tmp_path, body.replace(
+        "c.batch_per_budget = [8, 32]", "c.batch_steps = 200\nc.batch_min = 4\nc.batch_max = 64"), "r.py")))
+    for r in ruled:
+        b, examples = r.batch_size, r.tokens / (r.enc_len + r.dec_len)
+        assert 4 <= b <= 64 and b & (b - 1) == 0
+        assert b == 4 or examples / b >= 200 * 0.99
+        assert b == 64 or examples / (2 * b) < 200 * 1.01
+    assert len({r.batch_size for r in ruled}) > 2
     with pytest.raises(UserError, match="batch_per_budget"):
         design.load_definition(write_sweep(tmp_path, body.replace("[8, 32]", "[8]"), "b.py"))
     with pytest.raises(UserError, match="center_seeds"):
@@ -200,7 +209,7 @@ def test_learning_rate_grid(tmp_path):
 
 def test_quickstart_design_is_sound():
     """Two decades of budgets, five sizes of d_model >= 32 and 2+2 layers per budget, three seeds of one size per
-    budget, fresh data, per-width learning rates, the batch growing with the run's tokens."""
+    budget, fresh data, per-width learning rates, one batch per budget growing with it."""
     from medscale.analysis.quickstart import lr_for, quickstart_sweep
 
     sweep = quickstart_sweep()
@@ -214,13 +223,8 @@ def test_quickstart_design_is_sound():
         assert len(sizes) >= 5
         assert all(r.steps >= sweep.min_steps for r in group)
         assert max(len([r for r in group if r.size == s]) for s in sizes) == 3
+        assert len({r.batch_size for r in group}) == 1
         for r in group:
-            # the largest power-of-two batch in [4, 64] leaving the run >= 256 steps
-            b = r.batch_size
-            assert 4 <= b <= 64 and b & (b - 1) == 0
-            examples = r.tokens / (r.enc_len + r.dec_len)
-            assert b == 4 or examples / b >= 256 * 0.99
-            assert b == 64 or examples / (2 * b) < 256 * 1.01
             shape = design.shape_of(r.size)
             assert shape["d_model"] >= 32 and shape["enc_layers"] >= 2 and shape["dec_layers"] >= 2
             assert r.lr == lr_for(shape["d_model"])

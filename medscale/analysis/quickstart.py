@@ -2,7 +2,7 @@
 report and the recommendation for one DGX-1 — in minutes.
 
 The design (``quickstart_sweep()``, also ``sweeps/quickstart.py`` and, under its own name,
-``sweeps/reference.py``): five IsoFLOP budgets spanning two decades of model FLOPs (2e10 .. 2e12, half a decade
+``sweeps/reference.py``): five IsoFLOP budgets spanning two decades of model FLOPs (1.6e10 .. 1.6e12, half a decade
 apart), five sizes per budget (d_model 32 .. 128, 2 encoder + 2 decoder layers) spread around Chinchilla's
 expected optimum, two more seeds of the size nearest it; every run on fresh synthetic examples (none repeated),
 its peak learning rate from the width rule :func:`lr_for`, its batch growing with the budget, its evaluations and
@@ -29,8 +29,10 @@ REFERENCE_BUDGET = {"hardware": "dgx-1", "days": 7.0}  # one DGX-1: 8 x V100 SXM
 # d_model 32 with narrower MLPs (d_ff 32, 64) below d32l2: on these data the optimum at the top budgets is near
 # the smallest d_model-32 model, and the IsoFLOP curves need sizes on both sides of it
 SIZES = ["d32l2f32", "d32l2f64", "d32l2", "d40l2", "d48l2", "d56l2", "d64l2", "d80l2", "d96l2", "d128l2"]
-BUDGETS = [2e10, 6.3e10, 2e11, 6.3e11, 2e12]
-BATCH_STEPS, BATCH_MIN, BATCH_MAX = 256, 4, 64  # each run: the largest power-of-two batch leaving >= 256 steps
+BUDGETS = [1.6e10, 5e10, 1.6e11, 5e11, 1.6e12]
+# per budget: the batch grows with the run in three steps; every size of a budget shares it, so the sizes of one
+# IsoFLOP curve differ in shape only (each (shape, batch) pair compiles its own train step)
+BATCHES = [4, 4, 16, 16, 64]
 # the peak learning rate of width d: LR_REF x (D_REF / d) ** LR_EXPONENT, fitted to the best rates of
 # sweeps/lr_tune.py (results/lr_tune; docs/sweep.md, "Learning rates")
 LR_REF, D_REF, LR_EXPONENT = 7.14e-3, 64, 0.83
@@ -54,7 +56,7 @@ def quickstart_sweep(name: str = "quickstart"):
     c.sizes = list(SIZES)
     c.enc_lens = [64]
     c.budgets = list(BUDGETS)
-    c.batch_steps, c.batch_min, c.batch_max = BATCH_STEPS, BATCH_MIN, BATCH_MAX
+    c.batch_per_budget = list(BATCHES)
     c.per_budget = 5
     c.spread = 16.0
     c.law = "chinchilla"
