@@ -82,3 +82,15 @@ def test_data_paragraph_with_and_without_the_summaries_data():
     assert cf["floor"] == 0.8 and cf["E_minus_floor"] == pytest.approx(0.05, abs=8 * EPS)
     assert cf["floor_inside_E_interval"] is True
     assert report.caption_floor(plain, {}) is None
+
+
+def test_an_n_opt_at_the_allocation_search_floor_is_flagged():
+    from medscale.analysis import allocation
+
+    floor = allocation.N_SEARCH_MIN
+    assert "not a size to train" in report.size_floor_note(0.981 * floor)
+    assert report.size_floor_note(1.2 * floor) is None and report.size_floor_note(None) is None
+    # the search really stops there: a law without an N term puts N_opt at the floor
+    fam = allocation.ladder_family("non_embedding", 64, 48)
+    n, _ = allocation.n_opt_encdec(1.0, 1e-30, 300.0, 6.0, 0.4, 2e20, fam)
+    assert report.size_floor_note(float(np.ravel(n)[0])) is not None

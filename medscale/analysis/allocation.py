@@ -52,12 +52,15 @@ def log_flops_per_token(logn, fam):
     return np.where(logn > x[-1], y[-1] + hi_s * (logn - x[-1]), out)
 
 
+N_SEARCH_MIN = 1e3  # the smallest N the encoder-decoder allocation searches
+
+
 def n_opt_encdec(E, A, B, alpha, beta, C, fam, grid=4000):
     """N_opt, D_opt at compute C for laws given as arrays (any shape, broadcast) under C = D flops_per_token(N)."""
     E, A, B, alpha, beta = (np.asarray(v, np.float64)[..., None] for v in (E, A, B, alpha, beta))
     logC = np.log(float(C))
     # search N from 1e3 up to the size that would leave 1 token: flops_per_token(N) <= C
-    ln = np.linspace(np.log(1e3), logC - 1.0, grid)
+    ln = np.linspace(np.log(N_SEARCH_MIN), logC - 1.0, grid)
     lf = log_flops_per_token(ln, fam)
     ln, lf = ln[lf < logC], lf[lf < logC]
     if len(ln) < 3:

@@ -29,7 +29,7 @@ import numpy as np
 
 from medscale import accounting, memory, rundir
 from medscale import hardware as hw
-from medscale.analysis import approach3, comparison, holdout, inputs, modality, plots, resample
+from medscale.analysis import allocation, approach3, comparison, holdout, inputs, modality, plots, resample
 from medscale.analysis.budget import DEFAULT_MFU
 from medscale.analysis.fitting import default_approaches
 from medscale.analysis.fitting import fit_all as default_fit_all
@@ -422,7 +422,20 @@ def recommend(fit: dict, runs, budget: dict, batch_size: int = DEFAULT_BATCH, dr
                     "loss as a forecast, and check it with one run near the target before spending the budget"
                     if factor > EXTRAPOLATION_WARN else None),
     }
+    note = size_floor_note((rec.get("n_opt") or {}).get("value"))
+    if note:
+        rec["n_opt_at_search_floor"] = note
     return rec
+
+
+def size_floor_note(n_opt) -> str | None:
+    """The warning for an N_opt at the floor of the allocation search (a law that gives model size no weight);
+    None otherwise."""
+    if n_opt is None or not n_opt > 0 or n_opt > 1.05 * allocation.N_SEARCH_MIN:
+        return None
+    return (f"N_opt ({n_opt:.3g}) is at the floor of the allocation search ({allocation.N_SEARCH_MIN:.0e} "
+            "parameters): the fitted law gives model size no weight, so this is not a size to train; the runs do "
+            "not identify the N term (see the fit warnings)")
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -958,6 +971,8 @@ def render_markdown(r: dict) -> str:
              f"budget is **{fmt(ex['factor'])}x** the largest run ({fmt(ex['decades'], 2)} decades).\n")
     if ex.get("warning"):
         L.append(f"> **Extrapolation warning:** {ex['warning']}.\n")
+    if rec.get("n_opt_at_search_floor"):
+        L.append(f"> **Size not identified:** {rec['n_opt_at_search_floor']}.\n")
     warns = list((r.get("fit") or {}).get("warnings") or [])
     a3 = (r.get("fit") or {}).get("approach3") or {}
     if a3.get("E") is not None and a3["E"] < 1e-3:

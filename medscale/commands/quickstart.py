@@ -98,5 +98,7 @@ def run(args):
     warning = (rec.get("extrapolation") or {}).get("warning")
     if warning:
         lines += ["", f"note: {warning}"]
+    if rec.get("n_opt_at_search_floor"):
+        lines += ["", f"note: {rec['n_opt_at_search_floor']}"]
     print("\n".join(lines))
     return 0
