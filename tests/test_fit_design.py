@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from _fit_synth import LAW_X, LAW_Y
+from _fit_synth import LAW_X, LAW_Y, isoflop_design
 from scipy.stats import t as student_t
 
 from medscale.analysis import (
@@ -44,19 +44,8 @@ TOL = {"x": {"a": 0.094, "b": 0.094, "alpha": 0.10, "beta": 0.12},
 
 def study(law, seed, budgets=None, sizes=5, span=0.5, noise=0.01, seeds=3, extra=None):
     """One simulated IsoFLOP study of ``law`` (module docstring); ``extra(n) -> dict`` adds columns per size."""
-    budgets = np.logspace(17, 20, 6) if budgets is None else budgets
-    rng = np.random.default_rng(seed)
-    rows = []
-    for k, c in enumerate(budgets):
-        centre = law.n_opt(c) * 10 ** (0.1 * np.sin(1.7 * k + seed))
-        for j, n in enumerate(centre * 10 ** np.linspace(-span, span, sizes)):
-            for s in range(seeds if j == sizes // 2 else 1):
-                d = c / (6 * n)
-                row = {"run_id": f"c{k}n{j}s{s}", "params": n, "tokens": d, "flops": c, "budget": c,
-                       "loss": float(law.loss(n, d)) * math.exp(noise * rng.standard_normal())}
-                row.update(extra(n) if extra else {})
-                rows.append(row)
-    return pd.DataFrame(rows)
+    return isoflop_design(law, np.logspace(17, 20, 6) if budgets is None else budgets, n_sizes=sizes, span=span,
+                          noise=noise, seed=seed, offset=0.1, centre_seeds=seeds, extra=extra, seed_ids=True)
 
 
 # ------------------------------------------------------------------------------------------ resampling
