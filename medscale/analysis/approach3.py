@@ -356,6 +356,11 @@ def _distinct(theta, obj, k, rtol=1e-4):
     return keep
 
 
+def _admissible(res) -> np.ndarray:
+    """Per row of a batch result: a finite objective with alpha, beta > 0."""
+    return np.isfinite(res.objective) & (res.theta[:, 3] > 0) & (res.theta[:, 4] > 0)
+
+
 def fit(n, d, loss, starts=None, delta=DELTA, max_iter=300, polish=32, n_optima=3) -> Approach3Fit:
     """Approach 3 on points (N, D, L): every start of ``starts`` (default the paper's 4,500-start grid) at
     once with a loose stopping test (``max_iter`` iterations at most), then the ``polish`` best distinct
@@ -381,27 +386,19 @@ def fit(n, d, loss, starts=None, delta=DELTA, max_iter=300, polish=32, n_optima=
     order = kept[:n_optima]
     # the law's form needs alpha, beta > 0 (loss falling with N and with D): the best admissible optimum of the
     # polished starts, else of the first pass; the unconstrained best is kept when it is not admissible
-    finite = np.isfinite(second.objective)
-    admissible = finite & (second.theta[:, 3] > 0) & (second.theta[:, 4] > 0)
-    unconstrained = None
-    if not admissible[np.argmin(np.where(finite, second.objective, np.inf))]:
-        i = int(np.argmin(np.where(finite, second.objective, np.inf)))
-        unconstrained = {"objective": float(second.objective[i]), **theta_to_law(second.theta[i])}
+    admissible = _admissible(second)
+    i = int(np.argmin(np.where(np.isfinite(second.objective), second.objective, np.inf)))
+    unconstrained = None if admissible[i] else {"objective": float(second.objective[i]), **theta_to_law(second.theta[i])}
     if not admissible.any():
-        ok1 = first.converged & (first.theta[:, 3] > 0) & (first.theta[:, 4] > 0)
-        if not ok1.any():
+        ok = first.converged & _admissible(first)
+        if ok.any():
+            second = minimize_batch(n, d, loss, first.theta[ok][np.argsort(first.objective[ok])[:polish]],
+                                    delta=delta, max_iter=3 * max_iter)
+            admissible = _admissible(second)
+        if not admissible.any():
             raise UserError("approach 3: no fit with positive exponents (alpha, beta > 0) on these runs: the loss "
                             "does not fall with both parameters and tokens; add sizes on both sides of each "
                             "budget's optimum")
-        extra = minimize_batch(n, d, loss, first.theta[ok1][np.argsort(first.objective[ok1])[:polish]],
-                               delta=delta, max_iter=3 * max_iter)
-        second = extra
-        finite = np.isfinite(second.objective)
-        admissible = finite & (second.theta[:, 3] > 0) & (second.theta[:, 4] > 0)
-        if not admissible.any():
-            raise UserError("approach 3: no fit with positive exponents (alpha, beta > 0) on these runs: the "
-                            "loss does not fall with both parameters and tokens; add sizes on both sides of "
-                            "each budget's optimum")
     best = int(np.argmin(np.where(admissible, second.objective, np.inf)))
     fbest = second.objective[best]
     order = ([best] + [i for i in order if pool_obj[i] > fbest + 1e-3 * abs(fbest)])[:n_optima]
