@@ -14,41 +14,17 @@ import json
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
+from _sweeps import REPO, sweep_argv, sweep_env, write_sweep
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-SWEEP = """
-import ml_collections
-
-
-def get_config():
-    c = ml_collections.ConfigDict()
-    c.name = "{name}"
-    c.base = "tiny"
-    c.set = ["train.batch_size=4", "data.num_train=128", "data.num_eval=16", "train.eval_batches=1",
-             "train.log_every=1", "train.warmup_steps=5", "train.task_eval_examples=2"]
-    c.design = "grid"
-    c.sizes = ["d16l1", "d16l1h2"]
-    c.enc_lens = [32]
-    c.tokens = [4 * 80 * 30]  # 30 steps of 4 x (32 + 48) tokens
-    c.seeds = [0, 1]
-    c.evals_per_run = 3
-    c.checkpoints_per_run = 6
-    return c
-"""
 WALL_CLOCK = {"wall_s", "step_s", "mfu", "time", "sweep"}
 TIMING = {"step_s", "tokens_per_s", "tflops_per_device", "mfu"}
 
 
 def _launch(tmp_path, name, results, **env):
-    path = tmp_path / f"{name}.py"
-    path.write_text(SWEEP.format(name=name))
-    full = dict(os.environ, PYTHONPATH=REPO, MEDSCALE_TENSORBOARD="0", **env)
-    return subprocess.run([sys.executable, "-m", "medscale", "sweep", "run", str(path), "--results", str(results),
-                           "--workers", "2", "--quiet", "--json"], check=False, cwd=REPO, env=full,
+    sweep = write_sweep(tmp_path, name, sets=["train.log_every=1", "train.task_eval_examples=2"])
+    return subprocess.run(sweep_argv(sweep, results), check=False, cwd=REPO, env=sweep_env(**env),
                           capture_output=True, text=True, timeout=900)
 
 
