@@ -317,6 +317,13 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
     ebs = eval_batch_size(cfg) // jax.process_count()
     eval_host = list(data.eval_batches("validation", ebs, int(cfg.train.eval_batches)))
     state["caption_floor"] = data.caption_entropy_floor("validation", ebs, int(cfg.train.eval_batches))
+    fixed_ref = int(cfg.train.get("fixed_eval_enc_len", 0) or 0)
+    fixed_host = list(data.fixed_eval_batches(fixed_ref, "validation", ebs, int(cfg.train.eval_batches))) \
+        if fixed_ref > 0 else []
+    if fixed_ref > 0:
+        state["fixed_eval"] = {"ref_enc_len": fixed_ref, "enc_len": spec.enc_len, "dec_len": spec.dec_len,
+                               "examples": ebs * int(cfg.train.eval_batches) * jax.process_count(),
+                               "split": "validation"}
 
     mgr = rundir.checkpoint_manager(workdir)
     start = 0
@@ -346,19 +353,27 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
         mgr.wait_until_finished()
         clock.to("checkpoint_s")
 
-    def evaluate(step):
-        clock.to("train_s")
+    def score(batches):
         sums = np.zeros(len(names))
         counts = np.zeros(len(names))
-        for b in eval_host:
+        for b in batches:
             out = jax.device_get(prog.eval(train_state["params"], prog.put_batch(b)))
             sums += np.asarray(out["sum"], np.float64)
             counts += np.asarray(out["count"], np.float64)
-        loss = float(sums.sum() / max(counts.sum(), 1.0))
+        return float(sums.sum() / max(counts.sum(), 1.0)), _modality_losses(names, sums, counts)
+
+    def evaluate(step):
+        clock.to("train_s")
+        loss, by_mod = score(eval_host)
         row = {"kind": "eval", "step": step, "tokens": step * tokens_per_step,
                "flops": None if model_flops is None else step * model_flops, "loss": loss}
-        for name, v in _modality_losses(names, sums, counts).items():
+        for name, v in by_mod.items():
             row[f"loss/{name}"] = v
+        if fixed_host:  # the length-independent evaluation: the same targets at every encoder length
+            fixed, fixed_by_mod = score(fixed_host)
+            row["fixed_loss"] = fixed
+            for name, v in fixed_by_mod.items():
+                row[f"fixed_loss/{name}"] = v
         writer.write(row)
         state["final_eval"] = row
         clock.to("eval_s")
@@ -537,6 +552,11 @@ def _write_summary(cfg, cfg_dict, workdir, spec, steps, state, record, t_start):
         "final_eval_loss": _finite_or_none(eval_row.get("loss")),
         "final_train_loss_by_modality": {n: (train_row.get("by_modality") or {}).get(n) for n in names},
         "final_eval_loss_by_modality": {n: eval_row.get(f"loss/{n}") for n in names},
+        # the length-independent evaluation (train.fixed_eval_enc_len > 0; docs/longseq.md)
+        "final_fixed_eval_loss": _finite_or_none(eval_row.get("fixed_loss")),
+        "final_fixed_eval_loss_by_modality": {n: eval_row.get(f"fixed_loss/{n}") for n in names}
+        if "fixed_loss" in eval_row else None,
+        "fixed_eval": state.get("fixed_eval"),
         "task_metrics": {},
         "loss_scale": state.get("loss_scale"), "skipped_steps": state.get("skipped_steps"),
         "data": _data_record(cfg, state, step_done),
