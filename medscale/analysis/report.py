@@ -30,6 +30,7 @@ import numpy as np
 from medscale import accounting, memory, rundir
 from medscale import hardware as hw
 from medscale.analysis import allocation, approach3, comparison, holdout, inputs, modality, plots, resample
+from medscale.analysis import seqlen as length_law
 from medscale.analysis.budget import DEFAULT_MFU
 from medscale.analysis.fitting import default_approaches
 from medscale.analysis.fitting import fit_all as default_fit_all
@@ -477,9 +478,11 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
                  gpus: int | None = None, days: float | None = None, mfu: float | None = None,
                  precision: str | None = None, flops: float | None = None, bootstrap: int = 200, seed: int = 0,
                  batch_size: int = DEFAULT_BATCH, modality_bootstrap: int | None = None, fit_fn=None,
-                 figures: bool = True, progress=None) -> dict:
+                 figures: bool = True, progress=None, seqlen_dir: str | None = None) -> dict:
     """Write ``report.md``, ``report.json`` and ``figures/*.{png,svg}`` under ``out_dir`` (default
-    ``RESULTS_DIR/report``); return the report dict. ``fit_fn`` defaults to ``medscale fit``'s ``fit_all``."""
+    ``RESULTS_DIR/report``); return the report dict. ``fit_fn`` defaults to ``medscale fit``'s ``fit_all``.
+    ``seqlen_dir``: a length study's results folder (``sweeps/seqlen.py:law``): the "Sequence length" section,
+    ``seqlen_law.json`` and ``figures/seqlen_law`` (``medscale.analysis.seqlen``)."""
     out_dir = out_dir or os.path.join(results_dir, "report")
     step = progress or (lambda msg: None)
     runs, curves = load_runs(results_dir)
@@ -563,6 +566,10 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
         fig_paths = plots.write_all(runs, fig_dir, law=law, draws=draws, curves=curves, modality_laws=mlaws,
                                     power_laws=power, budget=budget["flops"], k=figure_model(runs, model))
         hold_fig = holdout_figure(hold, fig_dir)
+    length_study = None
+    if seqlen_dir is not None:
+        length_study = length_law.report_section(seqlen_dir, c, out_dir, bootstrap_draws=bootstrap, seed=seed,
+                                             figures=figures, progress=step)
     report = {
         "results_dir": results_dir,  # as given (a relative path stays relative in the committed report)
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -584,6 +591,7 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
         "figures_not_drawn": plots.missing_data(runs, law) if figures else {},
         "runs": runs_table(runs),
         "sweep": _sweep_use(results_dir),
+        "seqlen": length_study,
     }
     report = _jsonable(report)
     rundir.write_text(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1) + "\n")
@@ -924,7 +932,8 @@ def render_markdown(r: dict) -> str:
     L.append("# Scaling study report\n")
     L.append(_data_paragraph(r) + "\n")
     L.append(f"Results: `{r['results_dir']}` — {r['n_done']} finished runs of {r['n_runs']}. "
-             f"Created {r['created']}. Regenerate with `medscale report {r['results_dir']}{' --mfu ' + fmt(b['mfu']) if str(b.get('mfu_source', '')).startswith('stated') else ''}`.\n")
+             f"Created {r['created']}. Regenerate with `medscale report {r['results_dir']}{' --mfu ' + fmt(b['mfu']) if str(b.get('mfu_source', '')).startswith('stated') else ''}"
+             f"{' --seqlen ' + r['seqlen']['source'] if r.get('seqlen') else ''}`.\n")
     L.append("Conventions: N = non-embedding parameters, D = tokens seen (encoder + decoder), C = model FLOPs "
              "(project accounting; 1 PF-day = 8.64e19 FLOPs). The fitted law is placed on the compute axis with "
              f"{rec['compute_model']} (the sweep's median C/(ND) is k = {fmt(rec['compute_factor_k'], 4)}; 6 for a "
@@ -994,6 +1003,8 @@ def render_markdown(r: dict) -> str:
              f"{fmt(rec['spread_factor_approaches'])} across this sweep's approaches. Published laws were fitted "
              "on decoder-only text models (C = 6ND); their rows show the scale of disagreement, not a correction.\n")
     L += _conventions_md(r)
+    if r.get("seqlen"):
+        L += length_law.markdown(r["seqlen"])
     # the fitted laws
     L.append("## Fitted laws\n")
     L.append("L(N, D) = E + A / N^alpha + B / D^beta (Approach 3; Huber on log-loss, delta 1e-3).\n")

@@ -4,12 +4,14 @@ Examples:
   medscale budget --hardware v100-sxm2-32gb --gpus 8 --days 7 --mfu 0.35 --precision fp16 --law chinchilla
   medscale budget --pf-days 100 --law epoch2024 --json
   medscale budget --params 3e8 --hardware dgx-1 --mfu 0.35        (reverse: tokens, FLOPs, days for a size)
+  medscale budget --hardware dgx-1 --days 7 --law results/reference/seqlen_law.json   (+ the encoder length)
 """
 
 import json
 
 from medscale.accounting import ladder_specs
 from medscale.analysis.budget import BUDGET_JSON_KEYS, DEFAULT_MFU, budget_plan
+from medscale.analysis.seqlen import budget_seqlen
 from medscale.commands import COMMANDS
 from medscale.memory import plan_summary
 
@@ -52,8 +54,12 @@ def run(args):
     plan = budget_plan(args.law, flops=args.flops, pf_days=args.pf_days, hardware=args.hardware, gpus=args.gpus,
                        days=args.days, mfu=args.mfu, precision=args.precision, params=args.params,
                        batch_tokens=args.batch_tokens)
+    length = None if plan["details"]["mode"] == "params" else budget_seqlen(args.law, plan["flops"])
     if args.json:
-        print(json.dumps({k: plan[k] for k in BUDGET_JSON_KEYS}))
+        out = {k: plan[k] for k in BUDGET_JSON_KEYS}
+        if length is not None:
+            out["seqlen"], out["enc_len_opt"] = length, length["enc_len_opt"]
+        print(json.dumps(out))
         return 0
     d = plan["details"]
     conv = "all" if d["n_convention"] == "total" else "non-embedding"
@@ -92,7 +98,31 @@ def run(args):
         spec = next(x for x in ladder_specs(s["enc_len"], s["dec_len"]) if x.name == lad["name"])
         rows.append(("  memory plan", plan_summary(spec, d["hardware"], d["gpus"], d["precision"],
                                                   d["batch_tokens"])))
+    rows += _seqlen_rows(length)
     width = max(len(r[0]) for r in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     return 0
+
+
+def _seqlen_rows(rec) -> list[tuple[str, str]]:
+    """Table rows of a length law's recommendation (``medscale.analysis.seqlen.budget_seqlen``)."""
+    if rec is None:
+        return []
+
+    def ci(d, digits=3):
+        s = _fmt(d["value"]) if digits == 3 else f"{d['value']:.4f}"
+        if d.get("ci"):
+            lo, hi = d["ci"]
+            s += f" [{_fmt(lo)}, {_fmt(hi)}]" if digits == 3 else f" [{lo:.4f}, {hi:.4f}]"
+        return s
+
+    level = round(100 * rec["ci_level"])
+    rows = [("encoder length", (f"{rec['enc_len_opt']} (length law, form {rec['form']}, {rec['loss_column']}; "
+                                f"{rec['accounting']}; {level}% intervals from {rec['draws']} bootstrap draws)"))]
+    for x in rec["by_length"]:
+        mark = " <- recommended" if x["enc_len"] == rec["enc_len_opt"] else ""
+        best = f", best in {100 * x['p_best']:.0f}% of draws" if "p_best" in x else ""
+        rows.append((f"  Le {x['enc_len']}", (f"N_opt {ci(x['n_opt'])}, D_opt {ci(x['d_opt'])} tokens, loss "
+                                              f"{ci(x['loss'], 4)}{best}{mark}")))
+    return rows

@@ -4,6 +4,7 @@ Examples:
   medscale report results/reference                       (budget: one DGX-1, 8 x V100 32 GB, 7 days)
   medscale report results/reference --hardware a100-80gb --gpus 16 --days 3 --mfu 0.4
   medscale report results/reference --flops 1e21 --out /tmp/report --json
+  medscale report results/reference --seqlen results/seqlen-law      (+ the encoder length at the budget)
 """
 
 import json
@@ -28,6 +29,9 @@ def register(sub, argv=()):
     g.add_argument("--precision", choices=("fp32", "tf32", "fp16", "bf16"), help="peak to use (default: the "
                    "fastest 16-bit mode the device has)")
     g.add_argument("--flops", type=float, help="the budget in FLOPs instead of hardware x days")
+    p.add_argument("--seqlen", metavar="DIR", help="a length study's results folder (sweeps/seqlen.py:law): adds the "
+                   "sequence-length section (per-length and joint laws, the encoder length at the budget with "
+                   "intervals, equal-compute comparison) and writes seqlen_law.json for medscale budget --law")
     p.add_argument("--out", help="output folder (default RESULTS_DIR/report)")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits for the intervals (default 200; "
                    "medscale fit defaults to none: report.md prints the fit command with this count)")
@@ -54,7 +58,8 @@ def run(args):
 
     rep = build_report(args.results_dir, args.out, hardware=args.hardware, gpus=args.gpus, days=args.days,
                        mfu=args.mfu, precision=args.precision, flops=args.flops, bootstrap=args.bootstrap,
-                       seed=args.seed, batch_size=args.batch_size, figures=not args.no_figures, progress=progress)
+                       seed=args.seed, batch_size=args.batch_size, figures=not args.no_figures, progress=progress,
+                       seqlen_dir=args.seqlen)
     if args.json:
         print(json.dumps({k: v for k, v in rep.items() if k != "runs"}))
         return 0
@@ -76,6 +81,12 @@ def run(args):
                      f"{fmt(lad['tokens'])} tokens"
                      + (f", {lad['steps']:,} steps x {lad['batch_size']}" if lad.get("steps") else ""))
     lines.append(f"spread of N_opt x{fmt(rec['spread_factor_n_opt'])} across approaches and published laws")
+    sl = rep.get("seqlen")
+    if sl:
+        srec = sl["recommendation"]
+        lines.append(f"encoder length  {srec['enc_len_opt']} (form {sl['form']}; best in "
+                     f"{fmt(100 * (srec.get('p_best') or {}).get(str(srec['enc_len_opt']), float('nan')))}% of draws): "
+                     + ", ".join(f"Le {x['enc_len']} loss {ci(x['loss'], 4)}" for x in srec["by_length"]))
     for h in (rep.get("holdout") or {}).values():
         lines.append(f"validation      {holdout.summary_line(h)}")
     if rec["extrapolation"].get("warning"):
