@@ -191,3 +191,28 @@ def test_report_section_on_a_registry_folder(tmp_path):
     assert os.path.exists(out / "seqlen_law.json") and os.path.exists(out / "figures" / "seqlen_law.png")
     assert sec["n_runs"] == 45 and sec["loss_column"] == "fixed_loss"
     assert seqlen.load_law_file(str(out / "seqlen_law.json"))["dec_len"] == DEC
+
+
+@pytest.mark.slow
+def test_a_run_records_the_length_independent_eval(tmp_path):
+    from medscale.sweep.registry import load_sweep  # the registry row of the run this test trains
+
+    work = tmp_path / "sweep" / "run"
+    sets = ["train.steps=4", "train.eval_every=2", "train.fixed_eval_enc_len=128", "data.enc_len=32",
+            "train.task_eval_examples=0", "data.num_train=64", "data.num_eval=16", "train.eval_batches=1",
+            "train.eval_batch_size=16"]
+    args = [sys.executable, "-m", "medscale", "train", "--config", "tiny", "--workdir", str(work), "--quiet"]
+    for s in sets:
+        args += ["--set", s]
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu", "MEDSCALE_TENSORBOARD": "0"}
+    subprocess.run(args, check=True, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=600)
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["fixed_eval"] == {"ref_enc_len": 128, "enc_len": 32, "dec_len": DEC, "examples": 16,
+                                     "split": "validation"}
+    assert np.isfinite(summary["final_fixed_eval_loss"]) and summary["final_fixed_eval_loss"] != \
+        summary["final_eval_loss"]
+    assert set(summary["final_fixed_eval_loss_by_modality"]) == set(summary["final_eval_loss_by_modality"])
+    evals = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert all("fixed_loss" in r for r in evals) and len(evals) == 2
+    row = load_sweep(str(tmp_path / "sweep")).iloc[0]
+    assert row["fixed_loss"] == summary["final_fixed_eval_loss"] and row["fixed_ref_enc_len"] == 128

@@ -93,11 +93,13 @@ def run_quickstart(results: str = "results", workers: int = 2, progress: bool = 
     return {"sweep": definition.name, "results": sweep_dir, "launch": launch, "report": report}
 
 
-def build(sweep_dir: str, mfu: float = DEFAULT_MFU, bootstrap: int = 200, seed: int = 0, progress=None) -> dict:
+def build(sweep_dir: str, mfu: float = DEFAULT_MFU, bootstrap: int = 200, seed: int = 0, progress=None,
+          seqlen_dir: str | None = None) -> dict:
     """Fit and report a finished sweep folder into itself (``report.md``, ``report.json``, ``figures/``): every
-    approach the runs support (``medscale.analysis.report``'s choice, as ``medscale report`` makes it)."""
+    approach the runs support (``medscale.analysis.report``'s choice, as ``medscale report`` makes it).
+    ``seqlen_dir``: a length study to add (results/reference's report: ``results/seqlen-law``)."""
     return build_report(sweep_dir, sweep_dir, hardware=REFERENCE_BUDGET["hardware"], days=REFERENCE_BUDGET["days"],
-                        mfu=mfu, bootstrap=bootstrap, seed=seed, progress=progress)
+                        mfu=mfu, bootstrap=bootstrap, seed=seed, progress=progress, seqlen_dir=seqlen_dir)
 
 
 def exponents(fit: dict) -> list[tuple[str, str, float, list | None]]:

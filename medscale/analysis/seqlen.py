@@ -37,7 +37,6 @@ numpy + scipy, no JAX.
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import numpy as np
@@ -412,13 +411,20 @@ def allocate(per_length, lengths, dec_len, flops):
     return n_out, d_out, l_out
 
 
+def _log_params(laws: dict, lengths) -> np.ndarray:
+    """(k, 5) (log A, log B, log E, alpha, beta); a coefficient fitted to 0 (E underflowing when the runs do
+    not pin it down) gives -inf, i.e. the term is absent."""
+    with np.errstate(divide="ignore"):
+        return np.array([[np.log(laws[l]["A"]), np.log(laws[l]["B"]), np.log(laws[l]["E"]), laws[l]["alpha"],
+                          laws[l]["beta"]] for l in lengths], np.float64)
+
+
 def recommend(laws: dict, flops: float, dec_len: int, draws=None, level: float = CI_LEVEL) -> dict:
     """The (N, D, encoder length) recommendation at ``flops`` from per-length laws ``{l: {E, A, B, alpha,
     beta}}`` and optional bootstrap draws ``[{l: {...}}, ...]`` (or an array (S, k, 5) of (a, b, e, alpha,
     beta)). Every length at equal compute, the best one, and how often each length is best across draws."""
     lengths = sorted(int(l) for l in laws)
-    point = np.array([[math.log(laws[l]["A"]), math.log(laws[l]["B"]), math.log(laws[l]["E"]), laws[l]["alpha"],
-                       laws[l]["beta"]] for l in lengths])
+    point = _log_params(laws, lengths)
     n, d, loss = allocate(point, lengths, dec_len, flops)
     best = int(np.argmin(loss))
     S = None
@@ -482,6 +488,13 @@ def study(runs, flops: float, bootstrap_draws: int = 200, seed: int = 0, loss_co
                           "B": _interval(np.exp(q[:, 1])), "alpha": _interval(q[:, 3]),
                           "beta": _interval(q[:, 4])}
     rec = recommend(laws, flops, dec_len, per_draw)
+    top = max(float(b) for b in points["budget"].unique())
+    in_range = recommend(laws, top, dec_len, per_draw)  # the same comparison where the runs are
+    for row in in_range["by_length"]:
+        at = points[(points["enc_len"] == row["enc_len"]) & (points["budget"] == top)]
+        row["observed_best"] = float(at["loss"].min()) if len(at) else None
+    rec["extrapolation"] = {"largest_budget": top, "factor": float(flops / top),
+                            "decades": float(np.log10(flops / top))}
     observed = []
     for _, r in points.sort_values(["enc_len", "budget", "params"]).iterrows():
         observed.append({k: (float(r[k]) if k not in ("run_id", "size") else str(r[k]))
@@ -499,6 +512,7 @@ def study(runs, flops: float, bootstrap_draws: int = 200, seed: int = 0, loss_co
                       "resampling": "runs within each (encoder length, budget) cell"},
         "draws": [] if per_draw is None else per_draw.tolist(),
         "recommendation": rec,
+        "at_largest_budget": in_range,
         "observed": observed,
     }
 
@@ -560,9 +574,7 @@ def figure(result: dict, out_dir: str, budget_flops: float) -> list[str]:
     import matplotlib.pyplot as plt
 
     lengths, dec_len = result["lengths"], result["dec_len"]
-    laws = {int(l): v for l, v in result["laws"].items()}
-    point = np.array([[math.log(laws[l]["A"]), math.log(laws[l]["B"]), math.log(laws[l]["E"]), laws[l]["alpha"],
-                       laws[l]["beta"]] for l in lengths])
+    point = _log_params({int(l): v for l, v in result["laws"].items()}, lengths)
     draws = np.asarray(result.get("draws") or [], np.float64)
     obs = result["observed"]
     cmin = min(o["flops"] for o in obs) / 2
@@ -693,13 +705,25 @@ def markdown(r: dict, report_dir_arg: str | None = None) -> list[str]:
     L.append("")
     L.append(f"Recommended encoder length: **{rec['enc_len_opt']}** with N_opt {_ci(rec['n_opt'])}, D_opt "
              f"{_ci(rec['d_opt'])} tokens, predicted loss {_ci(rec['loss'], 4)}"
-             + (f"; it beats length(s) {', '.join(map(str, sure))} in {level}% of the bootstrap draws' paired "
-                "differences" if sure else "")
+             + (f"; its loss is below that of length(s) {', '.join(map(str, sure))} over the whole {level}% "
+                "interval of the paired difference (same bootstrap draw)" if sure else "")
              + (f"; length(s) {', '.join(map(str, unsure))} are not distinguishable from it (their paired "
                 "difference interval includes 0)" if unsure else "")
              + ". The candidates are the lengths trained (E_l is free per length: the law does not interpolate "
              "between them). " + (f"`medscale budget --law {r['law_file']} ...` gives this at any budget."
                                   if r.get("law_file") else "") + "\n")
+    ex = rec.get("extrapolation")
+    if ex:
+        L.append(f"The budget is {ex['decades']:.1f} decades beyond the study's largest budget "
+                 f"({_f(ex['largest_budget'])} FLOPs): the ranking above is the laws' extrapolation. Where the runs "
+                 "are, at that largest budget (equal compute, the same law):\n")
+        at = r.get("at_largest_budget") or {}
+        L.append("| Le | N_opt | predicted loss at the optimum | best observed loss (sizes trained) |\n"
+                 "|---|---|---|---|")
+        for row in at.get("by_length", []):
+            L.append(f"| {row['enc_len']} | {_ci(row['n_opt'])} | {_ci(row['loss'], 4)} | "
+                     f"{_f(row.get('observed_best'), 4)} |")
+        L.append("")
     floor = [x["enc_len"] for x in rec["by_length"] if x["n_opt_at_search_floor"]]
     if floor:
         L.append(f"> **Size not identified** at length(s) {', '.join(map(str, floor))}: N_opt is the floor of the "
