@@ -216,3 +216,33 @@ def test_a_run_records_the_length_independent_eval(tmp_path):
     assert all("fixed_loss" in r for r in evals) and len(evals) == 2
     row = load_sweep(str(tmp_path / "sweep")).iloc[0]
     assert row["fixed_loss"] == summary["final_fixed_eval_loss"] and row["fixed_ref_enc_len"] == 128
+
+
+def test_the_reference_report_recommends_an_encoder_length():
+    ref = os.path.join(REPO, "results", "reference")
+    if not os.path.exists(os.path.join(ref, "seqlen_law.json")):
+        pytest.skip("no committed reference report with a length study in this checkout")
+    with open(os.path.join(ref, "report.json")) as fh:
+        rep = json.load(fh)
+    sl = rep["seqlen"]
+    rec = sl["recommendation"]
+    assert sl["loss_column"] == "fixed_loss" and len(sl["lengths"]) >= 2 and sl["form"] in seqlen.FORMS
+    assert rec["enc_len_opt"] in sl["lengths"] and rec["flops"] == rep["budget"]["flops"]
+    for row in rec["by_length"]:  # the equal-compute comparison, every quantity with its interval
+        for key in ("n_opt", "d_opt", "loss", "delta_loss_vs_best"):
+            assert len(row[key]["ci"]) == 2
+        assert 0.0 <= row["p_best"] <= 1.0
+    assert all(os.path.exists(os.path.join(ref, p)) for p in sl["figures"])
+    with open(os.path.join(ref, "report.md")) as fh:
+        md = fh.read()
+    assert "## Sequence length" in md and f"Recommended encoder length: **{rec['enc_len_opt']}**" in md
+    # the law file gives the same answer through medscale budget at the report's budget
+    env = {**os.environ, "PYTHONPATH": REPO}
+    out = subprocess.run([sys.executable, "-m", "medscale", "budget", "--flops", repr(rec["flops"]), "--law",
+                          os.path.join(ref, "seqlen_law.json"), "--json"], capture_output=True, text=True, env=env,
+                         check=True)
+    got = json.loads(out.stdout)
+    assert got["enc_len_opt"] == rec["enc_len_opt"]
+    for a, b in zip(got["seqlen"]["by_length"], rec["by_length"]):
+        assert a["loss"]["value"] == pytest.approx(b["loss"]["value"], rel=1e-9)
+        assert a["loss"]["ci"] == pytest.approx(b["loss"]["ci"], rel=1e-9)
