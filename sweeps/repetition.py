@@ -7,7 +7,8 @@ examples of ``enc_len + dec_len`` tokens each. Each token budget is run twice pe
 (``-u<UNIQUE>``: ``e`` epochs) and on the unbounded stream (``-u0``: every example fresh). Both are scored on the
 same 128 held-out scenes, so the gap between them at equal tokens is the loss that repetition costs.
 
-The argument scales the set (default 512 scenes: the CPU-sized design, ~10 minutes on 2 busy cores):
+The argument scales the set (default 512 scenes: the CPU-sized design, 1.3e13 model FLOPs; 703 CPU-s of
+training, 36 min wall on 2 cores shared with other jobs; results/repetition, docs/fit.md):
 Run:  medscale sweep run sweeps/repetition.py --workers 2 --results results
       medscale fit results/repetition --repetition
 """

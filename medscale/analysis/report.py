@@ -865,11 +865,13 @@ def _data_constrained_md(r: dict) -> list[str]:
         return []
     src, const, free = dc.get("dataset"), dc["constants"], dc["unconstrained"]
     what = (f"{src['dataset']}: {src['examples']:,} examples x {fmt(src['tokens_per_example'])} tokens "
-            f"({src['method']}; {src['source']})" if src else "given")
+            f"({src['source']})" if src else "given")
     L = ["### With a finite dataset\n",
          (f"Unique tokens: **{fmt(dc['unique_tokens'])}** ({what}). Repetition per Muennighoff et al. 2023's "
          f"effective data and parameters, R*_D = {fmt(const['r_star_d'], 5)}, R*_N = {fmt(const['r_star_n'], 4)} "
-         f"({const['source']}); the law at C6 = 6C/k = {fmt(dc['budget_flops_6nd'])} (docs/fit.md).\n"),
+         f"({const['source']}); both columns are the law's C = 6ND allocation at C6 = 6C/k = "
+          f"{fmt(dc['budget_flops_6nd'])}, which can differ from the recommendation above when that uses the "
+          "encoder-decoder accounting (docs/fit.md).\n"),
          "| | unlimited data | this dataset [interval] |\n|---|---|---|",
          f"| N (non-embedding parameters) | {fmt(free['n_params_opt'])} | {_ci(dc['n_params_opt'])} |",
          f"| D (tokens) | {fmt(free['tokens_opt'])} | {_ci(dc['tokens_opt'])} |",
