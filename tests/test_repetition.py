@@ -271,3 +271,40 @@ def test_repetition_sweep_design():
         cfg = load_definition(os.path.join(root, "sweeps", "repetition.py"))
         cfg.num_trains = (-1,)
         normalize(cfg)
+
+
+def test_dataset_folder_is_prepared_and_counted(tmp_path, capsys):
+    """A MedMNIST download (the folder layout docs/data.md names): prepared with the configured tokenizers and
+    counted: per example its image and caption tokens, capped at enc_len + dec_len."""
+    from medscale.configs import load_config, spec_from_config
+    from medscale.data.pipeline import build_data
+
+    manual = tmp_path / "mm"
+    manual.mkdir()
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 12), ("val", 4), ("test", 4)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = rng.integers(0, 2, (n, 1))
+    np.savez(manual / "pneumoniamnist.npz", **arrays)
+    fast = [f"data.data_dir={tmp_path / 'cache'}", "data.tokenizer_examples=64", "data.vq_iters=2",
+            "data.image_vocab=16", "data.seg_vocab=16", "data.modalities=('image','caption')"]
+    got = datasets.unique_tokens(str(manual), "tiny", fast)
+    assert (got["dataset"], got["method"], got["examples"]) == ("medmnist", "counted", 12)
+    cfg = load_config("tiny", [*fast, "data.dataset=medmnist", f"data.manual_dir={manual}"])
+    toks = build_data(cfg, spec_from_config(cfg)).tokens("train")
+    per = toks["image_len"] + toks["caption_len"]
+    assert (toks["image_len"] == 64).all() and (toks["caption_len"] > 0).all()
+    assert got["unique_tokens"] == float(np.minimum(per, 64 + 48).sum())
+    argv = ["budget", "--pf-days", "1", "--dataset", str(manual), "--data-config", "tiny"]
+    for item in fast:
+        argv += ["--set", item]
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["unique_tokens"] == got["unique_tokens"]
+
+
+def test_report_finite_data_flags_are_checked(capsys, tmp_path):
+    assert main(["report", str(tmp_path), "--unique-tokens", "1e9", "--dataset", "roco"]) == 2
+    assert "either --unique-tokens or --dataset" in capsys.readouterr().err
+    assert main(["report", str(tmp_path), "--unique-tokens", "-5"]) == 2
+    assert "--unique-tokens must be positive" in capsys.readouterr().err
