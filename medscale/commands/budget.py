@@ -45,8 +45,8 @@ def register(sub, argv=()):
     p.add_argument("--batch-tokens", type=float, default=2**19,
                    help="tokens per optimizer step, for the step counts (default 524288)")
     dc = p.add_argument_group("finite data (Muennighoff et al. 2023's effective data and parameters; docs/fit.md)")
-    dc.add_argument("--unique-tokens", type=float, help="unique tokens the dataset holds (the law's D units): "
-                    "the allocation repeats them at most as well as the data-constrained law says")
+    dc.add_argument("--unique-tokens", type=float, help="unique tokens the dataset holds (the law's D units); "
+                    "tokens beyond them are repeats, worth Muennighoff et al.'s effective data")
     dc.add_argument("--dataset", metavar="DIR|roco|rocov2|medmnist[:FLAG]", help="count the unique tokens of a "
                     "downloaded dataset folder with --data-config's tokenizers and lengths, or of a named "
                     "dataset (counted when prepared, else its published size times the tokens per example)")
