@@ -5,13 +5,15 @@ How a candidate set S is scored (``Planner.score``): the current fit's bootstrap
 data still allow. A few of them (``truths``, spread over the draws' N_opt quantiles) are taken in turn as the
 truth: the runs of S are simulated from it (its loss at the run's N and D, times exp(sigma e), sigma the sweep's
 seed noise of log loss, e one normal draw per run and truth, fixed for the whole search), added to the real
-runs, and the augmented table is bootstrapped as ``medscale fit`` does it (``resample.design_counts``: cells
-within budget groups, seed replicates within cells), each draw refitted. The refit is the cheap one: warm starts
-at the current fit and at the truth (the two obvious basins), the IRLS-damped Newton of ``approach3``, the lower
-admissible optimum per draw. The 95% percentile interval of log10 N_opt over the refits, averaged over the
-truths, is the expected interval after S; with S empty the same computation gives the interval now, so before
-and after differ only in the simulated runs. The greedy search adds, K times, the candidate whose addition gives
-the narrowest expected interval (a candidate may be chosen twice: the second is a seed replicate).
+runs, and the augmented table is fitted and bootstrapped as ``medscale fit`` would do it, cheaply: the new fit
+is the better of two starts (the current fit and the truth: the basins a global search would reach), and the
+bootstrap (``resample.design_counts``: cells within budget groups, seed replicates within cells) refits each
+draw from that new fit (the IRLS-damped Newton of ``approach3``, warm-started as ``approach3.bootstrap`` is).
+The 95% percentile interval of log10 N_opt over the refits, averaged over the truths, is the expected interval
+after S; with S empty the same computation gives the interval now, so before and after differ only by the
+simulated runs. The greedy search (``Planner.greedy``) adds moves until K runs are chosen: one run at a budget
+the sweep has, or two adjacent sizes at a budget it lacks, each time the move that narrows the expected
+interval most per run (a candidate chosen twice is a seed replicate).
 
 The current draws (``current_draws``) restart each bootstrap refit from the fit's optima and a small grid of
 starts (``PLAN_STARTS``) and keep the best admissible optimum: a warm start alone cannot leave a basin where one
@@ -66,7 +68,7 @@ class Target:
             return out
         with np.errstate(all="ignore"):
             n, _ = allocation.n_opt_encdec(np.exp(e_[ok]), np.exp(a_[ok]), np.exp(b_[ok]), al[ok], be[ok],
-                                           self.flops, self.fam, grid=1000)
+                                           self.flops, self.fam)
         out[ok] = np.log10(np.ravel(n))
         return out
 
@@ -217,20 +219,26 @@ class Planner:
             ys.append(np.exp(_log_loss(th, nk, dk) + self.sigma["sigma_log"] * self.eps[r, :k]))
         y = np.concatenate(ys)
         P = P0 + R * k
-        # rows: truth r x draw b x start (current fit, truth r)
-        W = np.zeros((R, B, 2, P))
-        W[:, :, :, :P0] = counts[None, :, None, :P0]
+        own = np.zeros((R, P))  # each truth's table: the real runs and that truth's simulated runs
+        own[:, :P0] = 1.0
         for r in range(R):
-            W[r, :, :, P0 + r * k:P0 + (r + 1) * k] = counts[:, None, P0:]
-        th0 = np.zeros((R, B, 2, 5))
-        th0[:, :, 0] = self.base_theta
-        th0[:, :, 1] = self.truths[:, None, :]
-        res = approach3.minimize_batch(n, d, y, th0.reshape(-1, 5), W=W.reshape(-1, P), max_iter=REFIT_ITER,
+            own[r, P0 + r * k:P0 + (r + 1) * k] = 1.0
+        # the new fit of each truth's table, as medscale fit would find it: the better of the current fit and the
+        # truth as starts (the basins a global search reaches)
+        th0 = np.stack([np.tile(self.base_theta, (R, 1)), self.truths], 1).reshape(-1, 5)
+        res = approach3.minimize_batch(n, d, y, th0, W=np.repeat(own, 2, 0), max_iter=3 * REFIT_ITER,
                                        hessian="irls", threads=1)
-        obj = np.where(approach3._admissible(res), res.objective, np.inf).reshape(R * B, 2)
-        th = res.theta.reshape(R * B, 2, 5)[np.arange(R * B), obj.argmin(1)]
-        lno = self.target.log10_n_opt(th)
-        lno[~np.isfinite(obj.min(1))] = np.nan
+        obj = np.where(approach3._admissible(res), res.objective, np.inf).reshape(R, 2)
+        fits = res.theta.reshape(R, 2, 5)[np.arange(R), obj.argmin(1)]
+        # its bootstrap: rows truth r x draw b, warm-started at that new fit (as approach3.bootstrap does)
+        W = np.zeros((R, B, P))
+        W[:, :, :P0] = counts[None, :, :P0]
+        for r in range(R):
+            W[r, :, P0 + r * k:P0 + (r + 1) * k] = counts[:, P0:]
+        res = approach3.minimize_batch(n, d, y, np.repeat(fits, B, 0), W=W.reshape(-1, P), max_iter=REFIT_ITER,
+                                       hessian="irls", threads=1)
+        lno = self.target.log10_n_opt(res.theta)
+        lno[~(np.isfinite(res.objective) & approach3._admissible(res))] = np.nan
         lno = lno.reshape(R, B)
         q = (1 - LEVEL) / 2 * 100
         los, his = [], []
@@ -394,7 +402,8 @@ def plan_next(results_dir: str, runs: int, *, max_flops: float | None = None, ha
                        "budgets": sorted(cand["budget"].unique().tolist()), "max_flops": max_flops},
         "settings": {"level": LEVEL, "draws": int(draws), "draws_usable": len(planner.draws),
                      "truths": len(planner.truths), "inner": int(inner), "seed": int(seed),
-                     "refit": f"warm starts (current fit, truth), IRLS Newton, at most {REFIT_ITER} iterations",
+                     "refit": f"new fit from 2 starts (current fit, truth), its bootstrap warm-started at it; IRLS "
+                              f"Newton, at most {REFIT_ITER} iterations",
                      "evaluations": g["evaluations"]},
         "warnings": warnings, "seconds": time.perf_counter() - t0,
     }
