@@ -390,6 +390,11 @@ def plan_next(results_dir: str, runs: int, *, max_flops: float | None = None, ha
                         f"in {g['before']['floor_fraction']:.0%} of the refits: the runs do not identify the N term, "
                         "and a narrower interval there means the law is surer that size does not matter, not that "
                         "the optimum is known; runs on both sides of each budget's best size are what identify it")
+    first = [w["width_dex"] for w in (g["steps"][0]["widths"] if g["steps"] else [])]
+    if first and math.isfinite(g["before"]["width_dex"]) and all(
+            abs(w - g["before"]["width_dex"]) <= 1e-6 for w in first if math.isfinite(w)):
+        warnings.append("no candidate run is expected to change the interval under the current fit's draws: the "
+                        "proposal is the cheapest move, not an informative one")
     return {
         "results_dir": results_dir, "runs_requested": int(runs),
         "target": {**budget, "compute_model": target.label,
