@@ -465,3 +465,54 @@ def filter_runs(runs: list[Run], only: str | None) -> list[Run]:
         raise UserError(f"--only {only!r} matches no run of sweep {runs[0].sweep if runs else '?'}; "
                         "see the ids with: medscale sweep status SWEEP.py")
     return out
+
+
+def from_plan(sweep, proposal) -> list[Run]:
+    """The runs of a ``medscale plan next`` proposal (``[{"size", "enc_len", "budget", "seed"}, ...]``) under a
+    sweep definition's rules (base, overrides, learning rates, batches, evaluation schedule): each as an IsoFLOP
+    run of that size at that budget, so a proposed run that repeats a planned one gets its run id. A budget the
+    definition does not list takes the batch of its nearest listed budget (``batch_per_budget``)."""
+    import ml_collections
+
+    if not isinstance(proposal, list) or not proposal:
+        raise UserError("the plan proposes no runs (its 'proposal' list is empty or missing)")
+    base = sweep.to_dict()
+    runs: list[Run] = []
+    for i, p in enumerate(proposal):
+        try:
+            size, enc, budget, seed = str(p["size"]), int(p["enc_len"]), float(p["budget"]), int(p.get("seed", 0))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"plan run {i + 1}: needs size, enc_len, budget (and seed): {exc}") from None
+        if not (math.isfinite(budget) and budget > 0):
+            raise UserError(f"plan run {i + 1}: budget must be a positive number of FLOPs, not {budget!r}")
+        d = dict(base)
+        d.update(design="isoflop", sizes=[size], enc_lens=[enc], budgets=[budget], budgets_by_enc=None,
+                 per_budget=1, seeds=[seed], center_seeds=[], min_steps=1, tokens=[])
+        if base.get("batch_per_budget"):
+            pairs = list(zip(base["budgets"], base["batch_per_budget"]))
+            d["batch_per_budget"] = [min(pairs, key=lambda bb: abs(math.log(bb[0] / budget)))[1]]
+        if base.get("per_size"):
+            d["per_size"] = {k: v for k, v in base["per_size"].items() if k == size} or None
+        one = normalize(ml_collections.ConfigDict(d), source=f"plan run {i + 1}")
+        runs += expand(one)
+    ids = [r.run_id for r in runs]
+    if len(set(ids)) != len(ids):
+        raise UserError("the plan lists the same run twice (same size, length, budget and seed); give each "
+                        "repeat its own seed")
+    runs.sort(key=lambda r: (r.model_flops, r.run_id))
+    return runs
+
+
+def load_plan(path: str) -> list[dict]:
+    """The ``proposal`` of a plan file written by ``medscale plan next --out``."""
+    if not os.path.isfile(path):
+        raise UserError(f"plan file {path!r} not found; write one with medscale plan next RESULTS --runs K --out "
+                        f"{path}")
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"plan file {path}: not readable JSON ({exc})") from None
+    if not isinstance(doc, dict) or "proposal" not in doc:
+        raise UserError(f"plan file {path}: no 'proposal' list (write it with medscale plan next --out)")
+    return doc["proposal"]
