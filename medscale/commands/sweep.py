@@ -20,6 +20,8 @@ def register(sub, argv=()):
     p.add_argument("--results", default="results", metavar="DIR", help="results root (default results/)")
     p.add_argument("--retry-failed", action="store_true", help="train failed runs again")
     p.add_argument("--dry-run", action="store_true", help="print the plan, train nothing")
+    p.add_argument("--from-plan", metavar="PLAN.json", help="train the runs a plan proposes (medscale plan next "
+                   "--out) under this sweep's rules, into its results folder, instead of its own design")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--json", action="store_true", help="print the outcome as one JSON object")
     p.set_defaults(func=_run)
@@ -68,7 +70,8 @@ def register(sub, argv=()):
 def _run(args):
     if args.dry_run:
         sweep = design.load_definition(args.sweep)
-        runs = design.filter_runs(design.expand(sweep), args.only)
+        planned = design.from_plan(sweep, design.load_plan(args.from_plan)) if args.from_plan else design.expand(sweep)
+        runs = design.filter_runs(planned, args.only)
         if args.json:
             print(json.dumps({"sweep": sweep.name, "runs": [r.to_dict() for r in runs]}))
         else:
@@ -77,7 +80,8 @@ def _run(args):
             print(f"{len(runs)} runs, {sum(r.model_flops for r in runs):.3g} model FLOPs")
         return 0
     report = launcher.run_sweep(args.sweep, results=args.results, workers=args.workers, only=args.only,
-                                progress=not args.quiet and not args.json, retry_failed=args.retry_failed)
+                                progress=not args.quiet and not args.json, retry_failed=args.retry_failed,
+                                plan=args.from_plan)
     if args.json:
         print(json.dumps(report))
     else:
