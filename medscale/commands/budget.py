@@ -190,3 +190,4 @@ def _seqlen_rows(rec) -> list[tuple[str, str]]:
         best = f", best in {100 * x['p_best']:.0f}% of draws" if "p_best" in x else ""
         rows.append((f"  Le {x['enc_len']}", (f"N_opt {ci(x['n_opt'])}, D_opt {ci(x['d_opt'])} tokens, loss "
                                               f"{ci(x['loss'], 4)}{best}{mark}")))
+    return rows
