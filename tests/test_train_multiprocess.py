@@ -52,12 +52,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _single(workdir):
-    proc = subprocess.run(_argv(workdir), check=False, cwd=REPO, env=_env(8), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
 def _launch_pair(workdir, **env):
     """Start the run's two processes (4 devices each); returns the Popen objects, process 0 first."""
     coordinator = f"127.0.0.1:{_free_port()}"
@@ -89,12 +83,16 @@ def _record(workdir):
 
 
 @pytest.fixture(scope="module")
-def two_process(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("pair") / "run"
-    outs = _finish(_launch_pair(workdir))
+def runs(tmp_path_factory):
+    """The run trained by one process x 8 devices and, at the same time, by two processes x 4 devices."""
+    root = tmp_path_factory.mktemp("runs")
+    single = subprocess.Popen(_argv(root / "single"), cwd=REPO, env=_env(8), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    pair = _launch_pair(root / "pair")
+    outs = _finish([single, *pair])
     for rc, _, err in outs:
         assert rc == 0, err[-3000:]
-    return workdir, outs
+    return root / "single", root / "pair", outs[1:]
 
 
 def _close(a, b, path=""):
@@ -113,10 +111,8 @@ def _close(a, b, path=""):
         assert a == b, (path, a, b)
 
 
-def test_two_processes_train_the_run_one_process_trains(tmp_path, two_process):
-    single = tmp_path / "single"
-    _single(single)
-    workdir, outs = two_process
+def test_two_processes_train_the_run_one_process_trains(runs):
+    single, workdir, outs = runs
     ref_summary, ref_rows = _record(single)
     summary, rows = _record(workdir)
     assert summary["device_count"] == 8 and summary["status"] == "done" and summary["steps"] == 8
@@ -133,7 +129,7 @@ def test_two_processes_train_the_run_one_process_trains(tmp_path, two_process):
 
 
 @pytest.mark.slow
-def test_a_process_killed_mid_run_and_both_relaunched_resume_bit_exactly(tmp_path, two_process):
+def test_a_process_killed_mid_run_and_both_relaunched_resume_bit_exactly(tmp_path, runs):
     workdir = tmp_path / "run"
     procs = _launch_pair(workdir, MEDSCALE_TEST_KILL_AT="step:6", MEDSCALE_TEST_KILL_PROCESS="1",
                          MEDSCALE_HEARTBEAT_S="5")
@@ -147,7 +143,7 @@ def test_a_process_killed_mid_run_and_both_relaunched_resume_bit_exactly(tmp_pat
     outs = _finish(_launch_pair(workdir))
     for rc, _, err in outs:
         assert rc == 0, err[-3000:]
-    assert _record(workdir) == _record(two_process[0])  # bit-exact: same rows, same summary
+    assert _record(workdir) == _record(runs[1])  # bit-exact: same rows, same summary
 
 
 def test_distributed_settings_from_flags_and_environment():
