@@ -179,8 +179,8 @@ def test_slurm_runs_over_several_nodes(tmp_path):
             assert task["env"] == {"MEDSCALE_COORDINATOR": "gpu-node-17:29500",
                                    "MEDSCALE_NUM_PROCESSES": str(2 * per_node), "MEDSCALE_PROCESS_ID": str(rank),
                                    "MEDSCALE_LOCAL_DEVICE_IDS": str(rank % per_node) if process_per == "gpu" else None}
-        with open(os.path.join(workdir, "sweep.json")) as fh:
-            assert json.load(fh)["run_id"] == runs[i].run_id
+        with open(os.path.join(workdir, "sweep.json")) as fh:  # the plan, one line
+            assert fh.read() == json.dumps(runs[i].plan(), sort_keys=True) + "\n"
 
 
 # The fields of batch/v1 Job, v1 Service and their pod template that the emitter writes, with their types

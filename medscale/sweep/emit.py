@@ -54,7 +54,7 @@ def _prepare_lines(run: Run, results: str, first_only: str | None = None) -> lis
     """Shell lines: the run's folder in ``DIR``, exit if finished, write its ``sweep.json`` (by the process
     ``first_only`` names as 0, when given)."""
     plan = _plan_json(run)
-    write = f'printf "%s\n" {shlex.quote(plan)} > "$DIR/sweep.json.tmp" && mv "$DIR/sweep.json.tmp" "$DIR/sweep.json"'
+    write = f'printf "%s\\n" {shlex.quote(plan)} > "$DIR/sweep.json.tmp" && mv "$DIR/sweep.json.tmp" "$DIR/sweep.json"'
     if first_only:
         write = f'if [ "{first_only}" = 0 ]; then {write}; fi'
     return [f'DIR="${{MEDSCALE_RESULTS:-{results}}}/{run.sweep}/{run.run_id}"',
