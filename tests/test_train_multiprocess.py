@@ -126,6 +126,12 @@ def test_two_processes_train_the_run_one_process_trains(runs):
     assert outs[0][1].strip().splitlines()[-1].startswith("status done")
     assert not os.path.exists(workdir / rundir.LOCK)
     assert rundir.checkpoint_steps(str(workdir)) == [4, 8]
+    # the checkpoint's data position is the run's (the global batch's), the one a single process saves
+    positions = []
+    for run in (workdir, single):
+        with open(run / "checkpoints" / "8" / "data" / "metadata") as fh:
+            positions.append(json.load(fh))
+    assert positions[0] == positions[1] and positions[0]["shard_count"] == 1 and positions[0]["batch_size"] == 8
 
 
 @pytest.mark.slow
