@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from _fit_synth import LAW_X
 
-from medscale.analysis import approach3, fitting, plan
+from medscale.analysis import approach3, fitting, plan, quickstart
 from medscale.sweep import design
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,7 +118,7 @@ def test_from_plan_reproduces_the_sweeps_runs():
     assert "d32l2-e64-c1.6e10-s0-ef46cfb1" in ids
     assert os.path.isdir(os.path.join(REPO, "results", "reference", "d32l2-e64-c1.6e10-s0-ef46cfb1"))
     big = next(r for r in runs if r.size == "d40l2")
-    assert big.batch_size == 64 and big.model_flops == pytest.approx(5.1e12, rel=0.01)
+    assert big.batch_size == quickstart.BATCHES[-1] and big.model_flops == pytest.approx(5.1e12, rel=0.01)
     with pytest.raises(design.UserError, match="same run twice"):
         design.from_plan(sweep, [{"size": "d32l2", "enc_len": 64, "budget": 1.6e10, "seed": 0}] * 2)
 
