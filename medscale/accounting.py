@@ -12,6 +12,8 @@ Parameters (``ModelSpec``'s docstring lists every weight):
 - encoder layer = 4 d^2 (q, k, v, o) + m d f (MLP) + 2 x 2d (two LayerNorms, scale and bias);
 - decoder layer = 8 d^2 (self and cross attention) + m d f + 3 x 2d;
 - final LayerNorms: 2d after each stack;
+- a per-modality encoder (``spec.encoder == "per_modality"``) has one encoder stack (layers and final LayerNorm)
+  per modality with a positive share of ``spec.encoder_split``;
 - non_embedding = total - embedding - heads.
 
 FLOPs: a matmul of an ``[n, k]`` by a ``[k, m]`` operand costs 2 n k m. Per forward pass and layer:
@@ -19,6 +21,9 @@ FLOPs: a matmul of an ``[n, k]`` by a ``[k, m]`` operand costs 2 n k m. Per forw
 - dec_self_proj 8 B Ld d^2; dec_self_scores 4 B Ld^2 d (hardware) or 2 B Ld^2 d (model: masked at half);
 - cross_proj 4 B Ld d^2 (q, o on decoder tokens) + 4 B Le d^2 (k, v on encoder tokens); cross_scores 4 B Ld Le d;
 - enc_mlp 2 m B Le d f; dec_mlp 2 m B Ld d f;
+- per-modality encoder: stack m runs on its own Le_m = ``encoder_split[m]`` tokens (sum_m Le_m = Le), so the
+  projections, MLPs and the cross-attention's k, v are as above with Le = sum_m Le_m, and the encoder scores are
+  4 B d sum_m Le_m Se_m (Se_m = Le_m, or min(window, Le_m)) instead of 4 B Le Se d;
 - heads 2 B Ld d V (once, after the decoder).
 A training step is forward x 3 (backward = 2 x forward). ``model_flops`` counts useful work (decoder
 self-attention scores at half, no recomputation); ``hardware_flops`` what the kernels execute (dense scores in
@@ -55,16 +60,25 @@ def param_breakdown(spec) -> dict:
     mlp = _mlp_mats(spec) * d * f
     enc_layer = 4 * d * d + mlp + 2 * (2 * d)
     dec_layer = 8 * d * d + mlp + 3 * (2 * d)
+    stacks = len(encoder_stack_lengths(spec))
     return {
         "token_table": V * d,
         "modality_tables": 2 * M * d,
         "mask_vector": d,
-        "encoder_layers": spec.enc_layers * enc_layer,
-        "encoder_final_norm": 2 * d,
+        "encoder_layers": stacks * spec.enc_layers * enc_layer,
+        "encoder_final_norm": stacks * 2 * d,
         "decoder_layers": spec.dec_layers * dec_layer,
         "decoder_final_norm": 2 * d,
         "heads": d * V,
     }
+
+
+def encoder_stack_lengths(spec) -> list[int]:
+    """Encoder tokens each encoder stack runs on: ``[Le]`` for a unified encoder, the positive shares of
+    ``spec.encoder_split`` for a per-modality one."""
+    if getattr(spec, "encoder", "unified") == "unified":
+        return [spec.enc_len]
+    return [s for s in spec.encoder_split if s > 0]
 
 
 def param_counts(spec) -> dict:
@@ -98,12 +112,15 @@ def forward_flops(spec, batch_size: int, attention: str = "dense", window=None) 
     if int(batch_size) <= 0:
         raise UserError(f"batch size must be positive, got {batch_size}")
     B, d, f, V = int(batch_size), spec.d_model, spec.d_ff, spec.vocab_total
-    Le, Ld, ne, nd = spec.enc_len, spec.dec_len, spec.enc_layers, spec.dec_layers
+    Ld, ne, nd = spec.dec_len, spec.enc_layers, spec.dec_layers
+    stacks = encoder_stack_lengths(spec)
+    Le = sum(stacks)  # encoder tokens (what the decoder cross-attends to)
     m = _mlp_mats(spec)
-    se = min(window, Le) if attention == "local" else Le  # keys each encoder query attends to
+    # query x key pairs of the encoder's self-attention: each stack's queries see its own tokens (or a window)
+    pairs = sum(le * (min(window, le) if attention == "local" else le) for le in stacks)
     hw = {
         "enc_attn_proj": ne * 8 * B * Le * d * d,
-        "enc_attn_scores": ne * 4 * B * Le * se * d,
+        "enc_attn_scores": ne * 4 * B * pairs * d,
         "enc_mlp": ne * 2 * m * B * Le * d * f,
         "dec_self_proj": nd * 8 * B * Ld * d * d,
         "dec_self_scores": nd * 4 * B * Ld * Ld * d,

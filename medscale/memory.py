@@ -83,10 +83,11 @@ def weights(spec: ModelSpec) -> list[tuple[str, tuple, tuple, int]]:
            else [("layer", (d, f), ("embed", "mlp"), 2)]) + [("layer", (f, d), ("mlp", "embed"), 1)]
     attn = [("layer", (d, h, k), ("embed", "heads", "kv"), 3), ("layer", (h, k, d), ("heads", "kv", "embed"), 1)]
     norm = ("layer", (d,), ("norm",), 2)
-    enc = [(f"enc_{w}", s, a, c * spec.enc_layers) for w, s, a, c in attn + mlp + [norm, norm]]
+    stacks = len(spec.encoder_stacks)  # one encoder stack, or one per input modality
+    enc = [(f"enc_{w}", s, a, c * spec.enc_layers * stacks) for w, s, a, c in attn + mlp + [norm, norm]]
     dec = [(f"dec_{w}", s, a, c * spec.dec_layers) for w, s, a, c in attn + attn + mlp + [norm, norm, norm]]
     return [("token_table", (v, d), ("vocab", "embed"), 1), ("modality_tables", (m, d), ("modality", "embed"), 2),
-            ("mask_vector", (d,), ("embed",), 1), *enc, ("final_norms", (d,), ("norm",), 4), *dec,
+            ("mask_vector", (d,), ("embed",), 1), *enc, ("final_norms", (d,), ("norm",), 2 * stacks + 2), *dec,
             ("head", (d, v), ("embed", "vocab"), 1)]
 
 

@@ -4,6 +4,7 @@ standard library only (``medscale budget`` and ``medscale flops`` import it with
 
 ATTENTION_IMPLEMENTATIONS = ("dense", "xla", "cudnn", "blockwise", "local")
 REMAT_POLICIES = ("none", "full", "save_dots")
+ENCODER_KINDS = ("unified", "per_modality")  # one encoder stack for every input, or one stack per input modality
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # compute dtypes; parameters stay float32
 MESH_AXES = ("data", "fsdp", "tensor")
 

@@ -1,4 +1,5 @@
-"""XLA's FLOP count of the compiled train step agrees with the analytic hardware FLOPs within 5%."""
+"""XLA's FLOP count of the compiled train step agrees with the analytic hardware FLOPs within 5%, for both
+encoder kinds (``model.encoder``: unified, per_modality)."""
 
 import pytest
 
@@ -12,6 +13,10 @@ from medscale.train.step import xla_step_flops
     ({"d_model": 256, "enc_layers": 1, "dec_layers": 1, "num_heads": 4, "d_ff": 1024, "enc_len": 256, "dec_len": 64,
       "modalities": default_modalities(text_vocab=8192)}, 4, "none"),
     ({"d_model": 128, "enc_layers": 1, "dec_layers": 1, "num_heads": 2, "d_ff": 512}, 8, "full"),
+    ({"d_model": 128, "enc_layers": 2, "dec_layers": 1, "num_heads": 2, "d_ff": 512, "encoder": "per_modality"}, 8,
+     "none"),
+    ({"d_model": 128, "enc_layers": 1, "dec_layers": 1, "num_heads": 2, "d_ff": 512, "encoder": "per_modality",
+      "enc_split": (64, 32, 0, 32)}, 8, "full"),
 ])
 def test_xla_flops_within_5_percent_of_hardware_flops(shape, batch, remat):
     spec = ModelSpec(**shape)

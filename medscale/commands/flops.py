@@ -65,7 +65,8 @@ def build_spec(args):
         remat, attention = cfg.model.remat, cfg.model.attention
         window = cfg.model.attention_window
         shape = {k: getattr(spec, k) for _, k in SHAPE_FLAGS}
-        base = {"modalities": spec.modalities, "enc_len": spec.enc_len, "dec_len": spec.dec_len, "name": spec.name}
+        base = {"modalities": spec.modalities, "enc_len": spec.enc_len, "dec_len": spec.dec_len, "name": spec.name,
+                "encoder": spec.encoder, "enc_split": spec.enc_split}
     else:
         if args.set:
             raise UserError("--set needs --config")
@@ -85,6 +86,8 @@ def build_spec(args):
     for flag in ("enc_len", "dec_len"):
         if getattr(args, flag) is not None:
             base[flag] = getattr(args, flag)
+    if args.enc_len is not None:
+        base.pop("enc_split", None)  # a new encoder length: the default per-modality split of it
     batch = args.batch if args.batch is not None else batch
     remat = args.remat or remat
     attention = args.attention or attention

@@ -6,12 +6,13 @@ Examples:
   medscale report results/reference --flops 1e21 --out /tmp/report --json
   medscale report results/reference --dataset rocov2        (the finite-data recommendation for ROCOv2)
   medscale report results/reference --seqlen results/seqlen-law      (+ the encoder length at the budget)
+  medscale report results/encoder_ablation --ablation   (one sweep folder per family, compared at the budget)
 """
 
 import json
 import sys
 
-from medscale.analysis import holdout, repetition
+from medscale.analysis import ablation, holdout, repetition
 from medscale.analysis.report import DEFAULT_DATASET, build_report, fmt
 from medscale.commands import COMMANDS
 from medscale.errors import UserError
@@ -47,6 +48,9 @@ def register(sub, argv=()):
     p.add_argument("--batch-size", type=int, default=256, help="global batch (sequences) of the recommended run, "
                    "for its step count (default 256)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures (numbers only)")
+    p.add_argument("--ablation", action="store_true", help="RESULTS_DIR holds one IsoFLOP sweep folder per model "
+                   "family (e.g. results/encoder_ablation): fit each family's loss vs compute and compare them at "
+                   "the budget (ablation.md, ablation.json; medscale/analysis/ablation.py)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout (report.json without the runs)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=run)
@@ -70,6 +74,9 @@ def run(args):
     def progress(msg):
         if not args.quiet:
             print(f"[report] {msg}", file=sys.stderr, flush=True)
+
+    if args.ablation:
+        return _ablation(args)
 
     rep = build_report(args.results_dir, args.out, hardware=args.hardware, gpus=args.gpus, days=args.days,
                        mfu=args.mfu, precision=args.precision, flops=args.flops, bootstrap=args.bootstrap,
@@ -113,5 +120,27 @@ def run(args):
     if rec["extrapolation"].get("warning"):
         lines.append(f"warning         {rec['extrapolation']['warning']}")
     lines.append(f"report          {rep['out_dir']}/report.md")
+    print("\n".join(lines))
+    return 0
+
+
+def _ablation(args):
+    r = ablation.compare(args.results_dir, hardware=args.hardware, gpus=args.gpus, days=args.days, mfu=args.mfu,
+                         flops=args.flops, n_boot=args.bootstrap or 200,
+                         seed=args.seed)
+    paths = ablation.write(r, args.out or args.results_dir)
+    if args.json:
+        print(json.dumps(ablation.to_json(r)))
+        return 0
+    first, second = r["families"]
+    d = r["difference"]
+    lines = [f"budget          {fmt(r['budget']['flops'])} FLOPs"]
+    for n in r["families"]:
+        f = r["fits"][n]
+        lines.append(f"{n:<15} loss {fmt(f['loss_at_target'], 4)} [{fmt(f['loss_ci'][0], 4)}, "
+                     f"{fmt(f['loss_ci'][1], 4)}], L ~ C^-{fmt(f['a'])}")
+    lines += [(f"difference      log L({second}) - log L({first}) = {d['log_loss']:+.4f} "
+               f"[{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]"),
+              f"verdict         {r['verdict']}", f"report          {paths['markdown']}"]
     print("\n".join(lines))
     return 0

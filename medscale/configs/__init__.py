@@ -132,4 +132,5 @@ def spec_from_config(cfg):
                         + ", ".join(modalities.names()))
     mods = modalities.specs(d, grid, wanted)
     return ModelSpec(modalities=mods, enc_len=d.enc_len, dec_len=d.dec_len,
-                     name=m.get("size") or "custom", **shape)
+                     name=m.get("size") or "custom", encoder=m.get("encoder") or "unified",
+                     enc_split=tuple(d.get("enc_split") or ()), **shape)

@@ -24,6 +24,7 @@ def get_config():
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 | float16 (params stay float32; float16 with
     # dynamic loss scaling, train.loss_scale_*)
     c.model.remat = "none"  # one of medscale.options.REMAT_POLICIES: none | full | save_dots
+    c.model.encoder = "unified"  # unified | per_modality: one encoder stack per input modality (docs/model.md)
     c.model.attention = "dense"  # one of medscale.options.ATTENTION_IMPLEMENTATIONS
     c.model.attention_block = 512  # key/value block for blockwise attention
     c.model.attention_window = 128  # encoder window for local attention
@@ -44,6 +45,8 @@ def get_config():
         c.data[key] = default  # caption_tokens 64, box_tokens 32, seg_vocab 256
     c.data.enc_len = 128
     c.data.dec_len = 64
+    c.data.enc_split = ()  # encoder tokens per modality (data.modalities order, sum enc_len): a cap on each
+    # modality's inputs; () = none for a unified encoder, shares in proportion to max tokens for per_modality
     c.data.dirichlet_alpha = 0.5
     c.data.mixture = "all2all:0.5,image2all:0.5"  # 4M mixture: all2all and <modality>2all components
     c.data.data_seed = 0  # the synthetic dataset's seed (the training seed only orders and masks)

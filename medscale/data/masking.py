@@ -16,6 +16,11 @@ Per example:
    either side is then given to image-like modalities that still have unused patches;
 5. whatever budget finds no tokens (few tokens in the example, or none eligible) is padding (valid False).
 
+``enc_caps`` (``data.enc_split``: one number per modality, summing to ``enc_len``) caps each modality's input
+tokens: a sequence's input budget is at most its cap, an image-like modality's inputs (its share and the leftover
+room) too. A per-modality encoder needs it (each modality's stack has a fixed number of places); a unified
+encoder given the same caps sees exactly the same batches.
+
 Token ids are local to their modality. Decoder tokens of a modality are contiguous, sequences in order; the
 decoder input of a sequence target is the previous target token (``START`` at its first position).
 """
@@ -70,7 +75,7 @@ class Masker:
 
     def __init__(self, modalities, enc_len: int, dec_len: int, alpha: float = 0.5,
                  mixture: str = "all2all:1", num_sentinels: int = 16, sentinel_base: int = 4,
-                 mean_span: float = 3.0):
+                 mean_span: float = 3.0, enc_caps=None):
         self.mods = [(str(n), str(k), int(t)) for n, k, t in modalities]
         self.names = tuple(n for n, _, _ in self.mods)
         self.enc_len, self.dec_len = int(enc_len), int(dec_len)
@@ -80,6 +85,9 @@ class Masker:
         self.mixture = parse_mixture(mixture, self.names)
         self.num_sentinels, self.sentinel_base = int(num_sentinels), int(sentinel_base)
         self.mean_span = float(mean_span)
+        self.caps = [int(c) for c in enc_caps] if enc_caps else [self.enc_len] * len(self.mods)
+        if len(self.caps) != len(self.mods):
+            raise UserError(f"data.enc_split {tuple(enc_caps)} needs one number per modality ({', '.join(self.names)})")
 
     # ------------------------------------------------------------------ helpers
     def _empty(self, B: int) -> dict:
@@ -173,10 +181,10 @@ class Masker:
             if kind != "sequence" or lens[m] == 0:
                 continue
             x = ex[name][i][: min(lens[m], maxt)]
-            a = min(a_all[m], len(x)) if in_c[m] else 0
+            a = min(a_all[m], len(x), self.caps[m]) if in_c[m] else 0
             b = min(b_all[m], maxt) if out_c[m] else 0  # positions stay below max_tokens
             if rec is not None:
-                rec[name] = (int(a_all[m]) if in_c[m] else 0, int(b))
+                rec[name] = (int(min(a_all[m], self.caps[m])) if in_c[m] else 0, int(b))
             inp, tgt = self._sequence(rng, x, a, b)
             if len(inp):
                 enc_parts[m] = (np.asarray(inp, np.int32), np.arange(len(inp)))
@@ -188,7 +196,7 @@ class Masker:
         if img:
             r_in, r_out = self.enc_len - used_in, self.dec_len - used_out
             wi, wo = sum(w_in[m] for m in img), sum(w_out[m] for m in img)
-            c_in = [int(r_in * w_in[m] / wi) if wi > 0 else 0 for m in img]
+            c_in = [min(int(r_in * w_in[m] / wi), self.caps[m]) if wi > 0 else 0 for m in img]
             c_out = [int(r_out * w_out[m] / wo) if wo > 0 else 0 for m in img]
             n = [lens[m] for m in img]
             for j in range(len(img)):
@@ -197,7 +205,7 @@ class Masker:
                     c_in[j], c_out[j] = ci, n[j] - ci
             for j, m in enumerate(img):  # give leftover room to modalities with unused patches
                 if in_c[m]:
-                    c_in[j] += max(0, min(r_in - sum(c_in), n[j] - c_in[j] - c_out[j]))
+                    c_in[j] += max(0, min(r_in - sum(c_in), n[j] - c_in[j] - c_out[j], self.caps[m] - c_in[j]))
             for j, m in enumerate(img):
                 if out_c[m]:
                     c_out[j] += max(0, min(r_out - sum(c_out), n[j] - c_in[j] - c_out[j]))
@@ -253,8 +261,9 @@ class Masker:
             for m, (name, kind, maxt) in enumerate(self.mods):
                 n = min(int(np.asarray(ex[name + "_len"])[i]), maxt)
                 toks = np.asarray(ex[name][i][:n], np.int32)
-                if name in inputs and n:
-                    enc_parts[m] = (toks, np.arange(n))
+                if name in inputs and n and self.caps[m]:
+                    k = min(n, self.caps[m])
+                    enc_parts[m] = (toks[:k], np.arange(k))
                 if name in targets and (n or kind == "sequence"):
                     dec_parts[m] = (toks, np.arange(n)) if kind == "image" else \
                         np.concatenate([toks, [EOS]]).astype(np.int32)[:maxt]

@@ -297,7 +297,8 @@ class Data:
         self._floors: dict = {}
         self.masker = Masker([(m.name, m.kind, m.max_tokens) for m in self.registry], spec.enc_len, spec.dec_len,
                              alpha=float(self.dcfg.dirichlet_alpha), mixture=self.dcfg.mixture,
-                             num_sentinels=int(self.dcfg.get("num_sentinels", 16)), sentinel_base=4)
+                             num_sentinels=int(self.dcfg.get("num_sentinels", 16)), sentinel_base=4,
+                             enc_caps=spec.encoder_split if (spec.enc_split or spec.encoder != "unified") else None)
         grid = (self.image_size // int(self.dcfg.patch_size)) ** 2
         for m in self.registry:
             if m.kind == "image" and m.max_tokens != grid:

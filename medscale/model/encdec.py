@@ -222,8 +222,13 @@ class EncoderDecoder(nnx.Module):
         self.enc_modality = _param(rngs, _normal(0.02), (m, d), ("modality", "embed"))
         self.dec_modality = _param(rngs, _normal(0.02), (m, d), ("modality", "embed"))
         self.mask_token = _param(rngs, _normal(1.0), (d,), ("embed",))
-        self.encoder = nnx.List([EncoderLayer(spec, rngs) for _ in range(spec.enc_layers)])
-        self.enc_norm = LayerNorm(d)
+        if spec.encoder == "unified":
+            self.encoder = nnx.List([EncoderLayer(spec, rngs) for _ in range(spec.enc_layers)])
+            self.enc_norm = LayerNorm(d)
+        else:  # one stack (and final LayerNorm) per modality with encoder tokens, in modality order
+            self.encoders = nnx.List([nnx.List([EncoderLayer(spec, rngs) for _ in range(spec.enc_layers)])
+                                      for _ in spec.encoder_stacks])
+            self.enc_norms = nnx.List([LayerNorm(d) for _ in spec.encoder_stacks])
         self.decoder = nnx.List([DecoderLayer(spec, rngs) for _ in range(spec.dec_layers)])
         self.dec_norm = LayerNorm(d)
         self.head = _param(rngs, _normal(1.0 / math.sqrt(d)), (d, v), ("embed", "vocab"))
@@ -257,13 +262,40 @@ class EncoderDecoder(nnx.Module):
         return tok, jnp.take(modality_table[...], mod_BL, axis=0) + pos
 
     def encode(self, batch):
+        """``(enc_BED, seg_BE)``: the encoder output the decoder cross-attends to and its segment ids (0 a real
+        token, -1 padding). Per-modality encoder: E = sum of ``spec.encoder_split`` (below)."""
         dtype = self.dtype
         tok, rest = self._embed(batch["enc_tokens"], batch["enc_modality"], batch["enc_pos"], self.enc_modality)
         x_BED = constrain((tok + rest).astype(self.residual_dtype), _BLD)
+        if self.spec.encoder != "unified":
+            return self._encode_per_modality(batch, x_BED)
         seg_BE = jnp.where(batch["enc_valid"], 0, -1).astype(jnp.int32)
         for layer in self.encoder:
             x_BED = self._call_layer(layer, x_BED, seg_BE)
         return self.enc_norm(x_BED, dtype), seg_BE
+
+    def _encode_per_modality(self, batch, x_BED):
+        """Stack m runs on the first ``encoder_split[m]`` valid tokens of modality m (in their order in the
+        batch; a stable sort puts them first, a gather takes them: fixed shapes whatever the tokens' places;
+        padding where the modality has fewer, tokens beyond the share are not seen); the stacks' outputs are
+        concatenated in modality order."""
+        spec, dtype = self.spec, self.dtype
+        e = x_BED.shape[1]
+        pos_E = jnp.arange(e, dtype=jnp.int32)
+        outs, segs = [], []
+        for stack, norm, m in zip(self.encoders, self.enc_norms, spec.encoder_stacks):
+            n = min(spec.encoder_split[m], e)
+            mine_BE = batch["enc_valid"] & (batch["enc_modality"] == m)
+            idx_BN = jnp.argsort(jnp.where(mine_BE, pos_E, e + pos_E), axis=1)[:, :n]
+            mine_BN = jnp.take_along_axis(mine_BE, idx_BN, axis=1)
+            x_BND = jnp.where(mine_BN[..., None], jnp.take_along_axis(x_BED, idx_BN[..., None], axis=1), 0)
+            x_BND = constrain(x_BND.astype(x_BED.dtype), _BLD)  # padding places hold zeros
+            seg_BN = jnp.where(mine_BN, 0, -1).astype(jnp.int32)
+            for layer in stack:
+                x_BND = self._call_layer(layer, x_BND, seg_BN)
+            outs.append(norm(x_BND, dtype))
+            segs.append(seg_BN)
+        return constrain(jnp.concatenate(outs, axis=1), _BLD), jnp.concatenate(segs, axis=1)
 
     def decode(self, batch, enc_BED, eseg_BE):
         dtype = self.dtype

@@ -322,7 +322,8 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
     names = [m.name for m in spec.modalities]
 
     if data is None:
-        data_key = json.dumps([cfg.data.to_dict(), spec.enc_len, spec.dec_len, repr(spec.modalities)],
+        data_key = json.dumps([cfg.data.to_dict(), spec.enc_len, spec.dec_len, repr(spec.modalities),
+                               spec.encoder],  # a per-modality encoder caps each modality's inputs
                               sort_keys=True, default=rundir.json_default)
         data = _cached(cache, "data", data_key, lambda: build_data(cfg, spec), keep=2)
     state["data"] = data  # reused by the task evaluation at the end of the run
