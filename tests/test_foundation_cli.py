@@ -90,7 +90,8 @@ def test_flops_json_schema_and_values(capsys):
     out = json.loads(_run_json(capsys, ["flops", *SHAPE, "--d-ff", "128", "--mlp", "swiglu", "--vocab", "100",
                                         "--enc-len", "32", "--dec-len", "16", "--batch", "4"]))
     assert set(out) == {"params", "model_flops_per_step", "hardware_flops_per_step", "components",
-                        "flops_per_token", "ratio_to_6nd"}
+                        "flops_per_token", "ratio_to_6nd", "encoder", "encoder_split"}
+    assert out["encoder"] == "unified" and out["encoder_split"] is None
     assert set(out["params"]) == {"total", "embedding", "non_embedding", "heads"}
     assert set(out["components"]) == set(accounting.COMPONENTS)
     # --vocab N: the text vocabulary (caption and boxes) of the default modalities

@@ -38,6 +38,7 @@ def test_the_better_family_is_named_with_its_exponent(tmp_path):
         f = r["fits"][fam]
         assert abs(f["a"] - 0.05) < 0.005 and f["a_ci"][0] <= f["a"] <= f["a_ci"][1]
         assert [p["size"] for p in f["frontier"]] == ["m"] * len(BUDGETS)
+        assert not any(p["edge"] for p in f["frontier"])  # the middle size: bracketed
     assert abs(r["difference"]["log_loss"] - math.log(0.9)) < 0.01
     assert r["difference"]["ci"][1] < 0 and r["verdict"] == "per_modality is better"
     assert r["budget"]["hardware"] and r["extrapolation"] > 1e6  # default budget: one DGX-1, 7 days
@@ -46,7 +47,7 @@ def test_the_better_family_is_named_with_its_exponent(tmp_path):
     paths = ablation.write(r, str(tmp_path))
     with open(paths["markdown"]) as fh:
         text = fh.read()
-    assert "**Verdict: per_modality is better**" in text and "| 1e10 |" in text
+    assert "**Verdict: per_modality is better**" in text and "| 1e10 |" in text and "not bracketed" not in text
     with open(paths["json"]) as fh:
         assert json.load(fh)["verdict"] == "per_modality is better"
 

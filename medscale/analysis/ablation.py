@@ -68,9 +68,13 @@ def frontier(df) -> list[dict]:
     rows = []
     for budget, grp in df.groupby("budget"):
         best = grp.loc[grp["loss"].astype(float).idxmin()]
+        params = grp["params"].astype(float)
+        # the best run is the smallest or largest size trained: the budget's optimum is not bracketed, so the
+        # frontier point is an upper bound on the best loss at that compute
+        edge = len(grp) > 1 and float(best["params"]) in (float(params.min()), float(params.max()))
         rows.append({"budget": float(budget), "flops": float(best["flops"]), "loss": float(best["loss"]),
                      "size": str(best["size"]), "params": float(best["params"]), "run_id": str(best["run_id"]),
-                     "runs": len(grp)})
+                     "runs": len(grp), "edge": bool(edge)})
     return rows
 
 
@@ -160,8 +164,11 @@ def render(r: dict) -> str:
     for row in r["measured"]:
         a = next(x for x in fits[first]["frontier"] if x["budget"] == row["budget"])
         c = next(x for x in fits[second]["frontier"] if x["budget"] == row["budget"])
-        L.append(f"| {fmt(row['budget'])} | {fmt(row[first], 4)} ({a['size']}) | {fmt(row[second], 4)} "
-                 f"({c['size']}) | {row['log_ratio']:+.4f} |")
+        L.append(f"| {fmt(row['budget'])} | {fmt(row[first], 4)} ({a['size']}{'*' if a['edge'] else ''}) | "
+                 f"{fmt(row[second], 4)} ({c['size']}{'*' if c['edge'] else ''}) | {row['log_ratio']:+.4f} |")
+    if any(x["edge"] for n in r["families"] for x in fits[n]["frontier"]):
+        L += ["", ("\\* the best run is the smallest or largest size trained at that budget: the optimum is not "
+              "bracketed, and the loss shown is an upper bound on the family's best at that compute.")]
     L += ["", "## Fitted: L(C) = A C^-a on each family's frontier", "",
           (f"| family | A | a ({pct}% interval) | residual rms (log) | predicted loss at {fmt(b['flops'])} FLOPs "
            f"({pct}% interval) |"), "|---|---|---|---|---|"]

@@ -103,6 +103,8 @@ def run(args):
     opts = {"remat": remat, "attention": attention, "window": window}
     step = accounting.step_flops(spec, batch, **opts)
     out = {
+        "encoder": spec.encoder,
+        "encoder_split": list(spec.encoder_split) if spec.encoder != "unified" else None,
         "params": counts,
         "model_flops_per_step": step["model_flops"],
         "hardware_flops_per_step": step["hardware_flops"],
@@ -123,6 +125,9 @@ def run(args):
           f"vocab {'+'.join(map(str, spec.vocab_sizes))} = {spec.vocab_total}")
     print(f"step: batch {batch} x (enc {spec.enc_len} + dec {spec.dec_len}) = {tokens:,} tokens; "
           f"remat {remat}, attention {attention}" + (f" (window {window})" if attention == "local" else ""))
+    if spec.encoder != "unified":
+        shares = [f"{m.name} {n}" for m, n in zip(spec.modalities, spec.encoder_split) if n]
+        print(f"encoder: {spec.encoder}, {len(shares)} stacks ({', '.join(shares)} tokens)")
     print()
     for key in ("total", "embedding", "non_embedding", "heads"):
         print(f"params {key:<14} {counts[key]:>16,}")
