@@ -1,6 +1,6 @@
 """Unified encoder vs one encoder stack per input modality, at equal compute (docs/model.md, "Encoder kinds").
 
-Both families train the same five shapes (d_model 24 with d_ff 48, d_model 32 with d_ff 64 and 128, 48 and 64;
+Both families train the same six shapes (d_model 16 and 24 with d_ff 2 x d_model, 32 with d_ff 64 and 128, 48, 64;
 2 encoder + 2 decoder layers) at the same three IsoFLOP budgets (model FLOPs per run: each run's steps are set so
 that its accounted ``model_flops`` equal the budget), on the same batches: both cap each modality's encoder inputs
 at the same fixed shares (``data.enc_split``: image 21, caption 15, boxes 8, segmentation 20 of the 64 encoder tokens, the per-modality
@@ -19,8 +19,8 @@ Run:  for f in unified per_modality; do
 import ml_collections
 
 FAMILIES = ("unified", "per_modality")
-# d24l2f48 (d_model 24, d_ff 48) and d32l2f64 (d_ff 64): below d32l2, where these short runs' optimum is
-SIZES = ["d24l2f48", "d32l2f64", "d32l2", "d48l2", "d64l2"]
+# d16l2f32, d24l2f48 (d_ff 2 x d_model) and d32l2f64 (d_ff 64): below d32l2, where these short runs' optimum is
+SIZES = ["d16l2f32", "d24l2f48", "d32l2f64", "d32l2", "d48l2", "d64l2"]
 BUDGETS = [1.6e10, 4e10, 1e11]
 SPLIT = "(21,15,8,20)"  # image, caption, boxes, segmentation: data.enc_split of both families
 
@@ -43,7 +43,7 @@ def get_config(family: str = "unified"):
     c.min_steps = 15
     c.warmup_frac = 0.05
     # the quickstart's width rule, lr_for(d_model) of medscale/analysis/quickstart.py
-    c.lr = {"d24l2f48": 7.14e-3 * (64 / 24) ** 0.83, "d32l2f64": 7.14e-3 * 2 ** 0.83, "d32l2": 7.14e-3 * 2 ** 0.83, "d48l2": 7.14e-3 * (64 / 48) ** 0.83,
+    c.lr = {"d16l2f32": 7.14e-3 * 4 ** 0.83, "d24l2f48": 7.14e-3 * (64 / 24) ** 0.83, "d32l2f64": 7.14e-3 * 2 ** 0.83, "d32l2": 7.14e-3 * 2 ** 0.83, "d48l2": 7.14e-3 * (64 / 48) ** 0.83,
             "d64l2": 7.14e-3}
     c.seeds = [0]
     c.evals_per_run = 2
