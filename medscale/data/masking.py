@@ -16,6 +16,11 @@ Per example:
    either side is then given to image-like modalities that still have unused patches;
 5. whatever budget finds no tokens (few tokens in the example, or none eligible) is padding (valid False).
 
+Roles (``roles``, from the registry): an input-only modality is never a target, a target-only one never an
+input. ``given`` ties a target-only modality to an input-only one (the answer to its question): whenever the
+target gets a budget, the given modality goes into the encoder whole (its tokens are taken off the encoder
+budget before the Dirichlet shares are made), and it takes no share of its own.
+
 Token ids are local to their modality. Decoder tokens of a modality are contiguous, sequences in order; the
 decoder input of a sequence target is the previous target token (``START`` at its first position).
 """
@@ -70,7 +75,7 @@ class Masker:
 
     def __init__(self, modalities, enc_len: int, dec_len: int, alpha: float = 0.5,
                  mixture: str = "all2all:1", num_sentinels: int = 16, sentinel_base: int = 4,
-                 mean_span: float = 3.0):
+                 mean_span: float = 3.0, roles: dict | None = None, given: dict | None = None):
         self.mods = [(str(n), str(k), int(t)) for n, k, t in modalities]
         self.names = tuple(n for n, _, _ in self.mods)
         self.enc_len, self.dec_len = int(enc_len), int(dec_len)
@@ -80,6 +85,18 @@ class Masker:
         self.mixture = parse_mixture(mixture, self.names)
         self.num_sentinels, self.sentinel_base = int(num_sentinels), int(sentinel_base)
         self.mean_span = float(mean_span)
+        roles = dict(roles or {})
+        self.can_in = np.array([roles.get(n, "both") != "target" for n in self.names])
+        self.can_out = np.array([roles.get(n, "both") != "input" for n in self.names])
+        self.ties = [(self.names.index(t), self.names.index(q)) for t, q in (given or {}).items()
+                     if t in self.names and q in self.names]
+        self.dirichlet_in = self.can_in.copy()  # a tied input takes no share: it is given whole with its target
+        for _, q in self.ties:
+            self.dirichlet_in[q] = False
+        for src, _ in self.mixture:
+            if src is not None and not self.can_in[self.names.index(src)]:
+                raise UserError(f"data.mixture component {src}2all: {src} is never an input (a target-only "
+                                "modality); drop it from data.mixture")
 
     # ------------------------------------------------------------------ helpers
     def _empty(self, B: int) -> dict:
@@ -145,15 +162,25 @@ class Masker:
         onehot = np.eye(M, dtype=bool)[np.maximum(src, 0)]
         has_src = (src >= 0) & (present & onehot).any(1)
         others = present & ~onehot
-        in_c = np.where(has_src[:, None], onehot, present)
-        out_c = np.where((has_src & others.any(1))[:, None], others, present)
+        in_c = np.where(has_src[:, None], onehot, present) & self.dirichlet_in
+        out_c = np.where((has_src & others.any(1))[:, None], others, present) & self.can_out
         # Dirichlet weights (normalised gamma draws) and budgets
         w_in = rng.gamma(self.alpha, size=(B, M)) * in_c + 1e-12 * in_c
         w_out = rng.gamma(self.alpha, size=(B, M)) * out_c + 1e-12 * out_c
         w_in /= np.maximum(w_in.sum(1, keepdims=True), 1e-30)
         w_out /= np.maximum(w_out.sum(1, keepdims=True), 1e-30)
-        a_all = np.floor(w_in * self.enc_len).astype(np.int64)
         b_all = np.floor(w_out * self.dec_len).astype(np.int64)
+        reserve = np.zeros(B, np.int64)
+        given = []
+        for t, q in self.ties:  # the given input goes in whole wherever its target has a budget
+            active = out_c[:, t] & (b_all[:, t] > 0) & present[:, q]
+            n_q = np.where(active, np.minimum(lens[:, q], self.mods[q][2]), 0)
+            reserve += n_q
+            given.append((q, active, n_q))
+        a_all = np.floor(w_in * np.maximum(self.enc_len - reserve, 0)[:, None]).astype(np.int64)
+        for q, active, n_q in given:
+            in_c[:, q] |= active
+            a_all[:, q] = np.where(active, n_q, a_all[:, q])
         # an independent random patch order per example and image-like modality
         orders = {m: np.argsort(rng.random((B, n)), axis=1, kind="stable")
                   for m, (_, kind, n) in enumerate(self.mods) if kind == "image"}

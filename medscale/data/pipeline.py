@@ -43,7 +43,7 @@ from medscale.errors import UserError
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("synthetic_med", "roco", "rocov2", "medmnist")
+DATASETS = ("synthetic_med", "roco", "rocov2", "medmnist", "vqa_rad", "slake")
 SPLITS = ("train", "validation", "test")
 EVAL_MASK_SEED = 20240611
 
@@ -89,7 +89,7 @@ def _make_builder(dcfg, root: str):
         cfg = SyntheticMedConfig(image_size=int(dcfg.image_size), num_eval=int(dcfg.num_eval),
                                  seed=int(dcfg.get("data_seed", 0)))
         return SyntheticMed(config=cfg, data_dir=tfds_dir, file_format="array_record")
-    if name in ("roco", "rocov2", "medmnist"):
+    if name in ("roco", "rocov2", "medmnist", "vqa_rad", "slake"):
         return real.make_real_builder(name, dcfg, tfds_dir)
     raise UserError(f"unknown data.dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
@@ -296,6 +296,8 @@ class Data:
                                                    limit=self.num_train)
         self._floors: dict = {}
         self.masker = Masker([(m.name, m.kind, m.max_tokens) for m in self.registry], spec.enc_len, spec.dec_len,
+                             roles={m.name: m.entry.role for m in self.registry},
+                             given={m.name: m.entry.given for m in self.registry if m.entry.given},
                              alpha=float(self.dcfg.dirichlet_alpha), mixture=self.dcfg.mixture,
                              num_sentinels=int(self.dcfg.get("num_sentinels", 16)), sentinel_base=4)
         grid = (self.image_size // int(self.dcfg.patch_size)) ** 2
