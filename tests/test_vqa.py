@@ -256,3 +256,31 @@ def test_shared_task_table_holds_only_cited_rows_and_local_results():
     none = comparison.shared_task_table([], prepared=["slake"])
     status = {r["benchmark"]: r["status"] for r in none if r["model"] == "medscale"}
     assert status == {"VQA-RAD": comparison.NOT_RUN, "SLAKE": comparison.NOT_SCORED}
+
+
+# ----------------------------------------------------------------------------------------------- report
+def test_report_vqa_section_from_run_task_metrics(tmp_path):
+    import pandas as pd
+
+    from medscale.analysis import report
+
+    rows = []
+    for k, (budget, n, acc) in enumerate([(1e10, 1e5, 0.50), (1e10, 2e5, 0.55), (1e11, 1e5, 0.62),
+                                         (1e11, 2e5, 0.70), (1e12, 2e5, 0.80)]):
+        rows.append({"run_id": f"r{k}", "status": "done", "params": n, "tokens": budget / (6 * n), "flops": budget,
+                     "loss": 3.0 - k * 0.1, "budget": budget,
+                     "task_metrics": {"answer/closed_acc": acc + 0.1, "answer/open_acc": acc - 0.1,
+                                      "answer/overall_acc": acc, "caption/bleu4": 0.1}})
+    rows.append({"run_id": "nq", "status": "done", "params": 1e5, "tokens": 1e5, "flops": 1e10, "loss": 3.0,
+                 "budget": 1e10, "task_metrics": {"caption/bleu4": 0.2}})  # no answers: not a VQA point
+    v = report.vqa_vs_compute(pd.DataFrame(rows))
+    assert v["n_runs"] == 5 and [b["run_id"] for b in v["best_per_budget"]] == ["r1", "r3", "r4"]
+    assert v["best_per_budget"][1]["closed_acc"] == pytest.approx(0.8)
+    x, y = np.log10([1e10, 1e10, 1e11, 1e11, 1e12]), [0.5, 0.55, 0.62, 0.7, 0.8]
+    assert v["overall_per_decade"] == pytest.approx(np.polyfit(x, y, 1)[0])
+    assert report.vqa_vs_compute(pd.DataFrame(rows[-1:])) is None
+    v["figure"] = [os.path.relpath(p, tmp_path) for p in report.vqa_figure(v, str(tmp_path / "figures"))]
+    md = "\n".join(report._vqa_md({"vqa": v}))
+    assert "| 1e11 | r3 |" in md and "figures/vqa_accuracy.png" in md
+    shared = "\n".join(report._shared_tasks_md({"shared_tasks": comparison.shared_task_table([], [])}))
+    assert shared.count(comparison.NOT_RUN) == 2 and "Findings of EACL 2023" in shared
