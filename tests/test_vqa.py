@@ -284,3 +284,42 @@ def test_report_vqa_section_from_run_task_metrics(tmp_path):
     assert "| 1e11 | r3 |" in md and "figures/vqa_accuracy.png" in md
     shared = "\n".join(report._shared_tasks_md({"shared_tasks": comparison.shared_task_table([], [])}))
     assert shared.count(comparison.NOT_RUN) == 2 and "Findings of EACL 2023" in shared
+
+
+@pytest.mark.slow
+def test_a_run_trained_on_a_benchmark_is_scored_on_its_test_split_and_compared(tmp_path, capsys):
+    """End to end on a SLAKE fixture: train a tiny run, `medscale evaluate --split test`, and the report's
+    shared-task table shows the run beside the cited rows."""
+    from medscale.analysis import report
+    from medscale.cli import main
+    from medscale.configs import load_config
+    from medscale.train.loop import train
+
+    man = tmp_path / "slake"
+    man.mkdir()
+    for split, n in (("train", 24), ("validate", 6), ("test", 8)):
+        rows = [{"img_name": f"xmlab{k % 4}/source.jpg", "question": f"is organ {k % 3} visible?",
+                 "answer": "yes" if k % 2 else "no", "answer_type": "CLOSED" if k % 3 else "OPEN",
+                 "q_lang": "en", "qid": k} for k in range(n)]
+        (man / f"{split}.json").write_text(json.dumps(rows))
+    for k in range(4):
+        _png(str(man / "imgs" / f"xmlab{k}" / "source.jpg"), 30 + 50 * k)
+    cfg = load_config("tiny", [f"data.data_dir={tmp_path / 'data'}", "data.dataset=slake",
+                               f"data.manual_dir={man}", "train.steps=2", "train.batch_size=4",
+                               "train.eval_every=2", "train.ckpt_every=2", "train.eval_batches=1",
+                               "train.warmup_steps=1", "train.task_eval_examples=0"])
+    workdir = str(tmp_path / "results" / "slake-run")
+    assert train(cfg, workdir, progress=False)["status"] == "done"
+    assert main(["evaluate", "--workdir", workdir, "--split", "test", "--num", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["task_eval"]["split"] == "test" and out["task_eval"]["questions"] == {"closed": 5, "open": 3}
+    assert {"answer/closed_acc", "answer/open_acc", "answer/overall_acc"} <= set(out["task_metrics"])
+    assert all(0.0 <= out["task_metrics"][k] <= 1.0 for k in ("answer/closed_acc", "answer/open_acc"))
+    runs, _ = report.load_runs(str(tmp_path / "results"))
+    local = report.local_benchmark_results(str(tmp_path / "results"), runs)
+    assert [x["run_id"] for x in local] == [os.path.basename(workdir)]
+    rows = report.shared_tasks(str(tmp_path / "results"), runs, data_root=str(tmp_path / "data"))
+    mine = [r for r in rows if r["status"] == "local"]
+    assert len(mine) == 1 and mine[0]["benchmark"] == "SLAKE"
+    assert mine[0]["overall"] == pytest.approx(100 * out["task_metrics"]["answer/overall_acc"], abs=0.01)
+    assert next(r for r in rows if r["model"] == "medscale")["status"] == comparison.NOT_RUN  # VQA-RAD

@@ -174,6 +174,7 @@ BENCHMARK_RESULTS = [
 
 NOT_RUN = "not run (data not present)"
 NOT_SCORED = "not run (data prepared, no run scored on its test split in this results folder)"
+NOT_RUN_STATES = (NOT_RUN, NOT_SCORED)
 
 
 def shared_task_table(local: list[dict] | None = None, prepared=()) -> list[dict]:

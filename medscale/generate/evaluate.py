@@ -129,8 +129,9 @@ def task_metrics(decoder, tokenizers: dict, examples: list[dict], image_size: in
                  options: DecodeOptions | None = None, progress=None) -> dict:
     """Metrics (module docstring) of ``decoder`` on ``examples`` (raw example dicts): every modality of the
     model whose registry entry has ``metrics`` is decoded from its ``task_inputs`` (the image, and the question
-    for the answer) and scored by them. Targets with the same inputs are decoded together; a target whose inputs
-    other than the image are missing from an example (no question) is decoded only where they are present."""
+    for the answer) and scored by them. Targets with the same inputs are decoded together, on the examples
+    that hold their inputs and their ground truth (a target no example holds, or whose tokenizer the data could
+    not train, is not decoded)."""
     options = options or DecodeOptions()
     if not examples:
         raise UserError("no examples to evaluate; ask for at least one")
@@ -142,9 +143,16 @@ def task_metrics(decoder, tokenizers: dict, examples: list[dict], image_size: in
     for n, inputs, _ in scored:
         groups.setdefault(inputs, []).append(n)
     preds = [{} for _ in examples]
-    for inputs, targets in groups.items():
+    counted = False  # the progress bar counts the examples of the first group decoded
+    for inputs, group in groups.items():
         extra = [i for i in inputs if i != SOURCE]
-        which = [k for k, e in enumerate(examples) if all(e.get(i) for i in extra)]
+        # a target is decoded where it can be scored: its inputs and its ground truth present, its tokenizer
+        # trained (real data has no masks, so no boxes and no segmentation tokenizer; VQA data no captions)
+        has = {t: [k for k, e in enumerate(examples) if all(e.get(i) for i in extra)
+                   and modalities.get(t).value(e) is not None]
+               for t in group if modalities.get(t).tokenizer_name in tokenizers}
+        targets = [t for t in group if has.get(t)]
+        which = sorted(set().union(*(has[t] for t in targets)))
         if not which:
             continue
         for chunk, real in _batches(which, min(batch_size, len(which))):
@@ -153,8 +161,9 @@ def task_metrics(decoder, tokenizers: dict, examples: list[dict], image_size: in
             for k, p in zip(chunk[:real], out[:real]):
                 tokens = {**preds[k].get("tokens", {}), **p.pop("tokens", {})}
                 preds[k].update(p, tokens=tokens)
-            if progress is not None and not extra:
+            if progress is not None and not counted:
                 progress(real)
+        counted = True
     res: dict = {}
     for _, _, metrics in scored:
         res.update(metrics(preds, examples))
