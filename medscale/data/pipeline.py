@@ -557,6 +557,8 @@ def prepare_report(cfg, spec=None, progress: bool = False, held_out: int = 256) 
     tok = data.tokenizers
     out["text_vocab"] = {"configured": tok.text.vocab_size, "trained": tok.text.trained_size,
                          "hash": tok.text.hash}
+    if tok.qa is not None:
+        out["qa_vocab"] = {"configured": tok.qa.vocab_size, "trained": tok.qa.trained_size, "hash": tok.qa.hash}
     held = "validation" if "validation" in splits else splits[-1]
     ex = data.examples(held)
     sel = [ex[i] for i in range(min(held_out, len(ex)))]
