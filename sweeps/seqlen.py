@@ -13,9 +13,52 @@ function, more hardware FLOPs per step).
 
 Run:  for t in dense local blockwise; do medscale sweep run sweeps/seqlen.py:$t --workers 2; done
       medscale sweep status sweeps/seqlen.py:local
+
+The argument ``law`` is a different design: sequence length as a variable of the scaling law (docs/longseq.md,
+"Sequence length as a variable"). Encoder lengths 32, 64, 128 x three IsoFLOP budgets (5e10, 1.6e11, 5e11 model
+FLOPs) x three sizes per budget around the quickstart's expected optimum, on the quickstart's data (64 x 64
+scenes: 64 image and 64 segmentation tokens, caption, boxes), its learning-rate rule and batches; every run also
+scores the length-independent evaluation (``train.fixed_eval_enc_len=128``: the same 128 held-out examples and
+the same decoder targets at every encoder length), which the joint law L(N, D, l) is fitted to.
+
+Run:  nice medscale sweep run sweeps/seqlen.py:law --workers 2        (results/seqlen-law; 27 runs)
+      medscale report results/reference --seqlen results/seqlen-law
 """
 
 import ml_collections
+
+from medscale.analysis.quickstart import BUDGETS, SIZES, lr_for
+from medscale.sweep.design import normalize, shape_of
+
+LAW_LENGTHS = [32, 64, 128]
+LAW_BUDGETS = BUDGETS[1:4]  # 5e10, 1.6e11, 5e11
+LAW_BATCHES = [4, 16, 16]
+
+
+def law_sweep():
+    """The sequence-length law's design (a normalized ConfigDict)."""
+    c = ml_collections.ConfigDict()
+    c.name = "seqlen-law"
+    c.base = "tiny"
+    c.set = ["data.num_train=0", "train.eval_batch_size=32", "train.eval_batches=4",
+             f"train.fixed_eval_enc_len={max(LAW_LENGTHS)}", "train.task_eval_examples=0"]
+    c.design = "isoflop"
+    c.sizes = list(SIZES)
+    c.enc_lens = list(LAW_LENGTHS)
+    c.budgets = list(LAW_BUDGETS)
+    c.batch_per_budget = list(LAW_BATCHES)
+    c.per_budget = 3
+    c.spread = 20.0
+    c.law = "chinchilla"
+    c.center_factor = 0.5
+    c.min_steps = 30
+    c.warmup_frac = 0.05
+    c.lr = {s: lr_for(shape_of(s)["d_model"]) for s in SIZES}
+    c.seeds = [0]
+    c.eval_fraction = 0.05
+    c.evals_per_run = 4
+    c.checkpoints_per_run = 1
+    return normalize(c, source="sweeps/seqlen.py:law")
 
 TECHNIQUES = {
     "dense": ["model.attention=dense"],
@@ -26,8 +69,10 @@ TECHNIQUES = {
 
 
 def get_config(technique: str = "dense"):
+    if technique == "law":
+        return law_sweep()
     if technique not in TECHNIQUES:
-        raise ValueError(f"technique must be one of {', '.join(TECHNIQUES)}, not {technique!r}")
+        raise ValueError(f"technique must be one of {', '.join(TECHNIQUES)} or law, not {technique!r}")
     c = ml_collections.ConfigDict()
     c.name = f"seqlen-{technique}"
     c.base = "tiny"

@@ -91,6 +91,22 @@ def test_eval_batches_are_fixed(data):
     check_batch(a[0], 8, data.spec.enc_len, data.spec.dec_len)
 
 
+def test_fixed_eval_batches_share_targets_across_encoder_lengths(data):
+    # at its own encoder length the length-independent eval set is the eval set itself
+    own = data.fixed_eval_batches(data.spec.enc_len, "validation", 8, 2)
+    assert all(same(x, y) for x, y in zip(own, data.eval_batches("validation", 8, 2)))
+    short_cfg = load_config("tiny", [f"data.data_dir={data.cfg.data.data_dir}", *SMALL, "data.enc_len=32"])
+    short = build_data(short_cfg, spec_from_config(short_cfg))
+    a = data.fixed_eval_batches(128, "validation", 8, 2)
+    b = short.fixed_eval_batches(128, "validation", 8, 2)
+    for x, y in zip(a, b):
+        check_batch(y, 8, 32, data.spec.dec_len)
+        assert all(np.array_equal(x[k], y[k]) for k in x if k.startswith("dec_"))  # the same targets
+        assert (y["enc_valid"].sum(1) <= x["enc_valid"].sum(1)).all()
+    with pytest.raises(UserError, match="fixed_eval_enc_len"):
+        data.fixed_eval_batches(100000, "validation", 8, 1)
+
+
 def test_examples_and_detokenize_match_the_generator(data):
     ex = data.examples("validation")
     assert len(ex) == 24

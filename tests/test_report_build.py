@@ -48,6 +48,25 @@ def test_report_on_a_synthetic_sweep(tmp_path):
     check_extrapolation_warning_only_when_far(built)
     check_budget_states_the_compute_dtype(built)
     check_data_paragraph_conventions_and_holdout(built)
+    check_data_constrained_recommendation(built)
+
+
+def check_data_constrained_recommendation(built):
+    """Beside the unconstrained answer: the one bounded by ROCO's published size (the default dataset), the
+    repetition module's optimum for the fitted law at C6 = 6C/k, in report.json and report.md."""
+    from medscale.analysis import repetition
+
+    _, out, rep = built
+    dc = rep["data_constrained"]
+    assert dc["dataset"]["dataset"] == "roco" and dc["dataset"]["method"] == "estimate"
+    a3 = rep["fit"]["approach3"]
+    law = ChinchillaLaw("fit", a3["E"], a3["A"], a3["B"], a3["alpha"], a3["beta"])
+    again = repetition.optimum(law, dc["budget_flops_6nd"], dc["unique_tokens"])
+    assert dc["n_params_opt"]["value"] == pytest.approx(again["n_params_opt"], rel=1e-12)
+    assert dc["predicted_loss"]["value"] == pytest.approx(again["predicted_loss"], rel=1e-12)
+    assert dc["predicted_loss"]["value"] >= dc["unconstrained"]["predicted_loss"]
+    md = Path(os.path.join(out, "report.md")).read_text()
+    assert "### With a finite dataset" in md and "Muennighoff" in md
 
 
 def check_data_paragraph_conventions_and_holdout(built):

@@ -11,6 +11,7 @@ import math
 
 from medscale import hardware as hw
 from medscale.accounting import flops_per_token, ladder_specs, nearest_ladder, param_counts
+from medscale.analysis import repetition
 from medscale.errors import UserError
 from medscale.laws import load_law_with_convention
 
@@ -135,3 +136,30 @@ def budget_plan(law: str = "chinchilla", *, flops=None, pf_days=None, hardware=N
 
 BUDGET_JSON_KEYS = ("flops", "pf_days", "gpu_hours", "n_params_opt", "tokens_opt", "tokens_per_param",
                     "predicted_loss", "law", "ladder", "days", "dtype", "dtype_note")
+
+
+def constrained_plan(plan: dict, unique_tokens: float, constants=None, dataset: dict | None = None) -> dict:
+    """A budget plan (``budget_plan``'s dict) bounded by ``unique_tokens`` unique tokens (in the law's D units):
+    Muennighoff et al. 2023's effective data and parameters (``medscale.analysis.repetition``), minimised at the
+    plan's compute. ``n_params_opt``, ``tokens_opt``, ``tokens_per_param``, ``predicted_loss`` become the
+    data-constrained optimum's, with ``epochs``, ``unique_tokens`` and ``repetition`` (the unconstrained answer,
+    loss lost to repetition, the compute beyond which more stops helping, warnings, constants) added; the ladder
+    and day counts keep describing the unconstrained optimum. ``dataset``: where ``unique_tokens`` came from."""
+    if plan["details"]["mode"] == "params":
+        raise UserError("--unique-tokens/--dataset plan a compute budget; give --flops, --pf-days or --hardware "
+                        "with --days instead of --params")
+    law_obj, conv = load_law_with_convention(plan["law"])
+    res = repetition.plan(law_obj, plan["flops"], unique_tokens, constants or repetition.Constants())
+    out = dict(plan)
+    out.update(n_params_opt=res["n_params_opt"], tokens_opt=res["tokens_opt"],
+               tokens_per_param=res["tokens_opt"] / res["n_params_opt"], predicted_loss=res["predicted_loss"],
+               epochs=res["epochs"], unique_tokens=float(unique_tokens))
+    specs = ladder_specs()
+    near = nearest_ladder(res["n_params_opt"], conv, specs)
+    res["ladder"] = {"name": near.name, "params": param_counts(near)[conv]}
+    res["dataset"] = dataset
+    out["repetition"] = res
+    return out
+
+
+CONSTRAINED_JSON_KEYS = ("epochs", "unique_tokens", "repetition")

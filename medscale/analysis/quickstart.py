@@ -5,7 +5,7 @@ The design (``quickstart_sweep()``, also ``sweeps/quickstart.py`` and, under its
 ``sweeps/reference.py``): five IsoFLOP budgets spanning two decades of model FLOPs (1.6e10 .. 1.6e12, half a decade
 apart), five sizes per budget (d_model 32 .. 128, 2 encoder + 2 decoder layers) spread around Chinchilla's
 expected optimum, two more seeds of the size nearest it; every run on fresh synthetic examples (none repeated),
-its peak learning rate from the width rule :func:`lr_for`, its batch growing with the budget, its evaluations and
+its peak learning rate from the width rule :func:`lr_for`, its batch (4, then 16 from 1.6e11), its evaluations and
 task metrics sized to its FLOPs. ``docs/sweep.md`` gives the design's reasons and its measured wall time.
 """
 
@@ -30,9 +30,11 @@ REFERENCE_BUDGET = {"hardware": "dgx-1", "days": 7.0}  # one DGX-1: 8 x V100 SXM
 # the smallest d_model-32 model, and the IsoFLOP curves need sizes on both sides of it
 SIZES = ["d32l2f32", "d32l2f64", "d32l2", "d40l2", "d48l2", "d56l2", "d64l2", "d80l2", "d96l2", "d128l2"]
 BUDGETS = [1.6e10, 5e10, 1.6e11, 5e11, 1.6e12]
-# per budget: the batch grows with the run in three steps; every size of a budget shares it, so the sizes of one
-# IsoFLOP curve differ in shape only (each (shape, batch) pair compiles its own train step)
-BATCHES = [4, 4, 16, 16, 64]
+# per budget: every size of a budget shares one batch, so the sizes of one IsoFLOP curve differ in shape only
+# (each (shape, batch) pair compiles its own train step). These models' loss is set by their optimizer steps more
+# than by their tokens (docs/sweep.md, "Batch"): 4 at the two lowest budgets keeps every size above min_steps, and
+# the top three budgets share 16, so the law's top-budget extrapolation crosses no batch change
+BATCHES = [4, 4, 16, 16, 16]
 # the peak learning rate of width d: LR_REF x (D_REF / d) ** LR_EXPONENT, fitted to the best rates of
 # sweeps/lr_tune.py (results/lr_tune; docs/sweep.md, "Learning rates")
 LR_REF, D_REF, LR_EXPONENT = 7.14e-3, 64, 0.83
@@ -93,11 +95,13 @@ def run_quickstart(results: str = "results", workers: int = 2, progress: bool = 
     return {"sweep": definition.name, "results": sweep_dir, "launch": launch, "report": report}
 
 
-def build(sweep_dir: str, mfu: float = DEFAULT_MFU, bootstrap: int = 200, seed: int = 0, progress=None) -> dict:
+def build(sweep_dir: str, mfu: float = DEFAULT_MFU, bootstrap: int = 200, seed: int = 0, progress=None,
+          seqlen_dir: str | None = None) -> dict:
     """Fit and report a finished sweep folder into itself (``report.md``, ``report.json``, ``figures/``): every
-    approach the runs support (``medscale.analysis.report``'s choice, as ``medscale report`` makes it)."""
+    approach the runs support (``medscale.analysis.report``'s choice, as ``medscale report`` makes it).
+    ``seqlen_dir``: a length study to add (results/reference's report: ``results/seqlen-law``)."""
     return build_report(sweep_dir, sweep_dir, hardware=REFERENCE_BUDGET["hardware"], days=REFERENCE_BUDGET["days"],
-                        mfu=mfu, bootstrap=bootstrap, seed=seed, progress=progress)
+                        mfu=mfu, bootstrap=bootstrap, seed=seed, progress=progress, seqlen_dir=seqlen_dir)
 
 
 def exponents(fit: dict) -> list[tuple[str, str, float, list | None]]:

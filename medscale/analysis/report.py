@@ -29,10 +29,23 @@ import numpy as np
 
 from medscale import accounting, memory, rundir
 from medscale import hardware as hw
-from medscale.analysis import allocation, approach3, comparison, holdout, inputs, modality, plots, resample
+from medscale.analysis import (
+    allocation,
+    approach3,
+    comparison,
+    datasets,
+    holdout,
+    inputs,
+    modality,
+    plots,
+    repetition,
+    resample,
+)
+from medscale.analysis import seqlen as length_law
 from medscale.analysis.budget import DEFAULT_MFU
 from medscale.analysis.fitting import default_approaches
 from medscale.analysis.fitting import fit_all as default_fit_all
+from medscale.configs import load_config
 from medscale.errors import UserError
 from medscale.hardware import PF_DAY
 from medscale.laws import PUBLISHED, ChinchillaLaw
@@ -473,13 +486,63 @@ def runs_table(runs) -> list[dict]:
     return out
 
 
+DEFAULT_DATASET = "roco"  # the reference report's finite dataset: ROCO v1's published training split
+
+
+def _run_config(runs, results_dir: str):
+    """The training config of the first finished run: the base config with the ``data`` fields of the run's
+    config.json laid over it (a record may hold only some of them)."""
+    done = plots.done_runs(runs)
+    for run_id in done.get("run_id", []):
+        try:
+            saved = rundir.read_json(os.path.join(results_dir, str(run_id), "config.json"))
+        except UserError:
+            continue
+        if saved and isinstance(saved.get("data"), dict):
+            cfg = load_config("base")
+            for key, value in saved["data"].items():
+                if key in cfg.data and value is not None:
+                    cfg.data[key] = value
+            return cfg
+    return None
+
+
+def data_constrained(law, draws, runs, results_dir: str, budget: dict, level: float, unique_tokens=None,
+                     dataset: str | None = DEFAULT_DATASET, constants=None) -> dict | None:
+    """The recommendation bounded by a finite dataset's unique tokens (``medscale.analysis.repetition``):
+    ``unique_tokens`` given, or those of ``dataset`` with the sweep's own tokenizer settings and lengths (the
+    first finished run's config; ``datasets.unique_tokens_of``). The fitted law is placed at C6 = 6 C / k (k the
+    sweep's median C / (N D)), the convention of its own allocation; intervals from the bootstrap laws."""
+    if law is None or (unique_tokens is None and not dataset):
+        return None
+    source = None
+    if unique_tokens is None:
+        cfg = _run_config(runs, results_dir)
+        if cfg is None:
+            return None
+        source = datasets.unique_tokens_of(dataset, cfg)
+        unique_tokens = source["unique_tokens"]
+    const = constants or repetition.Constants()
+    c6 = 6.0 * float(budget["flops"]) / plots.compute_factor(runs)
+    res = repetition.plan(law, c6, float(unique_tokens), const)
+    opt = [repetition.optimum(g, c6, float(unique_tokens), const) for g in draws or ()]
+    for key in ("n_params_opt", "tokens_opt", "predicted_loss", "epochs"):
+        res[key] = {"value": res[key], "ci": _interval([o[key] for o in opt], level)}
+    res.update(dataset=source, budget_flops_6nd=c6, bootstrap_draws=len(opt))
+    return res
+
+
 def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str | None = None,
                  gpus: int | None = None, days: float | None = None, mfu: float | None = None,
                  precision: str | None = None, flops: float | None = None, bootstrap: int = 200, seed: int = 0,
                  batch_size: int = DEFAULT_BATCH, modality_bootstrap: int | None = None, fit_fn=None,
-                 figures: bool = True, progress=None) -> dict:
+                 figures: bool = True, progress=None, unique_tokens: float | None = None,
+                 dataset: str | None = DEFAULT_DATASET, repetition_constants=None,
+                 seqlen_dir: str | None = None) -> dict:
     """Write ``report.md``, ``report.json`` and ``figures/*.{png,svg}`` under ``out_dir`` (default
-    ``RESULTS_DIR/report``); return the report dict. ``fit_fn`` defaults to ``medscale fit``'s ``fit_all``."""
+    ``RESULTS_DIR/report``); return the report dict. ``fit_fn`` defaults to ``medscale fit``'s ``fit_all``.
+    ``seqlen_dir``: a length study's results folder (``sweeps/seqlen.py:law``): the "Sequence length" section,
+    ``seqlen_law.json`` and ``figures/seqlen_law`` (``medscale.analysis.seqlen``)."""
     out_dir = out_dir or os.path.join(results_dir, "report")
     step = progress or (lambda msg: None)
     runs, curves = load_runs(results_dir)
@@ -518,6 +581,9 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
     law = fitted_law(fit)
     draws = bootstrap_laws(fit) or reproduce_draws(fit, points, seed=seed)
     rec = recommend(fit, runs, budget, batch_size, draws=draws, model=model)
+    step("data-constrained recommendation")
+    bounded = data_constrained(law, draws, runs, results_dir, budget, ci_level(fit), unique_tokens, dataset,
+                               repetition_constants)
     # per-modality laws: the same fit (Approach 3) on each modality's loss
     modality_fits = {}
     mb = bootstrap if modality_bootstrap is None else modality_bootstrap
@@ -567,6 +633,10 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
         hold_fig = holdout_figure(hold, fig_dir)
         if vqa is not None:
             vqa["figure"] = [os.path.relpath(p, out_dir) for p in vqa_figure(vqa, fig_dir)]
+    length_study = None
+    if seqlen_dir is not None:
+        length_study = length_law.report_section(seqlen_dir, c, out_dir, bootstrap_draws=bootstrap, seed=seed,
+                                             figures=figures, progress=step)
     report = {
         "results_dir": results_dir,  # as given (a relative path stays relative in the committed report)
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -576,6 +646,7 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
         "fit": _strip_draws(fit),
         "budget": budget,
         "recommendation": rec,
+        "data_constrained": bounded,
         "modality_laws": {m: {**{k: v for k, v in d.items() if k != "fit"}, "fit": _strip_draws(d["fit"])}
                           for m, d in modality_fits.items()},
         "data": data_summary(runs),
@@ -590,6 +661,7 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
         "figures_not_drawn": plots.missing_data(runs, law) if figures else {},
         "runs": runs_table(runs),
         "sweep": _sweep_use(results_dir),
+        "seqlen": length_study,
     }
     report = _jsonable(report)
     rundir.write_text(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1) + "\n")
@@ -952,6 +1024,31 @@ N_LABELS = {"non_embedding": "non-embedding", "total": "all parameters (total)",
             "with_heads": "non-embedding + heads"}
 
 
+def _data_constrained_md(r: dict) -> list[str]:
+    dc = r.get("data_constrained")
+    if not dc:
+        return []
+    src, const, free = dc.get("dataset"), dc["constants"], dc["unconstrained"]
+    what = (f"{src['dataset']}: {src['examples']:,} examples x {fmt(src['tokens_per_example'])} tokens "
+            f"({src['source']})" if src else "given")
+    L = ["### With a finite dataset\n",
+         (f"Unique tokens: **{fmt(dc['unique_tokens'])}** ({what}). Repetition per Muennighoff et al. 2023's "
+         f"effective data and parameters, R*_D = {fmt(const['r_star_d'], 5)}, R*_N = {fmt(const['r_star_n'], 4)} "
+         f"({const['source']}); both columns are the law's C = 6ND allocation at C6 = 6C/k = "
+          f"{fmt(dc['budget_flops_6nd'])}, which can differ from the recommendation above when that uses the "
+          "encoder-decoder accounting (docs/fit.md).\n"),
+         "| | unlimited data | this dataset [interval] |\n|---|---|---|",
+         f"| N (non-embedding parameters) | {fmt(free['n_params_opt'])} | {_ci(dc['n_params_opt'])} |",
+         f"| D (tokens) | {fmt(free['tokens_opt'])} | {_ci(dc['tokens_opt'])} |",
+         f"| epochs of the dataset | {fmt(free['epochs'])} | {_ci(dc['epochs'])} |",
+         f"| predicted loss | {fmt(free['predicted_loss'], 4)} | {_ci(dc['predicted_loss'], 4)} |",
+         f"| loss lost to repetition | – | {dc['loss_lost_to_repetition']:+.4g} |",
+         (f"| C6 beyond which a doubling lowers the loss < 1% | {fmt(dc['diminishing_flops_unlimited'])} "
+         f"| {fmt(dc['diminishing_flops'])} |"), ""]
+    L += [f"> **{w[0].upper() + w[1:]}.**\n" for w in dc.get("warnings", [])]
+    return L
+
+
 def _conventions_md(r: dict) -> list[str]:
     fit = r.get("fit") or {}
     rows = fit.get("conventions") or []
@@ -1080,7 +1177,8 @@ def render_markdown(r: dict) -> str:
     L.append("# Scaling study report\n")
     L.append(_data_paragraph(r) + "\n")
     L.append(f"Results: `{r['results_dir']}` — {r['n_done']} finished runs of {r['n_runs']}. "
-             f"Created {r['created']}. Regenerate with `medscale report {r['results_dir']}{' --mfu ' + fmt(b['mfu']) if str(b.get('mfu_source', '')).startswith('stated') else ''}`.\n")
+             f"Created {r['created']}. Regenerate with `medscale report {r['results_dir']}{' --mfu ' + fmt(b['mfu']) if str(b.get('mfu_source', '')).startswith('stated') else ''}"
+             f"{' --seqlen ' + r['seqlen']['source'] if r.get('seqlen') else ''}`.\n")
     L.append("Conventions: N = non-embedding parameters, D = tokens seen (encoder + decoder), C = model FLOPs "
              "(project accounting; 1 PF-day = 8.64e19 FLOPs). The fitted law is placed on the compute axis with "
              f"{rec['compute_model']} (the sweep's median C/(ND) is k = {fmt(rec['compute_factor_k'], 4)}; 6 for a "
@@ -1141,6 +1239,7 @@ def render_markdown(r: dict) -> str:
         L.append("Fit warnings:\n")
         L.extend(f"- {w}" for w in warns)
         L.append("")
+    L += _data_constrained_md(r)
     L.append("### How much the answer moves\n")
     L.append("| source | N_opt | D_opt | a (N ∝ C^a) | b (D ∝ C^b) | convention |\n|---|---|---|---|---|---|")
     for name, v in rec["spread"].items():
@@ -1150,6 +1249,8 @@ def render_markdown(r: dict) -> str:
              f"{fmt(rec['spread_factor_approaches'])} across this sweep's approaches. Published laws were fitted "
              "on decoder-only text models (C = 6ND); their rows show the scale of disagreement, not a correction.\n")
     L += _conventions_md(r)
+    if r.get("seqlen"):
+        L += length_law.markdown(r["seqlen"])
     # the fitted laws
     L.append("## Fitted laws\n")
     L.append("L(N, D) = E + A / N^alpha + B / D^beta (Approach 3; Huber on log-loss, delta 1e-3).\n")

@@ -18,6 +18,7 @@ COMMANDS = {
     "flops": "parameters and FLOPs per training step, by component",
     "memory": "per-device memory of a training step; the fastest mesh, micro-batches and remat that fit",
     "generate": "decode caption/boxes/segmentation of an image with a trained run",
+    "plan": "the next runs worth buying: those that most shrink the interval of N_opt",
     "quickstart": "the whole loop on CPU: sweep, fit, report, recommendation",
     "report": "the study report: laws, recommendation for a budget, figures, comparison",
     "sweep": "run, inspect and export sweeps of training runs",

@@ -1,13 +1,15 @@
 """``medscale fit INPUT``: scaling laws from a table of runs (Approaches 1, 2, 3), bootstrap intervals,
-compute-optimal allocation. See docs/fit.md."""
+compute-optimal allocation; with ``--repetition``, the repetition constants R*_D (and R*_N) of runs on repeated
+data (sweeps/repetition.py). See docs/fit.md."""
 
 import json
 import os
 import sys
 
-from medscale.analysis import approach3, fitting, holdout, inputs
+from medscale.analysis import approach3, fitting, holdout, inputs, repetition_fit
 from medscale.commands import COMMANDS
 from medscale.errors import UserError
+from medscale.rundir import write_bytes
 
 
 def register(sub, argv=()):
@@ -40,6 +42,11 @@ def register(sub, argv=()):
                         "with 95%% prediction intervals (errors and coverage; see docs/fit.md)")
     p.add_argument("--no-conventions", action="store_true",
                    help="skip the table of N_opt, a, b under other parameter and FLOPs conventions")
+    p.add_argument("--repetition", action="store_true",
+                   help="fit Muennighoff et al.'s R*_D (and R*_N with 3 sizes or more) from runs on fresh and "
+                        "repeated data (sweeps/repetition.py); --out writes budget --repetition-constants FILE")
+    p.add_argument("--repetition-model", choices=["per-size", "law"], default=None,
+                   help="--repetition: a size term per size (default below 3 sizes) or the full law (3+ sizes)")
     p.add_argument("--out", metavar="FILE", help="write the fit file (the law, intervals, data) for budget --law")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--quiet", action="store_true")
@@ -80,6 +87,10 @@ def run(args):
         folder = os.path.dirname(os.path.abspath(args.out))
         if not os.path.isdir(folder):
             raise UserError(f"--out {args.out}: folder {folder} does not exist")
+    if args.repetition:
+        return _run_repetition(args)
+    if args.repetition_model:
+        raise UserError("--repetition-model needs --repetition")
     points, curves, source = inputs.read_table(args.input, inputs.parse_col_args(args.col))
     approaches = _approaches(args, points, curves)
     if args.holdout_top is not None and "3" not in approaches:
@@ -99,6 +110,18 @@ def run(args):
         print(json.dumps(result))
     else:
         print(format_result(result))
+    return 0
+
+
+def _run_repetition(args):
+    if args.col or args.approach or args.budget_flops or args.holdout_top is not None:
+        raise UserError("--repetition fits the repetition constants only; drop --col/--approach/--budget-flops/"
+                        "--holdout-top")
+    res = repetition_fit.fit_repetition(*repetition_fit.read_runs(args.input), model=args.repetition_model)
+    res["input"] = os.path.abspath(args.input)
+    if args.out:  # atomic: temp file + rename
+        write_bytes(args.out, (json.dumps(repetition_fit.constants_file(res), indent=1) + "\n").encode())
+    print(json.dumps(res) if args.json else repetition_fit.format_result(res))
     return 0
 
 

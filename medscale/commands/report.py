@@ -4,13 +4,15 @@ Examples:
   medscale report results/reference                       (budget: one DGX-1, 8 x V100 32 GB, 7 days)
   medscale report results/reference --hardware a100-80gb --gpus 16 --days 3 --mfu 0.4
   medscale report results/reference --flops 1e21 --out /tmp/report --json
+  medscale report results/reference --dataset rocov2        (the finite-data recommendation for ROCOv2)
+  medscale report results/reference --seqlen results/seqlen-law      (+ the encoder length at the budget)
 """
 
 import json
 import sys
 
-from medscale.analysis import holdout
-from medscale.analysis.report import build_report, fmt
+from medscale.analysis import holdout, repetition
+from medscale.analysis.report import DEFAULT_DATASET, build_report, fmt
 from medscale.commands import COMMANDS
 from medscale.errors import UserError
 
@@ -28,6 +30,16 @@ def register(sub, argv=()):
     g.add_argument("--precision", choices=("fp32", "tf32", "fp16", "bf16"), help="peak to use (default: the "
                    "fastest 16-bit mode the device has)")
     g.add_argument("--flops", type=float, help="the budget in FLOPs instead of hardware x days")
+    d = p.add_argument_group("finite data (the data-constrained recommendation beside the unconstrained one)")
+    d.add_argument("--unique-tokens", type=float, help="unique tokens of the dataset (the law's D units)")
+    d.add_argument("--dataset", default=None, metavar="DIR|roco|rocov2|medmnist[:FLAG]|none",
+                   help=f"dataset whose unique tokens bound the allocation, with the sweep's tokenizer settings "
+                   f"and lengths (default {DEFAULT_DATASET}: its published size; none: no such section)")
+    d.add_argument("--repetition-constants", metavar="FILE", help="R*_D, R*_N from medscale fit --repetition "
+                   "--out FILE (default: Muennighoff et al. 2023's)")
+    p.add_argument("--seqlen", metavar="DIR", help="a length study's results folder (sweeps/seqlen.py:law): adds the "
+                   "sequence-length section (per-length and joint laws, the encoder length at the budget with "
+                   "intervals, equal-compute comparison) and writes seqlen_law.json for medscale budget --law")
     p.add_argument("--out", help="output folder (default RESULTS_DIR/report)")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits for the intervals (default 200; "
                    "medscale fit defaults to none: report.md prints the fit command with this count)")
@@ -47,6 +59,13 @@ def run(args):
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
     if args.flops is not None and args.days is not None:
         raise UserError("give either --flops or --days (with --hardware), not both")
+    if args.unique_tokens is not None and args.dataset is not None:
+        raise UserError("give either --unique-tokens or --dataset, not both")
+    if args.unique_tokens is not None and not args.unique_tokens > 0:
+        raise UserError(f"--unique-tokens must be positive, got {args.unique_tokens:g}")
+    dataset = None if args.unique_tokens is not None or args.dataset == "none" else (args.dataset
+                                                                                      or DEFAULT_DATASET)
+    constants = repetition.load_constants(args.repetition_constants)
 
     def progress(msg):
         if not args.quiet:
@@ -54,7 +73,9 @@ def run(args):
 
     rep = build_report(args.results_dir, args.out, hardware=args.hardware, gpus=args.gpus, days=args.days,
                        mfu=args.mfu, precision=args.precision, flops=args.flops, bootstrap=args.bootstrap,
-                       seed=args.seed, batch_size=args.batch_size, figures=not args.no_figures, progress=progress)
+                       seed=args.seed, batch_size=args.batch_size, figures=not args.no_figures, progress=progress,
+                       unique_tokens=args.unique_tokens, dataset=dataset, repetition_constants=constants,
+                       seqlen_dir=args.seqlen)
     if args.json:
         print(json.dumps({k: v for k, v in rep.items() if k != "runs"}))
         return 0
@@ -75,7 +96,18 @@ def run(args):
         lines.append(f"ladder size     {lad['name']} ({fmt(lad['params_non_embedding'])} non-embedding params), "
                      f"{fmt(lad['tokens'])} tokens"
                      + (f", {lad['steps']:,} steps x {lad['batch_size']}" if lad.get("steps") else ""))
+    dc = rep.get("data_constrained")
+    if dc:
+        lines.append(f"finite data     {fmt(dc['unique_tokens'])} unique tokens: N {ci(dc['n_params_opt'])}, D "
+                     f"{ci(dc['tokens_opt'])} ({fmt(dc['epochs']['value'])} epochs), loss "
+                     f"{ci(dc['predicted_loss'], 4)}")
     lines.append(f"spread of N_opt x{fmt(rec['spread_factor_n_opt'])} across approaches and published laws")
+    sl = rep.get("seqlen")
+    if sl:
+        srec = sl["recommendation"]
+        lines.append(f"encoder length  {srec['enc_len_opt']} (form {sl['form']}; best in "
+                     f"{fmt(100 * (srec.get('p_best') or {}).get(str(srec['enc_len_opt']), float('nan')))}% of draws): "
+                     + ", ".join(f"Le {x['enc_len']} loss {ci(x['loss'], 4)}" for x in srec["by_length"]))
     for h in (rep.get("holdout") or {}).values():
         lines.append(f"validation      {holdout.summary_line(h)}")
     if rec["extrapolation"].get("warning"):

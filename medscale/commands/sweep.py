@@ -20,6 +20,8 @@ def register(sub, argv=()):
     p.add_argument("--results", default="results", metavar="DIR", help="results root (default results/)")
     p.add_argument("--retry-failed", action="store_true", help="train failed runs again")
     p.add_argument("--dry-run", action="store_true", help="print the plan, train nothing")
+    p.add_argument("--from-plan", metavar="PLAN.json", help="train the runs a plan proposes (medscale plan next "
+                   "--out) under this sweep's rules, into its results folder, instead of its own design")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--json", action="store_true", help="print the outcome as one JSON object")
     p.set_defaults(func=_run)
@@ -30,16 +32,24 @@ def register(sub, argv=()):
     p.add_argument("--json", action="store_true", help="one JSON object: counts and runs")
     p.set_defaults(func=_status)
 
-    p = inner.add_parser("emit", help="write a SLURM array script or Kubernetes Job manifests")
+    p = inner.add_parser("emit", help="write a SLURM array script or Kubernetes Job manifests (docs/sweep.md)")
     p.add_argument("sweep", metavar="SWEEP.py")
     p.add_argument("--target", required=True, choices=["slurm", "kubernetes"])
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the emitted files")
     p.add_argument("--only", metavar="PATTERN")
     p.add_argument("--results", default=None, metavar="DIR",
                    help="results root seen by the jobs (default: results for SLURM, /results for Kubernetes)")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs per run (default 1; 8 for a whole DGX-1)")
-    p.add_argument("--cpus", type=int, default=8)
-    p.add_argument("--mem", default=None, help="memory per run (default 64G / 64Gi)")
+    p.add_argument("--gpus", "--gpus-per-node", dest="gpus", type=int, default=1,
+                   help="GPUs per node of a run (default 1; 8 for a whole DGX-1)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes per run (default 1; more: one run over several "
+                   "nodes through jax.distributed, needs --coordinator-port)")
+    p.add_argument("--process-per", choices=["node", "gpu"], default="node",
+                   help="SLURM: one process per node (default) or per GPU")
+    p.add_argument("--coordinator-port", type=int, metavar="PORT",
+                   help="TCP port of the coordinator (process 0) of a run of several processes")
+    p.add_argument("--name", help="job name (several runs: NAME-<run hash>; at most 63 characters)")
+    p.add_argument("--cpus", type=int, default=8, help="CPUs per process")
+    p.add_argument("--mem", default=None, help="memory per node (default 64G / 64Gi)")
     p.add_argument("--set", action="append", default=[], metavar="K=V", dest="extra_sets",
                    help="extra override for every run (e.g. model.dtype=bfloat16); run ids are unchanged")
     p.add_argument("--python", default="python", help="python in the job's environment")
@@ -53,6 +63,14 @@ def register(sub, argv=()):
     g.add_argument("--pvc", default="medscale-results", help="PersistentVolumeClaim holding the results")
     g.add_argument("--namespace")
     g.add_argument("--storage", default="100Gi", help="size in pvc.yaml")
+    g.add_argument("--seccomp", choices=["none", "runtime-default"], default=None,
+                   help="pod seccompProfile (default none: OpenShift before 4.11 refuses any)")
+    g.add_argument("--openshift", action="store_true",
+                   help="only settings every OpenShift restricted SCC admits (old and new clusters)")
+    g.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE",
+                   help="schedule on nodes with this label (e.g. nvidia.com/gpu.product=Tesla-V100-SXM2-32GB)")
+    g.add_argument("--toleration", action="append", default=[], metavar="KEY[=VALUE][:EFFECT]",
+                   help="tolerate a node taint (e.g. nvidia.com/gpu:NoSchedule)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_emit)
 
@@ -68,7 +86,8 @@ def register(sub, argv=()):
 def _run(args):
     if args.dry_run:
         sweep = design.load_definition(args.sweep)
-        runs = design.filter_runs(design.expand(sweep), args.only)
+        planned = design.from_plan(sweep, design.load_plan(args.from_plan)) if args.from_plan else design.expand(sweep)
+        runs = design.filter_runs(planned, args.only)
         if args.json:
             print(json.dumps({"sweep": sweep.name, "runs": [r.to_dict() for r in runs]}))
         else:
@@ -77,7 +96,8 @@ def _run(args):
             print(f"{len(runs)} runs, {sum(r.model_flops for r in runs):.3g} model FLOPs")
         return 0
     report = launcher.run_sweep(args.sweep, results=args.results, workers=args.workers, only=args.only,
-                                progress=not args.quiet and not args.json, retry_failed=args.retry_failed)
+                                progress=not args.quiet and not args.json, retry_failed=args.retry_failed,
+                                plan=args.from_plan)
     if args.json:
         print(json.dumps(report))
     else:
@@ -148,13 +168,16 @@ def _status(args):
 def _emit(args):
     sweep = design.load_definition(args.sweep)
     runs = design.filter_runs(design.expand(sweep), args.only)
-    opts = {"gpus": args.gpus, "cpus": args.cpus, "python": args.python, "extra_sets": tuple(args.extra_sets)}
+    opts = {"gpus": args.gpus, "cpus": args.cpus, "python": args.python, "extra_sets": tuple(args.extra_sets),
+            "nodes": args.nodes, "process_per": args.process_per, "coordinator_port": args.coordinator_port,
+            "name": args.name}
     if args.target == "slurm":
         opts.update(results=args.results or "results", mem=args.mem or "64G", time=args.time,
                     partition=args.partition, max_parallel=args.max_parallel, setup=args.setup)
     else:
         opts.update(results=args.results or "/results", mem=args.mem or "64Gi", image=args.image, pvc=args.pvc,
-                    namespace=args.namespace, storage=args.storage)
+                    namespace=args.namespace, storage=args.storage, seccomp=args.seccomp, openshift=args.openshift,
+                    node_selector=tuple(args.node_selector), tolerations=tuple(args.toleration))
     files = emit.emit(runs, args.target, args.out, **opts)
     if args.json:
         print(json.dumps({"sweep": sweep.name, "target": args.target, "runs": len(runs), "files": files}))

@@ -1,4 +1,5 @@
-"""``medscale train --config FILE[:ARG] [--set k=v ...] --workdir DIR [--quiet] [--json]``: one training run."""
+"""``medscale train --config FILE[:ARG] [--set k=v ...] --workdir DIR [--quiet] [--json]``: one training run
+(one process of it, with ``--coordinator HOST:PORT --num-processes N --process-id I``: docs/sweep.md)."""
 
 import json
 import sys
@@ -6,6 +7,7 @@ import sys
 from medscale.commands import COMMANDS
 from medscale.configs import load_config
 from medscale.generate.evaluate import task_eval
+from medscale.model.sharding import maybe_initialize_distributed
 from medscale.rundir import summary_line
 from medscale.train.loop import train
 
@@ -19,10 +21,17 @@ def register(sub, argv=()):
     p.add_argument("--workdir", required=True, help="run directory (config.json, metrics.jsonl, summary.json)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    g = p.add_argument_group("multi-process (one run over several processes; default: from the environment "
+                             "SLURM or a Kubernetes Indexed Job sets, see docs/sweep.md)")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordination service")
+    g.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0..N-1")
     p.set_defaults(func=run)
 
 
 def run(args):
+    # before anything touches a device: the process joins its run's other processes here
+    maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg, args.workdir, progress=not args.quiet,
                     finish=lambda workdir, data: task_eval(cfg, workdir, data))

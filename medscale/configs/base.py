@@ -76,6 +76,8 @@ def get_config():
     c.train.eval_batches = 4
     c.train.eval_batch_size = 0  # examples per evaluation batch (0: train.batch_size); a sweep fixes it so that
     # every run, whatever its batch, is scored on the same eval_batches x eval_batch_size examples
+    c.train.fixed_eval_enc_len = 0  # > 0: also score the length-independent evaluation (the eval set masked at
+    # this reference encoder length, inputs refitted to the run's: the same targets at every length; 0: off)
     c.train.ckpt_every = 200
     c.train.log_every = 10
     c.train.spike_factor = 5.0  # loss above spike_factor x its running minimum (after warmup) = diverged

@@ -287,3 +287,45 @@ class Masker:
                         np.concatenate([toks, [EOS]]).astype(np.int32)[:maxt]
             self._write(out, i, enc_parts, dec_parts)
         return out
+
+
+def refit_inputs(batch: dict, enc_len: int, kinds, rng: np.random.Generator) -> dict:
+    """The same batch with its encoder side refitted to ``enc_len`` tokens; the decoder side (the targets) is
+    kept exactly. This is the length-independent evaluation's input rule (docs/longseq.md, "Sequence length as
+    a variable"): one fixed masking of the eval set drawn at a reference length, scored at every encoder length
+    on the same targets, with as much of the same inputs as the encoder holds.
+
+    Per example, when its valid inputs exceed ``enc_len``, each modality's block keeps a share proportional to
+    its size (largest remainder): image-like blocks (``kinds[m] == "image"``) a random subset of their patches
+    (one permutation per block, drawn whether or not it is cut, so the subsets of one example at different
+    lengths are nested whenever the shares grow), sequence blocks their first tokens (the masker's own cut).
+    When they fit, every input is kept and the rest is padding. ``kinds``: per modality index, its kind."""
+    L = int(enc_len)
+    B = batch["enc_tokens"].shape[0]
+    out = {k: v for k, v in batch.items() if not k.startswith("enc_")}
+    for k in ("enc_tokens", "enc_modality", "enc_pos"):
+        out[k] = np.zeros((B, L), np.int32)
+    out["enc_valid"] = np.zeros((B, L), np.bool_)
+    for i in range(B):
+        valid = np.flatnonzero(batch["enc_valid"][i])
+        mods = batch["enc_modality"][i][valid]
+        blocks = [(int(m), valid[mods == m]) for m in np.unique(mods)]
+        perms = [rng.permutation(len(ix)) if kinds[m] == "image" else None for m, ix in blocks]
+        n = np.array([len(ix) for _, ix in blocks], np.int64)
+        total = int(n.sum())
+        if total <= L:
+            quota = n
+        else:
+            exact = L * n / total
+            quota = np.floor(exact).astype(np.int64)
+            frac = exact - quota
+            for j in np.argsort(-frac, kind="stable")[: L - int(quota.sum())]:
+                quota[j] += 1
+        keep = []
+        for (m, ix), perm, q in zip(blocks, perms, quota.tolist()):
+            keep.append(ix[np.sort(perm[:q])] if perm is not None else ix[:q])
+        keep = np.concatenate(keep) if keep else np.zeros(0, np.int64)
+        k = len(keep)
+        for key in ("enc_tokens", "enc_modality", "enc_pos", "enc_valid"):
+            out[key][i, :k] = batch[key][i][keep]
+    return out

@@ -36,7 +36,7 @@ from medscale.data import entropy, real
 from medscale.data import stream as scene_stream
 from medscale.data.builders import VERSION as SYNTHETIC_VERSION
 from medscale.data.builders import SyntheticMed, SyntheticMedConfig
-from medscale.data.masking import Masker
+from medscale.data.masking import Masker, refit_inputs
 from medscale.data.registry import Tokenizers, build_registry, tokenizer_order
 from medscale.data.synthetic import HELDOUT_BASE
 from medscale.errors import UserError
@@ -465,6 +465,30 @@ class Data:
         for b in range(num_batches):
             idx = np.arange(b * batch_size, (b + 1) * batch_size) % n
             out.append(self.masker({k: v[idx] for k, v in arrays.items()}, np.random.default_rng([seed, b])))
+        return out
+
+    def fixed_eval_batches(self, ref_enc_len: int, split: str = "validation", batch_size: int = 16,
+                           num_batches: int = 4, seed: int = EVAL_MASK_SEED) -> list[dict]:
+        """The length-independent evaluation set: the batches :meth:`eval_batches` would give with encoder
+        length ``ref_enc_len`` (same examples, same seeded masking, so the same decoder targets at any encoder
+        length of the run), their inputs refitted to this run's encoder length
+        (``medscale.data.masking.refit_inputs``). Runs that share the data config, ``dec_len``, the reference
+        length and these arguments are scored on exactly the same targets."""
+        capacity = sum(m.max_tokens for m in self.registry)
+        if not 0 < int(ref_enc_len) <= capacity:
+            raise UserError(f"train.fixed_eval_enc_len {ref_enc_len} must be in 1..{capacity} (the tokens an "
+                            "example can hold); set it to the largest encoder length of the study")
+        ref = Masker([(m.name, m.kind, m.max_tokens) for m in self.registry], int(ref_enc_len), self.spec.dec_len,
+                     alpha=float(self.dcfg.dirichlet_alpha), mixture=self.dcfg.mixture,
+                     num_sentinels=int(self.dcfg.get("num_sentinels", 16)), sentinel_base=4)
+        kinds = [m.kind for m in self.registry]
+        arrays = self.tokens(split)
+        n = _count(arrays)
+        out = []
+        for b in range(num_batches):
+            idx = np.arange(b * batch_size, (b + 1) * batch_size) % n
+            full = ref({k: v[idx] for k, v in arrays.items()}, np.random.default_rng([seed, b]))
+            out.append(refit_inputs(full, self.spec.enc_len, kinds, np.random.default_rng([seed, b, 1])))
         return out
 
     def caption_entropy_floor(self, split: str = "validation", batch_size: int = 16, num_batches: int = 4,

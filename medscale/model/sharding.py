@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import logging
 import math
 import os
@@ -130,32 +131,92 @@ def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-_DIST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+def process_rows(sharding: NamedSharding, global_batch: int) -> slice:
+    """The rows of a global batch of ``global_batch`` examples that this process's devices hold under
+    ``sharding`` (what ``jax.make_array_from_process_local_data`` expects this process to give); all rows in a
+    single-process run. A mesh that gives a process rows that are not contiguous is a UserError."""
+    if jax.process_count() == 1:
+        return slice(0, global_batch)
+    spans = sorted({(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop)
+                    for s in sharding.addressable_devices_indices_map((global_batch,)).values()})
+    start, stop = spans[0][0], spans[-1][1]
+    covered = sum(b - a for a, b in spans)
+    if covered != stop - start or any(b0 > a1 for (_, b0), (a1, _) in itertools.pairwise(spans)):
+        raise UserError(f"process {jax.process_index()} holds rows {spans} of the batch, not one contiguous block; "
+                        "order mesh.shape so that each process's devices are neighbours on the data axes")
+    return slice(start, stop)
 
 
-def maybe_initialize_distributed() -> bool:
-    """Call ``jax.distributed.initialize()`` when the environment describes a multi-process job.
+DISTRIBUTED_ENV = ("MEDSCALE_COORDINATOR", "MEDSCALE_NUM_PROCESSES", "MEDSCALE_PROCESS_ID",
+                   "MEDSCALE_LOCAL_DEVICE_IDS", "MEDSCALE_HEARTBEAT_S")
 
-    Recognised: JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES, JAX_PROCESS_ID), a SLURM job step with more
-    than one task (SLURM_NTASKS > 1), a Kubernetes indexed Job (JOB_COMPLETION_INDEX with
-    MEDSCALE_NUM_PROCESSES and MEDSCALE_COORDINATOR). ``MEDSCALE_DISTRIBUTED=0`` disables it.
-    """
-    env = os.environ
-    if env.get("MEDSCALE_DISTRIBUTED", "") == "0" or getattr(maybe_initialize_distributed, "_done", False):
-        return False
-    kwargs = None
-    if env.get("JAX_COORDINATOR_ADDRESS"):
-        kwargs = {}
-        if env.get("JAX_NUM_PROCESSES"):
-            kwargs = {"coordinator_address": env["JAX_COORDINATOR_ADDRESS"],
-                          "num_processes": int(env["JAX_NUM_PROCESSES"]), "process_id": int(env.get("JAX_PROCESS_ID", 0))}
-    elif int(env.get("SLURM_NTASKS", "1") or 1) > 1:
-        kwargs = {}  # jax's SLURM cluster detection fills in the rest
-    elif env.get("JOB_COMPLETION_INDEX") and env.get("MEDSCALE_COORDINATOR"):
-        kwargs = {"coordinator_address": env["MEDSCALE_COORDINATOR"],
-                      "num_processes": int(env.get("MEDSCALE_NUM_PROCESSES", "1")),
-                      "process_id": int(env["JOB_COMPLETION_INDEX"])}
-    if kwargs is None:
+
+def distributed_settings(coordinator: str | None = None, num_processes: int | None = None,
+                         process_id: int | None = None, env=None) -> dict | None:
+    """The ``jax.distributed.initialize`` arguments of this process, or None for a single-process run.
+
+    Explicit arguments (``medscale train --coordinator HOST:PORT --num-processes N --process-id I``) win over
+    the environment: ``MEDSCALE_COORDINATOR`` (or ``JAX_COORDINATOR_ADDRESS``) names the coordinator, the
+    process count comes from ``MEDSCALE_NUM_PROCESSES`` / ``JAX_NUM_PROCESSES`` / ``SLURM_NTASKS`` and the id
+    from ``MEDSCALE_PROCESS_ID`` / ``JAX_PROCESS_ID`` / ``JOB_COMPLETION_INDEX`` (a Kubernetes Indexed Job) /
+    ``SLURM_PROCID``. ``MEDSCALE_LOCAL_DEVICE_IDS`` (comma-separated) restricts the process to those local
+    devices (one process per GPU); ``MEDSCALE_HEARTBEAT_S`` is how long the others wait for a silent process
+    before they stop (JAX's default 100 s). Without a coordinator, a SLURM step of several tasks is left to
+    JAX's own SLURM detection. ``MEDSCALE_DISTRIBUTED=0`` turns it all off."""
+    env = os.environ if env is None else env
+    if env.get("MEDSCALE_DISTRIBUTED", "") == "0":
+        return None
+
+    def first(*names):
+        return next((env[n] for n in names if env.get(n, "") != ""), None)
+
+    coordinator = coordinator or first("MEDSCALE_COORDINATOR", "JAX_COORDINATOR_ADDRESS")
+    if coordinator is None:
+        if num_processes not in (None, 1) or process_id not in (None, 0):
+            raise UserError("--num-processes / --process-id need --coordinator HOST:PORT (the address of process 0)")
+        if int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+            return {}  # jax's SLURM cluster detection fills in the rest
+        return None
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"coordinator {coordinator!r} is not HOST:PORT (a port in 1..65535)")
+    raw_n = num_processes if num_processes is not None else first("MEDSCALE_NUM_PROCESSES", "JAX_NUM_PROCESSES",
+                                                                  "SLURM_NTASKS")
+    raw_id = process_id if process_id is not None else first("MEDSCALE_PROCESS_ID", "JAX_PROCESS_ID",
+                                                             "JOB_COMPLETION_INDEX", "SLURM_PROCID")
+    try:
+        n = int(raw_n) if raw_n is not None else None
+        pid = int(raw_id) if raw_id is not None else None
+    except ValueError:
+        raise UserError(f"process count {raw_n!r} and id {raw_id!r} must be integers") from None
+    if n is None or pid is None:
+        raise UserError(f"coordinator {coordinator} is set but the process count or id is not "
+                        "(--num-processes / --process-id, or MEDSCALE_NUM_PROCESSES / MEDSCALE_PROCESS_ID)")
+    if n < 1 or not 0 <= pid < n:
+        raise UserError(f"process id {pid} is not in 0..{n - 1} (process count {n})")
+    out = {"coordinator_address": coordinator, "num_processes": n, "process_id": pid}
+    ids = env.get("MEDSCALE_LOCAL_DEVICE_IDS", "").strip()
+    if ids:
+        try:
+            out["local_device_ids"] = [int(i) for i in ids.split(",")]
+        except ValueError:
+            raise UserError(f"MEDSCALE_LOCAL_DEVICE_IDS={ids!r}: give comma-separated device numbers") from None
+    beat = env.get("MEDSCALE_HEARTBEAT_S", "").strip()
+    if beat:
+        if not beat.isdigit() or int(beat) < 1:
+            raise UserError(f"MEDSCALE_HEARTBEAT_S={beat!r}: give a whole number of seconds >= 1")
+        out["heartbeat_timeout_seconds"] = int(beat)
+    return out
+
+
+def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                                 process_id: int | None = None) -> bool:
+    """Call ``jax.distributed.initialize`` (once per process) when :func:`distributed_settings` says this
+    process is one of several; True when it did (now or earlier). A one-process "group" is not started."""
+    if getattr(maybe_initialize_distributed, "_done", False):
+        return True
+    kwargs = distributed_settings(coordinator, num_processes, process_id)
+    if kwargs is None or kwargs.get("num_processes") == 1:
         return False
     log.info("jax.distributed.initialize(%s)", kwargs)
     jax.distributed.initialize(**kwargs)

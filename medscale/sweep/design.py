@@ -22,6 +22,9 @@ A sweep definition is an ml_collections Python file whose ``get_config()`` retur
   ``per_budget`` (sizes per budget), ``spread`` (ratio of the largest to the smallest target size), ``law``
   (published law for the expected optimum, ``medscale.laws``), ``center_factor`` (multiplies it),
   ``min_steps`` (sizes that would train fewer steps are dropped).
+- ``num_trains`` (grid): one run per entry of ``data.num_train`` (0: the unbounded synthetic stream, ``n > 0``: its
+  first ``n`` scenes cycled), crossed with the token budgets, so one design trains the same sizes on fresh and on
+  repeated data (``sweeps/repetition.py``); the run id's prefix gets ``-u<n>`` (``-u0``: fresh).
 - ``lr``: a float, or a dict from size name to lr with an optional ``"default"``; ``lrs``: a list of peak rates
   instead, one run per rate (a tuning sweep; the rate is part of the run id's prefix); ``lr_factors``: one run
   per factor times each size's own rate (checking a rule; the factor is part of the prefix).
@@ -71,7 +74,7 @@ DEFAULTS = {
     "min_steps": 10, "lr": None, "seeds": (0,), "evals_per_run": None, "checkpoints_per_run": None,
     "warmup_frac": None, "params": "non_embedding", "per_size": None, "center_seeds": (), "eval_fraction": None,
     "eval_batch_size": None, "task_eval_fraction": None, "batch_per_budget": (), "lrs": (),
-    "lr_factors": (), "batch_steps": None, "batch_min": 4, "batch_max": 64,
+    "lr_factors": (), "batch_steps": None, "batch_min": 4, "batch_max": 64, "num_trains": (),
 }
 
 
@@ -186,7 +189,7 @@ def normalize(cfg, source: str = "sweep"):
                             f"(mismatch: {', '.join(missing)})")
         out["budgets"] = tuple(b for v in by_enc.values() for b in v)
     for key in ("set", "sizes", "enc_lens", "tokens", "budgets", "seeds", "center_seeds", "batch_per_budget", "lrs",
-                "lr_factors"):
+                "lr_factors", "num_trains"):
         value = out[key]
         out[key] = tuple(value) if isinstance(value, (list, tuple)) else (value,)
     if out["design"] not in ("grid", "isoflop"):
@@ -214,6 +217,11 @@ def normalize(cfg, source: str = "sweep"):
     for key in ("eval_fraction", "task_eval_fraction"):
         if out[key] is not None and not (isinstance(out[key], (int, float)) and 0 < out[key] <= 1):
             raise UserError(f"{source}: {key} must be a number in (0, 1], not {out[key]!r}")
+    if out["num_trains"]:
+        if out["design"] != "grid":
+            raise UserError(f"{source}: num_trains needs a grid design (token budgets crossed with data sizes)")
+        if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in out["num_trains"]):
+            raise UserError(f"{source}: num_trains must be whole numbers >= 0 (0: the unbounded stream)")
     if out["center_seeds"] and out["design"] != "isoflop":
         raise UserError(f"{source}: center_seeds needs an isoflop design (it names each budget's centre size)")
     overlap = sorted(set(out["center_seeds"]) & set(out["seeds"]))
@@ -390,14 +398,15 @@ def expand(sweep) -> list[Run]:
     """All runs of a (normalized) sweep definition, cheapest first."""
     acc = _Accountant(sweep)
     runs: list[Run] = []
-    plan = []  # (size, enc_len, budget, token_budget, seeds, batch)
+    plan = []  # (size, enc_len, budget, token_budget, seeds, batch, num_train)
     seeds = tuple(int(s) for s in sweep.seeds)
     for enc_len in sweep.enc_lens:
         enc_len = int(enc_len)
         if sweep.design == "grid":
             for size in sweep.sizes:
                 for tok in sweep.tokens:
-                    plan.append((str(size), enc_len, None, int(tok), seeds, None))
+                    for n_train in tuple(sweep.get("num_trains", ())) or (None,):
+                        plan.append((str(size), enc_len, None, int(tok), seeds, None, n_train))
         else:
             by_enc = sweep.get("budgets_by_enc")
             budgets = by_enc[str(enc_len)] if by_enc else sweep.budgets
@@ -409,8 +418,8 @@ def expand(sweep) -> list[Run]:
                 for size in sizes:
                     extra = tuple(int(s) for s in sweep.center_seeds) if size == centre else ()
                     plan.append((size, enc_len, float(budget), None, seeds + extra,
-                                 batch(size) if callable(batch) else batch))
-    for size, enc_len, budget, token_budget, run_seeds, run_batch in plan:
+                                 batch(size) if callable(batch) else batch, None))
+    for size, enc_len, budget, token_budget, run_seeds, run_batch, n_train in plan:
         cfg, spec, batch, flops, params = acc(size, enc_len, run_batch)
         tokens_per_step = batch * (spec.enc_len + spec.dec_len)
         if budget is not None:
@@ -419,13 +428,17 @@ def expand(sweep) -> list[Run]:
         else:
             steps = max(1, round(token_budget / tokens_per_step))
             tag = f"t{_fmt_num(token_budget)}"
+        data_over, data_tag = [], ""
+        if n_train is not None:
+            data_over, data_tag = [f"data.num_train={int(n_train)}"], f"-u{int(n_train)}"
         own = _lr_for(sweep, size, cfg.train.lr)
         rates = ([(float(x), f"-lr{_fmt_num(x)}") for x in sweep.lrs]
                  or [(float(f"{own * x:.4g}"), f"-x{float(x):g}") for x in sweep.lr_factors] or [(own, "")])
         for (lr, lr_tag), seed in [(r, s) for r in rates for s in run_seeds]:
-            overrides = acc.common_overrides(size, enc_len, run_batch) + _schedule_overrides(sweep, cfg, steps) + [
+            overrides = acc.common_overrides(size, enc_len, run_batch) + data_over + \
+                _schedule_overrides(sweep, cfg, steps) + [
                 f"train.tokens={steps * tokens_per_step}", f"train.lr={lr!r}", f"seed={int(seed)}"]
-            prefix = f"{size}-e{enc_len}-{tag}{lr_tag}-s{int(seed)}"
+            prefix = f"{size}-e{enc_len}-{tag}{data_tag}{lr_tag}-s{int(seed)}"
             runs.append(Run(
                 run_id=run_id_for(prefix, sweep.base, overrides), sweep=sweep.name, design=sweep.design,
                 size=size, base=sweep.base, overrides=overrides, enc_len=spec.enc_len, dec_len=spec.dec_len,
@@ -452,3 +465,54 @@ def filter_runs(runs: list[Run], only: str | None) -> list[Run]:
         raise UserError(f"--only {only!r} matches no run of sweep {runs[0].sweep if runs else '?'}; "
                         "see the ids with: medscale sweep status SWEEP.py")
     return out
+
+
+def from_plan(sweep, proposal) -> list[Run]:
+    """The runs of a ``medscale plan next`` proposal (``[{"size", "enc_len", "budget", "seed"}, ...]``) under a
+    sweep definition's rules (base, overrides, learning rates, batches, evaluation schedule): each as an IsoFLOP
+    run of that size at that budget, so a proposed run that repeats a planned one gets its run id. A budget the
+    definition does not list takes the batch of its nearest listed budget (``batch_per_budget``)."""
+    import ml_collections
+
+    if not isinstance(proposal, list) or not proposal:
+        raise UserError("the plan proposes no runs (its 'proposal' list is empty or missing)")
+    base = sweep.to_dict()
+    runs: list[Run] = []
+    for i, p in enumerate(proposal):
+        try:
+            size, enc, budget, seed = str(p["size"]), int(p["enc_len"]), float(p["budget"]), int(p.get("seed", 0))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"plan run {i + 1}: needs size, enc_len, budget (and seed): {exc}") from None
+        if not (math.isfinite(budget) and budget > 0):
+            raise UserError(f"plan run {i + 1}: budget must be a positive number of FLOPs, not {budget!r}")
+        d = dict(base)
+        d.update(design="isoflop", sizes=[size], enc_lens=[enc], budgets=[budget], budgets_by_enc=None,
+                 per_budget=1, seeds=[seed], center_seeds=[], min_steps=1, tokens=[])
+        if base.get("batch_per_budget"):
+            pairs = list(zip(base["budgets"], base["batch_per_budget"]))
+            d["batch_per_budget"] = [min(pairs, key=lambda bb: abs(math.log(bb[0] / budget)))[1]]
+        if base.get("per_size"):
+            d["per_size"] = {k: v for k, v in base["per_size"].items() if k == size} or None
+        one = normalize(ml_collections.ConfigDict(d), source=f"plan run {i + 1}")
+        runs += expand(one)
+    ids = [r.run_id for r in runs]
+    if len(set(ids)) != len(ids):
+        raise UserError("the plan lists the same run twice (same size, length, budget and seed); give each "
+                        "repeat its own seed")
+    runs.sort(key=lambda r: (r.model_flops, r.run_id))
+    return runs
+
+
+def load_plan(path: str) -> list[dict]:
+    """The ``proposal`` of a plan file written by ``medscale plan next --out``."""
+    if not os.path.isfile(path):
+        raise UserError(f"plan file {path!r} not found; write one with medscale plan next RESULTS --runs K --out "
+                        f"{path}")
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"plan file {path}: not readable JSON ({exc})") from None
+    if not isinstance(doc, dict) or "proposal" not in doc:
+        raise UserError(f"plan file {path}: no 'proposal' list (write it with medscale plan next --out)")
+    return doc["proposal"]

@@ -37,7 +37,7 @@ from medscale.errors import UserError
 from medscale.hardware import PF_DAY
 from medscale.rundir import RunLock
 from medscale.sweep import registry
-from medscale.sweep.design import Run, expand, filter_runs, load_definition
+from medscale.sweep.design import Run, expand, filter_runs, from_plan, load_definition, load_plan
 
 log = logging.getLogger(__name__)
 
@@ -527,10 +527,12 @@ def _terminate(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
 
 def run_sweep(path: str, results: str = "results", workers: int = 1, only: str | None = None,
               progress: bool = True, retry_failed: bool = False, env: dict | None = None,
-              compile_cache: str | None = "") -> dict:
-    """Load a sweep definition, plan it, and launch it locally; returns the launcher's report."""
+              compile_cache: str | None = "", plan: str | None = None) -> dict:
+    """Load a sweep definition, plan it, and launch it locally; returns the launcher's report. ``plan``: a plan
+    file (``medscale plan next --out``) whose proposed runs are trained instead of the definition's own design
+    (``design.from_plan``), into the same sweep folder."""
     sweep = load_definition(path)
-    runs = filter_runs(expand(sweep), only)
+    runs = filter_runs(from_plan(sweep, load_plan(plan)) if plan else expand(sweep), only)
     if compile_cache == "":
         compile_cache = os.path.join(results, ".cache", "jax")
     report = Launcher(runs, results, workers=workers, progress=progress, retry_failed=retry_failed,

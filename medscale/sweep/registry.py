@@ -24,7 +24,8 @@ from medscale.sweep.design import expand, load_definition
 
 STATES = ("pending", "running", "interrupted", "done", "failed", "diverged")
 COLUMNS = ["run_id", "sweep", "status", "size", "params", "params_total", "params_embedding", "tokens", "flops",
-           "hardware_flops", "pf_days", "enc_len", "dec_len", "batch_size", "steps", "loss", "train_loss",
+           "hardware_flops", "pf_days", "enc_len", "dec_len", "batch_size", "steps", "loss", "fixed_loss",
+           "fixed_ref_enc_len", "train_loss",
            "mfu", "wall_s", "device_kind", "device_count", "budget", "lr", "seed", "error", "params_heads",
            "dataset", "data_source", "unique_examples", "epochs", "caption_entropy_floor"]
 CURVE_COLUMNS = ["run_id", "sweep", "status", "size", "params", "params_total", "enc_len", "budget", "step",
@@ -152,6 +153,8 @@ def run_record(run_dir: str) -> dict:
         "batch_size": _nan(summary.get("batch_size", plan.get("batch_size"))),
         "steps": _nan(summary.get("steps", plan.get("steps"))),
         "loss": _nan(summary.get("final_eval_loss")),
+        "fixed_loss": _nan(summary.get("final_fixed_eval_loss")),  # length-independent eval (docs/longseq.md)
+        "fixed_ref_enc_len": _nan((summary.get("fixed_eval") or {}).get("ref_enc_len")),
         "train_loss": _nan(summary.get("final_train_loss")),
         "mfu": _nan(summary.get("mfu")),
         "wall_s": _nan(summary.get("wall_s")),
@@ -173,6 +176,8 @@ def run_record(run_dir: str) -> dict:
         row["pf_days"] = row["flops"] / PF_DAY
     for name, value in (summary.get("final_eval_loss_by_modality") or {}).items():
         row[f"loss/{name}"] = _nan(value)
+    for name, value in (summary.get("final_fixed_eval_loss_by_modality") or {}).items():
+        row[f"fixed_loss/{name}"] = _nan(value)
     for name, value in (summary.get("final_train_loss_by_modality") or {}).items():
         row[f"train_loss/{name}"] = _nan(value)
     return row

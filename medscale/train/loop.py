@@ -20,6 +20,7 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from medscale import accounting, hardware, rundir
@@ -28,7 +29,7 @@ from medscale.data.pipeline import build_data
 from medscale.errors import UserError
 from medscale.model.attention import IMPLEMENTATIONS
 from medscale.model.encdec import DTYPES, REMAT_POLICIES
-from medscale.model.sharding import make_mesh, maybe_initialize_distributed, resolve_mesh_shape
+from medscale.model.sharding import make_mesh, maybe_initialize_distributed, process_rows, resolve_mesh_shape
 from medscale.train.metrics import MetricWriter
 from medscale.train.step import LossScale, OptConfig, build, schedule_hyperparams
 
@@ -79,10 +80,14 @@ def test_kill(point: str, step: int | None = None) -> None:
     ``MEDSCALE_TEST_KILL_AT`` names the point: one of :data:`KILL_POINTS` or ``step:N`` (after step N's
     metrics are handled, between checkpoints). ``MEDSCALE_TEST_KILL_PARENT=1`` first kills the parent process
     (a sweep launcher, whose workers then die with it). ``MEDSCALE_TEST_KILL_ONCE=FILE`` fires only while FILE
-    does not exist, and creates it when firing, so a relaunch with the same environment goes through. Unset
-    (the default), nothing happens."""
+    does not exist, and creates it when firing, so a relaunch with the same environment goes through.
+    ``MEDSCALE_TEST_KILL_PROCESS=I``: only process I of a multi-process run fires (a node dying). Unset (the
+    default), nothing happens."""
     want = os.environ.get("MEDSCALE_TEST_KILL_AT")
     if not want or (want != point and want != f"{point}:{step}"):
+        return
+    only = os.environ.get("MEDSCALE_TEST_KILL_PROCESS", "")
+    if only and int(only) != jax.process_index():
         return
     once = os.environ.get("MEDSCALE_TEST_KILL_ONCE")
     if once:
@@ -220,7 +225,8 @@ def train(cfg, workdir: str, progress: bool = True, data=None, finish=None, lock
     spec, mesh_shape, steps = validate(cfg)
     os.makedirs(workdir, exist_ok=True)
     summary = rundir.read_summary(workdir)
-    if summary is not None:
+    if _agree(summary is not None):  # process 0's view decides, so every process takes the same path
+        summary = summary if summary is not None else rundir.read_summary(workdir)
         log.info("%s already has a summary; not training again", workdir)
         return summary
     cfg_dict = json.loads(json.dumps(cfg.to_dict(), default=rundir.json_default))
@@ -231,17 +237,25 @@ def train(cfg, workdir: str, progress: bool = True, data=None, finish=None, lock
                         "use another --workdir or the same config")
     is_main = jax.process_index() == 0
     lock = None
-    if is_main and not locked:
+    if not locked:
         lock = rundir.RunLock(workdir)
-        if not lock.acquire():
+        if not _agree(lock.acquire() if is_main else True):  # only process 0 holds the run's lock
             raise UserError(f"{workdir} is being trained by {lock.holder()} ({rundir.LOCK}); wait for it or "
                             "use another --workdir")
+        lock = lock if is_main else None
     try:
         return _train_locked(cfg, workdir, progress, data, finish, spec, mesh_shape, steps, cfg_dict, is_main,
                              cache)
     finally:
         if lock is not None:
             lock.release()
+
+
+def _agree(flag: bool) -> bool:
+    """Process 0's ``flag``, on every process of a multi-process run (``flag`` itself in a single process)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(flag))))
 
 
 def _train_locked(cfg, workdir, progress, data, finish, spec, mesh_shape, steps, cfg_dict, is_main, cache=None):
@@ -270,8 +284,8 @@ def _train_locked(cfg, workdir, progress, data, finish, spec, mesh_shape, steps,
         state["extra"] = finish(workdir, state.get("data")) or {}
         state["clock"].to("task_eval_s")
     test_kill("before_summary")
-    summary = _write_summary(cfg, cfg_dict, workdir, spec, steps, state, result, t_start) if is_main else {}
-    return summary
+    # every process returns the run's summary; only process 0 writes it
+    return _write_summary(cfg, cfg_dict, workdir, spec, steps, state, result, t_start, write=is_main)
 
 
 def _cached(cache, kind, key, make, keep: int = 16):
@@ -313,10 +327,22 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
         data = _cached(cache, "data", data_key, lambda: build_data(cfg, spec), keep=2)
     state["data"] = data  # reused by the task evaluation at the end of the run
     seed = int(cfg.seed)
-    it = data.iterator("train", bs // jax.process_count(), seed, jax.process_index(), jax.process_count())
-    ebs = eval_batch_size(cfg) // jax.process_count()
-    eval_host = list(data.eval_batches("validation", ebs, int(cfg.train.eval_batches)))
+    # The data of a run does not depend on how many processes train it: every process reads the whole global
+    # batch (one stream, one masking) and feeds its devices its own rows, so a run on N processes sees the
+    # examples a single process would, and a checkpoint's iterator state restores on any number of processes.
+    it = data.iterator("train", bs, seed, 0, 1)
+    rows = process_rows(prog.batch_sharding, bs)
+    ebs = eval_batch_size(cfg)
+    eval_rows = process_rows(prog.batch_sharding, ebs)
+    eval_host = [_rows(b, eval_rows) for b in data.eval_batches("validation", ebs, int(cfg.train.eval_batches))]
     state["caption_floor"] = data.caption_entropy_floor("validation", ebs, int(cfg.train.eval_batches))
+    fixed_ref = int(cfg.train.get("fixed_eval_enc_len", 0) or 0)
+    fixed_host = list(data.fixed_eval_batches(fixed_ref, "validation", ebs, int(cfg.train.eval_batches))) \
+        if fixed_ref > 0 else []
+    if fixed_ref > 0:
+        state["fixed_eval"] = {"ref_enc_len": fixed_ref, "enc_len": spec.enc_len, "dec_len": spec.dec_len,
+                               "examples": ebs * int(cfg.train.eval_batches) * jax.process_count(),
+                               "split": "validation"}
 
     mgr = rundir.checkpoint_manager(workdir)
     start = 0
@@ -346,19 +372,27 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
         mgr.wait_until_finished()
         clock.to("checkpoint_s")
 
-    def evaluate(step):
-        clock.to("train_s")
+    def score(batches):
         sums = np.zeros(len(names))
         counts = np.zeros(len(names))
-        for b in eval_host:
+        for b in batches:
             out = jax.device_get(prog.eval(train_state["params"], prog.put_batch(b)))
             sums += np.asarray(out["sum"], np.float64)
             counts += np.asarray(out["count"], np.float64)
-        loss = float(sums.sum() / max(counts.sum(), 1.0))
+        return float(sums.sum() / max(counts.sum(), 1.0)), _modality_losses(names, sums, counts)
+
+    def evaluate(step):
+        clock.to("train_s")
+        loss, by_mod = score(eval_host)
         row = {"kind": "eval", "step": step, "tokens": step * tokens_per_step,
                "flops": None if model_flops is None else step * model_flops, "loss": loss}
-        for name, v in _modality_losses(names, sums, counts).items():
+        for name, v in by_mod.items():
             row[f"loss/{name}"] = v
+        if fixed_host:  # the length-independent evaluation: the same targets at every encoder length
+            fixed, fixed_by_mod = score(fixed_host)
+            row["fixed_loss"] = fixed
+            for name, v in fixed_by_mod.items():
+                row[f"fixed_loss/{name}"] = v
         writer.write(row)
         state["final_eval"] = row
         clock.to("eval_s")
@@ -438,7 +472,7 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
         _final_rows_from_metrics(kept, steps, names, state)
     clock.to("startup_s")
     while step < steps and ok:
-        batch = prog.put_batch(next(it))
+        batch = prog.put_batch(_rows(next(it), rows))
         train_state, metrics = prog.step(train_state, batch)
         step += 1
         if pending is not None:
@@ -480,6 +514,13 @@ def _train(cfg, workdir, spec, mesh_shape, steps, progress, data, writer, record
     return record
 
 
+def _rows(batch: dict, rows: slice) -> dict:
+    """This process's rows of a global host batch."""
+    if rows.start == 0 and rows.stop == len(next(iter(batch.values()))):
+        return batch
+    return {k: v[rows] for k, v in batch.items()}
+
+
 def _final_rows_from_metrics(rows, steps, names, state):
     """The final train and eval rows of a run whose last checkpoint is its last step (killed after it,
     before its summary): taken from its metrics.jsonl rather than evaluated and logged a second time."""
@@ -501,10 +542,10 @@ def _data_record(cfg, state, steps_done):
     data = state.get("data")
     if data is None:
         return None
-    return data.record(int(steps_done) * int(cfg.train.batch_size), jax.process_count(), state.get("caption_floor"))
+    return data.record(int(steps_done) * int(cfg.train.batch_size), 1, state.get("caption_floor"))
 
 
-def _write_summary(cfg, cfg_dict, workdir, spec, steps, state, record, t_start):
+def _write_summary(cfg, cfg_dict, workdir, spec, steps, state, record, t_start, write: bool = True):
     step_done = state.get("steps_done", state.get("final_train", {}).get("step", 0)) or 0
     tps = state.get("tokens_per_step") or spec.dec_len
     model_flops = state.get("model_flops")
@@ -537,10 +578,16 @@ def _write_summary(cfg, cfg_dict, workdir, spec, steps, state, record, t_start):
         "final_eval_loss": _finite_or_none(eval_row.get("loss")),
         "final_train_loss_by_modality": {n: (train_row.get("by_modality") or {}).get(n) for n in names},
         "final_eval_loss_by_modality": {n: eval_row.get(f"loss/{n}") for n in names},
+        # the length-independent evaluation (train.fixed_eval_enc_len > 0; docs/longseq.md)
+        "final_fixed_eval_loss": _finite_or_none(eval_row.get("fixed_loss")),
+        "final_fixed_eval_loss_by_modality": {n: eval_row.get(f"fixed_loss/{n}") for n in names}
+        if "fixed_loss" in eval_row else None,
+        "fixed_eval": state.get("fixed_eval"),
         "task_metrics": {},
         "loss_scale": state.get("loss_scale"), "skipped_steps": state.get("skipped_steps"),
         "data": _data_record(cfg, state, step_done),
     }
     summary.update(state.get("extra") or {})
-    rundir.write_json(rundir.path(workdir, rundir.SUMMARY), summary)
+    if write:
+        rundir.write_json(rundir.path(workdir, rundir.SUMMARY), summary)
     return summary

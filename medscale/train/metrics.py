@@ -63,10 +63,12 @@ class MetricWriter:
     def rewind(self, step: int) -> list[dict]:
         """Keep only the rows up to ``step`` (the step a run restarts from; a torn last line goes too), so a
         relaunched run writes each later row once; returns the kept rows. The file is rewritten atomically and
-        reopened for appending."""
-        if self.f is None:
+        reopened for appending. A disabled writer (a process other than the first) reads the kept rows and
+        rewrites nothing, so every process of a run knows what the run has logged."""
+        if self.f is not None:
+            self.f.flush()
+        elif not os.path.exists(self.path):
             return []
-        self.f.flush()
         kept, lines, dropped = [], [], 0
         with open(self.path) as fh:
             for line in fh:
@@ -82,7 +84,7 @@ class MetricWriter:
                 if not line.endswith("\n"):  # a row whose newline a kill cut off
                     line, dropped = line + "\n", dropped + 1
                 lines.append(line)
-        if dropped:
+        if dropped and self.f is not None:
             self.f.close()
             rundir.write_text(self.path, "".join(lines))
             self.f = open(self.path, "a")  # noqa: SIM115 - open for the run
