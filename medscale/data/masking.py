@@ -289,7 +289,7 @@ class Masker:
         return out
 
 
-def refit_inputs(batch: dict, enc_len: int, kinds, rng: np.random.Generator) -> dict:
+def refit_inputs(batch: dict, enc_len: int, kinds, rng: np.random.Generator, whole=()) -> dict:
     """The same batch with its encoder side refitted to ``enc_len`` tokens; the decoder side (the targets) is
     kept exactly. This is the length-independent evaluation's input rule (docs/longseq.md, "Sequence length as
     a variable"): one fixed masking of the eval set drawn at a reference length, scored at every encoder length
@@ -299,7 +299,9 @@ def refit_inputs(batch: dict, enc_len: int, kinds, rng: np.random.Generator) -> 
     its size (largest remainder): image-like blocks (``kinds[m] == "image"``) a random subset of their patches
     (one permutation per block, drawn whether or not it is cut, so the subsets of one example at different
     lengths are nested whenever the shares grow), sequence blocks their first tokens (the masker's own cut).
-    When they fit, every input is kept and the rest is padding. ``kinds``: per modality index, its kind."""
+    When they fit, every input is kept and the rest is padding. ``kinds``: per modality index, its kind.
+    ``whole``: modality indices kept whole before the others share what is left (a question given with its
+    answer target, as the masker gives it)."""
     L = int(enc_len)
     B = batch["enc_tokens"].shape[0]
     out = {k: v for k, v in batch.items() if not k.startswith("enc_")}
@@ -316,11 +318,16 @@ def refit_inputs(batch: dict, enc_len: int, kinds, rng: np.random.Generator) -> 
         if total <= L:
             quota = n
         else:
-            exact = L * n / total
-            quota = np.floor(exact).astype(np.int64)
-            frac = exact - quota
-            for j in np.argsort(-frac, kind="stable")[: L - int(quota.sum())]:
-                quota[j] += 1
+            fixed = np.array([m in whole for m, _ in blocks], bool)
+            quota = np.where(fixed, np.minimum(n, L), 0).astype(np.int64)
+            room, share = L - int(quota.sum()), np.where(fixed, 0, n)
+            if room > 0 and share.sum() > 0:
+                exact = room * share / share.sum()
+                cut = np.floor(exact).astype(np.int64)
+                frac = exact - cut
+                for j in np.argsort(-frac, kind="stable")[: room - int(cut.sum())]:
+                    cut[j] += 1
+                quota = quota + cut
         keep = []
         for (m, ix), perm, q in zip(blocks, perms, quota.tolist()):
             keep.append(ix[np.sort(perm[:q])] if perm is not None else ix[:q])

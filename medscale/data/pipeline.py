@@ -478,7 +478,9 @@ class Data:
         if not 0 < int(ref_enc_len) <= capacity:
             raise UserError(f"train.fixed_eval_enc_len {ref_enc_len} must be in 1..{capacity} (the tokens an "
                             "example can hold); set it to the largest encoder length of the study")
+        given = {m.name: m.entry.given for m in self.registry if m.entry.given}
         ref = Masker([(m.name, m.kind, m.max_tokens) for m in self.registry], int(ref_enc_len), self.spec.dec_len,
+                     roles={m.name: m.entry.role for m in self.registry}, given=given,
                      alpha=float(self.dcfg.dirichlet_alpha), mixture=self.dcfg.mixture,
                      num_sentinels=int(self.dcfg.get("num_sentinels", 16)), sentinel_base=4)
         kinds = [m.kind for m in self.registry]
@@ -488,7 +490,8 @@ class Data:
         for b in range(num_batches):
             idx = np.arange(b * batch_size, (b + 1) * batch_size) % n
             full = ref({k: v[idx] for k, v in arrays.items()}, np.random.default_rng([seed, b]))
-            out.append(refit_inputs(full, self.spec.enc_len, kinds, np.random.default_rng([seed, b, 1])))
+            whole = [m.index for m in self.registry if m.name in given.values()]
+            out.append(refit_inputs(full, self.spec.enc_len, kinds, np.random.default_rng([seed, b, 1]), whole))
         return out
 
     def caption_entropy_floor(self, split: str = "validation", batch_size: int = 16, num_batches: int = 4,
