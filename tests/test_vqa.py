@@ -323,3 +323,25 @@ def test_a_run_trained_on_a_benchmark_is_scored_on_its_test_split_and_compared(t
     assert len(mine) == 1 and mine[0]["benchmark"] == "SLAKE"
     assert mine[0]["overall"] == pytest.approx(100 * out["task_metrics"]["answer/overall_acc"], abs=0.01)
     assert next(r for r in rows if r["model"] == "medscale")["status"] == comparison.NOT_RUN  # VQA-RAD
+
+
+def test_refitted_inputs_keep_a_given_question_whole():
+    from medscale.data.masking import refit_inputs
+
+    mods = [("image", "image", 16), ("question", "sequence", 8), ("answer", "sequence", 4)]
+    masker = Masker(mods, enc_len=24, dec_len=8, roles={"question": "input", "answer": "target"},
+                    given={"answer": "question"})
+    rng = np.random.default_rng(1)
+    B = 32
+    ex = {"image": rng.integers(0, 50, (B, 16)), "image_len": np.full(B, 16),
+          "question": rng.integers(20, 90, (B, 8)), "question_len": np.full(B, 7),
+          "answer": rng.integers(20, 90, (B, 4)), "answer_len": np.full(B, 1)}
+    full = masker(ex, np.random.default_rng(0))
+    small = refit_inputs(full, 10, ["image", "sequence", "sequence"], np.random.default_rng(2), whole=[1])
+    assert (small["dec_target"] == full["dec_target"]).all()  # targets kept exactly
+    assert sum(int((full["enc_modality"][i][full["enc_valid"][i]] == 1).sum()) == 7 for i in range(B)) > 10
+    for i in range(B):
+        q_full = full["enc_tokens"][i][full["enc_valid"][i] & (full["enc_modality"][i] == 1)]
+        q_small = small["enc_tokens"][i][small["enc_valid"][i] & (small["enc_modality"][i] == 1)]
+        assert q_small.tolist() == q_full.tolist()
+        assert small["enc_valid"][i].sum() == min(10, full["enc_valid"][i].sum())
