@@ -13,7 +13,12 @@ An entry (:class:`Modality`) says everything the rest of medscale reads about a 
   one trained tokenizer (captions and boxes share the text tokenizer). ``encode`` / ``decode`` turn raw values
   into token ids and back with that tokenizer when the tokenizer's own ``encode`` / ``decode`` do not fit;
 - ``decoding``, ``renderer``, ``metrics``: how ``medscale generate`` / ``medscale evaluate`` constrain its
-  generated tokens, show it, and score it (``medscale.generate``; optional).
+  generated tokens, show it, and score it (``medscale.generate``; optional); ``task_inputs``: the modalities it
+  is decoded from when it is scored (default: the image alone);
+- ``role``: ``"both"`` (the default: input and target, as 4M draws them), ``"input"`` (never a target) or
+  ``"target"`` (never an input); ``given``: for a target-only modality, the input-only modality that goes into
+  the encoder whole whenever this one is a target (the answer's question), so that a target is always
+  conditioned on what it answers.
 
 References to code in other layers (tokenizers in ``medscale.data``, renderers and metrics in
 ``medscale.generate``) are ``"module:attribute"`` strings, resolved by :func:`resolve` where they are used, so
@@ -44,6 +49,7 @@ from typing import Any, Literal
 from medscale.errors import UserError
 
 KINDS = ("image", "sequence")
+ROLES = ("both", "input", "target")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +61,7 @@ class ModalitySpec:
     vocab_size: int
     max_tokens: int  # tokens one example can hold of this modality (grid h*w for image-like)
     grid: tuple[int, int] | None = None  # (h, w) for image-like modalities
+    encodes: bool = True  # False for a target-only modality: never an input, no encoder places
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -96,6 +103,9 @@ class Modality:
     decoding: Ref = None  # sequences: generation constraints and outputs (medscale.generate.predict)
     renderer: Ref = None  # medscale generate's output (medscale.generate.render)
     metrics: Ref = None  # (predictions, examples) -> {"<name>/<metric>": value} (medscale.generate.evaluate)
+    task_inputs: tuple[str, ...] = ("image",)  # what it is decoded from when it is scored
+    role: Literal["both", "input", "target"] = "both"
+    given: str | None = None  # target-only: the input-only modality given whole whenever this one is a target
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -103,6 +113,11 @@ class Modality:
         if (self.kind == "sequence") != (self.max_tokens is not None):
             raise UserError(f"modality {self.name!r}: a sequence needs max_tokens (config key, default); an "
                             "image-like modality holds the whole grid and has none")
+        if self.role not in ROLES:
+            raise UserError(f"modality {self.name!r}: role must be one of {', '.join(ROLES)}, not {self.role!r}")
+        if self.given is not None and self.role != "target":
+            raise UserError(f"modality {self.name!r}: only a target-only modality (role 'target') names a given "
+                            "input")
         if not self.tokenizer_name:
             object.__setattr__(self, "tokenizer_name", self.name)
         if not self.read:
@@ -156,6 +171,15 @@ def _boxes(example: dict):
     return None
 
 
+def _text_field(key: str):
+    def read(example: dict):
+        text = " ".join(str(example.get(key) or "").split())
+        return text or None
+
+    read.__name__ = f"_{key}"
+    return read
+
+
 def _boxes_encode(text, values, image_size):
     return [text.encode(text.boxes_to_text(v, image_size)) for v in values]
 
@@ -179,6 +203,14 @@ BUILTIN = (
              decoding=_P + "BoxesDecoding", renderer=_R + "BoxesRenderer", metrics=_E + "boxes_metrics"),
     Modality("segmentation", "image", ("seg_vocab", 256), _T + "SegTokenizer", read="mask",
              absent_stat="no_mask", renderer=_R + "MaskRenderer", metrics=_E + "segmentation_metrics"),
+    # visual question answering: the question is only ever an input, given whole whenever its answer is a target;
+    # both share one small text tokenizer of their own (the answer's output head is qa_vocab wide, not text_vocab)
+    Modality("question", "sequence", ("qa_vocab", 256), _T + "QATokenizer", tokenizer_name="qa",
+             max_tokens=("question_tokens", 32), read=_text_field("question"), absent_stat="no_question",
+             role="input", renderer=_R + "TextRenderer"),
+    Modality("answer", "sequence", ("qa_vocab", 256), _T + "QATokenizer", tokenizer_name="qa",
+             max_tokens=("answer_tokens", 12), read=_text_field("answer"), role="target", given="question",
+             renderer=_R + "TextRenderer", metrics=_E + "answer_metrics", task_inputs=("image", "question")),
 )
 
 _REGISTRY: dict[str, Modality] = {}
@@ -196,6 +228,8 @@ def _check(entries) -> None:
                 raise UserError(f"modality {m.name!r}: config key data.{key} has default {default}, modality "
                                 f"{keys[key][0]!r} gives it {keys[key][1]}")
             keys.setdefault(key, (m.name, default))
+        if m.given is not None and m.given in names and entries[names.index(m.given)].role != "input":
+            raise UserError(f"modality {m.name!r} is given {m.given!r}, which must be input-only (role 'input')")
         t = tokenizers.setdefault(m.tokenizer_name, (m.name, m.tokenizer))
         if t[1] != m.tokenizer:
             raise UserError(f"modality {m.name!r} shares tokenizer {m.tokenizer_name!r} with {t[0]!r} but names "
@@ -273,7 +307,7 @@ def specs(values, grid: tuple[int, int], wanted=None) -> tuple[ModalitySpec, ...
         if m.kind == "image":
             out.append(ModalitySpec(m.name, m.kind, vocab, int(grid[0]) * int(grid[1]), tuple(grid)))
         else:
-            out.append(ModalitySpec(m.name, m.kind, vocab, size(*m.max_tokens)))
+            out.append(ModalitySpec(m.name, m.kind, vocab, size(*m.max_tokens), encodes=m.role != "target"))
     return tuple(out)
 
 
@@ -285,15 +319,15 @@ def count_word(n: int) -> str:
 
 
 def vocab_flag_help() -> str:
-    """The ``--vocab`` help text: ``text vocabulary N, or I,C,B,S: image, caption, boxes, segmentation``."""
+    """The ``--vocab`` help text: ``text vocabulary N, or I,C,B,S,Q,A: image, caption, boxes, ...``."""
     letters = ",".join(m.name[0].upper() for m in registered())
     return f"text vocabulary N, or {letters}: {', '.join(names())}"
 
 
 def from_vocab_flag(vocab: str | None) -> tuple[ModalitySpec, ...]:
     """The registered modalities with vocabularies from a ``--vocab`` flag: ``None`` keeps the defaults; one
-    integer sets every sequence modality's (the text vocabulary); one integer per registered modality sets
-    each, in registry order."""
+    integer sets the text vocabulary (the modalities sized by ``data.text_vocab``: caption and boxes); one
+    integer per registered modality sets each, in registry order."""
     if vocab is None:
         return default_modalities()
     n = len(_REGISTRY)
@@ -305,7 +339,8 @@ def from_vocab_flag(vocab: str | None) -> tuple[ModalitySpec, ...]:
         raise UserError(f"--vocab {vocab!r}: vocabulary sizes must be positive")
     mods = default_modalities()
     if len(values) == 1:
-        return tuple(dataclasses.replace(m, vocab_size=values[0]) if m.kind == "sequence" else m for m in mods)
+        text = {e.name for e in registered() if e.vocab[0] == "text_vocab"}
+        return tuple(dataclasses.replace(m, vocab_size=values[0]) if m.name in text else m for m in mods)
     if len(values) == n:
         return tuple(dataclasses.replace(m, vocab_size=v) for m, v in zip(mods, values))
     raise UserError(f"--vocab {vocab!r}: give one size (text) or {count_word(n)} ({','.join(names())})")

@@ -109,7 +109,8 @@ class ModelSpec:
     @property
     def encoder_split(self) -> tuple[int, ...]:
         """Encoder tokens per modality: ``enc_split`` when given, else :func:`default_split`."""
-        return self.enc_split or default_split(self.enc_len, [m.max_tokens for m in self.modalities])
+        return self.enc_split or default_split(self.enc_len,
+                                               [m.max_tokens if m.encodes else 0 for m in self.modalities])
 
     @property
     def encoder_stacks(self) -> tuple[int, ...]:
@@ -135,7 +136,8 @@ class ModelSpec:
 
 def default_split(enc_len: int, max_tokens) -> tuple[int, ...]:
     """``enc_len`` encoder tokens shared among modalities in proportion to the tokens each can hold (largest
-    remainders get the leftover tokens; no share above its modality's ``max_tokens``)."""
+    remainders get the leftover tokens; no share above its modality's ``max_tokens``; a modality that holds 0
+    tokens, such as a target-only one, gets none)."""
     caps = [int(t) for t in max_tokens]
     total = sum(caps)
     if enc_len >= total:

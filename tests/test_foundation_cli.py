@@ -94,16 +94,17 @@ def test_flops_json_schema_and_values(capsys):
     assert out["encoder"] == "unified" and out["encoder_split"] is None
     assert set(out["params"]) == {"total", "embedding", "non_embedding", "heads"}
     assert set(out["components"]) == set(accounting.COMPONENTS)
-    # --vocab N: the text vocabulary (caption and boxes) of the default modalities
-    V = 512 + 100 + 100 + 256
+    # --vocab N: the text vocabulary (caption and boxes) of the default modalities; question and answer keep
+    # their own qa vocabulary (256 each)
+    V = 512 + 100 + 100 + 256 + 256 + 256
     assert out["params"]["heads"] == 64 * V
     assert out["components"]["heads"] == 3 * 2 * 4 * 16 * 64 * V
     assert out["model_flops_per_step"] == sum(out["components"].values())
     assert out["hardware_flops_per_step"] > out["model_flops_per_step"]  # dense decoder scores
     assert out["flops_per_token"] == pytest.approx(out["model_flops_per_step"] / (4 * 48))
     # four sizes: image, caption, boxes, segmentation
-    four = json.loads(_run_json(capsys, ["flops", *SHAPE, "--vocab", "10,20,30,40"]))
-    assert four["params"]["heads"] == 64 * 100
+    each = json.loads(_run_json(capsys, ["flops", *SHAPE, "--vocab", "10,20,30,40,50,60"]))
+    assert each["params"]["heads"] == 64 * 210
 
 
 def test_flops_size_config_and_overrides(capsys):
@@ -119,7 +120,7 @@ def test_flops_size_config_and_overrides(capsys):
     assert remat["hardware_flops_per_step"] > size["hardware_flops_per_step"]
     # a config file: tiny.py's vocabularies and lengths
     tiny = json.loads(_run_json(capsys, ["flops", "--config", "tiny"]))
-    assert tiny["params"]["heads"] == 64 * (128 + 512 + 512 + 64)
+    assert tiny["params"]["heads"] == 64 * (128 + 512 + 512 + 64 + 256 + 256)
     assert main(["flops", "--size", "tiny"]) == 0
     text = capsys.readouterr().out
     assert "enc_attn_scores" in text and "non_embedding" in text
@@ -218,7 +219,7 @@ def test_cpu_peak_keeps_the_best_measurement(tmp_path, monkeypatch):
 
 
 def test_default_modalities_vocab_is_base_config():
-    assert [m.vocab_size for m in default_modalities()] == [512, 2048, 2048, 256]
+    assert [m.vocab_size for m in default_modalities()] == [512, 2048, 2048, 256, 256, 256]
 
 
 def test_jax_devices_map_to_a_table_key():

@@ -30,7 +30,8 @@ def run_dir(tmp_path_factory):
     assert summary["status"] == "done"
     # the end-of-run hook (as medscale train passes it) stored the task metrics
     assert summary["task_eval"]["num_examples"] == 4 and summary["task_eval"]["checkpoint_step"] == 3
-    assert {"caption/bleu4", "boxes/mean_iou", "boxes/ap50", "segmentation/miou"} <= set(summary["task_metrics"])
+    assert {"caption/bleu4", "caption/rouge_l", "boxes/mean_iou", "boxes/ap50", "segmentation/miou",
+            "answer/overall_acc"} <= set(summary["task_metrics"])
     with open(os.path.join(workdir, "summary.json")) as f:
         assert json.load(f)["task_metrics"] == summary["task_metrics"]
     return workdir

@@ -143,13 +143,13 @@ def test_registry_changes_are_checked_and_reversible():
     with modalities.extended(DEPTH):
         assert modalities.names()[-1] == "depth"
         # --vocab: one integer per registered modality, in registry order; a wrong count names them
-        assert [m.vocab_size for m in modalities.from_vocab_flag("1,2,3,4,5")] == [1, 2, 3, 4, 5]
-        with pytest.raises(UserError, match=r"five \(image,caption,boxes,segmentation,depth\)"):
+        assert [m.vocab_size for m in modalities.from_vocab_flag("1,2,3,4,5,6,7")] == [1, 2, 3, 4, 5, 6, 7]
+        with pytest.raises(UserError, match=r"seven \(image,caption,boxes,segmentation,question,answer,depth\)"):
             modalities.from_vocab_flag("1,2,3,4")
         with pytest.raises(UserError, match="unknown modality 'ecg' in data.modalities; known: .*depth"):
             spec_from_config(load_config("tiny", ["data.modalities=('image', 'ecg')"]))
     assert modalities.registered() == before
-    with pytest.raises(UserError, match=r"four \(image,caption,boxes,segmentation\)"):
+    with pytest.raises(UserError, match=r"six \(image,caption,boxes,segmentation,question,answer\)"):
         modalities.from_vocab_flag("1,2")
 
 

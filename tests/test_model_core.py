@@ -66,7 +66,7 @@ def test_param_count_equals_accounting_for_every_ladder_size(name):
 
 
 def test_param_count_by_hand():
-    d, f, m, v = 32, 64, 4, SMALL.vocab_total
+    d, f, m, v = 32, 64, SMALL.num_modalities, SMALL.vocab_total
     enc = 2 * 2 * d + 4 * d * d + 2 * d * f
     dec = 3 * 2 * d + 8 * d * d + 2 * d * f
     expected = v * d + 2 * m * d + d + enc + 2 * dec + 2 * 2 * d + d * v

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from medscale.analysis import plots
+from medscale.analysis import comparison, plots
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = os.path.join(REPO, "results", "reference")
@@ -39,11 +39,14 @@ def test_report_on_the_reference_sweep(tmp_path):
     assert "one sequence length" in rep["figures_not_drawn"]["loss_vs_seqlen"]
     md = (out / "report.md").read_text()
     for section in ("## Recommendation", "### How much the answer moves", "## Fitted laws",
-                    "## Earlier, similarly sized models", "## Runs"):
+                    "## Earlier models on shared tasks", "### Secondary: earlier models by size and data",
+                    "## Runs"):
         assert section in md
     assert sum(line.startswith(f"| {r['run_id']} |") for r in rep["runs"] for line in md.splitlines()) == \
         len(rep["runs"])
     assert set(rep["modality_laws"]) and all(f"| {m} |" in md for m in rep["modality_laws"])
+    # the headline comparison holds the cited rows and medscale's rows (no benchmark is prepared here)
+    assert {r["status"] for r in rep["shared_tasks"]} <= {"published", "local", *comparison.NOT_RUN_STATES}
     # the numbers are medscale fit's for the same runs, bootstrap, seed and budget
     fit_res = _medscale("fit", REFERENCE, *rep["fit_args"]["cli"], "--json", "--quiet")
     assert fit_res.returncode == 0, fit_res.stderr

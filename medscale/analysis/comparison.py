@@ -1,5 +1,17 @@
-"""Earlier, similarly sized models: published facts only, each with its source; where a fact is not published
-(or we could not verify it) the field is None and the text says so.
+"""Earlier models: on shared tasks (the headline table) and by size and data (the secondary table).
+
+Shared tasks (:data:`BENCHMARK_RESULTS`, :func:`shared_task_table`): published accuracies of earlier models on
+the medical VQA benchmarks medscale can prepare (VQA-RAD, SLAKE), each number with the paper and the table it
+comes from, beside medscale's own result on the same split and metric when a run trained on that benchmark has
+been scored on its test split (``medscale evaluate --split test``), and "not run (data not present)" otherwise.
+A number we could not check against its source is left out rather than quoted. The metrics are the
+benchmarks' own: accuracy on closed questions (yes/no and choice), on open questions, and overall, exact match
+(the published models classify over the training answers; medscale generates the answer and is scored by
+exact match after normalisation, ``medscale.generate.metrics.vqa_accuracy``).
+
+Secondary table (:data:`MODELS`): earlier, similarly sized models by size and data, published facts only, each
+with its source; where a fact is not published (or we could not verify it) the field is None and the text says
+so.
 
 ``place_models(law, k)`` adds where the fitted law puts a model of that size and data: the predicted loss
 L(N, D) and the compute-optimal tokens for that N. Those numbers are an **extrapolation across domains,
@@ -132,6 +144,61 @@ MODELS = [
         "source": "Li et al., NeurIPS 2023 Datasets and Benchmarks (arXiv:2306.00890)",
     },
 ]
+
+
+BENCHMARKS = {"vqa_rad": "VQA-RAD", "slake": "SLAKE"}  # data.dataset -> the benchmark's name
+METRICS = ("open", "closed", "overall")  # accuracy in percent on the test split
+
+_PUBMEDCLIP = ("Eslami, Meinel, de Melo, PubMedCLIP: How Much Does CLIP Benefit Visual Question Answering in the "
+               "Medical Domain?, Findings of EACL 2023, pp. 1151-1163 (arXiv:2112.13906)")
+_PUBMEDCLIP_TABLE = ("the results table of MEVF and QCR with each visual encoder (the best, QCR + PubMedCLIP); "
+                     "checked against the same figures quoted in the results tables of LaPA (Gu et al., CVPR "
+                     "Workshops 2024, its repository's README) and CIMB-MVQA (Liu et al., "
+                     "Medical Image Analysis 107, 2026, github.com/cloneiq/CIMB-MVQA README)")
+_LAPA = ("Gu, Yang, Liu, Cai, LaPA: Latent Prompt Assist Model For Medical Visual Question Answering, CVPR "
+         "Workshops 2024 (arXiv:2404.13039)")
+_LAPA_TABLE = "its results table (Open / Closed / Overall on VQA-RAD, SLAKE), as its official repository's README gives it"
+
+BENCHMARK_RESULTS = [
+    {"benchmark": "VQA-RAD", "model": "PubMedCLIP (QCR + PubMedCLIP)", "open": 60.1, "closed": 80.0,
+     "overall": 72.1, "paper": _PUBMEDCLIP, "table": _PUBMEDCLIP_TABLE},
+    {"benchmark": "SLAKE", "model": "PubMedCLIP (QCR + PubMedCLIP)", "open": 78.4, "closed": 82.5,
+     "overall": 80.1, "paper": _PUBMEDCLIP, "table": _PUBMEDCLIP_TABLE},
+    {"benchmark": "VQA-RAD", "model": "LaPA", "open": 68.72, "closed": 86.40, "overall": 79.38,
+     "paper": _LAPA, "table": _LAPA_TABLE},
+    {"benchmark": "SLAKE", "model": "LaPA", "open": 82.17, "closed": 88.70, "overall": 84.73,
+     "paper": _LAPA, "table": _LAPA_TABLE},
+]
+# left out (not verified against their papers here): MEVF (Nguyen et al., MICCAI 2019) and M3AE (Chen et al.,
+# MICCAI 2022), whose figures differ between the tables that quote them
+
+NOT_RUN = "not run (data not present)"
+NOT_SCORED = "not run (data prepared, no run scored on its test split in this results folder)"
+NOT_RUN_STATES = (NOT_RUN, NOT_SCORED)
+
+
+def shared_task_table(local: list[dict] | None = None, prepared=()) -> list[dict]:
+    """The headline comparison: one row per cited published result (:data:`BENCHMARK_RESULTS`, copies) and per
+    benchmark one medscale row. ``local``: medscale's own results, dicts ``{"benchmark": "vqa_rad" | "slake",
+    "run_id", "flops", "params", "open", "closed", "overall"}`` (fractions; shown in percent) of runs trained on
+    the benchmark and scored on its test split; the one with the most compute is shown. ``prepared``: the
+    benchmarks (``data.dataset`` names) whose data is prepared locally. A medscale row without a result says
+    why (:data:`NOT_RUN`, :data:`NOT_SCORED`). Rows carry ``source`` ("paper; table") or ``local`` (the run)."""
+    rows = []
+    for key, name in BENCHMARKS.items():
+        for r in BENCHMARK_RESULTS:
+            if r["benchmark"] == name:
+                rows.append({**r, "source": f"{r['paper']}; {r['table']}", "local": None, "status": "published"})
+        mine = [x for x in (local or []) if x.get("benchmark") == key]
+        if mine:
+            best = max(mine, key=lambda x: float(x.get("flops") or 0.0))
+            rows.append({"benchmark": name, "model": f"medscale ({best.get('run_id')})", "source": None,
+                         "local": dict(best), "status": "local",
+                         **{m: (None if best.get(m) is None else round(100.0 * float(best[m]), 2)) for m in METRICS}})
+        else:
+            rows.append({"benchmark": name, "model": "medscale", "source": None, "local": None,
+                         "status": NOT_SCORED if key in set(prepared) else NOT_RUN, **dict.fromkeys(METRICS)})
+    return rows
 
 
 def table() -> list[dict]:

@@ -616,6 +616,8 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
         except UserError as exc:
             hold[str(kk)] = {"k": kk, "error": str(exc)}
     comp = comparison.place_models(law, model) if law is not None else comparison.table()
+    vqa = vqa_vs_compute(runs)
+    shared = shared_tasks(results_dir, runs)
     fig_paths, hold_fig = {}, []
     if figures:
         step("drawing figures")
@@ -629,6 +631,8 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
         fig_paths = plots.write_all(runs, fig_dir, law=law, draws=draws, curves=curves, modality_laws=mlaws,
                                     power_laws=power, budget=budget["flops"], k=figure_model(runs, model))
         hold_fig = holdout_figure(hold, fig_dir)
+        if vqa is not None:
+            vqa["figure"] = [os.path.relpath(p, out_dir) for p in vqa_figure(vqa, fig_dir)]
     length_study = None
     if seqlen_dir is not None:
         length_study = length_law.report_section(seqlen_dir, c, out_dir, bootstrap_draws=bootstrap, seed=seed,
@@ -651,6 +655,8 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
         "holdout": hold,
         "holdout_figure": [os.path.relpath(p, out_dir) for p in hold_fig],
         "comparison": comp,
+        "vqa": vqa,
+        "shared_tasks": shared,
         "figures": {k: [os.path.relpath(p, out_dir) for p in v] for k, v in fig_paths.items()},
         "figures_not_drawn": plots.missing_data(runs, law) if figures else {},
         "runs": runs_table(runs),
@@ -662,6 +668,156 @@ def build_report(results_dir: str, out_dir: str | None = None, *, hardware: str 
     rundir.write_text(os.path.join(out_dir, "report.md"), render_markdown(report))
     report["out_dir"] = os.path.abspath(out_dir)
     return report
+
+
+# ----------------------------------------------------------------------------------------------- VQA and shared tasks
+VQA_KEYS = ("closed_acc", "open_acc", "overall_acc")
+
+
+def vqa_vs_compute(runs) -> dict | None:
+    """Answer accuracy (closed, open, overall; the runs' ``task_metrics`` ``answer/*``) against compute: one
+    point per finished run, the best run of each compute budget, and the least-squares slope of overall accuracy
+    per decade of compute. None when no run carries answer accuracy."""
+    tm = plots.task_metric_table(runs)
+    cols = [f"task/answer/{k}" for k in VQA_KEYS]
+    if not any(c in tm.columns for c in cols):
+        return None
+    d = plots.done_runs(runs).loc[tm.index]
+    points = []
+    for idx in tm.index:
+        row = {k: (float(tm.at[idx, f"task/answer/{k}"]) if f"task/answer/{k}" in tm.columns
+                   and np.isfinite(float(tm.at[idx, f"task/answer/{k}"])) else None) for k in VQA_KEYS}
+        if all(v is None for v in row.values()):
+            continue
+        budget = d.at[idx, "budget"] if "budget" in d.columns else None
+        points.append({"run_id": str(d.at[idx, "run_id"]), "flops": float(d.at[idx, "flops"]),
+                       "params": float(d.at[idx, "params"]), "loss": float(d.at[idx, "loss"]),
+                       "budget": float(budget) if budget is not None and np.isfinite(float(budget)) else None,
+                       **row})
+    if not points:
+        return None
+    by_budget: dict = {}
+    for p in points:
+        key = p["budget"] if p["budget"] is not None else p["flops"]
+        if p["overall_acc"] is not None and (key not in by_budget
+                                             or p["overall_acc"] > by_budget[key]["overall_acc"]):
+            by_budget[key] = p
+    best = [{"budget": k, **{f: v[f] for f in ("run_id", "params", "flops", *VQA_KEYS)}}
+            for k, v in sorted(by_budget.items())]
+    ok = [p for p in points if p["overall_acc"] is not None]
+    slope = None
+    if len({p["flops"] for p in ok}) >= 2:
+        x = np.log10([p["flops"] for p in ok])
+        slope = float(np.polyfit(x, [p["overall_acc"] for p in ok], 1)[0])
+    return {"points": points, "best_per_budget": best, "overall_per_decade": slope,
+            "n_runs": len(points)}
+
+
+def vqa_figure(vqa: dict, fig_dir: str) -> list[str]:
+    """``vqa_accuracy.{png,svg}``: closed, open and overall answer accuracy of every run vs compute, with the
+    best run of each budget joined."""
+    plt = plots._plt()
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    styles = {"closed_acc": ("o", "closed"), "open_acc": ("s", "open"), "overall_acc": ("D", "overall")}
+    for key, (marker, label) in styles.items():
+        pts = [(p["flops"], p[key]) for p in vqa["points"] if p[key] is not None]
+        if pts:
+            ax.scatter(*zip(*pts), marker=marker, s=18, alpha=0.6, label=f"{label} (runs)")
+    best = [(b["flops"], b["overall_acc"]) for b in vqa["best_per_budget"] if b["overall_acc"] is not None]
+    if best:
+        ax.plot(*zip(*sorted(best)), "k-", lw=1, label="overall, best run per budget")
+    ax.set_xscale("log")
+    ax.set_xlabel("compute C (model FLOPs)")
+    ax.set_ylabel("answer accuracy (exact match)")
+    ax.set_ylim(0, 1)
+    plots.pf_axis(ax)
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title("Visual question answering vs compute (held-out)")
+    fig.tight_layout()
+    return plots.save_figure(fig, fig_dir, "vqa_accuracy")
+
+
+def _vqa_md(r: dict) -> list[str]:
+    v = r.get("vqa")
+    if not v:
+        return []
+    L = ["## Visual question answering vs compute\n",
+         (f"Answer accuracy of {v['n_runs']} runs on their held-out questions (exact match after normalisation; "
+          "closed = yes/no and choice questions, open = the rest; `medscale evaluate` computes them). Best run "
+          "per compute budget:\n"),
+         "| budget (FLOPs) | run | N | closed | open | overall |\n|---|---|---|---|---|---|"]
+    for b in v["best_per_budget"]:
+        L.append(f"| {fmt(b['budget'])} | {b['run_id']} | {fmt(b['params'])} | {fmt(b['closed_acc'])} | "
+                 f"{fmt(b['open_acc'])} | {fmt(b['overall_acc'])} |")
+    if v.get("overall_per_decade") is not None:
+        L.append(f"\nOverall accuracy changes by {v['overall_per_decade']:+.3f} per decade of compute "
+                 "(least squares over all runs).")
+    fig = v.get("figure") or []
+    png = next((p for p in fig if p.endswith(".png")), None)
+    if png:
+        L.append(f"\n![vqa_accuracy]({png})")
+    L.append("")
+    return L
+
+
+def local_benchmark_results(results_dir: str, runs) -> list[dict]:
+    """medscale's own results on the shared benchmarks: finished runs trained on one (``data.dataset`` vqa_rad or
+    slake) whose summary's ``task_eval`` says they were scored on the test split."""
+    if "dataset" not in runs.columns:
+        return []
+    out = []
+    d = plots.done_runs(runs)
+    for _, row in d[d["dataset"].isin(list(comparison.BENCHMARKS))].iterrows():
+        summary = None
+        for path in (os.path.join(results_dir, str(row["run_id"]), rundir.SUMMARY),
+                     os.path.join(results_dir, str(row.get("sweep")), str(row["run_id"]), rundir.SUMMARY)):
+            if os.path.isfile(path):
+                try:
+                    summary = rundir.read_json(path)
+                except UserError:
+                    summary = None
+                break
+        tm, te = (summary or {}).get("task_metrics") or {}, (summary or {}).get("task_eval") or {}
+        if te.get("split") != "test" or "answer/overall_acc" not in tm:
+            continue
+        out.append({"benchmark": row["dataset"], "run_id": str(row["run_id"]), "flops": float(row["flops"]),
+                    "params": float(row["params"]), "open": tm.get("answer/open_acc"),
+                    "closed": tm.get("answer/closed_acc"), "overall": tm.get("answer/overall_acc"),
+                    "questions": te.get("num_examples")})
+    return out
+
+
+def prepared_benchmarks(data_root: str | None = None) -> list[str]:
+    """The shared benchmarks whose TFDS data is prepared under the data cache (``data.data_dir``, default
+    ``~/.cache/medscale``)."""
+    root = data_root or os.path.join(os.path.expanduser("~"), ".cache", "medscale")
+    return [k for k in comparison.BENCHMARKS if os.path.isdir(os.path.join(root, "tfds", k))]
+
+
+def shared_tasks(results_dir: str, runs, data_root: str | None = None) -> list[dict]:
+    """The headline comparison table (:func:`medscale.analysis.comparison.shared_task_table`) for these runs."""
+    return comparison.shared_task_table(local_benchmark_results(results_dir, runs), prepared_benchmarks(data_root))
+
+
+def _shared_tasks_md(r: dict) -> list[str]:
+    L = ["## Earlier models on shared tasks\n",
+         ("Accuracy (%) on the benchmarks' test splits, closed / open / overall questions, as published (paper and "
+          "table per row) beside medscale's own result where a run trained on the benchmark was scored on its test "
+          "split (`medscale evaluate --split test`). Published models classify over the training answers; "
+          "medscale generates the answer and is scored by exact match after normalisation.\n"),
+         "| benchmark | model | closed | open | overall | source |\n|---|---|---|---|---|---|"]
+    for row in r.get("shared_tasks") or []:
+        cells = [fmt(row[m], 4) if row.get(m) is not None else "–" for m in ("closed", "open", "overall")]
+        if row["status"] == "published":
+            src = row["source"]
+        elif row["status"] == "local":
+            loc = row["local"]
+            src = f"this results folder: run {loc['run_id']} ({fmt(loc['flops'])} FLOPs, N = {fmt(loc['params'])})"
+        else:
+            src = row["status"]
+        L.append(f"| {row['benchmark']} | {row['model']} | {' | '.join(cells)} | {src} |")
+    L.append("")
+    return L
 
 
 HOLDOUT_KS = (1, 2)  # the report's holdout checks: the top budget, then the top two, held out
@@ -1122,6 +1278,7 @@ def render_markdown(r: dict) -> str:
     L += _approach2_md(fit)
     L += _modality_md(r)
     L += _holdout_md(r)
+    L += _vqa_md(r)
     # figures
     L.append("## Figures\n")
     captions = {
@@ -1143,8 +1300,9 @@ def render_markdown(r: dict) -> str:
     for name, why in (r.get("figures_not_drawn") or {}).items():
         L.append(f"*{name}* not drawn: {why}.\n")
     # comparison
-    L.append("## Earlier, similarly sized models\n")
-    L.append("Facts as published (source per row). 'Our law' is the loss the fitted law predicts at that N and "
+    L += _shared_tasks_md(r)
+    L.append("### Secondary: earlier models by size and data, placed on this study's law\n")
+    L.append("Facts as published (source per row); no shared task or metric. 'Our law' is the loss the fitted law predicts at that N and "
              "D — **an extrapolation across domains, tokenizers and architectures**: it says where a model of that "
              "size and data would sit on *this* study's curve, not how good that model is.\n")
     L.append("| model | params | training data | tokens / samples seen | training compute | our law: loss at (N, D) "

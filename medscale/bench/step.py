@@ -43,7 +43,7 @@ def compiled_memory(compiled) -> dict | None:
 
 def bench_spec(d_model, enc_layers, dec_layers, heads, d_ff, vocab, enc_len, dec_len, mlp="gelu") -> ModelSpec:
     """The ModelSpec ``medscale flops`` builds from the same flags (``vocab``: text vocabulary N, or
-    "I,C,B,S" per modality; None: the defaults)."""
+    "I,C,B,S,Q,A" per modality; None: the defaults)."""
 
     return ModelSpec(d_model=d_model, enc_layers=enc_layers, dec_layers=dec_layers, num_heads=heads, d_ff=d_ff,
                      mlp=mlp, modalities=from_vocab_flag(None if vocab is None else str(vocab)), enc_len=enc_len,

@@ -15,7 +15,7 @@ def add_shape_args(p, vocab=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--d-ff", type=int, default=1024)
     p.add_argument("--vocab", default=vocab,
-                   help="as for medscale flops: text vocabulary N (caption and boxes) or I,C,B,S per modality")
+                   help="as for medscale flops: text vocabulary N (caption and boxes) or I,C,B,S,Q,A per modality")
     p.add_argument("--enc-len", type=int, default=256)
     p.add_argument("--dec-len", type=int, default=64)
     p.add_argument("--batch", type=int, default=16)

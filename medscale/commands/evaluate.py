@@ -1,5 +1,7 @@
-"""``medscale evaluate``: task metrics (caption BLEU-4 and finding accuracy, box IoU and AP@0.5,
-segmentation mIoU) of a run on its held-out split, stored in its summary.json under ``task_metrics``."""
+"""``medscale evaluate``: task metrics (caption BLEU-4, ROUGE-L and finding accuracy, closed / open / overall
+answer accuracy, box IoU and AP@0.5, segmentation mIoU) of a run on a held-out split of its dataset (the
+synthetic data, or a prepared benchmark: VQA-RAD, SLAKE, ROCO, ...), stored in its summary.json under
+``task_metrics``."""
 
 from medscale.commands import COMMANDS
 from medscale.errors import UserError
@@ -10,6 +12,8 @@ def register(sub, argv=()):
     p = sub.add_parser("evaluate", help=COMMANDS["evaluate"])
     p.add_argument("--workdir", required=True, help="run directory of `medscale train`")
     p.add_argument("--num", type=int, default=64, help="held-out examples to decode (default 64)")
+    p.add_argument("--split", default="validation",
+                   help="held-out split to score (default validation; the benchmarks' published figures are on test)")
     p.add_argument("--checkpoint", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--batch-size", type=int, default=16, help="examples decoded together (default 16)")
     p.add_argument("--refine-steps", type=int, default=1,
@@ -29,7 +33,7 @@ def run(args):
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     res, meta = evaluate_run_with_meta(args.workdir, args.num, checkpoint=args.checkpoint,
                                        write=not args.no_write, batch_size=args.batch_size,
-                                       refine_steps=args.refine_steps,
+                                       refine_steps=args.refine_steps, split=args.split,
                                        progress=not args.quiet and not args.json)
     if args.json:
         print(json.dumps({"task_metrics": res, "task_eval": meta}))

@@ -8,7 +8,7 @@ Examples:
 
 Modalities: every registered one (``medscale.modalities``; built in: image, caption, boxes, segmentation).
 ``--vocab N`` sets the text vocabulary (every sequence modality -- caption and boxes -- each with its own N rows
-in the combined table); ``--vocab I,C,B,S`` sets each modality's vocabulary, one integer per registered
+in the combined table); ``--vocab I,C,B,S,Q,A`` sets each modality's vocabulary, one integer per registered
 modality in registry order. Without ``--vocab`` (and without ``--config``) the registry's defaults apply (the
 base config's sizes): image 512, caption 2048, boxes 2048, segmentation 256.
 """

@@ -30,10 +30,11 @@ def get_config():
     c.model.attention_window = 128  # encoder window for local attention
 
     c.data = ml_collections.ConfigDict()
-    c.data.dataset = "synthetic_med"  # synthetic_med | roco | rocov2 | medmnist
+    c.data.dataset = "synthetic_med"  # synthetic_med | roco | rocov2 | medmnist | vqa_rad | slake
     c.data.data_dir = ""  # TFDS data_dir; empty: ~/.cache/medscale/tfds
     c.data.manual_dir = ""  # for real datasets the user downloaded
-    c.data.subset = ""  # medmnist: FLAG or FLAG_SIZE (the .npz name); may be empty when manual_dir holds one
+    c.data.subset = ""  # medmnist: FLAG or FLAG_SIZE (the .npz name); may be empty when manual_dir holds one;
+    # slake: en (default), zh or all
     c.data.num_train = 0  # synthetic training scenes: 0 = the unbounded stream (no scene seen twice); n > 0 = the
     # first n scenes, cycled (a fixed-size set); real datasets read their whole train split
     c.data.stream_chunk = 4096  # synthetic scenes per token-cache chunk of the training stream

@@ -10,6 +10,8 @@ Every builder yields the same feature set, so that the pipeline reads any of the
 - ``facts``: JSON of the true structured findings (synthetic data only; ``{}`` elsewhere, so that "finding
   accuracy" is computed on synthetic data only);
 - ``meta``: JSON of other source information (ROCO subset, ROCOv2 CUIs, MedMNIST label; ``{}`` if none);
+- ``question``, ``answer``: visual question answering text ("" when absent) and ``answer_type``: ``closed``
+  (yes/no and choice questions) or ``open`` (VQA-RAD's and SLAKE's CLOSED / OPEN, lower case);
 - ``id``: the example's name in its source, ``index``: its number in the generation order.
 
 Images are encoded by PIL (TFDS's own numpy image encoder needs TensorFlow).
@@ -28,7 +30,8 @@ from medscale.data.synthetic import HELDOUT_BASE, render_scene
 
 log = logging.getLogger(__name__)
 
-VERSION = tfds.core.Version("2.0.0")  # 2.0.0: held-out splits only, from index HELDOUT_BASE
+VERSION = tfds.core.Version("3.0.0")  # 2.0.0: held-out splits only, from index HELDOUT_BASE; 3.0.0: question,
+# answer and answer_type
 
 
 def png_bytes(a: np.ndarray) -> bytes:
@@ -49,13 +52,17 @@ def features(size: int):
         "box_labels": tfds.features.Text(),
         "facts": tfds.features.Text(),
         "meta": tfds.features.Text(),
+        "question": tfds.features.Text(),
+        "answer": tfds.features.Text(),
+        "answer_type": tfds.features.Text(),
         "id": tfds.features.Text(),
         "index": np.int64,
     })
 
 
 def make_example(index: int, image: np.ndarray, caption: str = "", mask: np.ndarray | None = None,
-                 boxes=(), facts: dict | None = None, ident: str = "", meta: dict | None = None) -> dict:
+                 boxes=(), facts: dict | None = None, ident: str = "", meta: dict | None = None,
+                 question: str = "", answer: str = "", answer_type: str = "") -> dict:
     size = image.shape[0]
     return {
         "image": png_bytes(image),
@@ -66,6 +73,9 @@ def make_example(index: int, image: np.ndarray, caption: str = "", mask: np.ndar
         "box_labels": "|".join(str(b[0]) for b in boxes),
         "facts": json.dumps(facts or {}, sort_keys=True),
         "meta": json.dumps(meta or {}, sort_keys=True),
+        "question": question,
+        "answer": answer,
+        "answer_type": answer_type,
         "id": ident or str(index),
         "index": int(index),
     }
@@ -103,4 +113,5 @@ class SyntheticMed(tfds.core.GeneratorBasedBuilder):
         for index in range(start, start + count):
             s = render_scene(c.seed, index, c.image_size)
             yield index, make_example(index, s["image"], s["caption"], s["mask"], s["boxes"], s["facts"],
-                                      f"synthetic-{index}")
+                                      f"synthetic-{index}", question=s["question"], answer=s["answer"],
+                                      answer_type=s["answer_type"])

@@ -21,6 +21,11 @@ tokens: a sequence's input budget is at most its cap, an image-like modality's i
 room) too. A per-modality encoder needs it (each modality's stack has a fixed number of places); a unified
 encoder given the same caps sees exactly the same batches.
 
+Roles (``roles``, from the registry): an input-only modality is never a target, a target-only one never an
+input. ``given`` ties a target-only modality to an input-only one (the answer to its question): whenever the
+target gets a budget, the given modality goes into the encoder whole (its tokens are taken off the encoder
+budget before the Dirichlet shares are made), and it takes no share of its own.
+
 Token ids are local to their modality. Decoder tokens of a modality are contiguous, sequences in order; the
 decoder input of a sequence target is the previous target token (``START`` at its first position).
 """
@@ -75,7 +80,7 @@ class Masker:
 
     def __init__(self, modalities, enc_len: int, dec_len: int, alpha: float = 0.5,
                  mixture: str = "all2all:1", num_sentinels: int = 16, sentinel_base: int = 4,
-                 mean_span: float = 3.0, enc_caps=None):
+                 mean_span: float = 3.0, enc_caps=None, roles: dict | None = None, given: dict | None = None):
         self.mods = [(str(n), str(k), int(t)) for n, k, t in modalities]
         self.names = tuple(n for n, _, _ in self.mods)
         self.enc_len, self.dec_len = int(enc_len), int(dec_len)
@@ -88,6 +93,18 @@ class Masker:
         self.caps = [int(c) for c in enc_caps] if enc_caps else [self.enc_len] * len(self.mods)
         if len(self.caps) != len(self.mods):
             raise UserError(f"data.enc_split {tuple(enc_caps)} needs one number per modality ({', '.join(self.names)})")
+        roles = dict(roles or {})
+        self.can_in = np.array([roles.get(n, "both") != "target" for n in self.names])
+        self.can_out = np.array([roles.get(n, "both") != "input" for n in self.names])
+        self.ties = [(self.names.index(t), self.names.index(q)) for t, q in (given or {}).items()
+                     if t in self.names and q in self.names]
+        self.dirichlet_in = self.can_in.copy()  # a tied input takes no share: it is given whole with its target
+        for _, q in self.ties:
+            self.dirichlet_in[q] = False
+        for src, _ in self.mixture:
+            if src is not None and not self.can_in[self.names.index(src)]:
+                raise UserError(f"data.mixture component {src}2all: {src} is never an input (a target-only "
+                                "modality); drop it from data.mixture")
 
     # ------------------------------------------------------------------ helpers
     def _empty(self, B: int) -> dict:
@@ -153,15 +170,25 @@ class Masker:
         onehot = np.eye(M, dtype=bool)[np.maximum(src, 0)]
         has_src = (src >= 0) & (present & onehot).any(1)
         others = present & ~onehot
-        in_c = np.where(has_src[:, None], onehot, present)
-        out_c = np.where((has_src & others.any(1))[:, None], others, present)
+        in_c = np.where(has_src[:, None], onehot, present) & self.dirichlet_in
+        out_c = np.where((has_src & others.any(1))[:, None], others, present) & self.can_out
         # Dirichlet weights (normalised gamma draws) and budgets
         w_in = rng.gamma(self.alpha, size=(B, M)) * in_c + 1e-12 * in_c
         w_out = rng.gamma(self.alpha, size=(B, M)) * out_c + 1e-12 * out_c
         w_in /= np.maximum(w_in.sum(1, keepdims=True), 1e-30)
         w_out /= np.maximum(w_out.sum(1, keepdims=True), 1e-30)
-        a_all = np.floor(w_in * self.enc_len).astype(np.int64)
         b_all = np.floor(w_out * self.dec_len).astype(np.int64)
+        reserve = np.zeros(B, np.int64)
+        given = []
+        for t, q in self.ties:  # the given input goes in whole wherever its target has a budget
+            active = out_c[:, t] & (b_all[:, t] > 0) & present[:, q]
+            n_q = np.where(active, np.minimum(lens[:, q], self.mods[q][2]), 0)
+            reserve += n_q
+            given.append((q, active, n_q))
+        a_all = np.floor(w_in * np.maximum(self.enc_len - reserve, 0)[:, None]).astype(np.int64)
+        for q, active, n_q in given:
+            in_c[:, q] |= active
+            a_all[:, q] = np.where(active, n_q, a_all[:, q])
         # an independent random patch order per example and image-like modality
         orders = {m: np.argsort(rng.random((B, n)), axis=1, kind="stable")
                   for m, (_, kind, n) in enumerate(self.mods) if kind == "image"}
@@ -271,7 +298,7 @@ class Masker:
         return out
 
 
-def refit_inputs(batch: dict, enc_len: int, kinds, rng: np.random.Generator) -> dict:
+def refit_inputs(batch: dict, enc_len: int, kinds, rng: np.random.Generator, whole=()) -> dict:
     """The same batch with its encoder side refitted to ``enc_len`` tokens; the decoder side (the targets) is
     kept exactly. This is the length-independent evaluation's input rule (docs/longseq.md, "Sequence length as
     a variable"): one fixed masking of the eval set drawn at a reference length, scored at every encoder length
@@ -281,7 +308,9 @@ def refit_inputs(batch: dict, enc_len: int, kinds, rng: np.random.Generator) -> 
     its size (largest remainder): image-like blocks (``kinds[m] == "image"``) a random subset of their patches
     (one permutation per block, drawn whether or not it is cut, so the subsets of one example at different
     lengths are nested whenever the shares grow), sequence blocks their first tokens (the masker's own cut).
-    When they fit, every input is kept and the rest is padding. ``kinds``: per modality index, its kind."""
+    When they fit, every input is kept and the rest is padding. ``kinds``: per modality index, its kind.
+    ``whole``: modality indices kept whole before the others share what is left (a question given with its
+    answer target, as the masker gives it)."""
     L = int(enc_len)
     B = batch["enc_tokens"].shape[0]
     out = {k: v for k, v in batch.items() if not k.startswith("enc_")}
@@ -298,11 +327,16 @@ def refit_inputs(batch: dict, enc_len: int, kinds, rng: np.random.Generator) -> 
         if total <= L:
             quota = n
         else:
-            exact = L * n / total
-            quota = np.floor(exact).astype(np.int64)
-            frac = exact - quota
-            for j in np.argsort(-frac, kind="stable")[: L - int(quota.sum())]:
-                quota[j] += 1
+            fixed = np.array([m in whole for m, _ in blocks], bool)
+            quota = np.where(fixed, np.minimum(n, L), 0).astype(np.int64)
+            room, share = L - int(quota.sum()), np.where(fixed, 0, n)
+            if room > 0 and share.sum() > 0:
+                exact = room * share / share.sum()
+                cut = np.floor(exact).astype(np.int64)
+                frac = exact - cut
+                for j in np.argsort(-frac, kind="stable")[: room - int(cut.sum())]:
+                    cut[j] += 1
+                quota = quota + cut
         keep = []
         for (m, ix), perm, q in zip(blocks, perms, quota.tolist()):
             keep.append(ix[np.sort(perm[:q])] if perm is not None else ix[:q])

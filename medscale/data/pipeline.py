@@ -43,7 +43,7 @@ from medscale.errors import UserError
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("synthetic_med", "roco", "rocov2", "medmnist")
+DATASETS = ("synthetic_med", "roco", "rocov2", "medmnist", "vqa_rad", "slake")
 SPLITS = ("train", "validation", "test")
 EVAL_MASK_SEED = 20240611
 
@@ -89,7 +89,7 @@ def _make_builder(dcfg, root: str):
         cfg = SyntheticMedConfig(image_size=int(dcfg.image_size), num_eval=int(dcfg.num_eval),
                                  seed=int(dcfg.get("data_seed", 0)))
         return SyntheticMed(config=cfg, data_dir=tfds_dir, file_format="array_record")
-    if name in ("roco", "rocov2", "medmnist"):
+    if name in ("roco", "rocov2", "medmnist", "vqa_rad", "slake"):
         return real.make_real_builder(name, dcfg, tfds_dir)
     raise UserError(f"unknown data.dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
@@ -296,6 +296,8 @@ class Data:
                                                    limit=self.num_train)
         self._floors: dict = {}
         self.masker = Masker([(m.name, m.kind, m.max_tokens) for m in self.registry], spec.enc_len, spec.dec_len,
+                             roles={m.name: m.entry.role for m in self.registry},
+                             given={m.name: m.entry.given for m in self.registry if m.entry.given},
                              alpha=float(self.dcfg.dirichlet_alpha), mixture=self.dcfg.mixture,
                              num_sentinels=int(self.dcfg.get("num_sentinels", 16)), sentinel_base=4,
                              enc_caps=spec.encoder_split if (spec.enc_split or spec.encoder != "unified") else None)
@@ -477,7 +479,9 @@ class Data:
         if not 0 < int(ref_enc_len) <= capacity:
             raise UserError(f"train.fixed_eval_enc_len {ref_enc_len} must be in 1..{capacity} (the tokens an "
                             "example can hold); set it to the largest encoder length of the study")
+        given = {m.name: m.entry.given for m in self.registry if m.entry.given}
         ref = Masker([(m.name, m.kind, m.max_tokens) for m in self.registry], int(ref_enc_len), self.spec.dec_len,
+                     roles={m.name: m.entry.role for m in self.registry}, given=given,
                      alpha=float(self.dcfg.dirichlet_alpha), mixture=self.dcfg.mixture,
                      num_sentinels=int(self.dcfg.get("num_sentinels", 16)), sentinel_base=4)
         kinds = [m.kind for m in self.registry]
@@ -487,7 +491,8 @@ class Data:
         for b in range(num_batches):
             idx = np.arange(b * batch_size, (b + 1) * batch_size) % n
             full = ref({k: v[idx] for k, v in arrays.items()}, np.random.default_rng([seed, b]))
-            out.append(refit_inputs(full, self.spec.enc_len, kinds, np.random.default_rng([seed, b, 1])))
+            whole = [m.index for m in self.registry if m.name in given.values()]
+            out.append(refit_inputs(full, self.spec.enc_len, kinds, np.random.default_rng([seed, b, 1]), whole))
         return out
 
     def caption_entropy_floor(self, split: str = "validation", batch_size: int = 16, num_batches: int = 4,
@@ -580,6 +585,8 @@ def prepare_report(cfg, spec=None, progress: bool = False, held_out: int = 256) 
     tok = data.tokenizers
     out["text_vocab"] = {"configured": tok.text.vocab_size, "trained": tok.text.trained_size,
                          "hash": tok.text.hash}
+    if tok.qa is not None:
+        out["qa_vocab"] = {"configured": tok.qa.vocab_size, "trained": tok.qa.trained_size, "hash": tok.qa.hash}
     held = "validation" if "validation" in splits else splits[-1]
     ex = data.examples(held)
     sel = [ex[i] for i in range(min(held_out, len(ex)))]

@@ -1,6 +1,7 @@
 """TFDS builders for real datasets a user has already downloaded (TFDS ``manual_dir`` = ``data.manual_dir``).
 
-All three write the common feature set of :mod:`medscale.data.builders` (grey-scale image resized to
+ROCO, ROCOv2 and MedMNIST give images with captions; VQA-RAD and SLAKE give one example per question (image,
+question, answer, answer type; the image repeated for each of its questions). All write the common feature set of :mod:`medscale.data.builders` (grey-scale image resized to
 ``data.image_size``; caption; no boxes and no mask). Images that are missing or cannot be decoded are skipped
 and counted (``builder.info.metadata["skipped"]``, also logged); an empty caption is kept as "" and the pipeline
 treats the caption as absent for that example (counted in ``Data.stats``).
@@ -39,11 +40,27 @@ MEDMNIST_LAYOUT = """MedMNIST v2/v3 (zenodo.org/records/10519652), data.subset =
   MANUAL_DIR/{flag}{_size}.npz   e.g. pneumoniamnist.npz (28x28) or pneumoniamnist_64.npz
       train_images, train_labels, val_images, val_labels, test_images, test_labels"""
 
+VQARAD_LAYOUT = """VQA-RAD (Lau et al. 2018; the Open Science Framework release, osf.io/89kps):
+  MANUAL_DIR/VQA_RAD Dataset Public.json   a list of {"qid", "image_name", "question", "answer", "answer_type"
+                                           (CLOSED | OPEN), "phrase_type", "question_type", "image_organ", ...}
+  MANUAL_DIR/VQA_RAD Image Folder/         the images named by image_name (synpic*.jpg; found at any depth)
+  splits: test = phrase_type test_freeform and test_para (451 questions, the split MEVF and later work use);
+  train = the rest, less validation = the questions of one image in ten (chosen by a hash of the image name)"""
+SLAKE_LAYOUT = """SLAKE (Liu et al. 2021, www.med-vqa.com/slake):
+  MANUAL_DIR/{train,validate,test}.json   lists of {"img_name" (e.g. xmlab1/source.jpg), "question", "answer",
+                                          "answer_type" (CLOSED | OPEN), "q_lang" (en | zh), "qid", ...}
+  MANUAL_DIR/imgs/                        the images, at the img_name paths
+  data.subset: en (default: the English questions, as published results use), zh, or all"""
+
 ROCO_BRIEF = ("expected MANUAL_DIR/data/{train,validation,test}/{radiology,non-radiology}/captions.txt "
               "(ID<TAB>caption), optional dlinks.txt, and images/ with ROCO_00027.jpg or PMC<id>_<name>.jpg "
               "(docs/data.md)")
 ROCOV2_BRIEF = ("expected MANUAL_DIR/{train,valid,test}_captions.csv (ID,Caption), optional {split}_concepts.csv "
                 "(ID,CUIs) and images ID.jpg in {split}_images.zip or {split}_images/ (docs/data.md)")
+VQARAD_BRIEF = ("expected MANUAL_DIR/'VQA_RAD Dataset Public.json' and the image folder MANUAL_DIR/"
+                "'VQA_RAD Image Folder/' with the synpic*.jpg images it names (osf.io/89kps; docs/data.md)")
+SLAKE_BRIEF = ("expected MANUAL_DIR/train.json, validate.json, test.json and MANUAL_DIR/imgs/ with the images "
+               "they name (e.g. imgs/xmlab1/source.jpg; www.med-vqa.com/slake; docs/data.md)")
 MEDMNIST_BRIEF = ("expected MANUAL_DIR/{flag}{_size}.npz with train_images, train_labels, val_images, val_labels, "
                   "test_images, test_labels, and data.subset=FLAG[_SIZE] (docs/data.md)")
 
@@ -409,11 +426,178 @@ def check_medmnist(manual_dir: str, subset: str):
     return subset
 
 
+# ----------------------------------------------------------------------------------------------- VQA
+VQARAD_JSON = "VQA_RAD Dataset Public.json"
+VQARAD_IMAGES = "VQA_RAD Image Folder"
+VQARAD_TEST = ("test_freeform", "test_para")
+SLAKE_SPLITS = {"train": "train", "validation": "validate", "test": "test"}
+
+
+def _json_list(path: str, brief: str, keys: tuple[str, ...]) -> list[dict]:
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path} is not readable JSON ({exc}); {brief}") from None
+    if not isinstance(rows, list) or any(not isinstance(r, dict) for r in rows):
+        raise UserError(f"{path} is not a list of question records; {brief}")
+    for r in rows:
+        missing = [k for k in keys if k not in r]
+        if missing:
+            raise UserError(f"{path}: a record lacks {', '.join(missing)} (it has {', '.join(sorted(r))}); {brief}")
+    return rows
+
+
+def _answer_type(value) -> str:
+    t = str(value or "").strip().lower()
+    return t if t in ("closed", "open") else ""
+
+
+def vqarad_split(row: dict) -> str:
+    """``test`` for VQA-RAD's test questions (phrase_type test_freeform / test_para), else ``validation`` for the
+    questions of one image in ten (a hash of its name, so an image's questions stay together), else ``train``."""
+    if str(row.get("phrase_type", "")).strip() in VQARAD_TEST:
+        return "test"
+    h = int(hashlib.sha256(str(row["image_name"]).strip().encode()).hexdigest()[:8], 16)
+    return "validation" if h % 10 == 0 else "train"
+
+
+def _index_images(folder: str) -> dict[str, str]:
+    """base name and path relative to ``folder`` -> file path, for every file under ``folder``."""
+    out: dict[str, str] = {}
+    for root, _, files in os.walk(folder):
+        for n in files:
+            full = os.path.join(root, n)
+            out.setdefault(n, full)
+            out.setdefault(os.path.relpath(full, folder).replace(os.sep, "/"), full)
+    return out
+
+
+class _VQABuilder(tfds.core.GeneratorBasedBuilder):
+    VERSION = VERSION
+    code_path = None
+
+    def _info(self):
+        return _info(self)
+
+    def _images(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def _emit(self, split: str, rows):
+        """Examples of ``rows`` (``(ident, image name, question, answer, answer type, meta)``), images converted
+        once per image."""
+        c = self.builder_config
+        images, cache = self._images(), {}
+        index = 0
+        for ident, name, question, answer, kind, meta in rows:
+            path = images.get(name) or images.get(os.path.basename(name))
+            if path is None:
+                self._skips.add(split, "missing_image", f"{ident} ({name})")
+                continue
+            if path not in cache:
+                try:
+                    with open(path, "rb") as f:
+                        cache[path] = to_grey(f.read(), c.image_size)
+                except (OSError, ValueError):
+                    cache[path] = None
+            if cache[path] is None:
+                self._skips.add(split, "corrupt_image", f"{ident} ({name})")
+                continue
+            yield ident, make_example(index, cache[path], meta=meta, ident=ident, question=question,
+                                      answer=answer, answer_type=kind)
+            index += 1
+        _record_skips(self, self._skips, split, index)
+
+
+class VqaRad(_VQABuilder):
+    """VQA-RAD: clinician-written questions about radiology images (MedPix), from a manual download."""
+
+    MANUAL_DOWNLOAD_INSTRUCTIONS = VQARAD_LAYOUT
+    BRIEF = VQARAD_BRIEF
+
+    def _images(self):
+        root = self.builder_config.manual_dir
+        folder = os.path.join(root, VQARAD_IMAGES)
+        return _index_images(folder if os.path.isdir(folder) else root)
+
+    def _split_generators(self, dl_manager):
+        self._skips = _Skips()
+        rows = _json_list(os.path.join(self.builder_config.manual_dir, VQARAD_JSON), VQARAD_BRIEF,
+                          ("image_name", "question", "answer", "answer_type"))
+        by = {"train": [], "validation": [], "test": []}
+        for r in rows:
+            by[vqarad_split(r)].append(r)
+        return {s: self._generate_examples(s, by[s]) for s in by if by[s]}
+
+    def _generate_examples(self, split, rows):
+        def records():
+            for k, r in enumerate(rows):
+                ident = f"vqarad-{r.get('qid', k)}"
+                meta = {key: r[key] for key in ("qid", "phrase_type", "question_type", "image_organ") if key in r}
+                yield (ident, str(r["image_name"]).strip(), " ".join(str(r["question"]).split()),
+                       " ".join(str(r["answer"]).split()), _answer_type(r["answer_type"]), meta)
+
+        yield from self._emit(split, records())
+
+
+def check_vqarad(manual_dir: str):
+    if not os.path.exists(os.path.join(manual_dir, VQARAD_JSON)):
+        raise UserError(f"no '{VQARAD_JSON}' in {manual_dir!r}; {VQARAD_BRIEF}")
+
+
+class Slake(_VQABuilder):
+    """SLAKE: bilingual questions about radiology images, from a manual download (``data.subset``: en | zh |
+    all; default en)."""
+
+    MANUAL_DOWNLOAD_INSTRUCTIONS = SLAKE_LAYOUT
+    BRIEF = SLAKE_BRIEF
+
+    def _images(self):
+        return _index_images(os.path.join(self.builder_config.manual_dir, "imgs"))
+
+    def _split_generators(self, dl_manager):
+        self._skips = _Skips()
+        return {s: self._generate_examples(s) for s, f in SLAKE_SPLITS.items()
+                if os.path.exists(os.path.join(self.builder_config.manual_dir, f"{f}.json"))}
+
+    def _generate_examples(self, split):
+        c = self.builder_config
+        lang = c.subset or "en"
+        rows = _json_list(os.path.join(c.manual_dir, f"{SLAKE_SPLITS[split]}.json"), SLAKE_BRIEF,
+                          ("img_name", "question", "answer", "answer_type"))
+
+        def records():
+            for k, r in enumerate(rows):
+                if lang != "all" and str(r.get("q_lang", "en")) != lang:
+                    continue
+                ident = f"slake-{r.get('qid', k)}"
+                meta = {key: r[key] for key in ("qid", "q_lang", "content_type", "modality", "location") if key in r}
+                yield (ident, str(r["img_name"]).strip(), " ".join(str(r["question"]).split()),
+                       " ".join(str(r["answer"]).split()), _answer_type(r["answer_type"]), meta)
+
+        yield from self._emit(split, records())
+
+
+def check_slake(manual_dir: str, subset: str) -> str:
+    missing = [f"{f}.json" for f in SLAKE_SPLITS.values() if not os.path.exists(os.path.join(manual_dir, f"{f}.json"))]
+    if "train.json" in missing or "test.json" in missing:
+        raise UserError(f"no {' or '.join(m for m in missing if m != 'validate.json')} in {manual_dir!r}; "
+                        f"{SLAKE_BRIEF}")
+    if not os.path.isdir(os.path.join(manual_dir, "imgs")):
+        raise UserError(f"no imgs/ folder in {manual_dir!r}; {SLAKE_BRIEF}")
+    if subset not in ("", "en", "zh", "all"):
+        raise UserError(f"data.subset {subset!r}: SLAKE takes en (default), zh or all")
+    return subset or "en"
+
+
 # ----------------------------------------------------------------------------------------------- factory
 def make_real_builder(name: str, dcfg, tfds_dir: str):
     manual_dir = dcfg.get("manual_dir", "")
     if not manual_dir or not os.path.isdir(manual_dir):
-        layout = {"roco": ROCO_BRIEF, "rocov2": ROCOV2_BRIEF, "medmnist": MEDMNIST_BRIEF}[name]
+        layout = {"roco": ROCO_BRIEF, "rocov2": ROCOV2_BRIEF, "medmnist": MEDMNIST_BRIEF, "vqa_rad": VQARAD_BRIEF,
+                  "slake": SLAKE_BRIEF}[name]
         raise UserError(f"data.manual_dir {manual_dir!r} is not a folder; download {name} there first; {layout}")
     manual_dir = os.path.abspath(manual_dir)
     size = int(dcfg.image_size)
@@ -425,6 +609,14 @@ def make_real_builder(name: str, dcfg, tfds_dir: str):
         check_rocov2(manual_dir)
         return Rocov2(config=RealConfig(manual_dir=manual_dir, image_size=size), data_dir=tfds_dir,
                       file_format="array_record")
+    if name == "vqa_rad":
+        check_vqarad(manual_dir)
+        return VqaRad(config=RealConfig(manual_dir=manual_dir, image_size=size), data_dir=tfds_dir,
+                      file_format="array_record")
+    if name == "slake":
+        subset = check_slake(manual_dir, dcfg.get("subset", ""))
+        return Slake(config=RealConfig(manual_dir=manual_dir, image_size=size, subset=subset), data_dir=tfds_dir,
+                     file_format="array_record")
     subset = check_medmnist(manual_dir, dcfg.get("subset", ""))
     return Medmnist(config=RealConfig(manual_dir=manual_dir, image_size=size, subset=subset), data_dir=tfds_dir,
                     file_format="array_record")

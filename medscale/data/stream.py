@@ -70,7 +70,8 @@ def scene_record(s, index: int) -> dict:
     equal the held-out splits' decoded ones)."""
     return {"image": s["image"], "mask": s["mask"], "caption": s["caption"],
             "boxes": [(b[0], *map(float, b[1:])) for b in s["boxes"]],
-            "facts": s["facts"], "id": f"synthetic-{index}", "index": int(index), "meta": {}}
+            "facts": s["facts"], "id": f"synthetic-{index}", "index": int(index), "meta": {},
+            "question": s["question"], "answer": s["answer"], "answer_type": s["answer_type"]}
 
 
 class Layout:

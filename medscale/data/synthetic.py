@@ -121,7 +121,8 @@ def _grid(S: int):
 
 class Scene(dict):
     """A rendered scene: ``image`` (uint8 HxW), ``mask`` (uint8 HxW), ``boxes`` [(cls, x0, y0, x1, y1)],
-    ``caption`` (str), ``facts`` (dict, see :func:`scene_facts`)."""
+    ``caption`` (str), ``facts`` (dict, see :func:`scene_facts`), one question about it with its ``answer`` and
+    ``answer_type`` (``closed`` | ``open``, :func:`scene_qa`)."""
 
 
 def render_scene(seed: int, index: int, size: int = 64) -> Scene:
@@ -223,7 +224,9 @@ def render_scene(seed: int, index: int, size: int = 64) -> Scene:
 
     facts = {"style": style, "region": region, "n_lesions": len(facts_lesions), "lesions": facts_lesions}
     caption = write_caption(facts, rng)
-    return Scene(image=image, mask=mask, boxes=boxes, caption=caption, facts=facts)
+    question, answer, answer_type = scene_qa(facts, seed, index)
+    return Scene(image=image, mask=mask, boxes=boxes, caption=caption, facts=facts, question=question,
+                 answer=answer, answer_type=answer_type)
 
 
 def write_caption(facts: dict, rng: np.random.Generator) -> str:
@@ -242,6 +245,79 @@ def write_caption(facts: dict, rng: np.random.Generator) -> str:
         phrase = f"{le['size']} {le['shape']} {inten} {le['mm']}mm, {le['location']} {le['organ']}"
         parts.append(phrase + ("." if i == n - 1 else ";"))
     return f"{head} {' '.join(parts)}"
+
+
+# ----------------------------------------------------------------------------------------------- VQA
+MODALITY_WORDS = {"xray": "x-ray", "ct": "ct", "mri": "mri"}  # open answers to "which imaging modality ..."
+
+
+def _organs_with_lesions(facts: dict) -> list[str]:
+    return sorted({le["organ"] for le in facts["lesions"]})
+
+
+def scene_qa(facts: dict, seed: int, index: int) -> tuple[str, str, str]:
+    """One question about a scene, its answer and its type, from the scene's true findings (deterministic in
+    ``(seed, index)``; its own random stream, so the image and caption are those of the scene without it).
+
+    Closed questions (``closed``, as VQA-RAD and SLAKE call yes/no and two-choice questions): a lesion in an
+    organ; a lesion in the upper or lower part of an organ (``is there a lesion in the lower left lung?``); the
+    imaging modality; a normal study; more than one lesion; a lesion's intensity as a choice of two words. Open
+    questions (``open``): the modality, the body region, the number of lesions, the organ holding the lesions
+    (only when they all lie in one organ) and the size of the lesion in an organ (only when it holds one).
+    Every answer is determined by the facts; yes and no are drawn about equally often."""
+    rng = np.random.default_rng([int(seed), int(index), 0x5141])
+    style, region, lesions = facts["style"], facts["region"], facts["lesions"]
+    organs = [o[0] for o in ORGANS[region]]
+    hit = _organs_with_lesions(facts)
+
+    def pick(seq):
+        return seq[int(rng.integers(len(seq)))]
+
+    def yes(b: bool) -> str:
+        return "yes" if b else "no"
+
+    if rng.random() < 0.5:  # closed
+        kind = pick(("organ", "part", "modality", "normal", "several", "intensity") if lesions
+                    else ("organ", "part", "modality", "normal", "several"))
+        if kind == "organ":
+            organ = pick(hit) if hit and rng.random() < 0.5 else pick(organs)
+            return f"is there a lesion in the {organ}?", yes(organ in hit), "closed"
+        if kind == "part":
+            organ = pick(hit) if hit and rng.random() < 0.5 else pick(organs)
+            part = pick(("upper", "lower"))
+            found = any(le["organ"] == organ and le["location"].endswith(part) for le in lesions)
+            return f"is there a lesion in the {part} {organ}?", yes(found), "closed"
+        if kind == "modality":
+            asked = style if rng.random() < 0.5 else pick(STYLES)
+            word = STYLE_WORDS[asked]
+            return f"is this {'an' if word[0] in 'aeiou' else 'a'} {word}?", yes(asked == style), "closed"
+        if kind == "normal":
+            return "is this study normal?", yes(not lesions), "closed"
+        if kind == "several":
+            return "is there more than one lesion?", yes(len(lesions) > 1), "closed"
+        le = pick(lesions)  # intensity: a choice of the style's two words
+        bright, dark = INTENSITY_WORDS[style]
+        words = (bright, dark) if rng.random() < 0.5 else (dark, bright)
+        return (f"is the lesion in the {le['organ']} {words[0]} or {words[1]}?",
+                bright if le["intensity"] == "bright" else dark, "closed")
+    kinds = ["modality", "region", "count"]
+    if len(hit) == 1:
+        kinds.append("which_organ")
+    single = [o for o in hit if sum(le["organ"] == o for le in lesions) == 1]
+    if single:
+        kinds.append("size")
+    kind = pick(kinds)
+    if kind == "modality":
+        return "which imaging modality is this?", MODALITY_WORDS[style], "open"
+    if kind == "region":
+        return "which body region is shown?", region, "open"
+    if kind == "count":
+        return "how many lesions are there?", COUNT_WORDS[len(lesions)] if lesions else "zero", "open"
+    if kind == "which_organ":
+        return "which organ has a lesion?", hit[0], "open"
+    organ = pick(single)
+    size = next(le["size"] for le in lesions if le["organ"] == organ)
+    return f"what size is the lesion in the {organ}?", size, "open"
 
 
 _STYLE_OF = {w: s for s, ws in STYLE_SYNONYMS.items() for w in ws}

@@ -72,8 +72,10 @@ class TextTokenizer:
             raise UserError(f"text tokenizer has {self.trained_size} pieces > data.text_vocab {self.vocab_size}")
         self.sentinel_ids = np.arange(4, 4 + self.num_sentinels, dtype=np.int32)
         self.coord_base = 4 + self.num_sentinels
-        for name, want in (("<pad>", PAD), ("<unk>", UNK), ("<s>", START), ("</s>", EOS),
-                           ("<S0>", 4), ("v0=0", self.coord_base)):
+        checks = [("<pad>", PAD), ("<unk>", UNK), ("<s>", START), ("</s>", EOS)]
+        checks += [("<S0>", 4)] if self.num_sentinels else []
+        checks += [("v0=0", self.coord_base)] if self.box_bins else []
+        for name, want in checks:
             got = self.sp.piece_to_id(name)
             if got != want:
                 raise ValueError(f"text tokenizer: piece {name!r} has id {got}, expected {want}")
@@ -226,6 +228,27 @@ def train_text_tokenizer(texts, vocab_size: int, num_sentinels: int = 16, box_bi
         split_by_whitespace=True, max_sentencepiece_length=16, input_sentence_size=200_000,
         shuffle_input_sentence=True, seed_sentencepiece_size=200_000, num_threads=1, minloglevel=2)
     return TextTokenizer(model.getvalue(), vocab_size, num_sentinels, box_bins)
+
+
+class QATokenizer(TextTokenizer):
+    """Question and answer text (the ``qa`` tokenizer, size ``data.qa_vocab``): sentencepiece like the text
+    tokenizer but without sentinels or box coordinates (a question is only an input and an answer only a
+    target, so neither is ever span-masked): ids 0-3 special, then pieces."""
+
+    @classmethod
+    def artifact(cls, dcfg, vocab_size: int) -> str:
+        return f"qa_v{vocab_size}_n{_limit(dcfg)}.npz"
+
+    @classmethod
+    def train(cls, values: dict, dcfg, vocab_size: int) -> QATokenizer | None:
+        """Sentencepiece on every question and answer; ``None`` when the data has none (no VQA in it)."""
+        texts = [v for vals in values.values() for v in vals if isinstance(v, str) and v.strip()]
+        if not texts:
+            return None
+        if vocab_size < 36:
+            raise UserError(f"data.qa_vocab {vocab_size} is too small; use at least 36")
+        tok = train_text_tokenizer(texts, vocab_size, 0, 0, seed=0)
+        return cls(tok.model_bytes, vocab_size, 0, 0)
 
 
 # ----------------------------------------------------------------------------------------------- k-means

@@ -26,6 +26,13 @@ def generate(workdir: str, *, checkpoint=None, image_path=None, example=None, in
     for i in inputs:
         if i not in known:
             raise UserError(f"--inputs: the run has no modality {i!r}; it has {', '.join(known)}")
+    for t in targets:
+        if t in modalities.names() and modalities.get(t).role == "input":
+            raise UserError(f"--targets: {t} is only ever an input (the model never learns to produce it); "
+                            "give it in --inputs")
+    for i in inputs:
+        if i in modalities.names() and modalities.get(i).role == "target":
+            raise UserError(f"--inputs: {i} is only ever a target; give it in --targets")
     both = sorted(set(targets) & set(inputs))
     if both:
         raise UserError(f"--targets and --inputs both name {both[0]!r}; a modality is either given or decoded")

@@ -1,14 +1,18 @@
 """Task metrics of a model on held-out examples, and of a finished run (stored in its ``summary.json``).
 
 ``task_metrics(decoder, tokenizers, examples, image_size)`` decodes every modality whose registry entry
-(``medscale.modalities``) names ``metrics`` -- caption, boxes and segmentation -- from the image alone (greedy;
+(``medscale.modalities``) names ``metrics`` -- caption, boxes and segmentation from the image alone, the answer
+from the image and its question -- (greedy;
 one parallel pass for the mask unless ``refine_steps`` > 1) in fixed-size batches (the last one padded by
 repeating examples, so nothing recompiles) and scores them with its ``metrics`` function (here
 :func:`caption_metrics`, :func:`boxes_metrics`, :func:`segmentation_metrics`, on
 :mod:`medscale.generate.metrics`). The result is a flat
 dict of scalars (``None`` where undefined), keys named ``<target>/<metric>``:
 
-- ``caption/bleu4`` (corpus BLEU-4, unsmoothed), ``caption/bleu4_add1`` (add-one smoothed);
+- ``caption/bleu4`` (corpus BLEU-4, unsmoothed), ``caption/bleu4_add1`` (add-one smoothed),
+  ``caption/rouge_l`` (mean sentence ROUGE-L, beta 1.2);
+- ``answer/closed_acc``, ``answer/open_acc``, ``answer/overall_acc`` (VQA-RAD / SLAKE convention: exact match
+  after answer normalisation, :func:`medscale.generate.metrics.vqa_accuracy`; on examples with a question);
 - ``caption/style_acc``, ``caption/region_acc``, ``caption/count_acc``, ``caption/location_f1``,
   ``caption/location_size_f1``, ``caption/all_correct`` (finding accuracy; only when examples carry ``facts``);
 - ``boxes/mean_iou`` (Hungarian-matched IoU per ground-truth box), ``boxes/ap50`` (class-aware AP@0.5, ranked by
@@ -37,7 +41,7 @@ from medscale.data.synthetic import parse_caption
 from medscale.errors import UserError
 from medscale.generate import metrics as M
 from medscale.generate.predict import DecodeOptions, predict
-from medscale.generate.run import heldout_examples, load_run
+from medscale.generate.run import HELDOUT_SPLIT, heldout_examples, load_run
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +61,25 @@ def caption_metrics(preds: list[dict], examples: list[dict]) -> dict:
         ref = [examples[i]["caption"] for i in idx]
         res["caption/bleu4"] = M.corpus_bleu(hyp, ref)["bleu"]
         res["caption/bleu4_add1"] = M.corpus_bleu(hyp, ref, smooth="add1")["bleu"]
+        res["caption/rouge_l"] = M.corpus_rouge_l(hyp, ref)
     idx = [i for i, e in enumerate(examples) if e.get("facts")]
     if idx:
         found = M.finding_scores([parse_caption(preds[i]["caption"]) for i in idx],
                                  [examples[i]["facts"] for i in idx])
         res.update({f"caption/{k}": v for k, v in found.items() if k != "n"})
     return res
+
+
+def answer_metrics(preds: list[dict], examples: list[dict]) -> dict:
+    """Closed, open and overall answer accuracy (exact match after normalisation) on examples with a question
+    and an answer."""
+    idx = [i for i, e in enumerate(examples) if e.get("question") and e.get("answer")]
+    if not idx:
+        return {}
+    acc = M.vqa_accuracy([preds[i].get("answer") or "" for i in idx], [examples[i]["answer"] for i in idx],
+                         [examples[i].get("answer_type") or "" for i in idx])
+    return {"answer/closed_acc": acc["closed"], "answer/open_acc": acc["open"],
+            "answer/overall_acc": acc["overall"]}
 
 
 def _known(examples: list[dict]) -> list[int]:
@@ -92,30 +109,63 @@ def segmentation_metrics(preds: list[dict], examples: list[dict]) -> dict:
             **{f"segmentation/iou_{k}": v for k, v in seg["per_class"].items()}}
 
 
-SOURCE = "image"  # task metrics decode every scored modality from the image alone
+SOURCE = "image"  # every scored modality is decoded from the image, with its entry's further task inputs
+
+
+def _scored(names: list[str]) -> list[tuple[str, tuple, object]]:
+    """(target, its task inputs, metrics function) of every scored modality of a model's ``names``."""
+    out = []
+    for n in names:
+        if n == SOURCE or n not in modalities.names() or modalities.get(n).metrics is None:
+            continue
+        entry = modalities.get(n)
+        inputs = tuple(entry.task_inputs)
+        if all(i in names for i in inputs):
+            out.append((n, inputs, modalities.resolve(entry.metrics)))
+    return out
 
 
 def task_metrics(decoder, tokenizers: dict, examples: list[dict], image_size: int, *, batch_size: int = 16,
                  options: DecodeOptions | None = None, progress=None) -> dict:
     """Metrics (module docstring) of ``decoder`` on ``examples`` (raw example dicts): every modality of the
-    model whose registry entry has ``metrics`` is decoded from the image and scored by them."""
+    model whose registry entry has ``metrics`` is decoded from its ``task_inputs`` (the image, and the question
+    for the answer) and scored by them. Targets with the same inputs are decoded together, on the examples
+    that hold their inputs and their ground truth (a target no example holds, or whose tokenizer the data could
+    not train, is not decoded)."""
     options = options or DecodeOptions()
     if not examples:
         raise UserError("no examples to evaluate; ask for at least one")
     names = [m.name for m in decoder.spec.modalities]
     if SOURCE not in names:
         raise UserError("task metrics decode from the image; this run's model has no image modality")
-    scored = [(n, modalities.resolve(modalities.get(n).metrics)) for n in names
-              if n != SOURCE and n in modalities.names() and modalities.get(n).metrics is not None]
-    targets = [n for n, _ in scored]
-    preds = []
-    for chunk, real in _batches(examples, min(batch_size, len(examples))):
-        out = predict(decoder, tokenizers, {SOURCE: [e[SOURCE] for e in chunk]}, targets, image_size, options)
-        preds.extend(out[:real])
-        if progress is not None:
-            progress(real)
+    scored = _scored(names)
+    groups: dict[tuple, list[str]] = {}
+    for n, inputs, _ in scored:
+        groups.setdefault(inputs, []).append(n)
+    preds = [{} for _ in examples]
+    counted = False  # the progress bar counts the examples of the first group decoded
+    for inputs, group in groups.items():
+        extra = [i for i in inputs if i != SOURCE]
+        # a target is decoded where it can be scored: its inputs and its ground truth present, its tokenizer
+        # trained (real data has no masks, so no boxes and no segmentation tokenizer; VQA data no captions)
+        has = {t: [k for k, e in enumerate(examples) if all(e.get(i) for i in extra)
+                   and modalities.get(t).value(e) is not None]
+               for t in group if modalities.get(t).tokenizer_name in tokenizers}
+        targets = [t for t in group if has.get(t)]
+        which = sorted(set().union(*(has[t] for t in targets)))
+        if not which:
+            continue
+        for chunk, real in _batches(which, min(batch_size, len(which))):
+            raw = {i: [examples[k][i] for k in chunk] for i in inputs}
+            out = predict(decoder, tokenizers, raw, targets, image_size, options)
+            for k, p in zip(chunk[:real], out[:real]):
+                tokens = {**preds[k].get("tokens", {}), **p.pop("tokens", {})}
+                preds[k].update(p, tokens=tokens)
+            if progress is not None and not counted:
+                progress(real)
+        counted = True
     res: dict = {}
-    for _, metrics in scored:
+    for _, _, metrics in scored:
         res.update(metrics(preds, examples))
     return res
 
@@ -138,18 +188,19 @@ def write_task_metrics(workdir: str, metrics: dict, meta: dict | None = None) ->
 
 
 def evaluate_run(workdir: str, num_examples: int = 64, *, checkpoint: int | None = None, write: bool = True,
-                 batch_size: int = 16, progress: bool = False, data=None, refine_steps: int = 1) -> dict:
+                 batch_size: int = 16, progress: bool = False, data=None, refine_steps: int = 1,
+                 split: str = HELDOUT_SPLIT) -> dict:
     """Task metrics of run ``workdir`` on ``num_examples`` held-out examples; stored in its summary.json
     under ``task_metrics`` when ``write`` (see the module docstring). Returns the metrics. ``data``: the
     run's ``medscale.data.pipeline.Data`` when the caller (the training loop) already has it."""
     return evaluate_run_with_meta(workdir, num_examples, checkpoint=checkpoint, write=write,
                                   batch_size=batch_size, progress=progress, data=data,
-                                  refine_steps=refine_steps)[0]
+                                  refine_steps=refine_steps, split=split)[0]
 
 
 def evaluate_run_with_meta(workdir: str, num_examples: int = 64, *, checkpoint: int | None = None,
                            write: bool = True, batch_size: int = 16, progress: bool = False,
-                           data=None, refine_steps: int = 1) -> tuple[dict, dict]:
+                           data=None, refine_steps: int = 1, split: str = HELDOUT_SPLIT) -> tuple[dict, dict]:
     """:func:`evaluate_run`, also returning what was evaluated (``task_eval``)."""
     if num_examples < 1:
         raise UserError(f"--num must be at least 1, got {num_examples}")
@@ -159,7 +210,10 @@ def evaluate_run_with_meta(workdir: str, num_examples: int = 64, *, checkpoint: 
         raise UserError(f"{workdir} has no summary.json: the run has not finished; evaluate it when it has "
                         "(or pass --no-write)")
     run = load_run(workdir, checkpoint, data=data)
-    examples = heldout_examples(run, num_examples)
+    if split not in run.data.splits:
+        raise UserError(f"--split {split!r}: the run's dataset {run.data.key} has splits "
+                        f"{', '.join(run.data.splits)}")
+    examples = heldout_examples(run, num_examples, split)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -173,8 +227,11 @@ def evaluate_run_with_meta(workdir: str, num_examples: int = 64, *, checkpoint: 
         if bar is not None:
             bar.close()
     known = [e for e in examples if e.get("mask") is not None]
-    meta = {"num_examples": len(examples), "checkpoint_step": run.step, "split": run.split,
+    qa = [e for e in examples if e.get("question") and e.get("answer")]
+    meta = {"num_examples": len(examples), "checkpoint_step": run.step, "split": split,
             "boxes_true_per_image": float(np.mean([len(e.get("boxes") or ()) for e in known])) if known else None,
+            "questions": {"closed": sum(str(e.get("answer_type")).lower() == "closed" for e in qa),
+                          "open": sum(str(e.get("answer_type")).lower() == "open" for e in qa)} if qa else None,
             "decoding": "greedy (boxes: grouped greedy), segmentation "
                         + ("one parallel pass" if refine_steps == 1 else f"{refine_steps} MaskGIT passes")}
     if write:

@@ -23,6 +23,23 @@ Captions
   Multisets rather than reading order, so a model listing the right lesions in another order is not
   penalised. F1 of two empty multisets is 1. Reported as means over examples.
 
+- ``rouge_l``: ROUGE-L (Lin, 2004, "ROUGE: A Package for Automatic Evaluation of Summaries", ACL workshop),
+  sentence level then averaged over the corpus, as the COCO caption evaluation (and the ROCO / ImageCLEF
+  caption tasks after it) reports it: with ``LCS`` the longest common subsequence of hypothesis and
+  reference tokens (tokenised as for BLEU), ``P = LCS / len(hyp)``, ``R = LCS / len(ref)`` and
+  ``F = (1 + beta^2) P R / (R + beta^2 P)`` with ``beta = 1.2``; with several references, the largest P and the
+  largest R over them. An empty hypothesis or reference scores 0.
+
+Visual question answering (VQA-RAD and SLAKE convention: exact match after normalisation, accuracy reported
+separately on closed and open questions)
+- ``normalize_answer``: lower case; punctuation removed (a full stop between digits kept); the number words
+  zero .. ten written as digits; the articles a, an, the dropped; whitespace collapsed (the answer
+  normalisation of the VQA evaluation, Antol et al. 2015, which the VQA-RAD and SLAKE pipelines apply to their
+  answer vocabularies).
+- ``vqa_accuracy``: the share of questions whose normalised predicted answer equals the normalised reference,
+  on closed questions (``closed``: yes/no and choice questions), open questions and all; None for a type
+  without questions.
+
 Boxes (pixel coordinates ``(x0, y0, x1, y1)``, x1 > x0, y1 > y0; area = (x1-x0)(y1-y0), no "+1")
 - ``box_matched_iou``: per image, ground-truth and predicted boxes are matched one-to-one by the Hungarian
   algorithm (``scipy.optimize.linear_sum_assignment``) maximising the summed IoU, where a pair of different
@@ -110,6 +127,73 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str | Sequence[s
         bleu = bp * math.exp(float(np.mean(np.log(precisions))))
     return {"bleu": bleu, "precisions": precisions.tolist(), "brevity_penalty": bp,
             "hyp_len": hyp_len, "ref_len": ref_len}
+
+
+def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence (dynamic programme, one row at a time)."""
+    if not a or not b:
+        return 0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(hypothesis: str, references: str | Sequence[str], beta: float = 1.2) -> float:
+    """Sentence-level ROUGE-L F-measure (module docstring)."""
+    refs = [references] if isinstance(references, str) else list(references)
+    h = tokenize(hypothesis)
+    ps, rs = [], []
+    for r in refs:
+        t = tokenize(r)
+        n = _lcs(h, t)
+        ps.append(n / len(h) if h else 0.0)
+        rs.append(n / len(t) if t else 0.0)
+    p, r = max(ps, default=0.0), max(rs, default=0.0)
+    if p == 0.0 or r == 0.0:
+        return 0.0
+    return (1 + beta ** 2) * p * r / (r + beta ** 2 * p)
+
+
+def corpus_rouge_l(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]], beta: float = 1.2) -> float:
+    """Mean sentence-level ROUGE-L over a corpus (0 for an empty one)."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    scores = [rouge_l(h, r, beta) for h, r in zip(hypotheses, references)]
+    return float(np.mean(scores)) if scores else 0.0
+
+
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"))}
+_ARTICLES = {"a", "an", "the"}
+_PUNCT_RE = re.compile(r"(?<!\d)\.(?!\d)|[^\w\s.]")
+
+
+def normalize_answer(text: str) -> str:
+    """An answer in the form exact-match accuracy compares (module docstring)."""
+    t = _PUNCT_RE.sub(" ", str(text).lower().replace("_", " "))
+    words = [_NUMBER_WORDS.get(w, w) for w in t.split()]
+    return " ".join(w for w in words if w not in _ARTICLES)
+
+
+def vqa_accuracy(predicted: Sequence[str], truth: Sequence[str], answer_types: Sequence[str]) -> dict:
+    """Exact-match accuracy after :func:`normalize_answer`: ``{"closed", "open", "overall"}`` (None where a type
+    has no question) and the counts ``n_closed``, ``n_open``. ``answer_types``: ``closed`` / ``open`` per
+    question (case-insensitive; anything else counts towards overall only)."""
+    if not len(predicted) == len(truth) == len(answer_types):
+        raise ValueError(f"{len(predicted)} predictions, {len(truth)} answers, {len(answer_types)} types")
+    hits = {"closed": [], "open": [], "overall": []}
+    for p, t, k in zip(predicted, truth, answer_types):
+        ok = float(normalize_answer(p) == normalize_answer(t))
+        hits["overall"].append(ok)
+        k = str(k).lower()
+        if k in hits:
+            hits[k].append(ok)
+    out = {k: (float(np.mean(v)) if v else None) for k, v in hits.items()}
+    return out | {"n_closed": len(hits["closed"]), "n_open": len(hits["open"])}
 
 
 def _multiset_f1(pred: Iterable, true: Iterable) -> float:

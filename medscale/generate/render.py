@@ -173,6 +173,22 @@ class CaptionRenderer(Renderer):
         return [f"truth caption: {truth['caption']}"] if "caption" in truth else []
 
 
+class TextRenderer(Renderer):
+    """A text modality shown as it is (question, answer): ``name: text``."""
+
+    def outputs(self, name, pred, out_dir, stem):
+        return {name: pred[name]} if pred.get(name) is not None else {}
+
+    def truth(self, name, example):
+        return {name: example[name]} if example.get(name) else {}
+
+    def lines(self, name, out):
+        return [f"{name}: {out[name]}"] if name in out else []
+
+    def truth_lines(self, name, truth):
+        return [f"truth {name}: {truth[name]}"] if name in truth else []
+
+
 class BoxesRenderer(Renderer):
     def outputs(self, name, pred, out_dir, stem):
         if "boxes" not in pred:
