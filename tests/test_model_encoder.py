@@ -31,14 +31,14 @@ def _n_params(spec):
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-@pytest.mark.parametrize("split", [(), (32, 16, 0, 16)])
+@pytest.mark.parametrize("split", [(), (32, 16, 0, 16, 0, 0)])
 def test_parameters_equal_the_accounting(split):
     uni = ModelSpec(**SHAPE)
     per = ModelSpec(**SHAPE, encoder="per_modality", enc_split=split)
     assert _n_params(per) == accounting.param_counts(per)["total"]
     assert sum(c * int(np.prod(s)) for _, s, _, c in memory.weights(per)) == accounting.param_counts(per)["total"]
     stacks = sum(1 for s in per.encoder_split if s > 0)
-    assert stacks == (3 if split else 4)
+    assert stacks == (3 if split else 5)  # the answer (target-only) has no stack
     d, f = SHAPE["d_model"], SHAPE["d_ff"]
     one_stack = SHAPE["enc_layers"] * (4 * d * d + 2 * d * f + 4 * d) + 2 * d
     assert accounting.param_counts(per)["non_embedding"] - accounting.param_counts(uni)["non_embedding"] == \
@@ -46,7 +46,7 @@ def test_parameters_equal_the_accounting(split):
 
 
 def test_flops_follow_each_stacks_tokens():
-    uni = ModelSpec(**SHAPE, enc_split=(32, 16, 0, 16))
+    uni = ModelSpec(**SHAPE, enc_split=(32, 16, 0, 16, 0, 0))
     per = uni.replace(encoder="per_modality")
     b = 4
     fu, fp = accounting.step_flops(uni, b), accounting.step_flops(per, b)
@@ -68,11 +68,11 @@ def test_default_split_and_bad_settings():
     with pytest.raises(UserError, match="model.encoder must be one of"):
         ModelSpec(**SHAPE, encoder="separate")
     with pytest.raises(UserError, match="sum to data.enc_len 64"):
-        ModelSpec(**SHAPE, enc_split=(32, 16, 0, 8))
+        ModelSpec(**SHAPE, enc_split=(32, 16, 0, 8, 0, 0))
     with pytest.raises(UserError, match="one encoder token budget per modality"):
         ModelSpec(**SHAPE, enc_split=(32, 32))
     with pytest.raises(UserError, match="more than the"):
-        ModelSpec(**SHAPE, enc_split=(0, 0, 40, 24))  # boxes hold 32 tokens
+        ModelSpec(**SHAPE, enc_split=(0, 0, 40, 24, 0, 0))  # boxes hold 32 tokens
 
 
 def test_cli_errors_are_one_line(cli):
@@ -107,7 +107,7 @@ def _batch(spec, rng, b=2):
 
 
 def test_each_stack_sees_only_its_modality():
-    spec = ModelSpec(**SHAPE, encoder="per_modality", enc_split=(32, 16, 0, 16))
+    spec = ModelSpec(**SHAPE, encoder="per_modality", enc_split=(32, 16, 0, 16, 0, 0))
     model = EncoderDecoder(spec, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
     batch = _batch(spec, rng)
@@ -139,7 +139,7 @@ def test_each_stack_sees_only_its_modality():
 
 
 def test_unified_encoder_mixes_modalities():
-    spec = ModelSpec(**SHAPE, enc_split=(32, 16, 0, 16))
+    spec = ModelSpec(**SHAPE, enc_split=(32, 16, 0, 16, 0, 0))
     model = EncoderDecoder(spec, rngs=nnx.Rngs(0))
     batch = _batch(spec, np.random.default_rng(0))
     enc, _ = model.encode({k: jnp.asarray(v) for k, v in batch.items()})

@@ -14,7 +14,7 @@ from medscale.train.step import xla_step_flops
       "modalities": default_modalities(text_vocab=8192)}, 4, "none"),
     ({"d_model": 128, "enc_layers": 1, "dec_layers": 1, "num_heads": 2, "d_ff": 512}, 8, "full"),
     ({"d_model": 128, "enc_layers": 1, "dec_layers": 1, "num_heads": 2, "d_ff": 512, "encoder": "per_modality",
-      "enc_split": (64, 32, 0, 32)}, 8, "none"),
+      "enc_split": (64, 32, 0, 32, 0, 0)}, 8, "none"),
     pytest.param({"d_model": 128, "enc_layers": 2, "dec_layers": 1, "num_heads": 2, "d_ff": 512,
                   "encoder": "per_modality"}, 8, "full", marks=pytest.mark.slow),
 ])
