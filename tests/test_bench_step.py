@@ -11,7 +11,7 @@ from medscale.bench.step import bench_spec
 
 def test_bench_step_json_line_is_consistent(cli):
     shape = ["--d-model", 32, "--enc-layers", 1, "--dec-layers", 1, "--heads", 2, "--d-ff", 64,
-             "--vocab", "32,32,32,32", "--enc-len", 16, "--dec-len", 8, "--batch", 4]
+             "--vocab", "32,32,32,32,32,32", "--enc-len", 16, "--dec-len", 8, "--batch", 4]
     proc = cli("bench", "step", *shape, "--steps", 2, "--json")
     assert proc.returncode == 0, proc.stderr
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
@@ -19,7 +19,7 @@ def test_bench_step_json_line_is_consistent(cli):
     out = json.loads(lines[0])
     assert len(out["step_s_all"]) == 2 and out["step_s"] > 0 and out["compile_s"] > 0
     assert abs(out["tokens_per_s"] - 4 * (16 + 8) / out["step_s"]) < 1e-6 * out["tokens_per_s"]
-    flops = accounting.step_flops(bench_spec(32, 1, 1, 2, 64, "32,32,32,32", 16, 8), 4)
+    flops = accounting.step_flops(bench_spec(32, 1, 1, 2, 64, "32,32,32,32,32,32", 16, 8), 4)
     assert out["model_flops_per_step"] == float(flops["model_flops"])
     assert out["model_tflops_per_s"] * 1e12 * out["step_s"] == pytest.approx(out["model_flops_per_step"])
     assert out["mfu"] == pytest.approx(out["model_tflops_per_s"] / out["peak_tflops_per_s"])

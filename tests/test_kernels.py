@@ -177,7 +177,7 @@ def test_cpu_nll_equals_plain(variant):
 @pytest.mark.parametrize("variant", sorted(CPU_VARIANTS))
 def test_cpu_model_loss_and_grads_equal_plain(variant):
     """The whole model (encoder, decoder, head) with the CPU hooks against the plain model, same parameters."""
-    spec = bench_spec(32, 1, 2, 2, 64, "32,32,32,32", 24, 12)
+    spec = bench_spec(32, 1, 2, 2, 64, "32,32,32,32,32,32", 24, 12)
     graphdef, params = S.init_params(spec, 0)
     cpu_graphdef, _ = S.init_params(spec, 0, ops=CPU_VARIANTS[variant])
     batch = {k: jnp.asarray(v) for k, v in random_batch(spec, 3, 1).items()}
@@ -221,7 +221,7 @@ def test_kernel_equals_xla_dense(lq, lk, same_segment):
 
 @pytest.mark.skipif(not CAN_BUILD, reason="the CPU kernel cannot be built here")
 def test_training_step_calls_the_kernel_and_flop_count_does_not():
-    spec = bench_spec(32, 1, 1, 2, 64, "32,32,32,32", 16, 8)
+    spec = bench_spec(32, 1, 1, 2, 64, "32,32,32,32,32,32", 16, 8)
     prog = S.build(spec, S.OptConfig())
     state, batch = prog.init(0), prog.put_batch(random_batch(spec, 2, 0))
     with_kernel = prog.step.lower(state, batch).compile().as_text()

@@ -143,7 +143,7 @@ c.center_seeds = [1, 2]
 c.eval_fraction = 0.05
 c.evals_per_run = None
 c.eval_batch_size = 32
-c.task_eval_fraction = 0.01
+c.task_eval_fraction = 0.005
 c.set = ["train.task_eval_examples=16", "train.eval_batches=4"]
 """
     runs = design.expand(design.load_definition(write_sweep(tmp_path, body)))
@@ -163,8 +163,8 @@ c.set = ["train.task_eval_examples=16", "train.eval_batches=4"]
             # most 5% of the run (up to the rounding of eval_every to whole steps)
             evals = r.steps // cfg.train.eval_every
             assert evals >= 1 and (evals == 1 or evals * 4 * 32 / 3 <= 0.05 * r.steps * batch * 1.1)
-            # task metrics on 16 examples only where 16 <= 1% of the run's examples
-            assert cfg.train.task_eval_examples == (16 if 16 <= 0.01 * r.steps * batch else 0)
+            # task metrics on 16 examples only where 16 <= 0.5% of the run's examples
+            assert cfg.train.task_eval_examples == (16 if 16 <= 0.005 * r.steps * batch else 0)
     assert {r.batch_size for r in runs} == {8, 32}
     assert any(load_config("tiny", r.overrides).train.task_eval_examples == 16 for r in runs)
     assert any(load_config("tiny", r.overrides).train.task_eval_examples == 0 for r in runs)

@@ -44,7 +44,7 @@ def check_torch(python: str) -> str:
     return out["v"]
 
 
-def compare(python: str, *, d_model=256, enc_layers=4, dec_layers=4, heads=4, d_ff=1024, vocab="2048,2048,2048,2048",
+def compare(python: str, *, d_model=256, enc_layers=4, dec_layers=4, heads=4, d_ff=1024, vocab="2048,2048,2048,2048,256,256",
             enc_len=256, dec_len=64, batch=16, steps=5, rounds=3, progress=None, timeout=1800.0) -> dict:
     """Run ``rounds`` alternating pairs; return per-round times, medians and the speedup of medscale."""
 

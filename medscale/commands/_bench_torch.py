@@ -17,7 +17,7 @@ def register(sub, argv=()):
     p.add_argument("--python", required=True, help="a Python interpreter that has torch installed")
     p.add_argument("--rounds", type=int, default=3, help="pairs of runs (default 3)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per run (after warm-up)")
-    add_shape_args(p, vocab="2048,2048,2048,2048")
+    add_shape_args(p, vocab="2048,2048,2048,2048,256,256")
     p.add_argument("--json", action="store_true", help="one JSON line on stdout")
     p.set_defaults(func=run)
 
