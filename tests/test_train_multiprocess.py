@@ -1,7 +1,8 @@
 """One run trained by two processes (``jax.distributed``, JAX's CPU collectives) x 4 simulated CPU devices each
 equals the same run trained by one process on 8 simulated devices: same metrics rows, same summary (wall-clock
 fields aside). Process 1 SIGKILLed mid-run (a node dying) takes process 0 down with it, and a relaunch of both
-resumes from the last checkpoint and ends bit-exactly as the uninterrupted two-process run (slow tier).
+resumes from the last checkpoint and ends bit-exactly as the uninterrupted two-process run (both in the fast
+tier, which CI runs).
 
 Real ``medscale train`` processes on a tiny model (d_model 16, one layer each side, 8 steps of batch 8,
 checkpoints and evaluations every 4 steps) on the synthetic stream."""
@@ -134,7 +135,6 @@ def test_two_processes_train_the_run_one_process_trains(runs):
     assert positions[0] == positions[1] and positions[0]["shard_count"] == 1 and positions[0]["batch_size"] == 8
 
 
-@pytest.mark.slow
 def test_a_process_killed_mid_run_and_both_relaunched_resume_bit_exactly(tmp_path, runs):
     workdir = tmp_path / "run"
     procs = _launch_pair(workdir, MEDSCALE_TEST_KILL_AT="step:6", MEDSCALE_TEST_KILL_PROCESS="1",
