@@ -43,6 +43,7 @@ import numpy as np
 
 from medscale import rundir
 from medscale.analysis.allocation import N_SEARCH_MIN, ladder_family, n_opt_encdec
+from medscale.analysis.approach3 import _huber
 from medscale.analysis.plots import save_figure
 from medscale.errors import UserError
 from medscale.sweep.registry import load_sweep
@@ -158,24 +159,14 @@ class Layout:
 
 
 def _objective(theta, lay, g, lN, lD, lL, w):
-    p = lay.expand(theta)[g]  # (P, 5)
-    t1 = p[:, 0] - p[:, 3] * lN
-    t2 = p[:, 1] - p[:, 4] * lD
-    t3 = p[:, 2]
-    m = np.maximum(np.maximum(t1, t2), t3)
-    e1, e2, e3 = np.exp(t1 - m), np.exp(t2 - m), np.exp(t3 - m)
-    s = e1 + e2 + e3
-    r = m + np.log(s) - lL
-    ar = np.abs(r)
-    h = np.where(ar <= DELTA, 0.5 * r * r, DELTA * (ar - 0.5 * DELTA))
+    r, w1, w2, w3 = _residuals(theta, lay, g, lN, lD, lL)
     v = w * np.clip(r, -DELTA, DELTA)
-    w1, w2, w3 = e1 / s, e2 / s, e3 / s
     G = np.stack([v * w1, v * w2, v * w3, -v * w1 * lN, -v * w2 * lD], 1)  # (P, 5)
     S = np.zeros((lay.k, 5))
     np.add.at(S, g, G)
     grad = np.zeros(lay.size)
     np.add.at(grad, lay.index, S)
-    return float((w * h).sum()), grad
+    return float((w * _huber(r, DELTA)).sum()), grad
 
 
 ALPHA_GRID = np.array([0.02, 0.08, 0.15, 0.25, 0.35, 0.5, 0.7, 1.0, 1.5, 2.2, 3.0])
@@ -213,9 +204,7 @@ def _grid_starts(lay, g, lN, lD, lL, w, keep: int = 2) -> np.ndarray:
             per[:, 2] = np.log(E if len(E) == k else np.full(k, E[0]))
             per[:, 3], per[:, 4] = alpha, beta
             theta = lay.pack(per)
-            r = np.log(X @ coef) - lL
-            ar = np.abs(r)
-            found.append((float((w * np.where(ar <= DELTA, 0.5 * r * r, DELTA * (ar - 0.5 * DELTA))).sum()), theta))
+            found.append((float((w * _huber(np.log(X @ coef) - lL, DELTA)).sum()), theta))
     found.sort(key=lambda x: x[0])
     return np.asarray([t for _, t in found[:keep]])
 
